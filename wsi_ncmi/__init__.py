@@ -1,0 +1,2 @@
+"""wsi_ncmi: whole-slide MIL with NCMI."""
+__version__ = "0.1.0"

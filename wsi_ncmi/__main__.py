@@ -1,0 +1,3 @@
+from wsi_ncmi.cli import main
+import sys
+sys.exit(main())
