@@ -27,7 +27,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
-	$(VENV)/bin/ruff check wsi_ncmi preprocessing tests bench
+	$(VENV)/bin/ruff check wsi_ncmi preprocessing tests bench splits
 
 demo: setup
 	$(VENV)/bin/wsi-ncmi demo --out demo_out

@@ -1,0 +1,188 @@
+"""MIL data layer: BagDataset, collate_bags (padding + mask), MILDataModule errors and samplers."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from wsi_ncmi.data.bags import write_bag
+from wsi_ncmi.data.mil import BagDataset, MILDataError, MILDataModule, collate_bags
+
+D = 6
+
+
+def _table(n: int = 12) -> pd.DataFrame:
+    rows = []
+    for i in range(n):
+        split = "test" if i >= n - 3 else "val" if i >= n - 5 else "train"
+        label = i % 3
+        rows.append({"slide_id": f"s{i:02d}", "patient_id": f"p{i:02d}", "label": label, "split": split,
+                     "label_name": ["neg", "low", "high"][label]})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> tuple[Path, Path, pd.DataFrame]:
+    table = _table()
+    bags = tmp_path / "bags"
+    rng = np.random.default_rng(0)
+    for i, slide in enumerate(table["slide_id"]):
+        n = 3 + 2 * i  # different sizes
+        feats = (rng.standard_normal((n, D)) + i).astype(np.float16)
+        write_bag(bags / f"{slide}.h5", feats, np.stack([np.arange(n), np.arange(n) * 2], 1), {"encoder": "t"})
+    csv = tmp_path / "split.csv"
+    table.to_csv(csv, index=False)
+    return bags, csv, table
+
+
+def test_bag_dataset_items(data) -> None:
+    bags, csv, table = data
+    ds = BagDataset(csv, bags, "val", return_coords=True)
+    assert len(ds) == 2 and ds.slide_ids == ["s07", "s08"]
+    item = ds[0]
+    assert item["features"].dtype == torch.float32 and item["features"].shape == (3 + 2 * 7, D)
+    assert item["label"] == 1 and item["slide_id"] == "s07"
+    assert item["coords"].dtype == torch.int64 and item["coords"].shape == (17, 2)
+    assert torch.equal(item["coords"][:, 1], item["coords"][:, 0] * 2)
+    assert len(BagDataset(csv, bags, "all")) == 12
+
+
+def test_max_instances_and_dropout_only_in_training(data) -> None:
+    bags, csv, _ = data
+    train = BagDataset(csv, bags, "train", max_instances=4, return_coords=True, seed=1)
+    full = BagDataset(csv, bags, "train")
+    big = 6  # s06 has 15 instances
+    sub = train[big]
+    assert sub["features"].shape == (4, D)
+    # the subset is a subset of the full bag's rows, coords kept in step
+    rows = sub["coords"][:, 0].tolist()
+    assert torch.equal(sub["features"], full[big]["features"][rows])
+    assert train[0]["features"].shape[0] == 3  # smaller than max_instances: untouched
+    draws = {tuple(train[big]["coords"][:, 0].tolist()) for _ in range(6)}
+    assert len(draws) > 1  # a new subset on every read
+    again = BagDataset(csv, bags, "train", max_instances=4, return_coords=True, seed=1)
+    assert torch.equal(again[big]["coords"], sub["coords"])  # seeded
+    val = BagDataset(csv, bags, "val", max_instances=2, instance_dropout=0.5)
+    assert val[0]["features"].shape[0] == 17
+    drop = BagDataset(csv, bags, "train", instance_dropout=0.5, seed=0)
+    sizes = [drop[big]["features"].shape[0] for _ in range(20)]
+    assert min(sizes) >= 1 and max(sizes) < 15 and np.mean(sizes) < 12
+
+
+def test_cache_keeps_features(data) -> None:
+    bags, csv, _ = data
+    ds = BagDataset(csv, bags, "test", cache=True)
+    first = ds[0]["features"]
+    (bags / "s09.h5").unlink()
+    assert torch.equal(ds[0]["features"], first)
+    ds_nocache = BagDataset(csv, bags, "train")
+    (bags / "s00.h5").unlink()
+    with pytest.raises(ValueError, match="s00.h5"):
+        ds_nocache[0]
+
+
+def test_label_map(data) -> None:
+    bags, csv, _ = data
+    ds = BagDataset(csv, bags, "train", label_map={"neg": 0, "low": 1, "high": 1})
+    assert sorted(set(ds.labels)) == [0, 1]
+    ds_int = BagDataset(csv, bags, "train", label_map={0: 1, 1: 0, 2: 0})
+    assert ds_int.labels[:3] == [1, 0, 0]
+    with pytest.raises(MILDataError, match="not in label_map"):
+        BagDataset(csv, bags, "train", label_map={"neg": 0})
+
+
+def test_collate_pads_and_masks() -> None:
+    items = [
+        {"features": torch.ones(2, 3), "label": 1, "slide_id": "a", "coords": torch.zeros(2, 2, dtype=torch.long)},
+        {"features": torch.full((4, 3), 2.0), "label": 0, "slide_id": "b", "coords": torch.ones(4, 2, dtype=torch.long)},
+    ]
+    out = collate_bags(items)
+    assert out["features"].shape == (2, 4, 3) and out["mask"].dtype == torch.bool
+    assert out["mask"].tolist() == [[True, True, False, False], [True] * 4]
+    assert torch.equal(out["features"][0, :2], torch.ones(2, 3)) and out["features"][0, 2:].abs().sum() == 0
+    assert torch.equal(out["features"][1], torch.full((4, 3), 2.0))
+    assert out["label"].dtype == torch.long and out["label"].tolist() == [1, 0]
+    assert out["slide_id"] == ["a", "b"]
+    assert out["coords"].shape == (2, 4, 2) and out["coords"][0, 2:].eq(-1).all()
+    single = collate_bags(items[1:])
+    assert single["features"].shape == (1, 4, 3) and single["mask"].all() and "coords" in single
+    with pytest.raises(ValueError, match="different feature dims"):
+        collate_bags([items[0], {"features": torch.ones(2, 5), "label": 0, "slide_id": "c"}])
+
+
+def test_datamodule_properties_and_loaders(data) -> None:
+    bags, csv, _ = data
+    dm = MILDataModule(str(bags), str(csv), batch_size=2, pin_memory=False)
+    assert dm.in_dim == D and dm.num_classes == 3 and dm.class_names == ["neg", "low", "high"]
+    assert dm.split_sizes() == {"train": 7, "val": 2, "test": 3}
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["features"].shape[0] == 2 and batch["features"].shape[2] == D
+    assert batch["mask"].shape == batch["features"].shape[:2]
+    val_ids = [sid for b in dm.val_dataloader() for sid in b["slide_id"]]
+    assert val_ids == ["s07", "s08"]
+    test_ids = [sid for b in dm.dataloader("test") for sid in b["slide_id"]]
+    assert test_ids == ["s09", "s10", "s11"]
+    assert MILDataModule(str(bags), str(csv), num_classes=5).num_classes == 5
+
+
+def test_datamodule_worker_loader(data) -> None:
+    bags, csv, _ = data
+    dm = MILDataModule(str(bags), str(csv), num_workers=1, max_instances=3, pin_memory=False)
+    dm.setup("fit")
+    sizes = [b["features"].shape[1] for b in dm.train_dataloader()]
+    assert len(sizes) == 7 and max(sizes) == 3
+
+
+def test_balanced_sampler(tmp_path: Path) -> None:
+    rows = [{"slide_id": f"s{i}", "patient_id": f"p{i}", "label": int(i >= 18), "split": "train"} for i in range(20)]
+    rows += [{"slide_id": "v0", "patient_id": "v0", "label": 0, "split": "val"}]
+    bags = tmp_path / "bags"
+    for r in rows:
+        write_bag(bags / f"{r['slide_id']}.h5", np.zeros((2, 3), np.float32), np.zeros((2, 2), int), {})
+    csv = tmp_path / "s.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    dm = MILDataModule(str(bags), str(csv), balanced_sampler=True, pin_memory=False)
+    labels = [int(b["label"]) for _ in range(10) for b in dm.train_dataloader()]
+    assert 0.35 < np.mean(labels) < 0.65  # 10% positives in the table, ~50% drawn
+    plain = MILDataModule(str(bags), str(csv), pin_memory=False)
+    assert np.mean([int(b["label"]) for b in plain.train_dataloader()]) == pytest.approx(0.1)
+
+
+def test_datamodule_errors_name_the_split_csv(data, tmp_path: Path) -> None:
+    bags, csv, table = data
+    (bags / "s03.h5").unlink()
+    with pytest.raises(MILDataError, match=r"split\.csv.*1 slide\(s\) have no bag.*s03"):
+        MILDataModule(str(bags), str(csv))
+    write_bag(bags / "s03.h5", np.zeros((2, D + 1), np.float32), np.zeros((2, 2), int), {})
+    dm = MILDataModule(str(bags), str(csv))
+    with pytest.raises(MILDataError, match=r"split\.csv.*different feature dims.*s03 \(D=7\)"):
+        dm.setup("fit")
+    no_test = tmp_path / "no_test.csv"
+    table[table["split"] != "test"].to_csv(no_test, index=False)
+    write_bag(bags / "s03.h5", np.zeros((2, D), np.float32), np.zeros((2, 2), int), {})
+    dm = MILDataModule(str(bags), str(no_test))
+    dm.setup("fit")
+    with pytest.raises(MILDataError, match=r"no_test\.csv.*split 'test' is empty"):
+        dm.setup("test")
+    with pytest.raises(MILDataError, match="num_classes=2"):
+        MILDataModule(str(bags), str(csv), num_classes=2)
+    with pytest.raises(MILDataError, match=r"split\.csv.*nothing: bags folder does not exist"):
+        MILDataModule(str(tmp_path / "nothing"), str(csv))
+
+
+def test_datamodule_signature_is_cli_friendly() -> None:
+    sig = inspect.signature(MILDataModule.__init__)
+    for name, p in list(sig.parameters.items())[1:]:
+        assert p.annotation is not inspect.Parameter.empty, name
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(MILDataModule, "data")
+    cfg = parser.parse_args(["--data.bags_dir=b", "--data.split_csv=s.csv", "--data.label_map={\"a\": 1}"])
+    assert cfg.data.batch_size == 1 and cfg.data.label_map == {"a": 1}

@@ -1,0 +1,52 @@
+"""Data layer: HDF5 bags (`bags`), split tables (`splits`) and the MIL dataset / datamodule (`mil`).
+
+Names are re-exported lazily so that `import wsi_ncmi.data.bags` (used by preprocessing) does not pull in
+pandas, torch or Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    # bags
+    "SCHEMA_VERSION": "bags",
+    "Bag": "bags",
+    "BagError": "bags",
+    "LazyFeatures": "bags",
+    "write_bag": "bags",
+    "read_bag": "bags",
+    "read_features": "bags",
+    "read_header": "bags",
+    "inspect_bag": "bags",
+    "validate_bag": "bags",
+    "list_bags": "bags",
+    "stale_tmp_files": "bags",
+    # splits
+    "SplitError": "splits",
+    "load_split": "splits",
+    "validate_split": "splits",
+    "make_split": "splits",
+    "write_split": "splits",
+    "camelyon17_splits": "splits",
+    "bracs_splits": "splits",
+    "camelyon17_loco": "splits",
+    "official_tables": "splits",
+    "write_official": "splits",
+    "select_fold": "splits",
+    "SplitReport": "splits",
+    # mil
+    "BagDataset": "mil",
+    "collate_bags": "mil",
+    "MILDataModule": "mil",
+    "MILDataError": "mil",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'wsi_ncmi.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

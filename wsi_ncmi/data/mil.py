@@ -1,0 +1,338 @@
+"""MIL data: a dataset of bags named by a split table, a padding collate with a mask, a Lightning datamodule."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
+
+from wsi_ncmi.data.bags import BagError, list_bags, read_bag, read_features, read_header
+from wsi_ncmi.data.splits import SPLITS, load_split, select_fold
+
+log = logging.getLogger(__name__)
+
+
+class MILDataError(ValueError):
+    """The split table and the bags folder do not make a usable dataset; the message names the split CSV."""
+
+
+def _apply_label_map(table: pd.DataFrame, label_map: Mapping[Any, int] | None, where: str) -> pd.DataFrame:
+    """Remap labels: keys are matched against ``label_name`` (when present) and then the integer label."""
+    if not label_map:
+        return table
+    mapping = {str(k): int(v) for k, v in label_map.items()}
+    names = table["label_name"].astype(str) if "label_name" in table.columns else None
+    new = []
+    for i in range(len(table)):
+        key = names.iat[i] if names is not None and names.iat[i] in mapping else str(table["label"].iat[i])
+        if key not in mapping:
+            raise MILDataError(f"{where}: label {key!r} of slide {table['slide_id'].iat[i]!r} is not in label_map")
+        new.append(mapping[key])
+    out = table.copy()
+    out["label"] = np.asarray(new, dtype=np.int64)
+    if names is not None:
+        # label_name now refers to the new classes only if it was a 1:1 map; otherwise drop it
+        if out.groupby("label")["label_name"].nunique().max() > 1:
+            out = out.drop(columns="label_name")
+    return out
+
+
+class BagDataset(Dataset):
+    """The slides of one split of a split table, each read from ``<bags_dir>/<slide_id>.h5`` on access.
+
+    Item: ``{"features": float32 [N, D], "label": int, "slide_id": str[, "coords": int64 [N, 2]]}``.
+    In training (``train``, default: ``split == "train"``) ``max_instances`` keeps a random subset of a
+    larger bag and ``instance_dropout`` drops each instance with that probability (at least one is kept).
+    ``cache`` keeps the stored features in RAM (per process: each DataLoader worker has its own copy).
+    """
+
+    def __init__(
+        self,
+        split_csv: str | os.PathLike | pd.DataFrame,
+        bags_dir: str | os.PathLike,
+        split: str = "train",
+        label_map: Mapping[Any, int] | None = None,
+        max_instances: int | None = None,
+        instance_dropout: float = 0.0,
+        return_coords: bool = False,
+        cache: bool = False,
+        seed: int = 0,
+        fold: int | None = None,
+        train: bool | None = None,
+    ) -> None:
+        where = "split table" if isinstance(split_csv, pd.DataFrame) else str(split_csv)
+        if split not in (*SPLITS, "all"):
+            raise MILDataError(f"{where}: split must be one of {(*SPLITS, 'all')}, got {split!r}")
+        if max_instances is not None and max_instances < 1:
+            raise MILDataError(f"max_instances must be >= 1, got {max_instances}")
+        if not 0.0 <= instance_dropout < 1.0:
+            raise MILDataError(f"instance_dropout must be in [0, 1), got {instance_dropout}")
+        table = split_csv if isinstance(split_csv, pd.DataFrame) else load_split(split_csv)
+        table = _apply_label_map(select_fold(table, fold, where), label_map, where)
+        if split != "all":
+            table = table[table["split"] == split]
+        self.table = table.reset_index(drop=True)
+        self.where = where
+        self.split = split
+        self.bags_dir = Path(bags_dir)
+        bags = list_bags(self.bags_dir)
+        missing = [s for s in self.table["slide_id"] if s not in bags]
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise MILDataError(f"{where}: {len(missing)} slide(s) of split {split!r} have no bag in {bags_dir}: {shown}")
+        self.paths = [bags[s] for s in self.table["slide_id"]]
+        self.labels = self.table["label"].astype(int).tolist()
+        self.slide_ids = self.table["slide_id"].tolist()
+        self.max_instances = max_instances
+        self.instance_dropout = float(instance_dropout)
+        self.return_coords = return_coords
+        self.cache = cache
+        self.seed = seed
+        self.train = (split == "train") if train is None else train
+        self._cache: dict[int, np.ndarray] = {}
+        self._draws: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        info = get_worker_info()
+        # worker seeds change every epoch (and follow torch's global seed); draws count repeated reads
+        epoch_seed = int(info.seed) % (2**63) if info is not None else 0
+        draw = self._draws.get(index, 0)
+        self._draws[index] = draw + 1
+        return np.random.default_rng([self.seed, index, epoch_seed, draw])
+
+    def _features(self, index: int) -> np.ndarray:
+        if self.cache and index in self._cache:
+            return self._cache[index]
+        arr = read_features(self.paths[index])  # [N, D] stored dtype
+        if self.cache:
+            self._cache[index] = arr
+        return arr
+
+    def _subset(self, index: int, n: int) -> np.ndarray | None:
+        """Row indices to keep in training, or None for all."""
+        if not self.train or (self.max_instances is None and self.instance_dropout == 0.0):
+            return None
+        rng = self._rng(index)
+        keep = np.arange(n)
+        if self.instance_dropout > 0.0:
+            kept = keep[rng.random(n) >= self.instance_dropout]
+            keep = kept if len(kept) else keep[rng.integers(n, size=1)]
+        if self.max_instances is not None and len(keep) > self.max_instances:
+            keep = np.sort(rng.choice(keep, size=self.max_instances, replace=False))
+        return keep
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        feats = self._features(index)
+        if feats.ndim != 2 or feats.shape[0] == 0:
+            raise BagError(f"{self.paths[index]}: features have shape {feats.shape}, expected [N>0, D]")
+        keep = self._subset(index, feats.shape[0])
+        item: dict[str, Any] = {
+            "features": torch.from_numpy(np.ascontiguousarray(feats if keep is None else feats[keep])).float(),
+            "label": self.labels[index],
+            "slide_id": self.slide_ids[index],
+        }
+        if self.return_coords:
+            coords = read_bag(self.paths[index], lazy=True).coords  # [N, 2]
+            item["coords"] = torch.from_numpy(coords if keep is None else coords[keep])
+        return item
+
+
+def collate_bags(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack bags of different sizes: zero-pad to the longest, ``mask`` True on real instances.
+
+    Returns ``features`` [B, N, D] float32, ``mask`` [B, N] bool, ``label`` [B] long, ``slide_id`` list
+    and, when the items have them, ``coords`` [B, N, 2] int64 (padding = -1).
+    """
+    if not items:
+        raise ValueError("collate_bags: empty batch")
+    dims = {int(it["features"].shape[-1]) for it in items}
+    if len(dims) > 1:
+        ids = [it.get("slide_id") for it in items]
+        raise ValueError(f"collate_bags: bags {ids} have different feature dims {sorted(dims)}")
+    sizes = [int(it["features"].shape[0]) for it in items]
+    b, n, d = len(items), max(sizes), dims.pop()
+    out: dict[str, Any] = {
+        "label": torch.as_tensor([int(it["label"]) for it in items], dtype=torch.long),  # [B]
+        "slide_id": [str(it["slide_id"]) for it in items],
+    }
+    if b == 1:
+        out["features"] = items[0]["features"].float().unsqueeze(0)  # [1, N, D]
+        out["mask"] = torch.ones(1, n, dtype=torch.bool)  # [1, N]
+    else:
+        feats = torch.zeros(b, n, d, dtype=torch.float32)  # [B, N, D]
+        mask = torch.zeros(b, n, dtype=torch.bool)  # [B, N]
+        for i, it in enumerate(items):
+            feats[i, : sizes[i]] = it["features"]
+            mask[i, : sizes[i]] = True
+        out["features"], out["mask"] = feats, mask
+    if all("coords" in it for it in items):
+        coords = torch.full((b, n, 2), -1, dtype=torch.long)  # [B, N, 2]
+        for i, it in enumerate(items):
+            coords[i, : sizes[i]] = torch.as_tensor(it["coords"], dtype=torch.long)
+        out["coords"] = coords
+    return out
+
+
+class MILDataModule(L.LightningDataModule):
+    """Bags of one split table as train/val/test dataloaders.
+
+    ``in_dim``, ``num_classes`` and ``class_names`` are known right after construction (one bag header is
+    read). Missing bags, empty splits and mixed feature dims raise ``MILDataError`` naming the split CSV,
+    before any training step.
+
+    Args:
+        bags_dir: folder of ``<slide_id>.h5`` bags.
+        split_csv: split table (``slide_id, patient_id, label, split[, fold, label_name]``).
+        batch_size: bags per batch (>1 pads and masks).
+        num_workers: DataLoader worker processes.
+        balanced_sampler: draw training bags with probability 1 / (count of their class).
+        max_instances: training-time random subset size for large bags (None: all instances).
+        instance_dropout: training-time probability of dropping each instance.
+        cache: keep features in RAM after the first read.
+        pin_memory: pin host memory (only when CUDA is available).
+        label_map: remap labels (keys: label_name or integer label, values: new integer label).
+        num_classes: number of classes (default: from the table's labels).
+        fold: which fold of a k-fold / leave-one-center-out table.
+        seed: seed of instance sampling and of the balanced sampler.
+    """
+
+    def __init__(
+        self,
+        bags_dir: str,
+        split_csv: str,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        balanced_sampler: bool = False,
+        max_instances: int | None = None,
+        instance_dropout: float = 0.0,
+        cache: bool = False,
+        pin_memory: bool = True,
+        label_map: dict[str, int] | None = None,
+        num_classes: int | None = None,
+        fold: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1:
+            raise MILDataError(f"{split_csv}: batch_size must be >= 1, got {batch_size}")
+        self.bags_dir = Path(bags_dir)
+        self.split_csv = str(split_csv)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.balanced_sampler = balanced_sampler
+        self.max_instances = max_instances
+        self.instance_dropout = instance_dropout
+        self.cache = cache
+        self.pin_memory = pin_memory
+        self.label_map = dict(label_map) if label_map else None
+        self.fold = fold
+        self.seed = seed
+        table = select_fold(load_split(self.split_csv), fold, self.split_csv)
+        self.table = _apply_label_map(table, self.label_map, self.split_csv)
+        max_label = int(self.table["label"].max())
+        if num_classes is None:
+            num_classes = max_label + 1
+        elif max_label >= num_classes:
+            raise MILDataError(f"{self.split_csv}: label {max_label} but num_classes={num_classes}")
+        self.num_classes = int(num_classes)
+        self.class_names = self._class_names()
+        try:
+            bags = list_bags(self.bags_dir)
+        except BagError as exc:
+            raise MILDataError(f"{self.split_csv}: {exc}") from exc
+        missing = sorted(set(self.table["slide_id"]) - set(bags))
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise MILDataError(f"{self.split_csv}: {len(missing)} slide(s) have no bag in {self.bags_dir}: {shown}")
+        self._bags = bags
+        first = bags[str(self.table["slide_id"].iloc[0])]
+        self.in_dim = int(read_header(first)[1])
+        self._datasets: dict[str, BagDataset] = {}
+        self._dims_checked = False
+
+    def _class_names(self) -> list[str]:
+        names = [str(i) for i in range(self.num_classes)]
+        if "label_name" in self.table.columns:
+            for label, name in self.table.drop_duplicates("label")[["label", "label_name"]].itertuples(index=False):
+                names[int(label)] = str(name)
+        return names
+
+    def split_sizes(self) -> dict[str, int]:
+        return {s: int((self.table["split"] == s).sum()) for s in SPLITS}
+
+    def check_dims(self) -> None:
+        """Every bag of the table has ``in_dim`` features (headers only)."""
+        if self._dims_checked:
+            return
+        odd = {}
+        for slide in self.table["slide_id"]:
+            d = read_header(self._bags[slide])[1]
+            if d != self.in_dim:
+                odd[slide] = d
+        if odd:
+            shown = ", ".join(f"{k} (D={v})" for k, v in list(odd.items())[:10])
+            raise MILDataError(f"{self.split_csv}: bags have different feature dims; expected D={self.in_dim} "
+                               f"(from the first bag), got {shown}")
+        self._dims_checked = True
+
+    def dataset(self, split: str) -> BagDataset:
+        if split not in self._datasets:
+            if split != "all" and not (self.table["split"] == split).any():
+                raise MILDataError(f"{self.split_csv}: split {split!r} is empty (sizes: {self.split_sizes()})")
+            self._datasets[split] = BagDataset(
+                self.table, self.bags_dir, split, max_instances=self.max_instances,
+                instance_dropout=self.instance_dropout, cache=self.cache, seed=self.seed,
+            )
+            self._datasets[split].where = self.split_csv
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        self.check_dims()
+        for split in needed.get(stage or "fit", ("train", "val")):
+            self.dataset(split)
+
+    def _sampler(self, ds: BagDataset) -> WeightedRandomSampler:
+        counts = np.bincount(ds.labels, minlength=self.num_classes)
+        weights = torch.as_tensor([1.0 / counts[y] for y in ds.labels], dtype=torch.double)
+        gen = torch.Generator().manual_seed(self.seed)
+        return WeightedRandomSampler(weights, num_samples=len(ds), replacement=True, generator=gen)
+
+    def dataloader(self, split: str, shuffle: bool = False, balanced: bool = False) -> DataLoader:
+        """A loader over one split (``all``: every row) in table order unless ``shuffle``/``balanced``."""
+        ds = self.dataset(split)
+        sampler = self._sampler(ds) if balanced else None
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_bags,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", shuffle=True, balanced=self.balanced_sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
