@@ -1,0 +1,160 @@
+"""The MIL aggregator contract: bag of instance features in, slide embedding (+ attention, aux losses) out.
+
+Every aggregator splits into ``forward_features`` (bag -> :class:`BagFeatures`) and ``forward_head``
+(embedding -> logits), timm style, so the NCMI loss can replace any head (``reset_classifier(0)``).
+
+Conventions shared by all models:
+
+- ``x`` is ``[B, N, D_in]``; ``mask`` is ``[B, N]`` bool with ``True`` = real instance (``None`` = all real).
+  Padding must not change a bag's result: a padded batch equals each bag's unpadded forward.
+- ``attention`` is ``[B, N]``: one score per instance, summing to 1 over the real instances of each bag and 0
+  on padding (multi-head models average their heads; the per-head scores are in ``attention_heads``).
+- ``aux`` holds extra loss terms that are **already weighted**: training adds them to the loss as they are.
+  They are computed **only in training mode** (``model.train()``); in eval mode ``aux`` is empty, so
+  inference never pays for regularisers (ASMIL's anchor is not run at inference).
+- Input checks (:meth:`MILAggregator.check_input`) always run the shape checks. The value checks (NaN/inf
+  anywhere in ``x``, padding included — pad with zeros; a bag whose mask is all False) cost one pass over
+  ``x`` and one device sync; they run unless ``check_values`` is False and are skipped while
+  ``torch.compile`` traces the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BagFeatures", "MILAggregator", "MILConfigError", "MILInputError", "MILOutput"]
+
+
+class MILInputError(ValueError):
+    """A bag given to an aggregator is malformed (shape, dimension, mask or values)."""
+
+
+class MILConfigError(ValueError):
+    """An aggregator was constructed with invalid arguments."""
+
+
+@dataclass
+class BagFeatures:
+    """What ``forward_features`` returns."""
+
+    embedding: Tensor  # [B, E] slide embedding
+    attention: Tensor  # [B, N] one score per instance, sums to 1 over real instances, 0 on padding
+    aux: dict[str, Tensor] = field(default_factory=dict)  # weighted extra loss terms (training mode only)
+    attention_heads: Tensor | None = None  # [B, H, N] per-head scores, when the model has heads
+
+
+@dataclass
+class MILOutput:
+    """What ``forward`` returns."""
+
+    logits: Tensor  # [B, C] (== embedding [B, E] when the head is nn.Identity)
+    embedding: Tensor  # [B, E]
+    attention: Tensor  # [B, N]
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    attention_heads: Tensor | None = None  # [B, H, N]
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+class MILAggregator(nn.Module):
+    """Base class of every MIL aggregator.
+
+    Subclasses call ``super().__init__(in_dim, num_classes, embed_dim)`` and implement
+    :meth:`_forward_features` (which always receives a full bool mask). The head is ``self.head``:
+    ``nn.Linear(embed_dim, num_classes)`` or ``nn.Identity`` when ``num_classes == 0``.
+    """
+
+    check_values: bool = True
+
+    def __init__(self, in_dim: int, num_classes: int, embed_dim: int) -> None:
+        super().__init__()
+        if int(in_dim) < 1:
+            raise MILConfigError(f"{type(self).__name__}: in_dim must be >= 1, got {in_dim}")
+        if int(num_classes) < 0:
+            raise MILConfigError(f"{type(self).__name__}: num_classes must be >= 0, got {num_classes}")
+        self.in_dim = int(in_dim)
+        self.embed_dim = int(embed_dim)
+        self.num_classes = int(num_classes)
+        self.head: nn.Module = self._make_head(self.num_classes)
+
+    # ----------------------------------------------------------------------------------------- head
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head: ``num_classes == 0`` gives ``nn.Identity`` (logits = embedding)."""
+        if int(num_classes) < 0:
+            raise MILConfigError(f"reset_classifier: num_classes must be >= 0, got {num_classes}")
+        self.num_classes = int(num_classes)
+        ref = next(self.parameters())
+        self.head = self._make_head(self.num_classes).to(device=ref.device, dtype=ref.dtype)
+
+    def forward_head(self, emb: Tensor, pre_logits: bool = False) -> Tensor:
+        """``emb [B, E]`` -> logits ``[B, C]`` (or ``emb`` itself when ``pre_logits``)."""
+        return emb if pre_logits else self.head(emb)
+
+    # -------------------------------------------------------------------------------------- checks
+    def check_input(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Validate a batch of bags and return the bool mask ``[B, N]`` (all True when ``mask`` is None).
+
+        Raises :class:`MILInputError` (a ``ValueError``) naming the problem.
+        """
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise MILInputError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 3:
+            raise MILInputError(f"{name}: x must be [B, N, D] (3 dims), got shape {tuple(x.shape)}")
+        b, n, d = x.shape
+        if d != self.in_dim:
+            raise MILInputError(f"{name}: feature dim mismatch, expected in_dim={self.in_dim}, got {d}")
+        if b == 0:
+            raise MILInputError(f"{name}: empty batch (B=0)")
+        if n == 0:
+            raise MILInputError(f"{name}: empty bag (N=0 instances)")
+        if not x.is_floating_point():
+            raise MILInputError(f"{name}: x must be floating point, got {x.dtype}")
+        if mask is None:
+            mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        else:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise MILInputError(f"{name}: mask must be a bool tensor, got {getattr(mask, 'dtype', mask)}")
+            if tuple(mask.shape) != (b, n):
+                raise MILInputError(f"{name}: mask shape {tuple(mask.shape)} does not match x [B, N] = {(b, n)}")
+        if self.check_values and not _is_compiling():
+            if not bool(mask.any(dim=1).all()):
+                bad = (~mask.any(dim=1)).nonzero().flatten().tolist()
+                raise MILInputError(f"{name}: bag(s) {bad} have an all-False mask (no real instance)")
+            if not bool(torch.isfinite(x).all()):
+                raise MILInputError(f"{name}: x contains NaN or inf features")
+        return mask
+
+    # ------------------------------------------------------------------------------------- forward
+    def _forward_features(self, x: Tensor, mask: Tensor) -> BagFeatures:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> BagFeatures:
+        """``x [B, N, D_in]``, ``mask [B, N]`` bool|None -> :class:`BagFeatures`."""
+        mask = self.check_input(x, mask)
+        return self._forward_features(x, mask)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> MILOutput:
+        feats = self.forward_features(x, mask)
+        logits = self.forward_head(feats.embedding)  # [B, C]
+        return MILOutput(logits=logits, embedding=feats.embedding, attention=feats.attention,
+                         aux=feats.aux, attention_heads=feats.attention_heads)
+
+    # --------------------------------------------------------------------------------------- hooks
+    def on_after_optimizer_step(self) -> None:
+        """Called by the trainer after each optimizer step (ASMIL updates its EMA anchor). Default no-op."""
+
+    def set_progress(self, fraction: float) -> None:
+        """Called by the trainer with training progress in [0, 1] (AEM's λ schedule). Default no-op."""
