@@ -1,0 +1,272 @@
+"""`wsi-ncmi evaluate` (one checkpoint → report) and `wsi-ncmi report` (several runs → mean ± std).
+
+    wsi-ncmi evaluate --ckpt runs/c17_abmil_ncmi/checkpoints/best.ckpt \\
+        --data.bags_dir BAGS --data.split_csv splits/camelyon17.csv --out runs/c17_abmil_ncmi/eval
+    wsi-ncmi report runs/c17_abmil_ncmi_s*/eval runs/c17_abmil_ce_s*/eval --out results/c17
+
+`evaluate` loads the ``MILModule`` checkpoint (``weights_only=True``), embeds the train / val / test splits
+once with the frozen aggregator, then runs every protocol that applies (``lp`` always; ``cc`` for NCMI
+runs; ``head`` for runs trained with a head) and writes, into ``--out``:
+
+* one seed (the default, ``--seeds 0``): ``report.json``, ``report.md``, ``predictions.csv`` and the
+  figures (``roc_*``, ``confusion_*``, ``training_curves.png``, ``embedding_pca.png``) directly in ``--out``;
+* several seeds (``--seeds 0 1 2``): one folder ``--out/seed<k>/`` per seed with its own report and
+  ROC / confusion figures, and the seed-independent figures in ``--out``. The seed is the linear probe's
+  ``random_state``; with the default lbfgs solver the probe is deterministic, so LP numbers only change
+  with ``--solver saga``. Seeds of *training* are separate runs: evaluate each checkpoint and aggregate.
+* ``embeddings.npz`` (slide ids, labels, embeddings, LP inputs and NCMI log-probs per split; no pickles).
+
+`report` accepts run folders or ``report.json`` files (folders are searched recursively, so either layout
+above works) and writes ``summary.json``, ``summary.csv`` and ``summary.md`` into ``--out``.
+
+Data options not given on the command line (``label_map``, ``num_classes``, ``fold`` and, when omitted,
+``bags_dir`` / ``split_csv``) are taken from the checkpoint's datamodule hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["main", "main_report", "build_parser", "build_report_parser"]
+
+logger = logging.getLogger(__name__)
+
+
+class EvaluateArgumentError(ValueError):
+    """A command-line argument of `wsi-ncmi evaluate` / `report` is wrong (message names it)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wsi-ncmi evaluate",
+        description="Freeze a trained MIL aggregator and evaluate it with linear probing (LP), "
+        "nearest-centroid (CC, NCMI runs) and its own head (CE runs).",
+    )
+    p.add_argument("--ckpt", required=True, help="MILModule checkpoint (.ckpt) written by `wsi-ncmi fit`")
+    p.add_argument("--data.bags_dir", dest="bags_dir", default=None, help="folder of <slide_id>.h5 bags")
+    p.add_argument("--data.split_csv", dest="split_csv", default=None, help="split table (slide_id, label, split, ...)")
+    p.add_argument("--data.fold", dest="fold", type=int, default=None, help="fold of a k-fold split table")
+    p.add_argument("--data.num_workers", dest="num_workers", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder of the report")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="linear-probe seeds (default: 0)")
+    p.add_argument("--class-weight", choices=["none", "balanced"], default="none",
+                   help="class_weight of the linear probe (default: none)")
+    p.add_argument("--refit", choices=["train", "train+val"], default="train",
+                   help="fit the selected probe on train only (default) or on train+val")
+    p.add_argument("--solver", default="lbfgs", help="LogisticRegression solver: lbfgs (default), newton-cg, sag, saga, ...")
+    p.add_argument("--Cs", type=float, nargs="+", default=None, help="grid of inverse regularisation strengths")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dataset", default="auto",
+                   help="camelyon17 | bracs | any name | auto (detected from the split CSV path)")
+    p.add_argument("--metrics-csv", default=None,
+                   help="training metrics.csv for the curves (default: searched under the checkpoint's run folder)")
+    p.add_argument("--no-plots", action="store_true", help="skip the figures")
+    return p
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wsi-ncmi report",
+        description="Aggregate evaluated runs: mean ± std over seeds per (dataset, model, objective).",
+    )
+    p.add_argument("runs", nargs="+", help="run folders (searched for report.json) or report.json files")
+    p.add_argument("--out", required=True, help="output folder for summary.json / summary.csv / summary.md")
+    return p
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _echo(text: str, err: bool = False) -> None:
+    """The command's output (this is a CLI: it writes to the terminal, library code logs)."""
+    (sys.stderr if err else sys.stdout).write(text + "\n")
+
+
+def _load_module(ckpt: Path, device: str) -> Any:
+    from wsi_ncmi.training import MILModule
+
+    if not ckpt.is_file():
+        raise EvaluateArgumentError(f"--ckpt {ckpt}: no such file")
+    module = MILModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
+    module.eval()
+    return module.to(device)
+
+
+def _datamodule_hparams(ckpt: Path) -> dict[str, Any]:
+    import torch
+
+    state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    hp = state.get("datamodule_hyper_parameters") or {}
+    return dict(hp) if isinstance(hp, Mapping) else {}
+
+
+def _find_metrics_csv(ckpt: Path) -> Path | None:
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    hits = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    return hits[-1] if hits else None
+
+
+def _build_data(args: argparse.Namespace, ckpt: Path, num_classes: int) -> Any:
+    from wsi_ncmi.data import MILDataModule
+
+    hp = _datamodule_hparams(ckpt)
+    bags_dir = args.bags_dir or hp.get("bags_dir")
+    split_csv = args.split_csv or hp.get("split_csv")
+    if not bags_dir or not split_csv:
+        raise EvaluateArgumentError(
+            "--data.bags_dir and --data.split_csv are required (the checkpoint does not record them)"
+        )
+    fold = args.fold if args.fold is not None else hp.get("fold")
+    dm = MILDataModule(
+        bags_dir=str(bags_dir),
+        split_csv=str(split_csv),
+        batch_size=1,
+        num_workers=args.num_workers,
+        label_map=hp.get("label_map"),
+        num_classes=num_classes,
+        fold=fold,
+        pin_memory=False,
+    )
+    if dm.num_classes != num_classes:
+        raise EvaluateArgumentError(
+            f"--data.split_csv {split_csv}: {dm.num_classes} classes, the checkpoint has {num_classes}"
+        )
+    return dm
+
+
+def _save_embeddings(path: Path, splits: Mapping[str, Any]) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for name, s in splits.items():
+        arrays[f"{name}_slide_ids"] = np.asarray(s.slide_ids, dtype=str)
+        arrays[f"{name}_labels"] = s.labels
+        arrays[f"{name}_embeddings"] = s.embeddings
+        for key in ("logits", "log_probs", "normalized"):
+            value = getattr(s, key)
+            if value is not None:
+                arrays[f"{name}_{key}"] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".embeddings.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _summary_lines(report: Mapping[str, Any]) -> list[str]:
+    from wsi_ncmi.evaluation.paper import paper_for_protocol
+
+    lines = [f"{'protocol':<8} {'split':<5} {'macro-F1':>8} {'macro-AUC':>9} {'acc':>6}   paper F1 / AUC (test)"]
+    for proto, per_split in report["metrics"].items():
+        for split, m in per_split.items():
+            paper = paper_for_protocol(report["dataset"], report["model"], report["objective"], proto,
+                                       report.get("num_classes")) if split == "test" else None
+            ref = f"{paper['macro_f1']:.3f} / {paper['macro_auc']:.3f}" if paper else ""
+            auc = "n/a" if m["macro_auc"] is None else f"{m['macro_auc']:.3f}"
+            lines.append(f"{proto:<8} {split:<5} {m['macro_f1']:>8.3f} {auc:>9} {m['accuracy']:>6.3f}   {ref}")
+    return lines
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from wsi_ncmi.evaluation.embed import embed_splits
+    from wsi_ncmi.evaluation.paper import detect_dataset
+    from wsi_ncmi.evaluation.plots import write_report_plots, write_run_plots
+    from wsi_ncmi.evaluation.probe import DEFAULT_CS
+    from wsi_ncmi.evaluation.report import SPLITS, evaluate_run, write_report
+
+    ckpt = Path(args.ckpt)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvaluateArgumentError(f"--device {args.device}: CUDA is not available")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise EvaluateArgumentError(f"--seeds {args.seeds}: seeds must be distinct")
+    module = _load_module(ckpt, args.device)
+    hp = dict(module.hparams)
+    num_classes = int(hp["num_classes"])
+    dm = _build_data(args, ckpt, num_classes)
+    if dm.in_dim != module.model.in_dim:
+        raise EvaluateArgumentError(
+            f"--data.bags_dir {dm.bags_dir}: bags have D={dm.in_dim}, the checkpoint's model expects {module.model.in_dim}"
+        )
+    dataset = detect_dataset(dm.split_csv) if args.dataset == "auto" else args.dataset.lower()
+    loaders = {s: dm.dataloader(s, shuffle=False) for s in SPLITS}
+    splits = embed_splits(module.model, loaders, device=args.device, ncmi_loss=module.ncmi_loss)
+
+    out = Path(args.out)
+    _save_embeddings(out / "embeddings.npz", splits)
+    extra: dict[str, Any] = {"checkpoint": str(ckpt), "loss": hp.get("loss") if module.objective == "head" else "ncmi"}
+    if module.ncmi_loss is not None:
+        nl = module.ncmi_loss
+        extra.update(centroid_update=nl.centroid_update, tau=nl.tau, ncmi_variant=nl.variant)
+    metrics_csv = Path(args.metrics_csv) if args.metrics_csv else _find_metrics_csv(ckpt)
+    if args.metrics_csv and not metrics_csv.is_file():
+        raise EvaluateArgumentError(f"--metrics-csv {metrics_csv}: no such file")
+
+    multi = len(args.seeds) > 1
+    for seed in args.seeds:
+        report, preds = evaluate_run(
+            splits, num_classes, dataset=dataset, split_csv=str(dm.split_csv), model=str(hp["model"]),
+            objective=module.objective, seed=seed, class_names=dm.class_names,
+            class_weight=None if args.class_weight == "none" else args.class_weight,
+            Cs=tuple(args.Cs) if args.Cs else DEFAULT_CS, refit=args.refit, extra=extra,
+            solver=args.solver,
+        )
+        seed_dir = out / f"seed{seed}" if multi else out
+        write_report(seed_dir, report, preds)
+        if not args.no_plots:
+            write_report_plots(seed_dir, report, preds)
+        _echo(f"\n{dataset} / {hp['model']} / {module.objective} — seed {seed} → {seed_dir / 'report.json'}")
+        _echo("\n".join(_summary_lines(report)))
+    if not args.no_plots:
+        emb = {k: (s.normalized, s.labels) for k, s in splits.items()}
+        shared = dict(metrics_csv=metrics_csv, embeddings=emb)
+        write_run_plots(out, dm.class_names, **shared)
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from wsi_ncmi.data import BagError, SplitError
+    from wsi_ncmi.data.mil import MILDataError
+    from wsi_ncmi.evaluation.embed import EmbedError
+    from wsi_ncmi.evaluation.probe import ProbeError
+    from wsi_ncmi.evaluation.report import ReportError
+    from wsi_ncmi.models import MILInputError
+
+    return (EvaluateArgumentError, BagError, SplitError, MILDataError, EmbedError, ProbeError, ReportError,
+            MILInputError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`wsi-ncmi evaluate ...`; returns 0 on success, 2 on a user error (message on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _evaluate(args)
+    except _user_errors() as err:
+        _echo(f"wsi-ncmi evaluate: error: {err}", err=True)
+        return 2
+
+
+def main_report(argv: list[str] | None = None) -> int:
+    """`wsi-ncmi report RUNS... --out DIR`; returns 0 on success, 2 on a user error."""
+    from wsi_ncmi.evaluation.report import ReportError, aggregate_reports
+
+    args = build_report_parser().parse_args(argv)
+    try:
+        summary = aggregate_reports(args.runs, args.out)
+    except ReportError as err:
+        _echo(f"wsi-ncmi report: error: {err}", err=True)
+        return 2
+    _echo((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
+    n = sum(g["n_runs"] for g in summary["groups"])
+    _echo(f"{n} runs in {len(summary['groups'])} groups → {Path(args.out) / 'summary.json'}")
+    return 0

@@ -1,0 +1,59 @@
+"""Evaluation of frozen aggregators: embed a split (`embed`), linear probe and nearest centroid (`probe`),
+slide-level metrics (`metrics`), reports and their summary over runs (`report`), figures (`plots`) and the
+published numbers to compare with (`paper`). Heatmaps (`heatmap`) and the natural-image track
+(`image_eval`) live beside them.
+
+Names are re-exported lazily so that importing one submodule (e.g. ``wsi_ncmi.evaluation.heatmap``) does
+not pull in scikit-learn, pandas or matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    # embed
+    "EmbedError": "embed",
+    "EmbeddedSplit": "embed",
+    "embed_split": "embed",
+    "embed_splits": "embed",
+    "center_and_normalize": "embed",
+    # probe
+    "ProbeError": "probe",
+    "LinearProbe": "probe",
+    "DEFAULT_CS": "probe",
+    "fit_centroid_classifier": "probe",
+    # metrics
+    "MetricsError": "metrics",
+    "classification_metrics": "metrics",
+    # report
+    "ReportError": "report",
+    "ReportSchemaError": "report",
+    "PROTOCOLS": "report",
+    "evaluate_run": "report",
+    "validate_report": "report",
+    "write_report": "report",
+    "read_report": "report",
+    "find_reports": "report",
+    "aggregate_reports": "report",
+    # plots
+    "PlotError": "plots",
+    "plot_roc": "plots",
+    "plot_confusion": "plots",
+    "plot_training_curves": "plots",
+    "plot_embedding": "plots",
+    "write_plots": "plots",
+    # paper
+    "PAPER_TABLE_III": "paper",
+    "detect_dataset": "paper",
+    "paper_for_protocol": "paper",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'wsi_ncmi.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
