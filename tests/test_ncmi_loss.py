@@ -1,0 +1,355 @@
+"""NCMILoss against a slow explicit-loop reference written from NCMI.md §2, plus modes and edge cases."""
+
+import pytest
+import torch
+
+from wsi_ncmi.ncmi import NCMIError, NCMILoss, log_nsf
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids oversubscription stalls on the shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- the reference
+def _nsf_vec(v):
+    s = 1.0 / (1.0 + torch.exp(-v))
+    return s / s.sum()
+
+
+def _kl(a, b):
+    total = 0.0
+    for d in range(a.shape[0]):
+        total = total + a[d] * (torch.log(a[d]) - torch.log(b[d]))
+    return total
+
+
+def reference(features, target, xi, num_classes, k, tau, variant, center):
+    """Loops over samples, classes and centroids; centroid m = v*k + j. Returns (loss, cmi, gamma)."""
+    b = features.shape[0]
+    ps = []
+    for i in range(b):
+        z = features[i] - center if center is not None else features[i]
+        z = z / torch.sqrt((z * z).sum()) / tau
+        ps.append(_nsf_vec(z))
+    qs = [_nsf_vec(xi[m]) for m in range(num_classes * k)]
+    labels = [int(t) for t in target]
+
+    def own(i):  # nearest centroid of the true class
+        return torch.stack([_kl(ps[i], qs[labels[i] * k + j]) for j in range(k)]).min()
+
+    def sep(i, v):  # mean over the class's centroids of KL(q || p_i)
+        return sum(_kl(qs[v * k + j], ps[i]) for j in range(k)) / k
+
+    if variant == "paper":
+        cmi = sum(own(i) for i in range(b)) / b
+        counts = [labels.count(v) for v in range(num_classes)]
+        pairs = sum(counts[v] for i in range(b) for v in range(num_classes) if v != labels[i])
+        if pairs > 0:
+            gamma = 0.0
+            for i in range(b):
+                for v in range(num_classes):
+                    if v != labels[i]:
+                        gamma = gamma + counts[v] * sep(i, v)
+            gamma = gamma / b**2
+        else:  # one-class batch: documented uniform fallback
+            gamma = 0.0
+            for i in range(b):
+                for v in range(num_classes):
+                    if v != labels[i]:
+                        gamma = gamma + sep(i, v)
+            gamma = gamma / (b * (num_classes - 1))
+        return cmi / gamma, cmi, gamma
+    ratios, cmis, gammas = [], [], []
+    for i in range(b):
+        g = sum(sep(i, v) for v in range(num_classes) if v != labels[i]) / num_classes
+        a = own(i)
+        ratios.append((a + 1e-10) / g)
+        cmis.append(a)
+        gammas.append(g)
+    return sum(ratios) / b, sum(cmis) / b, sum(gammas) / b
+
+
+CASES = [
+    # (B, C, D, K, labels)
+    (8, 3, 5, 1, [0, 1, 2, 0, 1, 2, 0, 0]),
+    (7, 4, 6, 2, [0, 1, 1, 3, 3, 0, 1]),  # class 2 absent
+    (6, 5, 3, 1, [4, 0, 0, 2, 1, 4]),  # D < C, class 3 absent
+    (5, 6, 4, 3, [5, 5, 1, 0, 2]),  # D < C, K = 3
+    (5, 3, 4, 2, [1, 1, 1, 1, 1]),  # one-class batch
+]
+
+
+def _make(case, variant, seed=0):
+    b, c, d, k, labels = case
+    torch.manual_seed(seed)
+    loss = NCMILoss(c, d, tau=0.7, variant=variant, centroids_per_class=k, center_momentum=0.9).double()
+    with torch.no_grad():
+        loss.xi.copy_(torch.randn(c * k, d, dtype=torch.float64) * 2.0)
+    feats = (torch.randn(b, d, dtype=torch.float64) + 0.5).requires_grad_(True)
+    return loss, feats, torch.tensor(labels)
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}C{c[1]}D{c[2]}K{c[3]}" for c in CASES])
+def test_loss_and_gradients_match_reference(case, variant):
+    loss_mod, feats, target = _make(case, variant)
+    out = loss_mod(feats, target)
+    center = feats.detach().mean(0)  # first training batch initialises the center
+    torch.testing.assert_close(loss_mod.center.center, center)
+    xi_ref = loss_mod.xi.detach().clone().requires_grad_(True)
+    feats_ref = feats.detach().clone().requires_grad_(True)
+    ref_loss, ref_cmi, ref_gamma = reference(
+        feats_ref, target, xi_ref, case[1], case[3], 0.7, variant, center
+    )
+    torch.testing.assert_close(out["loss"], ref_loss, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out["cmi"], ref_cmi, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out["gamma"], ref_gamma, rtol=1e-6, atol=1e-9)
+    g_f, g_xi = torch.autograd.grad(out["loss"], [feats, loss_mod.xi])
+    r_f, r_xi = torch.autograd.grad(ref_loss, [feats_ref, xi_ref])
+    torch.testing.assert_close(g_f, r_f, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g_xi, r_xi, rtol=1e-6, atol=1e-9)
+    assert float(out["loss"].detach()) > 0
+
+
+def test_one_class_batch_is_finite_positive_and_uses_fallback():
+    loss_mod, feats, target = _make(CASES[-1], "paper")
+    out = loss_mod(feats, target)
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0 and out["gamma"] > 0
+    g = torch.autograd.grad(out["loss"], feats)[0]
+    assert torch.isfinite(g).all()
+
+
+def test_public_init_d_ge_c():
+    loss_mod = NCMILoss(3, 5)
+    expected = torch.full((3, 5), 1e-6)
+    expected[:, :3] += 10 * torch.eye(3)
+    torch.testing.assert_close(loss_mod.xi.data, expected, rtol=0, atol=0)
+    torch.manual_seed(0)
+    multi = NCMILoss(3, 5, centroids_per_class=2)
+    torch.testing.assert_close(multi.xi.data[0::2], expected, rtol=0, atol=0)  # k = 0 rows: public init
+    assert not torch.allclose(multi.xi.data[1::2], expected)  # k >= 1: perturbed, distinct
+    assert (multi.xi.data[1::2] - expected).abs().max() < 10
+
+
+def test_init_d_lt_c_is_seeded_and_scaled():
+    torch.manual_seed(3)
+    a = NCMILoss(10, 4, centroids_per_class=2).xi.data
+    torch.manual_seed(3)
+    b = NCMILoss(10, 4, centroids_per_class=2).xi.data
+    assert a.shape == (20, 4)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a.norm(dim=1), torch.full((20,), 10.0))
+    assert torch.linalg.matrix_rank(a) == 4
+
+
+@pytest.mark.parametrize("variant,k", [("paper", 1), ("official", 1), ("paper", 2)])
+def test_gradcheck_small(variant, k):
+    torch.manual_seed(5)
+    loss_mod = NCMILoss(3, 4, tau=0.8, variant=variant, centroids_per_class=k).double().eval()
+    with torch.no_grad():
+        loss_mod.xi.copy_(torch.randn(3 * k, 4, dtype=torch.float64))
+        loss_mod.center.center.copy_(torch.randn(4, dtype=torch.float64) * 0.1)
+    feats = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    xi = loss_mod.xi.detach().clone().requires_grad_(True)
+    target = torch.tensor([0, 1, 2, 1, 0])
+
+    def fn(f, x):
+        return torch.func.functional_call(loss_mod, {"xi": x}, (f, target))["loss"]
+
+    assert torch.autograd.gradcheck(fn, (feats, xi))
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_zero_rows_and_huge_features_are_finite(variant):
+    loss_mod = NCMILoss(4, 6, variant=variant)
+    zeros = torch.zeros(5, 6, requires_grad=True)
+    out = loss_mod(zeros, torch.tensor([0, 1, 2, 3, 0]))
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    g = torch.autograd.grad(out["loss"], [zeros, loss_mod.xi])
+    assert all(torch.isfinite(t).all() for t in g)
+    torch.testing.assert_close(loss_mod.log_probs(torch.zeros(2, 6)).exp(), torch.full((2, 6), 1 / 6))
+    torch.manual_seed(0)
+    huge = (torch.randn(8, 6) * 1e6).requires_grad_(True)
+    loss2 = NCMILoss(4, 6, variant=variant, use_centering=False)
+    out2 = loss2(huge, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    assert torch.isfinite(out2["loss"]) and out2["loss"] > 0
+    g2 = torch.autograd.grad(out2["loss"], [huge, loss2.xi])
+    assert all(torch.isfinite(t).all() for t in g2)
+    centred = NCMILoss(4, 6, variant=variant)  # with the center: first batch small, second batch 1e6-scale
+    centred(torch.randn(8, 6), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    out3 = centred(huge, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    assert torch.isfinite(out3["loss"]) and out3["loss"] > 0
+    assert torch.isfinite(torch.autograd.grad(out3["loss"], huge)[0]).all()
+
+
+def test_frozen_centroids_get_no_gradient():
+    loss_mod = NCMILoss(3, 4, centroid_update="frozen")
+    assert not loss_mod.xi.requires_grad
+    before = loss_mod.xi.detach().clone()
+    feats = torch.randn(6, 4, requires_grad=True)
+    out = loss_mod(feats, torch.tensor([0, 1, 2, 0, 1, 2]))
+    out["loss"].backward()
+    assert loss_mod.xi.grad is None
+    assert feats.grad is not None and feats.grad.abs().sum() > 0
+    torch.testing.assert_close(loss_mod.xi.data, before, rtol=0, atol=0)
+
+
+def test_sgd_centroids_train_and_reduce_loss():
+    torch.manual_seed(0)
+    loss_mod = NCMILoss(3, 8, centroid_update="sgd", use_centering=False)
+    assert loss_mod.xi.requires_grad
+    feats = torch.randn(12, 8)
+    target = torch.arange(12) % 3
+    first = loss_mod(feats, target)["loss"].item()
+    for _ in range(10):  # plain gradient steps on ξ (torch.optim's first use is slow to import)
+        (grad,) = torch.autograd.grad(loss_mod(feats, target)["loss"], loss_mod.xi)
+        assert grad.abs().sum() > 0
+        with torch.no_grad():
+            loss_mod.xi -= 2.0 * grad
+    assert loss_mod(feats, target)["loss"].item() < first
+
+
+def test_ema_centroids_move_toward_class_means():
+    torch.manual_seed(0)
+    loss_mod = NCMILoss(4, 5, tau=0.5, centroid_update="ema", ema_momentum=0.8, use_centering=False)
+    assert not loss_mod.xi.requires_grad
+    before = loss_mod.xi.detach().clone()
+    feats = torch.randn(6, 5)
+    target = torch.tensor([0, 0, 1, 3, 3, 3])  # class 2 absent
+    out = loss_mod(feats, target)
+    zs = torch.nn.functional.normalize(feats, dim=1) / 0.5
+    for v in range(4):
+        sel = target == v
+        if sel.any():
+            expected = 0.8 * before[v] + 0.2 * zs[sel].mean(0)
+        else:
+            expected = before[v]
+        torch.testing.assert_close(loss_mod.xi.data[v], expected)
+    # the loss of that batch used the centroids from before the update
+    ref = NCMILoss(4, 5, tau=0.5, centroid_update="frozen", use_centering=False)
+    ref.xi.data.copy_(before)
+    torch.testing.assert_close(out["loss"], ref(feats, target)["loss"])
+    loss_mod.eval()
+    after = loss_mod.xi.detach().clone()
+    loss_mod(feats, target)
+    torch.testing.assert_close(loss_mod.xi.data, after, rtol=0, atol=0)
+
+
+def test_ema_multi_centroid_moves_only_nearest():
+    loss_mod = NCMILoss(
+        2, 3, tau=1.0, centroid_update="ema", centroids_per_class=2, ema_momentum=0.5, use_centering=False
+    )
+    with torch.no_grad():
+        loss_mod.xi.copy_(torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [-5.0, 0, 0]]))
+    before = loss_mod.xi.detach().clone()
+    feats = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # class 0 near centroid 0; class 1 near 2
+    loss_mod(feats, torch.tensor([0, 1]))
+    torch.testing.assert_close(loss_mod.xi.data[0], 0.5 * before[0] + 0.5 * feats[0])
+    torch.testing.assert_close(loss_mod.xi.data[2], 0.5 * before[2] + 0.5 * feats[1])
+    torch.testing.assert_close(loss_mod.xi.data[[1, 3]], before[[1, 3]], rtol=0, atol=0)
+
+
+def test_switches_softmax_and_no_centering():
+    torch.manual_seed(0)
+    feats = torch.randn(4, 6) + 2.0
+    sm = NCMILoss(3, 6, use_nsf=False, use_centering=False, tau=0.5)
+    zs = torch.nn.functional.normalize(feats, dim=1) / 0.5
+    torch.testing.assert_close(sm.log_probs(feats), torch.log_softmax(zs, 1))
+    torch.testing.assert_close(sm.centroid_log_probs(), torch.log_softmax(sm.xi, 1))
+    sm.train()(feats, torch.tensor([0, 1, 2, 0]))
+    assert not bool(sm.center.initialized)  # centering disabled: never touched
+    ns = NCMILoss(3, 6, use_centering=True, tau=0.5)
+    ns(feats, torch.tensor([0, 1, 2, 0]))
+    zc = torch.nn.functional.normalize(feats - feats.mean(0), dim=1) / 0.5
+    torch.testing.assert_close(ns.log_probs(feats), log_nsf(zc))
+    torch.testing.assert_close(ns.centroid_log_probs(), log_nsf(ns.xi))
+
+
+def test_log_probs_and_normalized_do_not_update_center():
+    loss_mod = NCMILoss(3, 4, center_momentum=0.5)
+    feats = torch.randn(5, 4)
+    loss_mod(feats, torch.tensor([0, 1, 2, 0, 1]))
+    c = loss_mod.center.center.clone()
+    lp = loss_mod.log_probs(torch.randn(7, 4) * 3)
+    nz = loss_mod.normalized(torch.randn(7, 4) * 3)
+    torch.testing.assert_close(loss_mod.center.center, c, rtol=0, atol=0)
+    assert lp.shape == (7, 4) and nz.shape == (7, 4)
+    torch.testing.assert_close(lp.exp().sum(1), torch.ones(7))
+    torch.testing.assert_close(nz.norm(dim=1), torch.ones(7))
+    torch.testing.assert_close(loss_mod.normalized(feats), torch.nn.functional.normalize(feats - c, dim=1))
+
+
+def test_eval_mode_freezes_center_and_is_deterministic():
+    loss_mod = NCMILoss(3, 4).eval()
+    feats = torch.randn(5, 4)
+    t = torch.tensor([0, 1, 2, 0, 1])
+    a, b = loss_mod(feats, t)["loss"], loss_mod(feats, t)["loss"]
+    torch.testing.assert_close(a, b)
+    assert not bool(loss_mod.center.initialized)
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(0)
+    a = NCMILoss(3, 4, centroids_per_class=2)
+    a(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    sd = a.state_dict()
+    assert {"xi", "center.center", "center.initialized"} <= set(sd)
+    b = NCMILoss(3, 4, centroids_per_class=2)
+    b.load_state_dict(sd)
+    a.eval()
+    b.eval()
+    f = torch.randn(3, 4)
+    torch.testing.assert_close(a.log_probs(f), b.log_probs(f))
+
+
+def test_bad_inputs_raise_value_error():
+    loss_mod = NCMILoss(3, 4)
+    t = torch.tensor([0, 1])
+    with pytest.raises(NCMIError, match="feature dim 5"):
+        loss_mod(torch.randn(2, 5), t)
+    with pytest.raises(ValueError, match="2-D"):
+        loss_mod(torch.randn(2, 4, 1), t)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\]"):
+        loss_mod(torch.randn(2, 4), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="labels must be in"):
+        loss_mod(torch.randn(2, 4), torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="integer"):
+        loss_mod(torch.randn(2, 4), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="1-D"):
+        loss_mod(torch.randn(2, 4), torch.tensor([[0], [1]]))
+    with pytest.raises(ValueError, match="2 features"):
+        loss_mod(torch.randn(2, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="variant"):
+        NCMILoss(3, 4, variant="nope")
+    with pytest.raises(ValueError, match="centroid_update"):
+        NCMILoss(3, 4, centroid_update="adam")
+    with pytest.raises(ValueError, match="num_classes"):
+        NCMILoss(1, 4)
+    nan = torch.randn(2, 4)
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        NCMILoss(3, 4, check_finite=True)(nan, t)
+    NCMILoss(3, 4)(nan, t)  # the check is opt-in: no error without it
+
+
+def test_extra_repr_and_input_kind():
+    r = repr(NCMILoss(3, 4, variant="official", centroid_update="ema"))
+    assert "variant='official'" in r and "centroid_update='ema'" in r
+    assert NCMILoss.input_kind == "embedding"
+
+
+def test_autocast_bf16_runs_in_float32():
+    loss_mod = NCMILoss(3, 8)
+    feats = torch.randn(6, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss_mod(feats.to(torch.bfloat16), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert out["loss"].dtype == torch.float32
+    ref = NCMILoss(3, 8)
+    torch.testing.assert_close(
+        out["loss"], ref(feats.to(torch.bfloat16).float(), torch.tensor([0, 1, 2, 0, 1, 2]))["loss"]
+    )
