@@ -1,0 +1,121 @@
+"""Throughput of `wsi-preprocess`: full pipeline vs bare encoder ceiling, plus CPU read+tissue rates.
+
+    python bench/extract.py --tiles 20000 --encoders resnet50_trunc vit_base_patch16_224 vit_large_patch16_224
+
+Writes synthetic all-tissue slides holding ~``--tiles`` tiles at the target mpp, then per encoder (random
+weights) measures in the same process:
+  * ceiling  — random uint8 tiles already on the device, same model, batch and precision;
+  * pipeline — ``preprocessing.extract.run`` end to end (read, tissue, tiles, encode, write bags);
+and once: read — the SlideStream alone (tissue + tile decode + resize in DataLoader workers, no model).
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from preprocessing import synthetic
+from preprocessing.config import PreprocessConfig
+from preprocessing.encoders import build_encoder
+from preprocessing.extract import SlideStream, _identity, plan_slides, run, settings_fingerprint
+
+
+def make_slides(folder: Path, n_tiles: int, patch: int, target_mpp: float, slide_mpp: float, per_slide: int) -> int:
+    tex = synthetic.package_textures() or {"x": synthetic.stripes(256, 256, 16)}
+    texture = next(iter(tex.values()))
+    foot = round(patch * target_mpp / slide_mpp)
+    n_slides = max(1, round(n_tiles / per_slide))
+    side = int(np.ceil(np.sqrt(n_tiles / n_slides))) * foot
+    for i in range(n_slides):
+        reps = (side // texture.shape[0] + 1, side // texture.shape[1] + 1, 1)
+        rgb = np.ascontiguousarray(np.roll(np.tile(texture, reps)[:side, :side], 37 * i, axis=1))
+        synthetic.write_svs(folder / f"bench_{i:03d}.svs", rgb, mpp=slide_mpp, downsamples=(1, 4, 16))
+    return n_slides
+
+
+def ceiling(enc, batch: int, patch: int, seconds: float) -> float:
+    x = torch.randint(0, 256, (batch, patch, patch, 3), dtype=torch.uint8, device=enc.device)
+    enc.encode(x)  # warm-up
+    if enc.device.type == "cuda":
+        torch.cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        enc.encode(x)
+        n += batch
+    if enc.device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def read_rate(cfg: PreprocessConfig) -> tuple[float, int]:
+    tasks = plan_slides(cfg)
+    stream = SlideStream(tasks, cfg, settings_fingerprint(cfg, "random"), 0, Path(cfg.output) / "readonly")
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, collate_fn=_identity,
+                        prefetch_factor=4 if cfg.workers else None, in_order=False)
+    n, t0 = 0, time.perf_counter()
+    for msg in loader:
+        if msg["kind"] == "tiles":
+            n += int(msg["index"].numel())
+    return n / (time.perf_counter() - t0), n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiles", type=int, default=20000)
+    ap.add_argument("--tiles-per-slide", type=int, default=5000)
+    ap.add_argument("--encoders", nargs="+", default=["resnet50_trunc", "vit_base_patch16_224", "vit_large_patch16_224"])
+    ap.add_argument("--patch-size", type=int, default=256)
+    ap.add_argument("--target-mpp", type=float, default=0.5)
+    ap.add_argument("--slide-mpp", type=float, default=0.25)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--ceiling-seconds", type=float, default=10.0)
+    ap.add_argument("--keep", type=Path, default=None, help="folder to keep slides/outputs in")
+    a = ap.parse_args()
+    torch.backends.cudnn.benchmark = True
+    root = a.keep or Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    slides, out = root / "slides", root / "out"
+    slides.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    n_slides = make_slides(slides, a.tiles, a.patch_size, a.target_mpp, a.slide_mpp, a.tiles_per_slide)
+    print(f"wrote {n_slides} synthetic slide(s) in {time.perf_counter() - t0:.1f}s under {slides}")
+    base = dict(input=str(slides), target_mpp=a.target_mpp, patch_size=a.patch_size, batch_size=a.batch_size,
+                workers=a.workers, device=a.device, precision=a.precision, compile=a.compile, weights="random",
+                min_tissue=0.1, progress=False)
+    rate, n = read_rate(PreprocessConfig(output=str(out / "read"), **base).validate())
+    rows = [f"| read+tissue (CPU, {a.workers} workers, no model) | - | {n} | {rate:,.3g} | - |"]
+    for name in a.encoders:
+        cfg = PreprocessConfig(output=str(out / name), encoder=name, **base).validate()
+        enc = build_encoder(name, "random", cfg.device, cfg.precision, cfg.compile)
+        ceil = ceiling(enc, a.batch_size, enc.preprocess.size or a.patch_size, a.ceiling_seconds)
+        del enc
+        t = time.perf_counter()
+        res = run(cfg)
+        dt = time.perf_counter() - t
+        from wsi_ncmi.data.bags import read_header
+
+        n = sum(read_header(out / name / "bags" / f"{s}.h5")[0] for s in res.written)
+        rows.append(f"| {name} | {ceil:,.3g} | {n} | {n / dt:,.3g} | {n / dt / ceil:.2f} |")
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else "CPU"
+    print(f"\ndevice: {dev}; torch {torch.__version__}; precision {a.precision}; batch {a.batch_size}; "
+          f"patch {a.patch_size} @ {a.target_mpp} µm/px from {a.slide_mpp} µm/px slides; compile={a.compile}\n")
+    print("| stage / encoder | ceiling tiles/s | tiles | pipeline tiles/s | pipeline / ceiling |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+    if a.keep is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

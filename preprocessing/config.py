@@ -1,0 +1,111 @@
+"""Settings of one ``wsi-preprocess`` run: a dataclass whose fields are the CLI flags and YAML keys."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "PreprocessConfig", "load_yaml", "STAGES"]
+
+STAGES = ("seg", "tile", "extract")
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the flag / YAML key."""
+
+
+def _default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class PreprocessConfig:
+    input: str = ""
+    output: str = ""
+    target_mpp: float = 0.5
+    patch_size: int = 256
+    overlap: int = 0
+    encoder: str = "resnet50_trunc"
+    weights: str | None = None
+    batch_size: int = 256
+    workers: int = field(default_factory=_default_workers)
+    device: str = "auto"
+    precision: str = "bf16"
+    features_dtype: str = "float16"
+    compile: bool = False
+    min_tissue: float = 0.1
+    tissue_method: str = "otsu"
+    tissue_threshold: int = 8
+    seg_mpp: float = 8.0
+    mpp_tolerance: float = 0.05
+    mpp_csv: str | None = None
+    slides: str | None = None
+    shard: str = "0/1"
+    stages: str = "seg,tile,extract"
+    overwrite: bool = False
+    fail_fast: bool = False
+    lock_timeout: float = 6 * 3600.0
+    progress: bool = True
+
+    @property
+    def stage_set(self) -> frozenset[str]:
+        return frozenset(s.strip() for s in self.stages.split(",") if s.strip())
+
+    @property
+    def shard_index(self) -> tuple[int, int]:
+        try:
+            i, n = (int(v) for v in str(self.shard).split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard {self.shard!r}: expected i/n, e.g. 0/4") from None
+        return i, n
+
+    def validate(self) -> PreprocessConfig:
+        if not self.input or not self.output:
+            raise ConfigError("--input and --output are required")
+        if self.target_mpp <= 0:
+            raise ConfigError(f"--target-mpp must be > 0, got {self.target_mpp}")
+        if self.patch_size < 8:
+            raise ConfigError(f"--patch-size must be >= 8, got {self.patch_size}")
+        if not 0 <= self.overlap < self.patch_size:
+            raise ConfigError(f"--overlap must be in [0, patch_size), got {self.overlap}")
+        if not 0 <= self.min_tissue <= 1:
+            raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
+        if self.batch_size < 1 or self.workers < 0:
+            raise ConfigError(f"--batch-size must be >= 1 and --workers >= 0 ({self.batch_size}, {self.workers})")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.features_dtype not in ("float16", "float32"):
+            raise ConfigError(f"--features-dtype must be float16 or float32, got {self.features_dtype!r}")
+        bad = self.stage_set - set(STAGES)
+        if bad or not self.stage_set:
+            raise ConfigError(f"--stages {self.stages!r}: choose from {','.join(STAGES)}")
+        i, n = self.shard_index
+        if not (n >= 1 and 0 <= i < n):
+            raise ConfigError(f"--shard {self.shard!r}: need 0 <= i < n")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FIELD_NAMES = {f.name for f in fields(PreprocessConfig)}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Keys of a YAML config (dashes or underscores), checked against the known settings."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {path}: cannot read: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings")
+    out = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(out) - FIELD_NAMES)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown keys {unknown}; known: {sorted(FIELD_NAMES)}")
+    return out

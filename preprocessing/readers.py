@@ -1,0 +1,358 @@
+"""Slide readers: one interface over OpenSlide formats and plain images, plus the mpp rules.
+
+``open_slide(path, mpp=None)`` picks a reader by file extension (``READERS``). The physical pixel size
+(mpp, µm per level-0 pixel) comes, in order, from: an explicit override (``--mpp-csv``), OpenSlide's
+``openslide.mpp-x/y``, vendor keys (``aperio.MPP``, Hamamatsu/Philips/Leica keys), the TIFF
+XResolution + ResolutionUnit (centimetre or inch; NONE means unknown). It is never guessed: a slide
+without one has ``mpp = None`` and the pipeline reports ``mpp_missing``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SlideError",
+    "UnreadableSlideError",
+    "TileReadError",
+    "SlideReader",
+    "OpenSlideReader",
+    "ImageReader",
+    "READERS",
+    "SLIDE_EXTENSIONS",
+    "open_slide",
+    "find_slides",
+    "slide_id_of",
+    "mpp_from_properties",
+]
+
+
+class SlideError(ValueError):
+    """A slide cannot be used; the message names the file."""
+
+
+class UnreadableSlideError(SlideError):
+    """The file cannot be opened as a slide (corrupt, truncated, unsupported)."""
+
+
+class TileReadError(SlideError):
+    """One region of an otherwise readable slide failed to decode."""
+
+
+class SlideReader(ABC):
+    """A pyramidal slide: level geometry, mpp, region reads as RGB uint8.
+
+    Coordinates passed to :meth:`read_region` are level-0 (x, y); ``size`` is (w, h) at ``level``.
+    """
+
+    path: Path
+    mpp: float | None  # µm per level-0 pixel, None when unknown
+    magnification: float | None  # objective power of level 0, None when unknown
+
+    @property
+    @abstractmethod
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of every level, level 0 first."""
+
+    @property
+    @abstractmethod
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Downsample of every level relative to level 0."""
+
+    @abstractmethod
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """[h, w, 3] uint8 RGB; transparent (unscanned) pixels are white. Raises TileReadError."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the file handle."""
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def level_mpp(self, level: int) -> float | None:
+        return None if self.mpp is None else self.mpp * self.level_downsamples[level]
+
+    def read_level_scaled(self, downsample: float, block: int = 2048) -> tuple[np.ndarray, float, np.ndarray]:
+        """The whole slide at ~``downsample`` (level-0 px per output px), read block by block.
+
+        Returns ``(rgb [h, w, 3] uint8, exact downsample, failed [h, w] bool)``. Uses the coarsest level not coarser than the
+        request, so memory stays bounded by the output size plus one block. A block that fails to decode
+        is retried in 256-px pieces; pieces that still fail are left white and marked in ``failed`` (the
+        pipeline still tries the tiles there, so they are counted as bad, never dropped silently).
+        """
+        downs = self.level_downsamples
+        level = max((i for i, d in enumerate(downs) if d <= downsample * 1.001), default=0)
+        lw, lh = self.level_dimensions[level]
+        ds = downs[level]
+        w0, h0 = self.dimensions
+        out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
+        full = np.full((lh, lw, 3), 255, np.uint8) if lw * lh <= 4096 * 4096 else None
+        out = np.full((out_h, out_w, 3), 255, np.uint8)
+        bad = np.zeros((out_h, out_w), bool)
+        sx, sy = out_w / lw, out_h / lh
+        failed = 0
+        for y in range(0, lh, block):
+            hh = min(block, lh - y)
+            strip = full[y:y + hh] if full is not None else np.full((hh, lw, 3), 255, np.uint8)
+            for x in range(0, lw, block):
+                ww = min(block, lw - x)
+                for bx, by, bw, bh in self._read_block(strip, x, y, ww, hh, level, ds):
+                    failed += 1
+                    bad[int(by * sy):int(np.ceil((by + bh) * sy)), int(bx * sx):int(np.ceil((bx + bw) * sx))] = True
+            if full is None:
+                oy0, oy1 = round(y * out_h / lh), round((y + hh) * out_h / lh)
+                if oy1 > oy0:
+                    out[oy0:oy1] = cv2.resize(strip, (out_w, oy1 - oy0), interpolation=cv2.INTER_AREA)
+        if full is not None:
+            out = cv2.resize(full, (out_w, out_h), interpolation=cv2.INTER_AREA)
+        if failed:
+            log.warning("%s: %d thumbnail piece(s) failed to decode and count as glass", self.path, failed)
+        return out, w0 / out_w, bad
+
+    def _read_block(self, strip: np.ndarray, x: int, y: int, ww: int, hh: int, level: int, ds: float,
+                    piece: int = 256) -> list[tuple[int, int, int, int]]:
+        """Fill ``strip[:, x:x+ww]``; returns the (x, y, w, h) level pieces that failed to decode."""
+        try:
+            strip[:, x:x + ww] = self.read_region((round(x * ds), round(y * ds)), level, (ww, hh))
+            return []
+        except TileReadError:
+            pass
+        failed: list[tuple[int, int, int, int]] = []
+        for py in range(0, hh, piece):
+            for px in range(x, x + ww, piece):
+                pw, ph = min(piece, x + ww - px), min(piece, hh - py)
+                try:
+                    strip[py:py + ph, px:px + pw] = self.read_region(
+                        (round(px * ds), round((y + py) * ds)), level, (pw, ph))
+                except TileReadError:
+                    failed.append((px, y + py, pw, ph))
+        return failed
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------- mpp
+def _positive(v: str | None) -> float | None:
+    try:
+        f = float(v) if v is not None else None
+    except ValueError:
+        return None
+    return f if f is not None and np.isfinite(f) and f > 0 else None
+
+
+def _mpp_openslide(p: Mapping[str, str]) -> float | None:
+    x, y = _positive(p.get("openslide.mpp-x")), _positive(p.get("openslide.mpp-y"))
+    if x and y:
+        return (x + y) / 2
+    return x or y
+
+
+def _mpp_aperio(p: Mapping[str, str]) -> float | None:
+    return _positive(p.get("aperio.MPP"))
+
+
+def _mpp_vendor_resolution(p: Mapping[str, str]) -> float | None:
+    # OpenSlide already derives openslide.mpp-* for these vendors; kept for files where it does not.
+    for key in ("philips.DICOM_PIXEL_SPACING",):
+        if key in p:
+            try:
+                first = float(p[key].strip('"').split()[0].strip('"'))
+                return _positive(str(first * 1000.0))  # mm -> µm
+            except (ValueError, IndexError):
+                pass
+    for key in ("ventana.ScanRes",):
+        if (v := _positive(p.get(key))) is not None:
+            return v
+    return None
+
+
+_UNIT_UM = {"centimeter": 1e4, "centimetre": 1e4, "inch": 25400.0, "cm": 1e4}
+
+
+def _mpp_tiff(p: Mapping[str, str]) -> float | None:
+    unit = str(p.get("tiff.ResolutionUnit", "")).strip().lower()
+    if unit not in _UNIT_UM:  # NONE (or absent) means the resolution carries no physical size
+        return None
+    x, y = _positive(p.get("tiff.XResolution")), _positive(p.get("tiff.YResolution"))
+    res = [r for r in (x, y) if r]
+    if not res:
+        return None
+    return _UNIT_UM[unit] / (sum(res) / len(res))
+
+
+# first hit wins
+MPP_RULES: tuple[Callable[[Mapping[str, str]], float | None], ...] = (
+    _mpp_openslide,
+    _mpp_aperio,
+    _mpp_vendor_resolution,
+    _mpp_tiff,
+)
+
+
+def mpp_from_properties(properties: Mapping[str, str]) -> float | None:
+    """µm per level-0 pixel from slide properties, or None (never guessed)."""
+    for rule in MPP_RULES:
+        if (v := rule(properties)) is not None:
+            return float(v)
+    return None
+
+
+def _magnification(properties: Mapping[str, str]) -> float | None:
+    for key in ("openslide.objective-power", "aperio.AppMag", "hamamatsu.SourceLens"):
+        if (v := _positive(properties.get(key))) is not None:
+            return v
+    return None
+
+
+# ------------------------------------------------------------------------------------------- readers
+class OpenSlideReader(SlideReader):
+    """Any format OpenSlide opens (svs, tif, ndpi, mrxs, scn, bif, vms, ...).
+
+    After a failed region read OpenSlide puts the handle in an error state, so the reader reopens the
+    file and raises :class:`TileReadError` for that one region.
+    """
+
+    def __init__(self, path: str | Path, mpp: float | None = None):
+        self.path = Path(path)
+        self._slide = self._open()
+        props = dict(self._slide.properties)
+        self.properties = props
+        self.mpp = float(mpp) if mpp is not None else mpp_from_properties(props)
+        self.magnification = _magnification(props)
+        self._dims = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
+        self._downs = tuple(float(d) for d in self._slide.level_downsamples)
+
+    def _open(self):
+        import openslide
+
+        try:
+            return openslide.OpenSlide(str(self.path))
+        except (openslide.OpenSlideError, OSError) as e:
+            raise UnreadableSlideError(f"{self.path}: cannot open with OpenSlide: {e}") from e
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._dims  # type: ignore[return-value]
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._downs
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        import openslide
+
+        try:
+            img = self._slide.read_region((int(location[0]), int(location[1])), int(level),
+                                          (int(size[0]), int(size[1])))
+        except (openslide.OpenSlideError, OSError) as e:
+            try:
+                self._slide.close()
+            finally:
+                self._slide = self._open()
+            raise TileReadError(f"{self.path}: region {location} level {level} size {size}: {e}") from e
+        rgba = np.asarray(img)  # [h, w, 4], not premultiplied
+        alpha = rgba[..., 3:4].astype(np.uint16)
+        rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255
+        return rgb.astype(np.uint8)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class ImageReader(SlideReader):
+    """Plain images (png, jpg, ...): one level, no embedded mpp (it must come from ``--mpp-csv``)."""
+
+    def __init__(self, path: str | Path, mpp: float | None = None):
+        self.path = Path(path)
+        bgr = cv2.imread(str(self.path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise UnreadableSlideError(f"{self.path}: cannot decode the image")
+        self._rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        self.mpp = float(mpp) if mpp is not None else None
+        self.magnification = None
+        self.properties: dict[str, str] = {}
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return ((self._rgb.shape[1], self._rgb.shape[0]),)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return (1.0,)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        if level != 0:
+            raise TileReadError(f"{self.path}: plain images have one level, asked for level {level}")
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        out = np.full((h, w, 3), 255, np.uint8)  # outside the image is white glass, as OpenSlide
+        H, W = self._rgb.shape[:2]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = self._rgb[y0:y1, x0:x1]
+        return out
+
+
+# extension -> reader class
+READERS: dict[str, type[SlideReader]] = {
+    **{ext: OpenSlideReader for ext in (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms",
+                                         ".vmu", ".svslide")},
+    **{ext: ImageReader for ext in (".png", ".jpg", ".jpeg")},
+}
+SLIDE_EXTENSIONS = tuple(READERS)
+
+
+def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
+    """Open ``path`` with the reader registered for its extension; ``mpp`` overrides the file's."""
+    path = Path(path)
+    cls = READERS.get(path.suffix.lower())
+    if cls is None:
+        raise SlideError(f"{path}: no reader for extension {path.suffix!r}; known: {', '.join(SLIDE_EXTENSIONS)}")
+    if not path.is_file():
+        raise UnreadableSlideError(f"{path}: no such file")
+    return cls(path, mpp=mpp)
+
+
+def slide_id_of(path: str | Path) -> str:
+    """The slide id: the file name without its extension."""
+    return Path(path).stem
+
+
+def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
+    """All slide files under ``root`` (recursive), sorted by path. Raises if two share a slide id."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SlideError(f"--input {root}: not a directory")
+    exts = {e.lower() for e in extensions}
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        # MIRAX keeps its tiles in a folder named like the .mrxs file; never descend into those
+        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / (d + ".mrxs")).is_file()]
+        found += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in exts]
+    found.sort()
+    seen: dict[str, Path] = {}
+    for p in found:
+        sid = slide_id_of(p)
+        if sid in seen:
+            raise SlideError(f"slide id {sid!r} is used by two files: {seen[sid]} and {p}; rename one")
+        seen[sid] = p
+    return found
