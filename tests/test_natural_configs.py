@@ -1,0 +1,38 @@
+"""Every natural-image config instantiates through `wsi-ncmi natural fit` and runs one step on digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from wsi_ncmi.commands.natural_cli import main
+from wsi_ncmi.training.compose import compose_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "natural").glob("*.yaml"))
+RUN_CONFIGS = [p for p in CONFIGS if not p.name.startswith("_")]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: p.stem)
+def test_every_natural_config_runs_one_step(config: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    resolved = compose_config(config)
+    argv = [
+        "fit", "-c", str(config),
+        "--data.dataset", "digits", "--data.image_size", "16", "--data.batch_size", "8",
+        "--data.num_workers", "0", "--data.limit_train", "16", "--data.limit_val", "16",
+        "--model.width", "0.125",
+        "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "32",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert resolved["model"]["objective"] in {"ce", "label_smoothing", "focal", "occe", "milloss", "supcon", "ncmi"}

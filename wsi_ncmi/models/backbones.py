@@ -1,0 +1,117 @@
+"""ResNet image backbones (timm) for the natural-image track; pooled penultimate feature, no classifier.
+
+``create_backbone("resnet18", cifar_stem=True)`` returns ``(module, feature_dim)`` where
+``module(x [B, 3, H, W]) -> [B, feature_dim]``. The CIFAR variant replaces the 7×7 stride-2 stem and
+its max-pool by a 3×3 stride-1 convolution (the usual 32-px ResNet). Weights are only read from a
+local file (``.safetensors`` or a ``torch.save`` state dict loaded with ``weights_only=True``); nothing
+is ever downloaded. Keys of a full classifier (``fc.*``) are ignored when loading into a backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["BackboneError", "BACKBONES", "create_backbone", "create_classifier", "load_state_dict_file"]
+
+logger = logging.getLogger(__name__)
+
+BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+class BackboneError(ValueError):
+    """Unknown backbone name, unreadable weight file or mismatching weights."""
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``; never unpickles code).
+
+    A torch file holding ``{"state_dict": ...}`` (Lightning) or ``{"model": ...}`` is unwrapped.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise BackboneError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear error
+        raise BackboneError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from err
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BackboneError(f"{path}: not a state dict of tensors")
+    return sd
+
+
+def _apply_cifar_stem(model: nn.Module) -> None:
+    old: nn.Conv2d = model.conv1  # type: ignore[assignment]
+    model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def _build(name: str, num_classes: int, cifar_stem: bool, width: float) -> nn.Module:
+    import timm
+
+    if name not in BACKBONES:
+        raise BackboneError(f"backbone must be one of {BACKBONES}, got {name!r}")
+    if width <= 0:
+        raise BackboneError(f"backbone width must be > 0, got {width}")
+    kwargs: dict = {}
+    if width != 1.0:  # narrower ResNet (tests / CPU demos): scale every stage and the stem
+        kwargs["channels"] = tuple(max(4, int(round(c * width))) for c in (64, 128, 256, 512))
+        kwargs["stem_width"] = max(4, int(round(64 * width)))
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    if cifar_stem:
+        _apply_cifar_stem(model)
+    return model
+
+
+def _load_into(model: nn.Module, path: str | Path, *, strict_head: bool) -> None:
+    sd = load_state_dict_file(path)
+    if not strict_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise BackboneError(f"{path}: weights do not match the model ({err})") from err
+    missing = [k for k in missing if strict_head or not k.startswith("fc.")]
+    if missing or unexpected:
+        raise BackboneError(
+            f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    logger.info("loaded weights from %s", path)
+
+
+def create_backbone(
+    name: str, cifar_stem: bool = False, weights: str | None = None, width: float = 1.0
+) -> tuple[nn.Module, int]:
+    """A timm ResNet without classifier -> ``(module, feature_dim)``; ``module(x) -> [B, feature_dim]``.
+
+    Args:
+        name: one of :data:`BACKBONES`.
+        cifar_stem: 3×3 stride-1 stem conv and no max-pool (32-px inputs).
+        weights: optional local weight file (safetensors or torch state dict); ``fc.*`` keys are ignored.
+        width: channel multiplier (1.0 = the standard network; smaller for quick CPU runs).
+    """
+    model = _build(name, 0, cifar_stem, width)
+    if weights:
+        _load_into(model, weights, strict_head=False)
+    return model, int(model.num_features)
+
+
+def create_classifier(
+    name: str, num_classes: int, cifar_stem: bool = False, weights: str | None = None, width: float = 1.0
+) -> nn.Module:
+    """A full timm ResNet classifier (backbone + ``fc``), e.g. to measure a pretrained ImageNet model."""
+    model = _build(name, num_classes, cifar_stem, width)
+    if weights:
+        _load_into(model, weights, strict_head=True)
+    return model

@@ -1,0 +1,421 @@
+"""Lightning module for the natural-image track: a ResNet trained with any registry objective.
+
+* Head losses (``input_kind == "logits"``: ce, label_smoothing, focal, poly, squentropy, occe, milloss):
+  backbone → ``head`` Linear(D, C) → loss.
+* ``ncmi``: no classifier; :class:`~wsi_ncmi.ncmi.NCMILoss` on the pooled feature [B, D]. The
+  centroid parameters ξ form their own SGD param group (``centroid_lr`` / ``centroid_momentum``, no
+  weight decay, and by default no lr schedule), which is the paper's Alg. 1 separate centroid optimizer
+  expressed as a param group.
+* ``supcon``: a projection MLP (D → D → ``proj_dim``) feeds the contrastive loss on two views
+  ``[B, 2, 3, H, W]``; a linear ``head`` trained with CE on the *detached* feature (an online probe,
+  it cannot move the backbone) gives the per-epoch validation accuracy.
+
+Validation accuracy per epoch (``val/top1``, ``val/top5``):
+* head losses and supcon: the linear head.
+* ncmi: nearest-centroid (CC) on the simplex, argmin_v KL(p ‖ s^v). Two sets of centroids are logged:
+  ``val/top1_cc`` uses closed-form centroids s^v = mean of p over the **training samples seen during
+  the current epoch** (accumulated from the training batches with their augmentation while the network
+  changes, so a cheap approximation of paper Eq. 6 — ``wsi-ncmi natural evaluate`` recomputes them
+  exactly over the un-augmented training set); ``val/top1_xi`` uses the running learned centroids
+  q = NSF(ξ) (nearest of the K centroids of a class). ``val_centroids`` picks which one is ``val/top1``
+  (default ``"train"``; it falls back to ``"xi"`` before the first training epoch, e.g. sanity checks).
+Dataset-level CMI / Γ / NCMI of the validation split (``val/cmi``, ``val/gamma``, ``val/ncmi``) use the
+softmax of the head (head losses, supcon probe) or the NSF probabilities (ncmi).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsi_ncmi.losses import create_loss
+from wsi_ncmi.models.backbones import create_backbone
+from wsi_ncmi.ncmi import CentroidAccumulator, ncmi_metric
+from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
+
+__all__ = ["ImageModule", "ImageModuleError", "SCHEDULES", "lr_factor"]
+
+logger = logging.getLogger(__name__)
+
+
+class ImageModuleError(ValueError):
+    """Bad ImageModule configuration (names the argument)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# learning-rate schedules: name -> factor(step, total_steps, steps_per_epoch, milestones, gamma)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _cosine(step: int, total: int, per_epoch: float, milestones: tuple[int, ...], gamma: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def _multistep(step: int, total: int, per_epoch: float, milestones: tuple[int, ...], gamma: float) -> float:
+    epoch = step / max(per_epoch, 1e-12)
+    return gamma ** sum(epoch >= m for m in milestones)
+
+
+def _constant(step: int, total: int, per_epoch: float, milestones: tuple[int, ...], gamma: float) -> float:
+    return 1.0
+
+
+SCHEDULES: dict[str, Callable[[int, int, float, tuple[int, ...], float], float]] = {
+    "cosine": _cosine,
+    "multistep": _multistep,
+    "none": _constant,
+}
+
+
+def lr_factor(
+    schedule: str,
+    step: int,
+    total_steps: int,
+    steps_per_epoch: float,
+    warmup_steps: int = 0,
+    milestones: tuple[int, ...] = (),
+    gamma: float = 0.1,
+) -> float:
+    """Multiplier of the base lr at optimizer ``step``: linear warm-up, then ``schedule``.
+
+    ``cosine`` decays to 0 over the steps after warm-up; ``multistep`` multiplies by ``gamma`` at each
+    epoch in ``milestones``; ``none`` keeps the base lr.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    after = step - warmup_steps
+    return SCHEDULES[schedule](after, max(total_steps - warmup_steps, 1), steps_per_epoch, milestones, gamma)
+
+
+def _make_loss(name: str, num_classes: int, embed_dim: int, kwargs: dict[str, Any]) -> nn.Module:
+    """``create_loss(name, ...)``; the embedding-space NCMI loss also gets ``num_classes`` / ``embed_dim``."""
+    if name in _NEEDS_DIMS:
+        kwargs = {"num_classes": num_classes, "embed_dim": embed_dim, **kwargs}
+    return create_loss(name, **kwargs)
+
+
+_NEEDS_DIMS = frozenset({"ncmi"})
+
+
+def _topk_correct(scores: Tensor, target: Tensor, ks: tuple[int, ...]) -> dict[int, Tensor]:
+    """Number of rows whose target is in the top-k scores, per k (k capped at the number of classes)."""
+    kmax = min(max(ks), scores.shape[1])
+    top = scores.topk(kmax, dim=1).indices  # [B, kmax]
+    hit = top == target[:, None]  # [B, kmax]
+    return {k: hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks}
+
+
+class ImageModule(L.LightningModule):
+    """ResNet + objective for CIFAR-100 / ImageNet-style training (see the module docstring).
+
+    Args:
+        backbone: resnet18 | resnet34 | resnet50 | resnet101 (timm, random init unless ``weights``).
+        num_classes: number of classes (linked from the datamodule by the CLI).
+        objective: registry loss name (``wsi_ncmi.losses.list_losses()``).
+        loss_kwargs: extra keyword arguments of the loss (e.g. ``{"gamma": 2.0}`` for focal).
+        cifar_stem: 3×3 stride-1 stem, no max-pool (32-px images).
+        weights: optional local weight file for the backbone.
+        width: backbone channel multiplier (1.0 standard; smaller for CPU demos/tests).
+        tau, center_momentum, variant, centroid_update, centroids_per_class, use_nsf, use_centering:
+            NCMILoss options (``objective="ncmi"`` only); ``use_nsf`` / ``use_centering`` are the
+            paper's Table V ablation switches.
+        lr, momentum, weight_decay, nesterov: SGD for backbone + head.
+        centroid_lr, centroid_momentum: SGD of the ξ param group (NCMI with ``centroid_update="sgd"``).
+        centroid_schedule: apply the lr schedule to the ξ group too (default: constant centroid lr).
+        centroid_start_epoch: ξ keeps lr 0 before this epoch (the public CIFAR script starts at 30).
+        schedule: cosine | multistep | none, stepped per optimizer step, after ``warmup_epochs``.
+        milestones, lr_gamma: multistep epochs and factor.
+        val_centroids: ``"train"`` or ``"xi"``: which CC is reported as ``val/top1`` for NCMI.
+        proj_dim: SupCon projection size.
+        channels_last: run the backbone in channels-last memory format.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int = 100,
+        objective: str = "ce",
+        loss_kwargs: dict[str, Any] | None = None,
+        cifar_stem: bool = True,
+        weights: str | None = None,
+        width: float = 1.0,
+        tau: float = 0.5,
+        center_momentum: float = 0.9999,
+        variant: str = "paper",
+        centroid_update: str = "sgd",
+        centroids_per_class: int = 1,
+        use_nsf: bool = True,
+        use_centering: bool = True,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        centroid_lr: float = 1.0,
+        centroid_momentum: float = 0.9,
+        centroid_schedule: bool = False,
+        centroid_start_epoch: float = 0.0,
+        schedule: str = "cosine",
+        milestones: list[int] | None = None,
+        lr_gamma: float = 0.2,
+        warmup_epochs: float = 0.0,
+        val_centroids: str = "train",
+        proj_dim: int = 128,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ImageModuleError(f"model.schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+        if val_centroids not in ("train", "xi"):
+            raise ImageModuleError(f"model.val_centroids must be 'train' or 'xi', got {val_centroids!r}")
+        if num_classes < 2:
+            raise ImageModuleError(f"model.num_classes must be >= 2, got {num_classes}")
+        self.save_hyperparameters()
+        self.objective = objective
+        self.num_classes = num_classes
+        self.backbone, self.feature_dim = create_backbone(backbone, cifar_stem=cifar_stem, weights=weights, width=width)
+        kw = dict(loss_kwargs or {})
+        if objective == "ncmi":
+            kw = {
+                "tau": tau,
+                "center_momentum": center_momentum,
+                "variant": variant,
+                "centroid_update": centroid_update,
+                "centroids_per_class": centroids_per_class,
+                "use_nsf": use_nsf,
+                "use_centering": use_centering,
+                **kw,
+            }
+        self.criterion = _make_loss(objective, num_classes, self.feature_dim, kw)
+        self.input_kind: str = getattr(self.criterion, "input_kind", "logits")
+        self.is_ncmi = hasattr(self.criterion, "xi") and hasattr(self.criterion, "log_probs")
+        self.is_contrastive = self.input_kind == "embedding" and not self.is_ncmi
+        # head: the classifier for head losses, an online probe on detached features for supcon
+        self.head: nn.Linear | None = None if self.is_ncmi else nn.Linear(self.feature_dim, num_classes)
+        self.proj: nn.Module | None = None
+        if self.is_contrastive:
+            d = self.feature_dim
+            self.proj = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, proj_dim))
+        if channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self._train_acc: CentroidAccumulator | None = None
+        self._val_centroids: Tensor | None = None  # [C, D] closed-form train centroids for this val epoch
+        self._val_store: dict[str, list[Tensor]] = {"probs": [], "labels": []}
+        self._cc_source_logged = False
+
+    # ------------------------------------------------------------------------------ forward pieces
+    @property
+    def ncmi(self) -> nn.Module | None:
+        """The NCMILoss (holds ξ and the feature center) when ``objective == "ncmi"``, else None."""
+        return self.criterion if self.is_ncmi else None
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """images [B, 3, H, W] -> pooled feature [B, D]."""
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class scores [B, C]: head logits, or −KL to the running centroids q = NSF(ξ) for NCMI."""
+        feat = self.forward_features(x)
+        if self.is_ncmi:
+            return self._xi_scores(self.criterion.log_probs(feat).exp())
+        assert self.head is not None
+        return self.head(feat)
+
+    def _xi_scores(self, probs: Tensor) -> Tensor:
+        """−min_k KL(p ‖ q_{v,k}) [B, C] from the running centroids."""
+        q = self.criterion.centroid_log_probs().exp().to(probs.dtype)  # [C*K, D]
+        kl = kl_rows_to_centroids(probs, q)  # [B, C*K]
+        return -kl.view(probs.shape[0], self.num_classes, -1).min(dim=2).values
+
+    # ------------------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        if self.is_ncmi:
+            self._train_acc = CentroidAccumulator(self.num_classes, self.feature_dim)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch  # [B, 3, H, W] (or [B, V, 3, H, W] for supcon), [B]
+        bsz = y.shape[0]
+        if self.is_contrastive:
+            if x.ndim != 5:
+                raise ImageModuleError("objective supcon needs two views: set data.two_views: true")
+            views = x.shape[1]
+            feat = self.forward_features(x.flatten(0, 1))  # [B*V, D]
+            assert self.proj is not None and self.head is not None
+            z = self.proj(feat).view(bsz, views, -1)  # [B, V, P]
+            out = dict(self.criterion(z, y))
+            probe = F.cross_entropy(self.head(feat.detach().view(bsz, views, -1)[:, 0]), y)
+            out["probe_ce"] = probe
+            total = out["loss"] + probe
+        else:
+            if x.ndim == 5:
+                x = x[:, 0]
+            feat = self.forward_features(x)  # [B, D]
+            if self.is_ncmi:
+                out = dict(self.criterion(feat, y))
+                if self._train_acc is not None:
+                    with torch.no_grad():
+                        self._train_acc.update(self.criterion.log_probs(feat.detach()).exp(), y)
+            else:
+                assert self.head is not None
+                out = dict(self.criterion(self.head(feat), y))
+            total = out["loss"]
+        for name, value in out.items():
+            if isinstance(value, Tensor) and value.numel() == 1:
+                self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=bsz)
+        return total
+
+    # ------------------------------------------------------------------------------ validation
+    def _world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def _reduce_sum(self, t: Tensor) -> Tensor:
+        if self._world_size() > 1:
+            return self.all_gather(t).sum(dim=0)
+        return t
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_store = {"probs": [], "labels": []}
+        self._val_centroids = None
+        acc = self._train_acc
+        if self.is_ncmi and acc is not None and acc.sums is not None and acc.counts is not None:
+            sums, counts = self._reduce_sum(acc.sums), self._reduce_sum(acc.counts)
+            cent = sums / counts.clamp_min(1)[:, None].to(sums.dtype)
+            cent[counts == 0] = float("nan")  # classes unseen this epoch are unreachable
+            self._val_centroids = cent.float()
+
+    def _log_topk(self, prefix: str, scores: Tensor, y: Tensor) -> None:
+        hits = _topk_correct(scores, y, (1, 5))
+        n = y.shape[0]
+        for k, h in hits.items():
+            self.log(f"{prefix}{k}", h.float() / n, batch_size=n, sync_dist=True, prog_bar=prefix == "val/top" and k == 1)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        if x.ndim == 5:
+            x = x[:, 0]
+        feat = self.forward_features(x)  # [B, D]
+        n = y.shape[0]
+        if self.is_ncmi:
+            out = self.criterion(feat, y)
+            probs = self.criterion.log_probs(feat).exp()  # [B, D]
+            xi_scores = self._xi_scores(probs)
+            self._log_topk("val/top_xi", xi_scores, y)
+            main = xi_scores
+            if self._val_centroids is not None:
+                cc_scores = -kl_rows_to_centroids(probs, self._val_centroids.to(probs.dtype))
+                self._log_topk("val/top_cc", cc_scores, y)
+                if self.hparams.val_centroids == "train":
+                    main = cc_scores
+            self._log_topk("val/top", main, y)
+            for name, value in out.items():
+                self.log(f"val/{name}", value, batch_size=n, sync_dist=True)
+        else:
+            assert self.head is not None
+            logits = self.head(feat)
+            probs = logits.float().softmax(dim=1)
+            self._log_topk("val/top", logits, y)
+            if self.is_contrastive:
+                self.log("val/probe_ce", F.cross_entropy(logits, y), batch_size=n, sync_dist=True)
+            else:
+                for name, value in self.criterion(logits, y).items():
+                    if isinstance(value, Tensor) and value.numel() == 1:
+                        self.log(f"val/{name}", value, batch_size=n, sync_dist=True)
+        self._val_store["probs"].append(probs.detach().float().cpu())
+        self._val_store["labels"].append(y.detach().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_store["probs"]:
+            return
+        probs = torch.cat(self._val_store["probs"])  # [N, D or C]
+        labels = torch.cat(self._val_store["labels"])  # [N]
+        self._val_store = {"probs": [], "labels": []}
+        if self._world_size() > 1:
+            probs = self.all_gather(probs.to(self.device)).flatten(0, 1).cpu()
+            labels = self.all_gather(labels.to(self.device)).flatten(0, 1).cpu()
+        if labels.unique().numel() < 2:
+            return  # Γ needs two classes (tiny fast_dev_run batches)
+        metric = ncmi_metric(probs.double(), labels, num_classes=self.num_classes)
+        for name, value in metric.items():
+            if math.isfinite(value):
+                self.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    # ------------------------------------------------------------------------------ optimisation
+    def param_groups(self) -> list[dict[str, Any]]:
+        """SGD param groups: backbone/head/projection (+ loss params except ξ) and, for NCMI, ξ alone."""
+        hp = self.hparams
+        xi = getattr(self.criterion, "xi", None) if self.is_ncmi else None
+        main = [p for n, p in self.named_parameters() if p.requires_grad and not (xi is not None and p is xi)]
+        groups: list[dict[str, Any]] = [
+            {"name": "main", "params": main, "lr": hp.lr, "momentum": hp.momentum, "weight_decay": hp.weight_decay}
+        ]
+        if xi is not None and xi.requires_grad:
+            groups.append(
+                {
+                    "name": "centroids",
+                    "params": [xi],
+                    "lr": hp.centroid_lr,
+                    "momentum": hp.centroid_momentum,
+                    "weight_decay": 0.0,
+                }
+            )
+        return groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        opt = torch.optim.SGD(self.param_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        trainer = self._trainer
+        total = int(trainer.estimated_stepping_batches) if trainer is not None else 1
+        max_epochs = trainer.max_epochs if trainer is not None else None
+        per_epoch = total / max_epochs if max_epochs and max_epochs > 0 else float(total)
+        warmup = int(round(hp.warmup_epochs * per_epoch))
+        milestones = tuple(hp.milestones or ())
+
+        def main_factor(step: int) -> float:
+            return lr_factor(hp.schedule, step, total, per_epoch, warmup, milestones, hp.lr_gamma)
+
+        centroid_start = int(round(hp.centroid_start_epoch * per_epoch))
+
+        def centroid_factor(step: int) -> float:
+            if step < centroid_start:
+                return 0.0
+            return main_factor(step) if hp.centroid_schedule else 1.0
+
+        lambdas = [main_factor]
+        if len(opt.param_groups) > 1:
+            lambdas.append(centroid_factor)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lambdas)
+        logger.info(
+            "ImageModule: objective=%s, SGD lr=%s (%s, %d warm-up steps of %d), groups=%s",
+            hp.objective, hp.lr, hp.schedule, warmup, total, [g["name"] for g in opt.param_groups],
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def describe(self) -> dict[str, Any]:
+        """What a run used (logged into evaluation JSON): objective, centroid mode, val CC source."""
+        info: dict[str, Any] = {"objective": self.objective, "backbone": self.hparams.backbone}
+        if self.is_ncmi:
+            info.update(
+                centroid_update=self.hparams.centroid_update,
+                variant=self.hparams.variant,
+                use_nsf=self.hparams.use_nsf,
+                use_centering=self.hparams.use_centering,
+                val_centroids=self.hparams.val_centroids,
+            )
+        return info
