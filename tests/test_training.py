@@ -1,0 +1,270 @@
+"""MILModule (head / NCMI), the fit CLI, resume, pre-flight errors, schedules and validation metrics."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning.pytorch as lightning
+import numpy as np
+import pytest
+import torch
+from _synthetic import make_witness_bags
+
+from wsi_ncmi.data import MILDataModule, write_bag
+from wsi_ncmi.training import (
+    MILModule,
+    PreflightError,
+    TrainingConfigError,
+    build_scheduler,
+    classification_metrics,
+    macro_ovr_auc,
+    preflight_check,
+)
+
+DIM = 32
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bags(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("witness")
+    split = make_witness_bags(d, n_slides=48, num_classes=2, dim=DIM, n_instances=(5, 30), seed=0,
+                              witness_strength=5.0, fractions=(0.6, 0.3, 0.1))
+    return d, split
+
+
+def _fit(bags_dir: Path, split: Path, root: Path, model: str, objective: str, epochs: int, **module_kw):
+    from wsi_ncmi.training import RNGStateCheckpoint
+
+    lightning.seed_everything(0)
+    dm = MILDataModule(str(bags_dir), str(split), num_workers=0, pin_memory=False)
+    module = MILModule(model=model, in_dim=dm.in_dim, num_classes=dm.num_classes, objective=objective,
+                       lr=3e-3, **module_kw)
+    ckpt = lightning.callbacks.ModelCheckpoint(dirpath=root / "checkpoints", filename="best",
+                                               monitor="val/f1_plus_auc", mode="max", save_last=True)
+    trainer = lightning.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=[ckpt, RNGStateCheckpoint()],
+                                default_root_dir=root)
+    trainer.fit(module, datamodule=dm)
+    return trainer, module
+
+
+# ----------------------------------------------------------------------------------------- synthetic data
+def test_make_witness_bags_layout(tmp_path):
+    split = make_witness_bags(tmp_path, n_slides=12, num_classes=3, dim=8, n_instances=(5, 9), seed=1)
+    rows = list(csv.DictReader(split.open()))
+    assert len(rows) == 12 and len(list(tmp_path.glob("*.h5"))) == 12
+    for s in ("train", "val", "test"):
+        assert {int(r["label"]) for r in rows if r["split"] == s} == {0, 1, 2}
+    dm = MILDataModule(str(tmp_path), str(split), num_workers=0, pin_memory=False)
+    assert dm.in_dim == 8 and dm.num_classes == 3
+
+
+# ------------------------------------------------------------------------------------------- learning
+@pytest.mark.parametrize("objective", ["head", "ncmi"])
+def test_abmil_learns_witness_task(bags, tmp_path, objective):
+    trainer, module = _fit(*bags, tmp_path, "abmil", objective, epochs=6)
+    m = trainer.callback_metrics
+    assert float(m["val/macro_auc"]) > 0.8, dict(m)
+    assert math.isfinite(float(m["train/loss"]))
+    if objective == "ncmi":
+        assert module.ncmi_loss is not None and isinstance(module.model.head, torch.nn.Identity)
+        for key in ("val/cmi", "val/gamma", "val/ncmi", "val/cc_accuracy", "train/cmi", "train/gamma"):
+            assert key in m, key
+    else:
+        assert module.ncmi_loss is None and "train/ce" in m
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["head", "ncmi"])
+@pytest.mark.parametrize("model", ["transmil", "aem", "asmil"])
+def test_every_aggregator_learns(bags, tmp_path, model, objective):
+    kw = {"transmil": {"model_kwargs": {"dim": 64, "num_landmarks": 16}},
+          "asmil": {"model_kwargs": {"inner_dim": 32, "num_heads": 4}}}.get(model, {})
+    trainer, _ = _fit(*bags, tmp_path, model, objective, epochs=8 if model == "asmil" else 6, **kw)
+    assert float(trainer.callback_metrics["val/macro_auc"]) > 0.75, dict(trainer.callback_metrics)
+    if model in ("aem", "asmil"):
+        assert any(k.startswith("train/") and k not in ("train/loss", "train/ce", "train/ncmi", "train/cmi",
+                   "train/gamma", "train/lr") for k in trainer.callback_metrics), "aux term not logged"
+
+
+# ---------------------------------------------------------------------------------------------- resume
+class _StepLosses(lightning.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_resume_reproduces_next_steps(bags, tmp_path):
+    """3 epochs straight == 2 epochs, then resume from last.ckpt for the 3rd (NCMI: center, ξ, RNG, Adam)."""
+    from wsi_ncmi.training import RNGStateCheckpoint
+
+    bags_dir, split = bags
+
+    class _StopAfter(lightning.Callback):  # stop early without changing max_epochs (the lr schedule spans it)
+        def __init__(self, epochs: int) -> None:
+            self.epochs = epochs
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            if trainer.current_epoch + 1 >= self.epochs:
+                trainer.should_stop = True
+
+    def run(root: Path, stop_after: int, ckpt_path: str | None = None) -> list[float]:
+        lightning.seed_everything(0)
+        dm = MILDataModule(str(bags_dir), str(split), num_workers=0, pin_memory=False)
+        module = MILModule(model="aem", in_dim=DIM, num_classes=2, objective="ncmi", lr=3e-3)
+        rec = _StepLosses()
+        ckpt = lightning.callbacks.ModelCheckpoint(dirpath=root, save_last=True)
+        trainer = lightning.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                    enable_model_summary=False,
+                                    callbacks=[ckpt, rec, RNGStateCheckpoint(), _StopAfter(stop_after)],
+                                    limit_train_batches=6, limit_val_batches=3)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return rec.losses
+
+    straight = run(tmp_path / "a", 3)
+    first = run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "c", 3, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert first == straight[:12]
+    assert len(resumed) == 6
+    np.testing.assert_allclose(resumed, straight[12:], rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_rebuilds_module(bags, tmp_path):
+    _, module = _fit(*bags, tmp_path, "abmil", "ncmi", epochs=1)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    loaded = MILModule.load_from_checkpoint(path, weights_only=True)
+    assert loaded.objective == "ncmi" and loaded.hparams.model == "abmil"
+    assert bool(loaded.ncmi_loss.center.initialized)
+    torch.testing.assert_close(loaded.ncmi_loss.center.center, module.ncmi_loss.center.center)
+    torch.testing.assert_close(loaded.ncmi_loss.xi, module.ncmi_loss.xi)
+    x = torch.randn(2, 7, DIM)
+    torch.testing.assert_close(loaded.embed(x), module.embed(x))
+    assert loaded.embed(x).shape == (2, module.model.embed_dim)
+
+
+# ---------------------------------------------------------------------------------- centroid updates
+def _one_step(module: MILModule) -> torch.Tensor:
+    before = module.ncmi_loss.xi.detach().clone()
+    batch = {"features": torch.randn(2, 6, DIM), "mask": None, "label": torch.tensor([0, 1])}
+    module.ncmi_loss.center.update(torch.randn(4, module.model.embed_dim))
+    named, _ = module._objective(batch)
+    named["loss"].backward()
+    module._centroid_sgd_step()
+    return before
+
+
+def test_centroid_sgd_moves_xi_and_keeps_momentum():
+    module = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi", centroid_lr=0.5)
+    assert module._manual_xi and "xi_momentum" in dict(module.named_buffers())
+    assert all(p is not module.ncmi_loss.xi for g in [module.model.parameters()] for p in g)
+    before = _one_step(module)
+    assert not torch.equal(before, module.ncmi_loss.xi) and module.ncmi_loss.xi.grad is None
+    assert module.xi_momentum.abs().sum() > 0
+
+
+def test_centroid_group_and_frozen_modes():
+    grouped = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi", centroid_optimizer="group")
+    assert not grouped._manual_xi
+    frozen = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi",
+                       ncmi_kwargs={"centroid_update": "frozen"})
+    assert not frozen._manual_xi and not frozen.ncmi_loss.xi.requires_grad
+
+
+def test_bad_module_arguments():
+    with pytest.raises(TrainingConfigError, match="objective"):
+        MILModule(objective="nope", in_dim=DIM)
+    with pytest.raises(TrainingConfigError, match="class_weights"):
+        MILModule(in_dim=DIM, num_classes=3, class_weights=[1.0, 2.0])
+    with pytest.raises(TrainingConfigError, match="class_weights"):
+        MILModule(in_dim=DIM, objective="ncmi", class_weights=[1.0, 2.0])
+
+
+def test_module_rejects_mismatched_datamodule(bags, tmp_path):
+    bags_dir, split = bags
+    dm = MILDataModule(str(bags_dir), str(split), num_workers=0, pin_memory=False)
+    module = MILModule(in_dim=DIM, num_classes=3)
+    trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                default_root_dir=tmp_path)
+    with pytest.raises(TrainingConfigError, match="2 classes"):
+        trainer.fit(module, datamodule=dm)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _cli_args(bags_dir: Path, split: Path, root: Path, *extra: str) -> list[str]:
+    return ["--data.bags_dir", str(bags_dir), "--data.split_csv", str(split), "--data.num_workers", "0",
+            "--data.pin_memory", "false", "--trainer.default_root_dir", str(root), "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--model.lr", "3e-3", "--seed_everything", "0", *extra]
+
+
+def test_fit_cli_run_folder_layout(bags, tmp_path):
+    from wsi_ncmi.commands.train_cli import main_fit, main_test
+
+    root = tmp_path / "run"
+    args = _cli_args(*bags, root, "--trainer.max_epochs", "2", "--model.objective", "ncmi")
+    assert main_fit(args) == 0
+    assert (root / "checkpoints" / "best.ckpt").is_file() and (root / "checkpoints" / "last.ckpt").is_file()
+    assert (root / "config.yaml").is_file()
+    header = (root / "metrics.csv").read_text().splitlines()[0].split(",")
+    for col in ("train/loss_epoch", "train/cmi_epoch", "val/f1_plus_auc", "val/ncmi", "epoch"):
+        assert col in header, header
+    ckpt = str(root / "checkpoints" / "best.ckpt")
+    assert main_test([*_cli_args(*bags, tmp_path / "test_run"), "--model.objective", "ncmi",
+                      "--ckpt_path", ckpt]) == 0
+
+
+def test_preflight_errors_before_training(tmp_path, capsys):
+    from wsi_ncmi.commands.train_cli import main_fit
+
+    split = make_witness_bags(tmp_path, n_slides=9, num_classes=3, dim=8, n_instances=(5, 8))
+    # label count: three classes in the table, two declared
+    rc = main_fit(_cli_args(tmp_path, split, tmp_path / "r1", "--data.num_classes", "2"))
+    assert rc == 2 and "labels [2] are outside [0, 1]" in capsys.readouterr().err
+    # a bag with another feature dim
+    write_bag(tmp_path / "slide_004.h5", np.zeros((5, 12), np.float32), np.zeros((5, 2), np.int64))
+    with pytest.raises(PreflightError, match=r"slide_004.h5 \(D=12\)"):
+        preflight_check(tmp_path, split)
+    rc = main_fit(_cli_args(tmp_path, split, tmp_path / "r2"))
+    assert rc == 2 and "feature dim other than 8" in capsys.readouterr().err
+    # missing bags (all listed)
+    (tmp_path / "slide_004.h5").unlink()
+    (tmp_path / "slide_007.h5").unlink()
+    with pytest.raises(PreflightError, match="2 of 9 slides .* slide_004, slide_007"):
+        preflight_check(tmp_path, split)
+    assert not (tmp_path / "r2" / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------------- schedule / metrics
+def test_cosine_schedule_with_warmup():
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]},
+                           {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0}], lr=0.1)
+    sched = build_scheduler("cosine", opt, total_steps=12, warmup_steps=2)
+    lrs = []
+    for _ in range(12):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx([0.05, 0.5]) and lrs[2] == pytest.approx([0.1, 1.0])
+    assert lrs[7][0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert build_scheduler("none", opt, 10) is None
+
+
+def test_validation_metrics_with_absent_class():
+    scores = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
+    labels = np.array([0, 1, 0, 1])  # class 2 absent
+    m = classification_metrics(scores, labels)
+    assert m["accuracy"] == 1.0 and m["macro_auc"] == 1.0 and m["f1_plus_auc"] == 2.0
+    assert math.isnan(macro_ovr_auc(scores, np.zeros(4, dtype=int)))
+    assert classification_metrics(scores[:1], labels[:1])["f1_plus_auc"] == 1.0

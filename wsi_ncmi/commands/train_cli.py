@@ -1,0 +1,137 @@
+"""`wsi-ncmi fit | validate | test`: LightningCLI over ``MILModule`` + ``MILDataModule``.
+
+    wsi-ncmi fit -c configs/mil/camelyon17/abmil_ncmi.yaml --data.bags_dir BAGS --data.split_csv SPLIT.csv
+    wsi-ncmi test -c configs/mil/camelyon17/abmil_ncmi.yaml --data.bags_dir ... --data.split_csv ... \\
+        --ckpt_path runs/c17_abmil_ncmi/checkpoints/best.ckpt
+
+Config files may compose others with ``__base__`` (see :mod:`wsi_ncmi.training.compose`); ``model.in_dim`` and
+``model.num_classes`` are taken from the data (``data.in_dim`` / ``data.num_classes``).
+
+Run folder = ``--trainer.default_root_dir`` (``runs/<name>``):
+``metrics.csv`` + ``hparams.yaml`` (CSVLogger, unless another logger is configured), ``config.yaml`` (the
+resolved config), ``checkpoints/best.ckpt`` (best ``--checkpoint.monitor``, default ``val/f1_plus_auc``, max)
+and ``checkpoints/last.ckpt``. ``--ckpt_path last`` (or the file) resumes exactly, RNG states included.
+
+Before anything is built the split table is checked against the bags folder (missing bags, mixed
+feature dims, labels vs ``data.num_classes``); errors are printed and the command returns 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from wsi_ncmi.data import BagError, MILDataModule, SplitError
+from wsi_ncmi.data.mil import MILDataError
+from wsi_ncmi.models.base import MILConfigError
+from wsi_ncmi.training import (
+    ConfigComposeError,
+    MILModule,
+    PreflightError,
+    RNGStateCheckpoint,
+    TrainingConfigError,
+    expand_config_args,
+    preflight_check,
+)
+
+__all__ = ["MILCLI", "main_fit", "main_test", "main_validate", "run_cli"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DEFAULTS: dict[str, Any] = {
+    "checkpoint.monitor": "val/f1_plus_auc",
+    "checkpoint.mode": "max",
+    "checkpoint.filename": "best",
+    "checkpoint.save_last": True,
+    "checkpoint.auto_insert_metric_name": False,
+    "checkpoint.enable_version_counter": False,
+}
+_USER_ERRORS = (PreflightError, SplitError, BagError, MILDataError, MILConfigError, TrainingConfigError,
+                ConfigComposeError)
+
+
+class MILCLI(LightningCLI):
+    """LightningCLI with data → model links, a stable run-folder layout and pre-flight checks."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            MILModule,
+            MILDataModule,
+            trainer_defaults={"callbacks": [RNGStateCheckpoint()]},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.in_dim", "model.in_dim", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(CHECKPOINT_DEFAULTS)
+        parser.add_argument("--preflight", type=bool, default=True,
+                            help="check the split table against the bags folder before building anything")
+
+    def _cfg(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._cfg()
+        root = Path(cfg.trainer.default_root_dir or ".")
+        if cfg.checkpoint.dirpath is None:
+            cfg.checkpoint.dirpath = str(root / "checkpoints")
+        data = cfg.data
+        report = None
+        if cfg.preflight:
+            report = preflight_check(data.bags_dir, data.split_csv, num_classes=data.num_classes, fold=data.fold,
+                                     check_labels=not data.label_map)
+        if data.num_classes is None:
+            # make the inferred class count explicit: the datamodule would save num_classes=None in its hparams,
+            # and Lightning refuses to log model and data hparams that disagree
+            if data.label_map:
+                data.num_classes = max(int(v) for v in data.label_map.values()) + 1
+            elif report is not None:
+                data.num_classes = report.num_labels
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        cfg = self._cfg()
+        if cfg.trainer.logger in (None, True):
+            root = cfg.trainer.default_root_dir or "."
+            kwargs["logger"] = CSVLogger(save_dir=root, name="", version="")
+        return super().instantiate_trainer(**kwargs)
+
+
+def run_cli(subcommand: str, argv: list[str]) -> MILCLI:
+    """Parse ``argv`` for ``subcommand`` (fit / validate / test), build everything and run it; return the CLI
+    (``.trainer``, ``.model``, ``.datamodule``). Errors propagate (see the ``main_*`` functions)."""
+    return MILCLI(args=[subcommand, *expand_config_args(list(argv))])
+
+
+def _main(subcommand: str, argv: list[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        run_cli(subcommand, argv)
+    except _USER_ERRORS as exc:
+        print(f"wsi-ncmi {subcommand}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main_fit(argv: list[str] | None = None) -> int:
+    """`wsi-ncmi fit ...`: train (argv without the sub-command name)."""
+    return _main("fit", argv)
+
+
+def main_validate(argv: list[str] | None = None) -> int:
+    """`wsi-ncmi validate ...`: validation metrics of ``--ckpt_path``."""
+    return _main("validate", argv)
+
+
+def main_test(argv: list[str] | None = None) -> int:
+    """`wsi-ncmi test ...`: test-split metrics of ``--ckpt_path``."""
+    return _main("test", argv)

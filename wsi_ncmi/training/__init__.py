@@ -1,0 +1,41 @@
+"""LightningModules and training helpers: ``MILModule`` (head loss or NCMI), callbacks, optimizers.
+
+``ImageModule`` (natural-image track) is exported when its module is present.
+"""
+
+from .callbacks import RNGStateCheckpoint, capture_rng_state, restore_rng_state
+from .compose import ConfigComposeError, compose_config, expand_config_args
+from .mil_module import CENTROID_OPTIMIZERS, OBJECTIVES, MILModule, TrainingConfigError
+from .optim import OPTIMIZERS, SCHEDULES, OptimConfigError, build_optimizer, build_scheduler
+from .preflight import PreflightError, preflight_check
+from .val_metrics import classification_metrics, macro_ovr_auc
+
+__all__ = [
+    "CENTROID_OPTIMIZERS",
+    "OBJECTIVES",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "ConfigComposeError",
+    "MILModule",
+    "OptimConfigError",
+    "PreflightError",
+    "RNGStateCheckpoint",
+    "TrainingConfigError",
+    "build_optimizer",
+    "build_scheduler",
+    "capture_rng_state",
+    "classification_metrics",
+    "compose_config",
+    "expand_config_args",
+    "macro_ovr_auc",
+    "preflight_check",
+    "restore_rng_state",
+]
+
+try:  # owned by the natural-image track; optional here
+    from .image_module import ImageModule  # noqa: F401
+
+    __all__.append("ImageModule")
+except ModuleNotFoundError as _exc:  # pragma: no cover - only while image_module.py does not exist
+    if _exc.name != f"{__name__}.image_module":
+        raise

@@ -1,0 +1,348 @@
+"""``MILModule``: train a MIL aggregator with a head loss (CE & co.) or with NCMI on the slide embedding.
+
+Objectives (``objective``):
+
+* ``"head"``: logits = aggregator head(embedding); loss = ``create_loss(loss, **loss_kwargs)`` on the logits.
+  Validation scores are softmax(logits).
+* ``"ncmi"``: the head is removed (``reset_classifier(0)``); loss = :class:`~wsi_ncmi.ncmi.NCMILoss` on the
+  embedding (NCMI.md §1-2). Validation scores are softmax(−KL(p ‖ q^v)) with q^v = NSF(ξ^v) the *learned*
+  centroids (the nearest of the K centroids of each class), so ``val/accuracy`` = ``val/cc_accuracy`` is the
+  centroid-comparison accuracy with the training-time centroids ξ. The closed-form CC (centroids = class
+  means of p over the training split, NCMI.md §3) is computed by ``wsi_ncmi.evaluation`` after training.
+
+Before the first training step of a fresh NCMI run the feature center is set to the mean raw embedding of
+``center_init_batches`` training batches (see :meth:`MILModule._init_center` for why); 0 keeps the
+first-batch initialisation of ``FeatureCenter``.
+
+The model's weighted auxiliary losses (AEM entropy, ASMIL alignment) are added to the objective in both cases.
+
+Centroid optimisation (``objective="ncmi"``, ``centroid_update="sgd"``), ``centroid_optimizer``:
+
+* ``"sgd"`` (default, the paper's Alg. 1): ξ is *not* in the main optimizer; after the backward pass of each
+  optimizer step (``on_before_optimizer_step``) ξ takes one SGD step with momentum
+  (``centroid_lr``, ``centroid_momentum``; the momentum buffer is saved in checkpoints). ξ is not
+  gradient-clipped and its lr is not scheduled. Under fp16 GradScaler training the gradient is unscaled
+  first and a step with a non-finite gradient is skipped.
+* ``"group"``: ξ is a parameter group of the main optimizer with lr ``centroid_lr`` and no weight decay
+  (follows the main optimizer's rule, its schedule and its gradient clipping).
+
+Logged: ``train/loss`` (total), ``train/<loss name>`` (the objective term: ``train/ce``, ``train/ncmi`` …),
+every other term the loss returns (``train/cmi``, ``train/gamma``), every aux term (``train/aem_entropy``),
+``train/lr``; per validation epoch ``val/loss``, ``val/accuracy``, ``val/macro_f1``, ``val/macro_auc``,
+``val/f1_plus_auc`` and, for NCMI, ``val/cmi``, ``val/gamma``, ``val/ncmi`` (dataset level, closed-form
+class means of the validation split, :func:`wsi_ncmi.ncmi.ncmi_metric`) and ``val/cc_accuracy``.
+The same names with ``test/`` are logged by ``trainer.test``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from wsi_ncmi.losses import create_loss
+from wsi_ncmi.models import create_model
+from wsi_ncmi.ncmi import NCMILoss, ncmi_metric
+
+from .optim import build_optimizer, build_scheduler
+from .val_metrics import classification_metrics
+
+__all__ = ["OBJECTIVES", "CENTROID_OPTIMIZERS", "MILModule", "TrainingConfigError"]
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("head", "ncmi")
+CENTROID_OPTIMIZERS = ("sgd", "group")
+
+
+class TrainingConfigError(ValueError):
+    """Invalid MILModule arguments, or a module that does not match its data."""
+
+
+class MILModule(pl.LightningModule):
+    """LightningModule for slide-level MIL classification (see the module docstring).
+
+    Public attributes used by evaluation: ``model`` (the aggregator; Identity head for NCMI), ``ncmi_loss``
+    (``NCMILoss`` or None), ``objective``, ``hparams``, :meth:`embed`, :meth:`class_scores`.
+    """
+
+    def __init__(
+        self,
+        model: str = "abmil",
+        model_kwargs: dict[str, Any] | None = None,
+        in_dim: int = 1024,
+        num_classes: int = 2,
+        objective: str = "head",
+        loss: str = "ce",
+        loss_kwargs: dict[str, Any] | None = None,
+        ncmi_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "adamw",
+        lr: float = 1e-4,
+        weight_decay: float = 1e-5,
+        centroid_optimizer: str = "sgd",
+        centroid_lr: float = 0.1,
+        centroid_momentum: float = 0.9,
+        scheduler: str = "cosine",
+        warmup_epochs: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        class_weights: list[float] | None = None,
+        center_init_batches: int = 16,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if objective not in OBJECTIVES:
+            raise TrainingConfigError(f"MILModule: objective must be one of {OBJECTIVES}, got {objective!r}")
+        if centroid_optimizer not in CENTROID_OPTIMIZERS:
+            raise TrainingConfigError(
+                f"MILModule: centroid_optimizer must be one of {CENTROID_OPTIMIZERS}, got {centroid_optimizer!r}"
+            )
+        if num_classes < 2:
+            raise TrainingConfigError(f"MILModule: num_classes must be >= 2, got {num_classes}")
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise TrainingConfigError(
+                f"MILModule: class_weights has {len(class_weights)} entries for num_classes={num_classes}"
+            )
+        self.objective = objective
+        self.num_classes = int(num_classes)
+        self.model = create_model(model, in_dim=in_dim, num_classes=num_classes, **(model_kwargs or {}))
+        self.ncmi_loss: NCMILoss | None = None
+        if objective == "ncmi":
+            if class_weights is not None:
+                raise TrainingConfigError("MILModule: class_weights is only supported with objective='head'")
+            self.model.reset_classifier(0)
+            self.ncmi_loss = NCMILoss(num_classes, self.model.embed_dim, **(ncmi_kwargs or {}))
+            self.criterion: torch.nn.Module | None = None
+            self.loss_name = "ncmi"
+        else:
+            kw = dict(loss_kwargs or {})
+            if class_weights is not None:
+                kw["weight"] = torch.tensor(class_weights, dtype=torch.float32)
+            try:
+                self.criterion = create_loss(loss, **kw)
+            except TypeError as exc:
+                raise TrainingConfigError(f"MILModule: loss {loss!r} rejected its arguments {sorted(kw)}: {exc}") from exc
+            if getattr(self.criterion, "input_kind", "logits") != "logits":
+                raise TrainingConfigError(
+                    f"MILModule: loss {loss!r} works on embeddings; use objective='ncmi' or a logits loss"
+                )
+            self.loss_name = str(loss).lower()
+        self._manual_xi = (
+            self.ncmi_loss is not None and self.ncmi_loss.centroid_update == "sgd" and centroid_optimizer == "sgd"
+        )
+        if self._manual_xi:
+            assert self.ncmi_loss is not None
+            self.register_buffer("xi_momentum", torch.zeros_like(self.ncmi_loss.xi))  # [C*K, D]
+        self._eval_outputs: list[dict[str, Tensor]] = []
+
+    # ------------------------------------------------------------------------------- center warm-up
+    def on_train_start(self) -> None:
+        loss = self.ncmi_loss
+        if loss is None or not loss.use_centering or bool(loss.center.initialized):
+            return
+        n = int(self.hparams.center_init_batches)
+        if n > 0:
+            self._init_center(n)
+
+    @torch.no_grad()
+    def _init_center(self, n_batches: int) -> None:
+        """c = mean raw embedding of the first ``n_batches`` training batches (eval mode, no grad).
+
+        With one bag per batch, initialising c from the first training batch makes z = f − c exactly 0 for that
+        bag, whose L2 normalisation then back-propagates a ~1e12 gradient that wrecks Adam's second-moment
+        estimate; a mean over several bags avoids it. The EMA then continues as usual (NCMI.md §1).
+        """
+        assert self.ncmi_loss is not None
+        dm = getattr(self.trainer, "datamodule", None)
+        loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
+        embs = []
+        for i, batch in enumerate(loader):
+            if i >= n_batches:
+                break
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            embs.append(self.embed(batch["features"], batch.get("mask")).float())
+        if embs:
+            self.ncmi_loss.center.update(torch.cat(embs))  # first update initialises c = mean  [E]
+            logger.info("NCMI feature center initialised from %d training bags", sum(len(e) for e in embs))
+
+    # ------------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def embed(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Slide embeddings [B, E] of bags features [B, N, D] (eval mode, no grad; mode restored after)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.model.forward_features(features, mask).embedding
+        finally:
+            self.train(was_training)
+
+    def class_scores(self, embedding: Tensor) -> Tensor:
+        """Class scores [B, C] summing to 1: softmax(logits) (head) or softmax(−KL(p‖q^v)) (NCMI, ξ centroids)."""
+        if self.ncmi_loss is None:
+            return torch.softmax(self.model.forward_head(embedding).float(), dim=1)
+        return torch.softmax(-self.centroid_kl(embedding), dim=1)
+
+    def centroid_kl(self, embedding: Tensor) -> Tensor:
+        """KL(p ‖ q^v) [B, C] to the nearest learned centroid of each class (NCMI objective only)."""
+        if self.ncmi_loss is None:
+            raise TrainingConfigError("MILModule.centroid_kl: only defined for objective='ncmi'")
+        log_p = self.ncmi_loss.log_probs(embedding)  # [B, D]
+        log_q = self.ncmi_loss.centroid_log_probs().to(log_p.dtype)  # [C*K, D]
+        p = log_p.exp()
+        kl = (p * log_p).sum(1, keepdim=True) - p @ log_q.T  # [B, C*K]
+        k = self.ncmi_loss.centroids_per_class
+        return kl.view(kl.shape[0], self.num_classes, k).min(dim=2).values  # [B, C]
+
+    def forward(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Class scores [B, C] for bags [B, N, D] (see :meth:`class_scores`)."""
+        return self.class_scores(self.model.forward_features(features, mask).embedding)
+
+    # ------------------------------------------------------------------------------------- training
+    def _objective(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
+        """Named loss terms (``"loss"`` = total) and the embedding [B, E] of one batch."""
+        out = self.model(batch["features"], batch.get("mask"))
+        target = batch["label"].long()
+        inputs = out.embedding if self.ncmi_loss is not None else out.logits
+        criterion = self.ncmi_loss if self.ncmi_loss is not None else self.criterion
+        assert criterion is not None
+        terms = dict(criterion(inputs, target))
+        main = terms.pop("loss")
+        named = {self.loss_name: main, **{k: v for k, v in terms.items() if k != self.loss_name}}
+        total = main
+        for name, value in out.aux.items():
+            total = total + value
+            named[name] = value
+        named["loss"] = total
+        return named, out.embedding
+
+    def _progress(self, batch_idx: int) -> float:
+        trainer = self.trainer
+        n_batches = trainer.num_training_batches
+        if trainer.max_epochs is not None and trainer.max_epochs > 0 and math.isfinite(n_batches) and n_batches > 0:
+            return min(1.0, (self.current_epoch + batch_idx / n_batches) / trainer.max_epochs)
+        total = max(1, int(trainer.estimated_stepping_batches))
+        return min(1.0, self.global_step / total)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.model.set_progress(self._progress(batch_idx))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        named, _ = self._objective(batch)
+        bs = int(batch["label"].shape[0])
+        sync = self.trainer.world_size > 1
+        for key, value in named.items():
+            self.log(f"train/{key}", value.detach().float(), on_step=True, on_epoch=True, batch_size=bs,
+                     sync_dist=sync, prog_bar=key == "loss")
+        return named["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._manual_xi:
+            self._centroid_sgd_step()
+
+    @torch.no_grad()
+    def _centroid_sgd_step(self) -> None:
+        """ξ ← ξ − lr·buf with buf ← μ·buf + ∇ξ (paper Alg. 1); unscales fp16 gradients; skips non-finite."""
+        assert self.ncmi_loss is not None
+        xi = self.ncmi_loss.xi
+        if xi.grad is None:
+            return
+        grad = xi.grad
+        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            grad = grad / scaler.get_scale()
+        if bool(torch.isfinite(grad).all()):
+            self.xi_momentum.mul_(self.hparams.centroid_momentum).add_(grad)
+            xi.sub_(self.hparams.centroid_lr * self.xi_momentum)
+        xi.grad = None
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.model.on_after_optimizer_step()
+
+    def on_train_epoch_end(self) -> None:
+        opt = self.optimizers()
+        if not isinstance(opt, list):
+            self.log("train/lr", float(opt.param_groups[0]["lr"]))
+
+    # ---------------------------------------------------------------------------------- validation
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        named, emb = self._objective(batch)
+        emb = emb.float()
+        rec = {"scores": self.class_scores(emb).detach(), "label": batch["label"].long().detach(),
+               "loss": named["loss"].detach().float().expand(emb.shape[0])}
+        if self.ncmi_loss is not None:
+            rec["p"] = self.ncmi_loss.log_probs(emb).exp().detach()  # [B, D]
+        self._eval_outputs.append(rec)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_outputs = []
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_outputs = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _gather(self, key: str) -> Tensor:
+        local = torch.cat([r[key] for r in self._eval_outputs])
+        if self.trainer.world_size > 1:
+            local = self.all_gather(local).flatten(0, 1)
+        return local
+
+    def _log_eval(self, stage: str) -> None:
+        if not self._eval_outputs:
+            return
+        scores, labels = self._gather("scores"), self._gather("label")
+        metrics = classification_metrics(scores.cpu().numpy(), labels.cpu().numpy())
+        metrics["loss"] = float(self._gather("loss").mean())
+        if self.ncmi_loss is not None:
+            metrics["cc_accuracy"] = metrics["accuracy"]
+            metrics.update(ncmi_metric(self._gather("p").cpu().double(), labels.cpu(), self.num_classes))
+        self._eval_outputs = []
+        for key, value in metrics.items():
+            self.log(f"{stage}/{key}", float(value), prog_bar=key in {"f1_plus_auc", "macro_auc"})
+
+    # ---------------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups: list[dict[str, Any]] = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        if self.ncmi_loss is not None and self.ncmi_loss.xi.requires_grad and not self._manual_xi:
+            groups.append({"params": [self.ncmi_loss.xi], "lr": hp.centroid_lr, "weight_decay": 0.0})
+        extra = [p for p in self.criterion.parameters() if p.requires_grad] if self.criterion is not None else []
+        if extra:
+            groups.append({"params": extra})
+        optimizer = build_optimizer(hp.optimizer, groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = int(round(hp.warmup_epochs * total / epochs))
+        scheduler = build_scheduler(hp.scheduler, optimizer, total, warmup, hp.min_lr_ratio)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------ data consistency
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        in_dim, n_cls = getattr(dm, "in_dim", None), getattr(dm, "num_classes", None)
+        if in_dim is not None and int(in_dim) != int(self.hparams.in_dim):
+            raise TrainingConfigError(
+                f"MILModule: data has feature dim {in_dim} but the model was built for in_dim={self.hparams.in_dim}"
+            )
+        if n_cls is not None and int(n_cls) != self.num_classes:
+            raise TrainingConfigError(
+                f"MILModule: data has {n_cls} classes but the model was built for num_classes={self.num_classes}"
+            )
