@@ -6,13 +6,17 @@ Writes synthetic all-tissue slides holding ~``--tiles`` tiles at the target mpp,
 weights) measures in the same process:
   * ceiling  — random uint8 tiles already on the device, same model, batch and precision;
   * pipeline — ``preprocessing.extract.run`` end to end (read, tissue, tiles, encode, write bags);
-and once: read — the SlideStream alone (tissue + tile decode + resize in DataLoader workers, no model).
-Prints a Markdown table.
+and once: read — the SlideStream alone (tissue + tile decode + resize in DataLoader workers, no model),
+with the busy cores it used (CPU seconds of main + workers / wall seconds) and the load average.
+Prints a Markdown table. ``--encoders`` with no names measures read+tissue only.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import resource
 import shutil
 import tempfile
 import time
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from preprocessing import synthetic
+from preprocessing import readers, synthetic
 from preprocessing.config import PreprocessConfig
 from preprocessing.encoders import build_encoder
 from preprocessing.extract import SlideStream, _identity, plan_slides, run, settings_fingerprint
@@ -55,23 +59,33 @@ def ceiling(enc, batch: int, patch: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def read_rate(cfg: PreprocessConfig) -> tuple[float, int]:
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its reaped children (the DataLoader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def read_rate(cfg: PreprocessConfig) -> tuple[float, int, float]:
+    """(tiles/s wall, tiles, busy cores = CPU seconds / wall seconds) of the SlideStream alone."""
     tasks = plan_slides(cfg)
-    stream = SlideStream(tasks, cfg, settings_fingerprint(cfg, "random"), 0, Path(cfg.output) / "readonly")
+    stream = SlideStream(tasks, cfg, settings_fingerprint(cfg, "random"), os.getpid(), Path(cfg.output) / "readonly")
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, collate_fn=_identity,
                         prefetch_factor=4 if cfg.workers else None, in_order=False)
-    n, t0 = 0, time.perf_counter()
-    for msg in loader:
+    n, t0, c0 = 0, time.perf_counter(), cpu_seconds()
+    for msg in loader:  # exhausting the iterator joins (reaps) the workers, so their CPU time is counted
         if msg["kind"] == "tiles":
-            n += int(msg["index"].numel())
-    return n / (time.perf_counter() - t0), n
+            n += len(msg["index"])
+    dt = time.perf_counter() - t0
+    del loader
+    return n / dt, n, (cpu_seconds() - c0) / dt
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, default=20000)
     ap.add_argument("--tiles-per-slide", type=int, default=5000)
-    ap.add_argument("--encoders", nargs="+", default=["resnet50_trunc", "vit_base_patch16_224", "vit_large_patch16_224"])
+    ap.add_argument("--encoders", nargs="*", default=["resnet50_trunc", "vit_base_patch16_224", "vit_large_patch16_224"],
+                    help="none: measure read+tissue only")
     ap.add_argument("--patch-size", type=int, default=256)
     ap.add_argument("--target-mpp", type=float, default=0.5)
     ap.add_argument("--slide-mpp", type=float, default=0.25)
@@ -81,9 +95,15 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--ceiling-seconds", type=float, default=10.0)
+    ap.add_argument("--openslide-only", action="store_true",
+                    help="baseline: read every region through OpenSlide (no direct TIFF tile decoding)")
     ap.add_argument("--keep", type=Path, default=None, help="folder to keep slides/outputs in")
     a = ap.parse_args()
     torch.backends.cudnn.benchmark = True
+    if a.openslide_only:  # DataLoader workers are forked, so they inherit the patched registry
+        for ext, cls in list(readers.READERS.items()):
+            if cls is readers.OpenSlideReader:
+                readers.READERS[ext] = functools.partial(readers.OpenSlideReader, fast=False)
     root = a.keep or Path(tempfile.mkdtemp(prefix="bench_extract_"))
     slides, out = root / "slides", root / "out"
     slides.mkdir(parents=True, exist_ok=True)
@@ -93,26 +113,33 @@ def main() -> None:
     base = dict(input=str(slides), target_mpp=a.target_mpp, patch_size=a.patch_size, batch_size=a.batch_size,
                 workers=a.workers, device=a.device, precision=a.precision, compile=a.compile, weights="random",
                 min_tissue=0.1, progress=False)
-    rate, n = read_rate(PreprocessConfig(output=str(out / "read"), **base).validate())
+    load0 = os.getloadavg()
+    rate, n, busy = read_rate(PreprocessConfig(output=str(out / "read"), **base).validate())
     rows = [f"| read+tissue (CPU, {a.workers} workers, no model) | - | {n} | {rate:,.3g} | - |"]
+    notes = [f"read+tissue: {busy:.2f} busy cores (CPU s / wall s, main + workers) -> "
+             f"{rate / max(busy, 1e-9):,.3g} tiles/s per busy core; load average before {load0[0]:.2f}, "
+             f"after {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"]
     for name in a.encoders:
         cfg = PreprocessConfig(output=str(out / name), encoder=name, **base).validate()
         enc = build_encoder(name, "random", cfg.device, cfg.precision, cfg.compile)
         ceil = ceiling(enc, a.batch_size, enc.preprocess.size or a.patch_size, a.ceiling_seconds)
         del enc
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         res = run(cfg)
         dt = time.perf_counter() - t
+        notes.append(f"{name} pipeline: {(cpu_seconds() - c) / dt:.2f} busy cores, load average {os.getloadavg()[0]:.2f}")
         from wsi_ncmi.data.bags import read_header
 
         n = sum(read_header(out / name / "bags" / f"{s}.h5")[0] for s in res.written)
         rows.append(f"| {name} | {ceil:,.3g} | {n} | {n / dt:,.3g} | {n / dt / ceil:.2f} |")
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else "CPU"
     print(f"\ndevice: {dev}; torch {torch.__version__}; precision {a.precision}; batch {a.batch_size}; "
-          f"patch {a.patch_size} @ {a.target_mpp} µm/px from {a.slide_mpp} µm/px slides; compile={a.compile}\n")
+          f"patch {a.patch_size} @ {a.target_mpp} µm/px from {a.slide_mpp} µm/px slides; compile={a.compile}; "
+          f"workers {a.workers}; reads: {'OpenSlide only' if a.openslide_only else 'direct TIFF tiles'}\n")
     print("| stage / encoder | ceiling tiles/s | tiles | pipeline tiles/s | pipeline / ceiling |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
+    print("\n" + "\n".join(notes))
     if a.keep is None:
         shutil.rmtree(root, ignore_errors=True)
 

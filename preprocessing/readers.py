@@ -18,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .tiff_tiles import TiffLevels, TileDecodeError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -230,7 +232,7 @@ class OpenSlideReader(SlideReader):
     file and raises :class:`TileReadError` for that one region.
     """
 
-    def __init__(self, path: str | Path, mpp: float | None = None):
+    def __init__(self, path: str | Path, mpp: float | None = None, fast: bool = True):
         self.path = Path(path)
         self._slide = self._open()
         props = dict(self._slide.properties)
@@ -239,6 +241,9 @@ class OpenSlideReader(SlideReader):
         self.magnification = _magnification(props)
         self._dims = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
         self._downs = tuple(float(d) for d in self._slide.level_downsamples)
+        # decode TIFF tiles directly where that reproduces OpenSlide's pixels (~4x faster per tile)
+        self._fast = TiffLevels.open(self.path, props.get("openslide.vendor"), self._dims, self._downs) \
+            if fast else None
 
     def _open(self):
         import openslide
@@ -257,6 +262,16 @@ class OpenSlideReader(SlideReader):
         return self._downs
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        if self._fast is not None:
+            try:
+                out = self._fast.read(location, level, size)
+                if out is not None:
+                    return out
+            except TileDecodeError as e:  # let OpenSlide decide (sparse tiles, its own error)
+                log.debug("%s: fast read failed, using OpenSlide: %s", self.path, e)
+        return self._read_openslide(location, level, size)
+
+    def _read_openslide(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         import openslide
 
         try:
@@ -269,11 +284,15 @@ class OpenSlideReader(SlideReader):
                 self._slide = self._open()
             raise TileReadError(f"{self.path}: region {location} level {level} size {size}: {e}") from e
         rgba = np.asarray(img)  # [h, w, 4], not premultiplied
+        if rgba[..., 3].min() == 255:  # fully scanned (the usual case): no compositing needed
+            return np.ascontiguousarray(rgba[..., :3])
         alpha = rgba[..., 3:4].astype(np.uint16)
         rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255
         return rgb.astype(np.uint8)
 
     def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         self._slide.close()
 
 

@@ -212,3 +212,19 @@ def test_corrupt_tiles_are_dropped_and_counted(tmp_path):
     assert int(row["bad_tiles"]) == 4 and bag.n == int(row["n_tiles"]) == n_grid - 4
     x, y = bag.coords[:, 0], bag.coords[:, 1]
     assert not ((x >= 256) & (x < 512) & (y < 256)).any()  # no row stands in for a corrupt region
+
+
+def test_two_workers_give_the_same_bags_as_in_process(slides, first_run, tmp_path):
+    """The multi-worker DataLoader path (shared-memory batches, interleaved slides) matches workers=0."""
+    cfg0, res0 = first_run
+    cfg2 = replace(cfg0, output=str(tmp_path), workers=2)
+    res2 = run(cfg2)
+    assert res2.statuses == res0.statuses
+    assert sorted(res2.written) == sorted(res0.written) == ["s025", "s050"]
+    for sid in res0.written:
+        a, b = read_bag(Path(cfg0.output) / "bags" / f"{sid}.h5"), read_bag(tmp_path / "bags" / f"{sid}.h5")
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_array_equal(a.tissue_fraction, b.tissue_fraction)
+        np.testing.assert_allclose(np.asarray(a.features, np.float32), np.asarray(b.features, np.float32),
+                                   rtol=1e-3, atol=1e-3)
+    assert not list((tmp_path / "locks").iterdir())

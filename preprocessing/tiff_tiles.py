@@ -1,0 +1,140 @@
+"""Fast region reads straight from the tiles of a tiled TIFF level (tifffile + imagecodecs).
+
+OpenSlide spends ~1.4 ms per 256² region even when the tile is in its cache (cairo compositing, ARGB →
+RGBA → PIL → numpy), while decoding the JPEG tile itself takes ~0.35 ms. For levels that are plain
+tiled, 8-bit, 3-sample, chunky TIFF pages (Aperio SVS, generic pyramidal TIFF) this module decodes the
+tiles a region covers and copies them into place, so a read costs about one decode per tile.
+
+It is only a shortcut: :class:`TiffLevels` answers ``None`` whenever it cannot reproduce OpenSlide's
+result exactly (a level it could not match to one TIFF page, a level > 0 region whose origin is not on a
+whole level pixel — OpenSlide renders those with sub-pixel interpolation), and the caller falls back to
+OpenSlide. Pixels outside the level are white, as OpenSlide's transparent pixels composited on white.
+A tile that fails to decode raises :class:`TileDecodeError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TiffLevels", "TileDecodeError", "FAST_VENDORS"]
+
+# OpenSlide vendors whose levels are the tiled pages of the file, rendered without any transform
+FAST_VENDORS = ("aperio", "generic-tiff")
+_CACHE_TILES = 64  # decoded tiles kept (a grid that does not align with the tiles reuses neighbours)
+
+
+class TileDecodeError(ValueError):
+    """A TIFF tile could not be read or decoded."""
+
+
+class _Level:
+    """One tiled page: its tile geometry and a decoder."""
+
+    def __init__(self, page) -> None:
+        self.page = page
+        self.h, self.w = int(page.imagelength), int(page.imagewidth)
+        self.th, self.tw = int(page.tilelength), int(page.tilewidth)
+        self.cols = -(-self.w // self.tw)
+        self.offsets, self.counts = page.dataoffsets, page.databytecounts
+        self.tables = page.jpegtables
+
+
+def _usable(page) -> bool:
+    return (bool(page.is_tiled) and int(page.samplesperpixel) == 3 and int(page.bitspersample) == 8
+            and int(page.planarconfig) == 1 and int(getattr(page, "imagedepth", 1)) == 1
+            and not getattr(page, "extrasamples", ()))
+
+
+class TiffLevels:
+    """Region reads from the tiled pages matching OpenSlide's levels; ``read`` returns None to fall back."""
+
+    def __init__(self, tif, levels: dict[int, _Level], downsamples: Sequence[float]):
+        self._tif, self._levels, self._downs = tif, levels, tuple(downsamples)
+        self._fh = tif.filehandle
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    @classmethod
+    def open(cls, path: str | Path, vendor: str | None, level_dimensions: Sequence[tuple[int, int]],
+             downsamples: Sequence[float]) -> TiffLevels | None:
+        """The fast reader for ``path``, or None when no OpenSlide level maps to exactly one usable page."""
+        if vendor not in FAST_VENDORS:
+            return None
+        try:
+            import tifffile
+
+            tif = tifffile.TiffFile(str(path))
+        except Exception as e:  # tifffile/imagecodecs missing or a file it cannot parse
+            log.debug("%s: no fast TIFF path (%s)", path, e)
+            return None
+        try:
+            pages = [p for p in tif.pages if p.is_tiled]
+            levels: dict[int, _Level] = {}
+            for i, (w, h) in enumerate(level_dimensions):
+                match = [p for p in pages if (int(p.imagewidth), int(p.imagelength)) == (w, h)]
+                if len(match) == 1 and _usable(match[0]):
+                    levels[i] = _Level(match[0])
+        except Exception as e:
+            log.debug("%s: no fast TIFF path (%s)", path, e)
+            levels = {}
+        if not levels:
+            tif.close()
+            return None
+        return cls(tif, levels, downsamples)
+
+    def _tile(self, level: int, lv: _Level, index: int) -> np.ndarray:
+        key = (level, index)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        offset, count = int(lv.offsets[index]), int(lv.counts[index])
+        if count == 0:  # a sparse TIFF: the tile was never written
+            raise TileDecodeError(f"tile {index} of level {level} has no data")
+        try:
+            self._fh.seek(offset)
+            data = self._fh.read(count)
+            seg, _, shape = lv.page.decode(data, index, jpegtables=lv.tables)
+        except Exception as e:
+            raise TileDecodeError(f"tile {index} of level {level}: {type(e).__name__}: {e}") from e
+        if seg is None or tuple(np.shape(seg))[-3:] != (lv.th, lv.tw, 3):
+            raise TileDecodeError(f"tile {index} of level {level}: decoded shape {np.shape(seg)}")
+        tile = np.asarray(seg).reshape(lv.th, lv.tw, 3)
+        self._cache[key] = tile
+        if len(self._cache) > _CACHE_TILES:
+            self._cache.popitem(last=False)
+        return tile
+
+    def read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray | None:
+        """[h, w, 3] uint8 of the region (level-0 ``location``, ``size`` at ``level``), or None to fall back."""
+        lv = self._levels.get(level)
+        if lv is None:
+            return None
+        ds = self._downs[level]
+        fx, fy = location[0] / ds, location[1] / ds
+        x, y = round(fx), round(fy)
+        if abs(fx - x) > 1e-6 or abs(fy - y) > 1e-6:  # OpenSlide would interpolate: let it
+            return None
+        w, h = int(size[0]), int(size[1])
+        out = np.full((h, w, 3), 255, np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lv.w), min(y + h, lv.h)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        for ty in range(y0 // lv.th, (y1 - 1) // lv.th + 1):
+            for tx in range(x0 // lv.tw, (x1 - 1) // lv.tw + 1):
+                tile = self._tile(level, lv, ty * lv.cols + tx)
+                gx, gy = tx * lv.tw, ty * lv.th  # tile origin in level pixels
+                ax, ay = max(x0, gx), max(y0, gy)
+                bx, by = min(x1, gx + lv.tw), min(y1, gy + lv.th)
+                out[ay - y:by - y, ax - x:bx - x] = tile[ay - gy:by - gy, ax - gx:bx - gx]
+        return out
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._tif.close()
