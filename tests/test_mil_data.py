@@ -129,6 +129,8 @@ def test_datamodule_properties_and_loaders(data) -> None:
     test_ids = [sid for b in dm.dataloader("test") for sid in b["slide_id"]]
     assert test_ids == ["s09", "s10", "s11"]
     assert MILDataModule(str(bags), str(csv), num_classes=5).num_classes == 5
+    # the inferred class count is what the hyper-parameters record (Lightning compares them with the model's)
+    assert dm.hparams["num_classes"] == 3
 
 
 def test_datamodule_worker_loader(data) -> None:

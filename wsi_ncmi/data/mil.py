@@ -247,6 +247,8 @@ class MILDataModule(L.LightningDataModule):
         elif max_label >= num_classes:
             raise MILDataError(f"{self.split_csv}: label {max_label} but num_classes={num_classes}")
         self.num_classes = int(num_classes)
+        # record the class count actually used, so model and data hyper-parameters agree in checkpoints
+        self.hparams["num_classes"] = self.num_classes
         self.class_names = self._class_names()
         try:
             bags = list_bags(self.bags_dir)

@@ -44,6 +44,11 @@ class FeatureCenter(nn.Module):
     * ``c`` and ``initialized`` are buffers, so they are saved in ``state_dict`` and follow ``.to()``.
 
     Under data parallelism each rank updates its own copy with its local batch mean.
+
+    Batches of one sample (one bag per step, the MIL norm): the first-batch init makes ``f - c`` exactly 0
+    for that sample, whose L2 normalisation has an enormous gradient. Initialise ``c`` from several
+    samples first by calling :meth:`update` once with their stacked features (``MILModule`` does this
+    with its ``center_init_batches``).
     """
 
     center: Tensor
