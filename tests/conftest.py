@@ -8,12 +8,11 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-    # `make test` runs two xdist workers on a 2-core machine: one intra-op thread each avoids
-    # oversubscription (tiny tensors get ~30x slower with threads fighting for the cores).
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        import torch
+    # Tests use tiny tensors and `make test` runs two xdist workers on a 2-core machine: one intra-op
+    # thread per process avoids oversubscription (tiny tensors get ~30x slower with threads fighting).
+    import torch
 
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

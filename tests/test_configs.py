@@ -61,7 +61,6 @@ def tiny_sets(tmp_path_factory) -> dict[int, tuple[Path, Path]]:
 def test_every_config_runs_one_step(leaf, tiny_sets, tmp_path):
     from wsi_ncmi.commands.train_cli import run_cli
 
-    torch.set_num_threads(1)
     n_cls = compose_config(leaf)["data"]["num_classes"]
     bags_dir, split = tiny_sets[n_cls]
     args = ["-c", str(leaf), "--data.bags_dir", str(bags_dir), "--data.split_csv", str(split),

@@ -8,16 +8,6 @@ import torch
 from wsi_ncmi.losses import INPUT_KINDS, LossError, create_loss, list_losses, register_loss
 from wsi_ncmi.ncmi import NCMILoss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 Z = [[2.0, 1.0, 0.1], [0.5, 2.5, -1.0], [0.3, -0.2, 1.2]]
 Y = [0, 2, 2]
 C = 3

@@ -23,15 +23,6 @@ MODELS = list_models()
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread is ~30x faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make(name: str, seed: int = 0, **kw) -> MILAggregator:
     torch.manual_seed(seed)
     return create_model(name, in_dim=D, num_classes=C, **kw)

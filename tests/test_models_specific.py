@@ -22,14 +22,6 @@ from wsi_ncmi.models.layers import (
 D = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------ layers
 def test_masked_softmax_zero_on_padding_and_no_nan_when_empty() -> None:
     scores = torch.randn(3, 5, requires_grad=True)

@@ -5,21 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from wsi_ncmi.commands.natural_cli import main
 from wsi_ncmi.training.compose import compose_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "natural").glob("*.yaml"))
 RUN_CONFIGS = [p for p in CONFIGS if not p.name.startswith("_")]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: p.stem)

@@ -21,14 +21,6 @@ from wsi_ncmi.evaluation.image_eval import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_topk_accuracy_by_hand() -> None:
     scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05], [0.2, 0.3, 0.5]])
     labels = torch.tensor([1, 1, 0])

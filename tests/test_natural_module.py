@@ -14,14 +14,6 @@ CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs" / "
 TINY = dict(backbone="resnet18", num_classes=4, width=0.125, channels_last=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(b: int = 8, views: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     shape = (b, 3, 16, 16) if views is None else (b, views, 3, 16, 16)

@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-import torch
 
 from wsi_ncmi.data.images import ImageDataModule
 from wsi_ncmi.evaluation.image_eval import LinearProbeConfig, evaluate_image_model
 from wsi_ncmi.training.image_module import ImageModule
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: more threads thrash
-    yield
-    torch.set_num_threads(n)
 
 
 def _fit(objective: str, epochs: int, **model_kw) -> tuple[ImageModule, ImageDataModule]:

@@ -20,15 +20,6 @@ from wsi_ncmi.ncmi import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _probs(n, d, seed=0, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     return nsf(torch.randn(n, d, generator=g, dtype=torch.float64) * scale)

@@ -6,15 +6,6 @@ import torch
 from wsi_ncmi.ncmi import FeatureCenter, NCMIError, log_nsf, nsf
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _reference_nsf64(z: torch.Tensor) -> torch.Tensor:
     s = 1.0 / (1.0 + torch.exp(-z.double()))
     return s / s.sum(dim=-1, keepdim=True)

@@ -22,7 +22,6 @@ from preprocessing.readers import open_slide
 from preprocessing.tiling import plan_tiles
 from wsi_ncmi.data.bags import read_bag
 
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 ENC = "test_resnet"  # timm's tiny test network, random init: fast on 2 cores
 

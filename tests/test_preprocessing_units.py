@@ -23,8 +23,6 @@ from preprocessing.readers import SlideError, find_slides, mpp_from_properties, 
 from preprocessing.tiling import MppTooCoarseError, grid_coords, plan_tiles
 from preprocessing.tissue import TissueParams, segment_tissue, tile_fractions
 
-torch.set_num_threads(1)
-
 
 @pytest.mark.parametrize(
     "props, expected",

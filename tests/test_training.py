@@ -26,14 +26,6 @@ from wsi_ncmi.training import (
 DIM = 32
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def bags(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("witness")

@@ -1,3 +1,5 @@
-from wsi_ncmi.cli import main
 import sys
+
+from wsi_ncmi.cli import main
+
 sys.exit(main())
