@@ -5,9 +5,10 @@
 
 * slides of the split without a bag file (all of them are listed, up to 20 by name);
 * bags whose feature dimension differs from the others (or from ``in_dim`` when given);
-* labels outside ``[0, num_classes)`` when ``num_classes`` is given, and an empty train split.
+* labels outside ``[0, num_classes)`` when ``num_classes`` is given, an empty train split, and a class with
+  no training slide (e.g. a 4-class config on a 2-class table).
 
-Classes missing from the train or validation split only log a warning.
+Classes missing from the validation split only log a warning.
 """
 
 from __future__ import annotations
@@ -94,16 +95,20 @@ def preflight_check(
     for s, y in zip(splits, labels):
         counts.setdefault(s, {}).setdefault(y, 0)
         counts[s][y] += 1
+    n_cls = num_classes if num_classes is not None else num_labels
     if "train" not in counts:
         problems.append(f"{split_csv}: no slide has split == 'train'")
+    else:
+        untrained = [c for c in range(n_cls) if counts["train"].get(c, 0) == 0]
+        if untrained:
+            problems.append(f"{split_csv}: classes {untrained} have no slide in the train split "
+                            f"(num_classes={n_cls}); fix the table or data.num_classes")
 
     if problems:
         raise PreflightError("pre-flight check failed:\n  - " + "\n  - ".join(problems))
 
-    n_cls = num_classes if num_classes is not None else num_labels
-    for s in ("train", "val"):
-        absent = [c for c in range(n_cls) if counts.get(s, {}).get(c, 0) == 0]
-        if s in counts and absent:
-            logger.warning("pre-flight: classes %s have no slide in the %s split", absent, s)
+    absent = [c for c in range(n_cls) if counts.get("val", {}).get(c, 0) == 0]
+    if "val" in counts and absent:
+        logger.warning("pre-flight: classes %s have no slide in the val split", absent)
     logger.info("pre-flight ok: %d slides, D=%s, counts %s", len(ids), common, counts)
     return PreflightReport(n_slides=len(ids), in_dim=int(common or 0), num_labels=num_labels, counts=counts)
