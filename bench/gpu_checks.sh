@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU check of the project, prepared for a session that has a device machine (15 min of device time,
+# 10 min per command): run it as two calls so each stays under 10 minutes (the timeouts below are caps),
+#
+#   CHECKS="tests ncmi aggregators natural" bench/gpu_checks.sh    # <= 7.5 min
+#   CHECKS="training extract" bench/gpu_checks.sh                  # <= 4.5 min
+#
+# from the repository root. Results land in ${OUT:-bench/out/gpu}/ as text files, to be copied into
+# bench/results/*.md with the date and the card.
+#
+# The machine needs torch, timm, lightning, h5py, scikit-learn, pandas, tifffile, matplotlib (the lent machines
+# have them) plus openslide-python, openslide-bin, jsonargparse, imagecodecs, opencv-python-headless,
+# safetensors: put their wheels in .whl/ and set WHEELS=.whl (see the device tool's README).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-bench/out/gpu}
+mkdir -p "$OUT_DIR"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+if [ -n "${WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+CHECKS=${CHECKS:-"tests ncmi aggregators training natural extract"}
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT_DIR/gpu.txt"
+
+run() {  # name, timeout seconds, command...
+  local name=$1 limit=$2; shift 2
+  case " $CHECKS " in *" $name "*) ;; *) return 0 ;; esac
+  echo "== $name: $*" | tee "$OUT_DIR/$name.txt"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$OUT_DIR/$name.txt" 2>&1
+  echo "== $name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT_DIR/$name.txt"
+}
+
+# GPU-marked tests: bf16 autocast and torch.compile of every aggregator, plus the CUDA paths of the core.
+run tests 150 "$PY" -m pytest -q -m gpu tests/test_models_contract.py -p no:cacheprovider
+# NCMI loss vs a linear CE head (goal at (1024, 1000, 2048): <= 5x the CE time, ~100 MB extra).
+run ncmi 60 "$PY" bench/ncmi_loss.py --device cuda --repeats 30
+# Aggregators: bags/s and peak memory at N = 1k, 10k, 50k, inference at 100k (ABMIL >= 2,000 bags/s at 10k).
+run aggregators 150 "$PY" bench/aggregators.py --device cuda --n 1000 10000 50000 --infer-n 100000 \
+    --repeats 5 --warmup 2 --out "$OUT_DIR/aggregators.md"
+# Training epochs CE vs NCMI per aggregator (goal NCMI/CE <= 1.05); 60 bags keeps it inside the budget.
+run training 120 "$PY" bench/training.py --bags 60 --instances 8000 --dim 1024 --epochs 1
+# ResNet-50 bs256 224² bf16 step: CE vs NCMI vs focal vs SupCon (goal NCMI/CE <= 1.02).
+run natural 90 "$PY" bench/natural_step.py --device cuda --repeats 10
+# Preprocessing pipeline vs the bare-encoder ceiling (goals: >= 85% ViT-B/L, >= 70% resnet50_trunc).
+run extract 150 "$PY" bench/extract.py --device cuda --precision bf16 --workers 12 --tiles 6000 \
+    --encoders resnet50_trunc vit_base_patch16_224 vit_large_patch16_224
+echo "results in $OUT_DIR"
