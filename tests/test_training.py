@@ -217,6 +217,20 @@ def test_fit_cli_run_folder_layout(bags, tmp_path):
                       "--ckpt_path", ckpt]) == 0
 
 
+def test_last_ckpt_is_the_last_epoch_when_the_monitor_stops_improving(bags, tmp_path):
+    from wsi_ncmi.commands.train_cli import main_fit
+
+    root = tmp_path / "run"
+    # a monitor that only "improves" in epoch 0: best.ckpt stays there, last.ckpt must follow every epoch
+    args = _cli_args(*bags, root, "--trainer.max_epochs", "3", "--checkpoint.monitor", "epoch",
+                     "--checkpoint.mode", "min")
+    assert main_fit(args) == 0
+    best = torch.load(root / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
+    last = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert best["epoch"] == 0 and last["epoch"] == 2 and last["global_step"] == 3 * best["global_step"]
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_preflight_errors_before_training(tmp_path, capsys):
     from wsi_ncmi.commands.train_cli import main_fit
 
@@ -236,6 +250,11 @@ def test_preflight_errors_before_training(tmp_path, capsys):
     with pytest.raises(PreflightError, match="2 of 9 slides .* slide_004, slide_007"):
         preflight_check(tmp_path, split)
     assert not (tmp_path / "r2" / "checkpoints").exists()
+    # more classes declared than the train split holds (a 4-class config on a 3-class table)
+    other = tmp_path / "other"
+    split3 = make_witness_bags(other, n_slides=9, num_classes=3, dim=8, n_instances=(5, 8))
+    with pytest.raises(PreflightError, match=r"classes \[3\] have no slide in the train split"):
+        preflight_check(other, split3, num_classes=4)
 
 
 # --------------------------------------------------------------------------------- schedule / metrics

@@ -10,7 +10,7 @@ Config files may compose others with ``__base__`` (see :mod:`wsi_ncmi.training.c
 Run folder = ``--trainer.default_root_dir`` (``runs/<name>``):
 ``metrics.csv`` + ``hparams.yaml`` (CSVLogger, unless another logger is configured), ``config.yaml`` (the
 resolved config), ``checkpoints/best.ckpt`` (best ``--checkpoint.monitor``, default ``val/f1_plus_auc``, max)
-and ``checkpoints/last.ckpt``. ``--ckpt_path last`` (or the file) resumes exactly, RNG states included.
+and ``checkpoints/last.ckpt`` (after every validation, see :class:`LastCheckpoint`). ``--ckpt_path last`` (or the file) resumes exactly, RNG states included.
 
 Before anything is built the split table is checked against the bags folder (missing bags, mixed
 feature dims, labels vs ``data.num_classes``); errors are printed and the command returns 2.
@@ -32,6 +32,7 @@ from wsi_ncmi.data.mil import MILDataError
 from wsi_ncmi.models.base import MILConfigError
 from wsi_ncmi.training import (
     ConfigComposeError,
+    LastCheckpoint,
     MILModule,
     PreflightError,
     RNGStateCheckpoint,
@@ -48,7 +49,7 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "checkpoint.monitor": "val/f1_plus_auc",
     "checkpoint.mode": "max",
     "checkpoint.filename": "best",
-    "checkpoint.save_last": True,
+    "checkpoint.save_last": False,  # last.ckpt is written by LastCheckpoint after every validation
     "checkpoint.auto_insert_metric_name": False,
     "checkpoint.enable_version_counter": False,
 }
@@ -100,6 +101,9 @@ class MILCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self._cfg()
+        if self.subcommand == "fit":
+            callbacks = [c for c in self.trainer_defaults.get("callbacks", []) if not isinstance(c, LastCheckpoint)]
+            self.trainer_defaults["callbacks"] = [*callbacks, LastCheckpoint(dirpath=cfg.checkpoint.dirpath)]
         if cfg.trainer.logger in (None, True):
             root = cfg.trainer.default_root_dir or "."
             kwargs["logger"] = CSVLogger(save_dir=root, name="", version="")

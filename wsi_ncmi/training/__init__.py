@@ -3,7 +3,7 @@
 ``ImageModule`` (natural-image track) is exported when its module is present.
 """
 
-from .callbacks import RNGStateCheckpoint, capture_rng_state, restore_rng_state
+from .callbacks import LastCheckpoint, RNGStateCheckpoint, capture_rng_state, restore_rng_state
 from .compose import ConfigComposeError, compose_config, expand_config_args
 from .mil_module import CENTROID_OPTIMIZERS, OBJECTIVES, MILModule, TrainingConfigError
 from .optim import OPTIMIZERS, SCHEDULES, OptimConfigError, build_optimizer, build_scheduler
@@ -19,6 +19,7 @@ __all__ = [
     "MILModule",
     "OptimConfigError",
     "PreflightError",
+    "LastCheckpoint",
     "RNGStateCheckpoint",
     "TrainingConfigError",
     "build_optimizer",

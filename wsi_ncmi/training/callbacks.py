@@ -1,4 +1,4 @@
-"""Training callbacks: exact resume of the random number generators.
+"""Training callbacks: exact resume of the random number generators, and an always-current ``last.ckpt``.
 
 Lightning checkpoints hold the model (incl. buffers such as the NCMI ``FeatureCenter`` and the centroids),
 the optimizer, the schedulers and the loop counters, but not the global RNG states. ``RNGStateCheckpoint``
@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["RNGStateCheckpoint", "capture_rng_state", "restore_rng_state"]
+__all__ = ["LastCheckpoint", "RNGStateCheckpoint", "capture_rng_state", "restore_rng_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,3 +85,16 @@ class RNGStateCheckpoint(Callback):
         if self._before_sanity is not None:
             restore_rng_state(self._before_sanity)
             self._before_sanity = None
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Write ``<dirpath>/last.ckpt`` after every validation, whether or not the monitored metric improved.
+
+    Lightning's own ``save_last`` (2.6) only writes ``last.ckpt`` in a step where a top-k checkpoint was saved,
+    so when the monitored metric stops improving ``last.ckpt`` lags behind and ``ckpt_path=last`` would resume
+    from an older epoch. This callback has no monitor and keeps one file, overwritten each time.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
+                         save_last=False, enable_version_counter=False)

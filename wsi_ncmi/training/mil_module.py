@@ -32,15 +32,33 @@ every other term the loss returns (``train/cmi``, ``train/gamma``), every aux te
 ``val/f1_plus_auc`` and, for NCMI, ``val/cmi``, ``val/gamma``, ``val/ncmi`` (dataset level, closed-form
 class means of the validation split, :func:`wsi_ncmi.ncmi.ncmi_metric`) and ``val/cc_accuracy``.
 The same names with ``test/`` are logged by ``trainer.test``.
+
+``class_weights``: an explicit list [C], or ``"balanced"``: w_c = n / (C · n_c) from the label counts of the
+datamodule's training split (``dataset("train").labels``), set in ``setup("fit")`` and saved in checkpoints
+(the loss's ``weight`` buffer). Head objective only.
+
+Multi-GPU / multi-process (``trainer.devices: N``, ``trainer.strategy: ddp``):
+
+* validation / test outputs are gathered from all ranks and de-duplicated by slide id (the distributed
+  sampler pads the last rank with repeated bags), so epoch metrics are over every bag exactly once;
+* the NCMI ``FeatureCenter`` EMA is fed the *global* batch mean (per-rank sums and counts all-reduced before
+  the center update), so every rank holds the same center as one process with the global batch would; the
+  center warm-up (``center_init_batches``) is all-reduced the same way;
+* ξ (``centroid_update="sgd"``) is a parameter of the DDP-wrapped module, so its gradient is all-reduced and
+  the manual centroid SGD step is identical on every rank; with ``centroid_update="ema"`` each rank moves ξ
+  with its local assignments and ξ is then averaged across ranks after every optimizer step (an
+  approximation of the global-batch EMA that keeps the ranks identical).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -89,7 +107,7 @@ class MILModule(pl.LightningModule):
         scheduler: str = "cosine",
         warmup_epochs: float = 0.0,
         min_lr_ratio: float = 0.0,
-        class_weights: list[float] | None = None,
+        class_weights: list[float] | str | None = None,
         center_init_batches: int = 16,
     ) -> None:
         super().__init__()
@@ -102,7 +120,11 @@ class MILModule(pl.LightningModule):
             )
         if num_classes < 2:
             raise TrainingConfigError(f"MILModule: num_classes must be >= 2, got {num_classes}")
-        if class_weights is not None and len(class_weights) != num_classes:
+        if isinstance(class_weights, str) and class_weights != "balanced":
+            raise TrainingConfigError(
+                f"MILModule: class_weights must be a list of {num_classes} floats or 'balanced', got {class_weights!r}"
+            )
+        if isinstance(class_weights, list | tuple) and len(class_weights) != num_classes:
             raise TrainingConfigError(
                 f"MILModule: class_weights has {len(class_weights)} entries for num_classes={num_classes}"
             )
@@ -119,7 +141,9 @@ class MILModule(pl.LightningModule):
             self.loss_name = "ncmi"
         else:
             kw = dict(loss_kwargs or {})
-            if class_weights is not None:
+            if class_weights == "balanced":  # placeholder until setup("fit") counts the training labels
+                kw["weight"] = torch.ones(num_classes, dtype=torch.float32)
+            elif class_weights is not None:
                 kw["weight"] = torch.tensor(class_weights, dtype=torch.float32)
             try:
                 self.criterion = create_loss(loss, **kw)
@@ -165,8 +189,17 @@ class MILModule(pl.LightningModule):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             embs.append(self.embed(batch["features"], batch.get("mask")).float())
         if embs:
-            self.ncmi_loss.center.update(torch.cat(embs))  # first update initialises c = mean  [E]
-            logger.info("NCMI feature center initialised from %d training bags", sum(len(e) for e in embs))
+            mean, n = self._global_mean(torch.cat(embs))  # [E], bags on all ranks
+            self.ncmi_loss.center.update(mean[None])  # first update initialises c = mean
+            logger.info("NCMI feature center initialised from %d training bags", n)
+
+    @torch.no_grad()
+    def _global_mean(self, f: Tensor) -> tuple[Tensor, int]:
+        """Mean [D] of ``f`` [B, D] over the rows of every rank (all-reduced sums and counts) and the row count."""
+        total = torch.cat([f.detach().float().sum(0), f.new_tensor([f.shape[0]], dtype=torch.float32)])  # [D+1]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        return total[:-1] / total[-1].clamp_min(1.0), int(total[-1])
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -208,7 +241,17 @@ class MILModule(pl.LightningModule):
         inputs = out.embedding if self.ncmi_loss is not None else out.logits
         criterion = self.ncmi_loss if self.ncmi_loss is not None else self.criterion
         assert criterion is not None
-        terms = dict(criterion(inputs, target))
+        center = self.ncmi_loss.center if self.ncmi_loss is not None and self.ncmi_loss.use_centering else None
+        if center is not None and center.training and self._trainer is not None and self.trainer.world_size > 1:
+            # DDP: fold the global batch mean into the EMA here, then keep the loss from updating it locally
+            center.update(self._global_mean(inputs)[0][None])
+            center.eval()
+            try:
+                terms = dict(criterion(inputs, target))
+            finally:
+                center.train()
+        else:
+            terms = dict(criterion(inputs, target))
         main = terms.pop("loss")
         named = {self.loss_name: main, **{k: v for k, v in terms.items() if k != self.loss_name}}
         total = main
@@ -261,6 +304,10 @@ class MILModule(pl.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         self.model.on_after_optimizer_step()
+        loss = self.ncmi_loss
+        if loss is not None and loss.centroid_update == "ema" and self.trainer.world_size > 1:
+            with torch.no_grad():  # each rank moved ξ with its own assignments: average them
+                loss.xi.copy_(self.trainer.strategy.reduce(loss.xi.detach().clone(), reduce_op="mean"))
 
     def on_train_epoch_end(self) -> None:
         opt = self.optimizers()
@@ -273,6 +320,9 @@ class MILModule(pl.LightningModule):
         emb = emb.float()
         rec = {"scores": self.class_scores(emb).detach(), "label": batch["label"].long().detach(),
                "loss": named["loss"].detach().float().expand(emb.shape[0])}
+        if "slide_id" in batch:
+            rec["sid"] = torch.tensor([_slide_key(s) for s in batch["slide_id"]], dtype=torch.long,
+                                      device=emb.device)  # [B]
         if self.ncmi_loss is not None:
             rec["p"] = self.ncmi_loss.log_probs(emb).exp().detach()  # [B, D]
         self._eval_outputs.append(rec)
@@ -296,9 +346,14 @@ class MILModule(pl.LightningModule):
         self._log_eval("test")
 
     def _gather(self, key: str) -> Tensor:
+        """``key`` of every evaluated bag, gathered from all ranks; bags repeated by the sampler's padding dropped."""
         local = torch.cat([r[key] for r in self._eval_outputs])
         if self.trainer.world_size > 1:
             local = self.all_gather(local).flatten(0, 1)
+            if all("sid" in r for r in self._eval_outputs):
+                sid = self.all_gather(torch.cat([r["sid"] for r in self._eval_outputs])).flatten(0, 1)
+                _, first = np.unique(sid.cpu().numpy(), return_index=True)
+                local = local[torch.as_tensor(np.sort(first), device=local.device)]
         return local
 
     def _log_eval(self, stage: str) -> None:
@@ -309,7 +364,8 @@ class MILModule(pl.LightningModule):
         metrics["loss"] = float(self._gather("loss").mean())
         if self.ncmi_loss is not None:
             metrics["cc_accuracy"] = metrics["accuracy"]
-            metrics.update(ncmi_metric(self._gather("p").cpu().double(), labels.cpu(), self.num_classes))
+            if labels.unique().numel() >= 2:  # Γ = 0 with one class (e.g. the sanity check): no NCMI metric
+                metrics.update(ncmi_metric(self._gather("p").cpu().double(), labels.cpu(), self.num_classes))
         self._eval_outputs = []
         for key, value in metrics.items():
             self.log(f"{stage}/{key}", float(value), prog_bar=key in {"f1_plus_auc", "macro_auc"})
@@ -346,3 +402,29 @@ class MILModule(pl.LightningModule):
             raise TrainingConfigError(
                 f"MILModule: data has {n_cls} classes but the model was built for num_classes={self.num_classes}"
             )
+        if stage == "fit" and self.hparams.class_weights == "balanced":
+            self._set_balanced_weights(dm)
+
+    def _set_balanced_weights(self, dm: Any) -> None:
+        """w_c = n / (C · n_c) from the training split's labels, into the loss's ``weight`` buffer."""
+        try:
+            labels = np.asarray(dm.dataset("train").labels, dtype=np.int64)
+        except AttributeError as exc:
+            raise TrainingConfigError(
+                "MILModule: class_weights='balanced' needs a datamodule with dataset('train').labels"
+            ) from exc
+        counts = np.bincount(labels, minlength=self.num_classes)[: self.num_classes]
+        if (counts == 0).any():
+            raise TrainingConfigError(
+                f"MILModule: class_weights='balanced' but the training split has no bag of class(es) "
+                f"{np.flatnonzero(counts == 0).tolist()} (counts {counts.tolist()})"
+            )
+        weight = torch.as_tensor(len(labels) / (self.num_classes * counts), dtype=torch.float32)  # [C]
+        assert self.criterion is not None
+        self.criterion.weight.copy_(weight.to(self.criterion.weight.device))
+        logger.info("balanced class weights %s from training counts %s", weight.tolist(), counts.tolist())
+
+
+def _slide_key(slide_id: str) -> int:
+    """A stable signed 64-bit key of a slide id (de-duplicates bags gathered from several ranks)."""
+    return int.from_bytes(hashlib.blake2b(str(slide_id).encode(), digest_size=8).digest(), "big", signed=True)
