@@ -144,6 +144,7 @@ def test_demo_end_to_end_and_attention_on_tumour(tmp_path: Path, capsys) -> None
         assert (out / "eval" / run / "report.json").is_file()
         assert len(list((out / "report" / "heatmaps" / run).glob("*.png"))) >= 2  # test slides + cmu
     assert (out / "report" / "summary.md").is_file() and (out / "report" / "demo.md").is_file()
+    assert "## demo / abmil /" in (out / "report" / "summary.md").read_text()  # the dataset is named
     assert res.summary is not None and set(res.summary["protocol"]) >= {"lp", "head", "cc"}
 
     # the trained ABMIL CE attends to tumour: pooled over every tumour slide of the cohort
@@ -189,10 +190,47 @@ def test_demo_reports_a_failing_stage_and_skips_what_needs_it(tmp_path: Path) ->
     assert not res.ok
     first = res.stages[0]
     assert first.name == "cohort" and first.status == "failed" and "n_slides must be >= 2" in first.detail
+    from wsi_ncmi.demo.pipeline import RUNS
+
     assert {s.name: s.status for s in res.stages[1:]} == {
-        "preprocess": "skipped", "split": "skipped", "train:abmil_ce": "skipped", "train:abmil_ncmi": "skipped",
+        "preprocess": "skipped", "split": "skipped", **{f"train:{r}": "skipped" for r in RUNS},
         "report": "skipped", "heatmaps": "skipped"}
     assert any("FAIL" in ln and "cohort" in ln for ln in lines)
     assert (tmp_path / "report" / "demo.md").read_text().count("skipped") >= 5
     with pytest.raises(DemoError, match="unknown run"):
         run_demo(config=DemoConfig(out=tmp_path, runs=("nope",)))
+
+
+def test_demo_runs_every_aggregator_with_ce_and_ncmi_and_quick_runs_abmil() -> None:
+    import json
+
+    from wsi_ncmi.demo.pipeline import QUICK_RUNS, RUNS, DemoConfig, _fit_args
+    from wsi_ncmi.models import create_model
+
+    assert set(RUNS) == {f"{m}_{o}" for m in ("abmil", "transmil", "aem", "asmil") for o in ("ce", "ncmi")}
+    assert DemoConfig().resolved().runs == tuple(RUNS)
+    assert DemoConfig(quick=True).resolved().runs == QUICK_RUNS == ("abmil_ce", "abmil_ncmi")
+    assert DemoConfig(quick=True, runs=("aem_ncmi",)).resolved().runs == ("aem_ncmi",)
+    for name, flags in RUNS.items():
+        model, objective = name.rsplit("_", 1)
+        assert flags["model.model"] == model
+        assert flags["model.objective"] == ("ncmi" if objective == "ncmi" else "head")
+        args = _fit_args(DemoConfig().resolved(), name)
+        kwargs = json.loads(args[args.index("--model.model_kwargs") + 1]) if "--model.model_kwargs" in args else {}
+        assert kwargs == flags.get("model.model_kwargs", {})
+        create_model(model, in_dim=16, num_classes=2, **kwargs)  # the demo sizes are valid arguments
+
+
+def test_demo_cli_summary_lines_one_row_per_run() -> None:
+    from wsi_ncmi.commands.demo_cli import summary_lines
+
+    df = pd.DataFrame([
+        {"run": "abmil_ce", "protocol": "lp", "test_macro_f1": 0.5, "test_macro_auc": 0.75, "test_accuracy": 0.5},
+        {"run": "abmil_ce", "protocol": "head", "test_macro_f1": 0.25, "test_macro_auc": None, "test_accuracy": 0.5},
+        {"run": "aem_ncmi", "protocol": "lp", "test_macro_f1": 1.0, "test_macro_auc": 1.0, "test_accuracy": 1.0},
+        {"run": "aem_ncmi", "protocol": "cc", "test_macro_f1": 0.875, "test_macro_auc": 0.9, "test_accuracy": 0.9},
+    ])
+    lines = summary_lines(df)
+    assert len(lines) == 3
+    assert lines[1].split() == ["abmil_ce", "0.500", "0.750", "head", "0.250", "-"]
+    assert lines[2].split() == ["aem_ncmi", "1.000", "1.000", "cc", "0.875", "0.900"]

@@ -279,3 +279,24 @@ def test_validation_metrics_with_absent_class():
     assert m["accuracy"] == 1.0 and m["macro_auc"] == 1.0 and m["f1_plus_auc"] == 2.0
     assert math.isnan(macro_ovr_auc(scores, np.zeros(4, dtype=int)))
     assert classification_metrics(scores[:1], labels[:1])["f1_plus_auc"] == 1.0
+
+
+def test_ncmi_metrics_skipped_when_validation_holds_one_class(monkeypatch):
+    import types
+    import warnings
+
+    module = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi")
+    module._trainer = types.SimpleNamespace(world_size=1)  # _gather needs only world_size
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
+    features = torch.randn(1, 6, DIM)
+    for labels in ([0, 0], [0, 1]):
+        logged.clear()
+        for y in labels:
+            module._eval_step({"features": features + y, "label": torch.tensor([y])})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # ncmi_metric warns on Γ = 0
+            module._log_eval("val")
+        assert "val/cc_accuracy" in logged and "val/loss" in logged
+        assert ("val/ncmi" in logged) == (len(set(labels)) == 2)
+        assert ("val/gamma" in logged) == (len(set(labels)) == 2)

@@ -36,7 +36,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DemoConfig", "DemoError", "DemoResult", "RUNS", "StageResult", "attention_check", "run_demo",
+__all__ = ["DemoConfig", "DemoError", "DemoResult", "QUICK_RUNS", "RUNS", "StageResult", "attention_check", "run_demo",
            "summary_table", "write_demo_summary"]
 
 
@@ -44,11 +44,31 @@ class DemoError(ValueError):
     """A demo stage could not run (names the stage and the reason)."""
 
 
+def _runs() -> dict[str, dict[str, Any]]:
+    """Each aggregator with CE (its own head) and with NCMI; the models' defaults unless noted."""
+    models: dict[str, dict[str, Any]] = {
+        "abmil": {},
+        # demo-sized: the default (dim 512, 8 x 64 heads, 256 landmarks) costs ~4x ABMIL per step on CPU
+        "transmil": {"dim": 256, "num_heads": 4, "dim_head": 32, "num_landmarks": 32},
+        "aem": {},
+        "asmil": {},
+    }
+    runs: dict[str, dict[str, Any]] = {}
+    for name, kwargs in models.items():
+        base: dict[str, Any] = {"model.model": name, **({"model.model_kwargs": kwargs} if kwargs else {})}
+        runs[f"{name}_ce"] = {**base, "model.objective": "head", "model.loss": "ce"}
+        runs[f"{name}_ncmi"] = {**base, "model.objective": "ncmi"}
+    return runs
+
+
 # run name -> MILModule / trainer flags (LightningCLI dotted keys) on top of the shared ones
-RUNS: dict[str, dict[str, Any]] = {
-    "abmil_ce": {"model.model": "abmil", "model.objective": "head", "model.loss": "ce"},
-    "abmil_ncmi": {"model.model": "abmil", "model.objective": "ncmi"},
-}
+RUNS: dict[str, dict[str, Any]] = _runs()
+# the runs of `--quick` (and of the CI test): ABMIL only
+QUICK_RUNS: tuple[str, ...] = ("abmil_ce", "abmil_ncmi")
+
+
+# the dataset name of the demo's reports (`wsi-ncmi evaluate --dataset`)
+DEMO_DATASET = "demo"
 
 
 @dataclass
@@ -65,7 +85,7 @@ class DemoConfig:
     workers: int = 1
     max_epochs: int | None = None  # None: 20, or 12 with quick
     lr: float = 5e-4
-    runs: tuple[str, ...] = ("abmil_ce", "abmil_ncmi")
+    runs: tuple[str, ...] | None = None  # None: every run of RUNS, or QUICK_RUNS with quick
     n_heatmaps: int = 4
     thumb_max_side: int = 1024
 
@@ -76,6 +96,8 @@ class DemoConfig:
             cfg.n_slides = 20 if cfg.quick else 48
         if cfg.max_epochs is None:
             cfg.max_epochs = 12 if cfg.quick else 20
+        if cfg.runs is None:
+            cfg.runs = QUICK_RUNS if cfg.quick else tuple(RUNS)
         unknown = [r for r in cfg.runs if r not in RUNS]
         if unknown:
             raise DemoError(f"demo: unknown run(s) {unknown}; choose from {sorted(RUNS)}")
@@ -223,7 +245,8 @@ def _fit_args(cfg: DemoConfig, run: str) -> list[str]:
     }
     args: list[str] = []
     for k, v in flags.items():
-        args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+        text = json.dumps(v) if isinstance(v, dict) else str(v).lower() if isinstance(v, bool) else str(v)
+        args += [f"--{k}", text]
     return args
 
 
@@ -250,7 +273,8 @@ def _stage_evaluate(cfg: DemoConfig, res: DemoResult, run: str) -> str:
 
     out = cfg.out / "eval" / run
     rc = evaluate_main(["--ckpt", str(_ckpt(cfg, run)), "--data.bags_dir", str(_bags_dir(cfg)),
-                        "--data.split_csv", str(cfg.out / "split.csv"), "--out", str(out)])
+                        "--data.split_csv", str(cfg.out / "split.csv"), "--out", str(out),
+                        "--dataset", DEMO_DATASET])
     if rc:
         raise DemoError(f"evaluate {run}: wsi-ncmi evaluate returned {rc}")
     res.paths[f"eval:{run}"] = out
@@ -419,7 +443,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, config: DemoConf
     stage("preprocess", lambda: _stage_preprocess(cfg, res), needs=("cohort",))
     stage("split", lambda: _stage_split(cfg, res), needs=("preprocess",))
     trained, evaluated = [], []
-    for run in cfg.runs:
+    for run in cfg.runs or ():
         if stage(f"train:{run}", lambda run=run: _stage_train(cfg, res, run), needs=("split",)):
             trained.append(run)
     for run in trained:
