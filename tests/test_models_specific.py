@@ -184,7 +184,7 @@ def test_asmil_align_loss_by_hand() -> None:
         n = int(mask[b].sum())
         sig = torch.sigmoid(a_logits[b, ..., :n] / 0.5)
         p = sig / sig.sum(-1, keepdim=True)
-        losses.append(-(p * torch.log_softmax(s_logits[b, ..., :n], dim=-1)).sum(-1))  # [T, H]
+        losses.append(-(p * torch.log_softmax(s_logits[b, ..., :n], dim=-1)).sum(-1) / n)  # [T, H] mean over N
     assert torch.allclose(out.aux["asmil_align"], 2.0 * torch.stack(losses).mean(), atol=1e-5)
 
 

@@ -5,7 +5,10 @@
 - A class query cross-attends over the remaining branches -> slide embedding (D_inner) -> Linear head.
 - Anchor: a copy of the student attention (queries + projections) whose scores go through the normalised
   sigmoid with temperature 0.5 over the real instances. Alignment loss (training mode only, already
-  weighted, ``aux["asmil_align"]``): ``weight · mean_{b,t,h} [-Σ_n p_anchor · log softmax(student logits)]``.
+  weighted, ``aux["asmil_align"]``): ``weight · mean_{b,t,h} [-(1/N_b) Σ_n p_anchor · log softmax(student)]``,
+  i.e. a mean over the real instances as well, as in the paper's "mean" and the public code. (An earlier
+  version summed over N: the term was then ~log N, larger than the CE, and pinned the student attention to
+  the near-uniform early anchor: demo test macro-F1 0.32.)
 - The anchor is an EMA (decay 0.999) of the student, updated in :meth:`on_after_optimizer_step`; its
   parameters have ``requires_grad=False`` (no gradient, exclude them from the optimizer) and it is not run
   at inference. The public ASMIL code only copies the EMA when a parameter contains NaN, so its anchor stays
@@ -63,7 +66,10 @@ class ASMIL(MILAggregator):
         with torch.no_grad():
             target = masked_normalized_sigmoid(self.anchor.attention_logits(h), m, self.anchor_temperature)
         logq = F.log_softmax(student_logits.masked_fill(~m, torch.finfo(student_logits.dtype).min), dim=-1)
-        ce = -torch.where(m, target * logq, torch.zeros_like(logq)).sum(dim=-1)  # [B, T, H]
+        n_real = mask.sum(dim=-1).clamp(min=1).to(logq.dtype)[:, None, None]  # [B, 1, 1]
+        # mean over the real instances too (as the paper's "mean" and the public code): a sum over N would
+        # make this term ~log N and pin the student to the (near-uniform) early anchor.
+        ce = -torch.where(m, target * logq, torch.zeros_like(logq)).sum(dim=-1) / n_real  # [B, T, H]
         return self.align_weight * ce.mean()
 
     def _forward_features(self, x: Tensor, mask: Tensor) -> BagFeatures:
