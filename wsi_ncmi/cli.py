@@ -55,8 +55,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wsi-ncmi: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    rc = getattr(importlib.import_module(module), func)(rest)
+    command = getattr(importlib.import_module(module), func)
+    _route_lightning_logs()
+    rc = command(rest)
     return int(rc or 0)
+
+
+def _route_lightning_logs() -> None:
+    """Lightning attaches its own console handlers at import; send its records through ours only (no duplicates)."""
+    if "lightning" not in sys.modules and "lightning.pytorch" not in sys.modules:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for handler in list(lg.handlers):
+            if isinstance(handler, logging.StreamHandler):
+                lg.removeHandler(handler)
+        lg.propagate = True
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -64,10 +64,18 @@ def summary_lines(summary: Any) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
+    import lightning.pytorch  # noqa: F401  (imported first: it sets its own log level at import)
+
     from wsi_ncmi.demo.pipeline import DemoConfig, DemoError, run_demo
 
     for name in ("lightning.pytorch", "lightning.fabric", "preprocessing"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # the demo drives LightningCLI in-process on purpose and on tiny data: keep its advice out of the output
+    for pattern in (".*LightningCLI's args parameter.*", ".*number of training batches.*", ".*LeafSpec.*",
+                    ".*does not have many workers.*", ".*tensorboardX.*"):
+        warnings.filterwarnings("ignore", message=pattern)
     cfg = DemoConfig(out=Path(args.out), quick=args.quick, n_slides=args.slides, seed=args.seed,
                      max_epochs=args.epochs, runs=tuple(args.runs) if args.runs else None, workers=args.workers)
     try:

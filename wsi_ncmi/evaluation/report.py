@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -177,7 +178,10 @@ def _ncmi_block(splits: Mapping[str, EmbeddedSplit], num_classes: int) -> tuple[
         return {}, None
     block = {}
     for name, s in splits.items():
-        block[name] = ncmi_metric(np.asarray(get(s), dtype=np.float64), s.labels, num_classes=num_classes)
+        with warnings.catch_warnings():
+            if len(np.unique(s.labels)) < 2:  # Γ = 0 by definition: ncmi is written as null, no warning
+                warnings.simplefilter("ignore", RuntimeWarning)
+            block[name] = ncmi_metric(np.asarray(get(s), dtype=np.float64), s.labels, num_classes=num_classes)
     return block, source
 
 
