@@ -63,15 +63,33 @@ def test_max_instances_and_dropout_only_in_training(data) -> None:
     rows = sub["coords"][:, 0].tolist()
     assert torch.equal(sub["features"], full[big]["features"][rows])
     assert train[0]["features"].shape[0] == 3  # smaller than max_instances: untouched
-    draws = {tuple(train[big]["coords"][:, 0].tolist()) for _ in range(6)}
-    assert len(draws) > 1  # a new subset on every read
+    # a pure function of (seed, epoch, index): repeated reads agree, a new epoch draws a new subset
+    assert all(torch.equal(train[big]["coords"], sub["coords"]) for _ in range(3))
     again = BagDataset(csv, bags, "train", max_instances=4, return_coords=True, seed=1)
     assert torch.equal(again[big]["coords"], sub["coords"])  # seeded
+    draws = set()
+    for epoch in range(6):
+        train.set_epoch(epoch)
+        draws.add(tuple(train[big]["coords"][:, 0].tolist()))
+    assert len(draws) > 1
+    again.set_epoch(5)
+    assert torch.equal(again[big]["coords"], train[big]["coords"])
+    other_seed = BagDataset(csv, bags, "train", max_instances=4, return_coords=True, seed=2)
+    assert any(not torch.equal(other_seed[i]["coords"], again[i]["coords"]) for i in range(4, 7))
     val = BagDataset(csv, bags, "val", max_instances=2, instance_dropout=0.5)
     assert val[0]["features"].shape[0] == 17
     drop = BagDataset(csv, bags, "train", instance_dropout=0.5, seed=0)
-    sizes = [drop[big]["features"].shape[0] for _ in range(20)]
-    assert min(sizes) >= 1 and max(sizes) < 15 and np.mean(sizes) < 12
+    sizes = []
+    masks = set()
+    for epoch in range(20):
+        drop.set_epoch(epoch)
+        item = drop[big]["features"]
+        sizes.append(item.shape[0])
+        masks.add(item.numpy().tobytes())
+        assert torch.equal(drop[big]["features"], item)  # same (seed, epoch, index): same mask
+    assert min(sizes) >= 1 and max(sizes) < 15 and np.mean(sizes) < 12 and len(masks) > 1
+    val.set_epoch(3)
+    assert val[0]["features"].shape[0] == 17  # evaluation never drops or subsamples
 
 
 def test_cache_keeps_features(data) -> None:
@@ -141,6 +159,24 @@ def test_datamodule_worker_loader(data) -> None:
     assert len(sizes) == 7 and max(sizes) == 3
 
 
+def _epoch_items(dm: MILDataModule, epoch: int) -> dict[str, torch.Tensor]:
+    dm.set_epoch(epoch)
+    return {b["slide_id"][0]: b["features"][0] for b in dm.dataloader("train")}  # table order
+
+
+def test_training_draws_do_not_depend_on_workers(data) -> None:
+    bags, csv, _ = data
+    kw = {"max_instances": 4, "instance_dropout": 0.3, "pin_memory": False, "seed": 3}
+    serial, workers = MILDataModule(str(bags), str(csv), **kw), MILDataModule(str(bags), str(csv), num_workers=2, **kw)
+    assert not workers.dataloader("train").persistent_workers  # each epoch's workers see the new epoch
+    assert workers.dataloader("val").persistent_workers
+    for epoch in (0, 1):
+        a, b = _epoch_items(serial, epoch), _epoch_items(workers, epoch)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    e0, e1 = _epoch_items(serial, 0), _epoch_items(serial, 1)
+    assert any(not torch.equal(e0[k], e1[k]) for k in e0)
+
+
 def test_balanced_sampler(tmp_path: Path) -> None:
     rows = [{"slide_id": f"s{i}", "patient_id": f"p{i}", "label": int(i >= 18), "split": "train"} for i in range(20)]
     rows += [{"slide_id": "v0", "patient_id": "v0", "label": 0, "split": "val"}]
@@ -149,9 +185,21 @@ def test_balanced_sampler(tmp_path: Path) -> None:
         write_bag(bags / f"{r['slide_id']}.h5", np.zeros((2, 3), np.float32), np.zeros((2, 2), int), {})
     csv = tmp_path / "s.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
-    dm = MILDataModule(str(bags), str(csv), balanced_sampler=True, pin_memory=False)
-    labels = [int(b["label"]) for _ in range(10) for b in dm.train_dataloader()]
+    dm = MILDataModule(str(bags), str(csv), balanced_sampler=True, pin_memory=False, seed=4)
+    loader = dm.train_dataloader()
+    labels, orders = [], []
+    for epoch in range(10):
+        dm.set_epoch(epoch)  # reaches the sampler of a loader built earlier
+        order = [b["slide_id"][0] for b in loader]
+        labels += [int(s[1:]) >= 18 for s in order]
+        orders.append(order)
+        # a pure function of (seed, epoch): a loader built later (e.g. after a resume) draws the same bags
+        assert [b["slide_id"][0] for b in dm.train_dataloader()] == order
+        assert [b["slide_id"][0] for b in loader] == order
     assert 0.35 < np.mean(labels) < 0.65  # 10% positives in the table, ~50% drawn
+    assert len({tuple(o) for o in orders}) == 10
+    other = MILDataModule(str(bags), str(csv), balanced_sampler=True, pin_memory=False, seed=5)
+    assert [b["slide_id"][0] for b in other.train_dataloader()] != orders[0]
     plain = MILDataModule(str(bags), str(csv), pin_memory=False)
     assert np.mean([int(b["label"]) for b in plain.train_dataloader()]) == pytest.approx(0.1)
 

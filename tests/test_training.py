@@ -98,8 +98,11 @@ class _StepLosses(lightning.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def test_resume_reproduces_next_steps(bags, tmp_path):
-    """3 epochs straight == 2 epochs, then resume from last.ckpt for the 3rd (NCMI: center, ξ, RNG, Adam)."""
+@pytest.mark.parametrize("data_kw", [{}, {"instance_dropout": 0.3, "max_instances": 12, "balanced_sampler": True}],
+                         ids=["plain", "dropout_subset_balanced"])
+def test_resume_reproduces_next_steps(bags, tmp_path, data_kw):
+    """3 epochs straight == 2 epochs, then resume from last.ckpt for the 3rd (NCMI: center, ξ, RNG, Adam;
+    instance subsets/dropout and the balanced bag order follow (seed, epoch))."""
     from wsi_ncmi.training import RNGStateCheckpoint
 
     bags_dir, split = bags
@@ -114,7 +117,7 @@ def test_resume_reproduces_next_steps(bags, tmp_path):
 
     def run(root: Path, stop_after: int, ckpt_path: str | None = None) -> list[float]:
         lightning.seed_everything(0)
-        dm = MILDataModule(str(bags_dir), str(split), num_workers=0, pin_memory=False)
+        dm = MILDataModule(str(bags_dir), str(split), num_workers=0, pin_memory=False, **data_kw)
         module = MILModule(model="aem", in_dim=DIM, num_classes=2, objective="ncmi", lr=3e-3)
         rec = _StepLosses()
         ckpt = lightning.callbacks.ModelCheckpoint(dirpath=root, save_last=True)
@@ -123,6 +126,7 @@ def test_resume_reproduces_next_steps(bags, tmp_path):
                                     callbacks=[ckpt, rec, RNGStateCheckpoint(), _StopAfter(stop_after)],
                                     limit_train_batches=6, limit_val_batches=3)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        assert dm.dataset("train").epoch == stop_after - 1  # MILModule told the data each epoch
         return rec.losses
 
     straight = run(tmp_path / "a", 3)

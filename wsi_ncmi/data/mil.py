@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsi_ncmi.data.bags import BagError, list_bags, read_bag, read_features, read_header
 from wsi_ncmi.data.splits import SPLITS, load_split, select_fold
@@ -51,6 +52,8 @@ class BagDataset(Dataset):
     Item: ``{"features": float32 [N, D], "label": int, "slide_id": str[, "coords": int64 [N, 2]]}``.
     In training (``train``, default: ``split == "train"``) ``max_instances`` keeps a random subset of a
     larger bag and ``instance_dropout`` drops each instance with that probability (at least one is kept).
+    Both draws are a pure function of ``(seed, epoch, index)`` (``set_epoch``), so they do not depend on the
+    number of DataLoader workers, on earlier reads, or on whether the run was resumed from a checkpoint.
     ``cache`` keeps the stored features in RAM (per process: each DataLoader worker has its own copy).
     """
 
@@ -97,19 +100,20 @@ class BagDataset(Dataset):
         self.cache = cache
         self.seed = seed
         self.train = (split == "train") if train is None else train
+        self.epoch = 0
         self._cache: dict[int, np.ndarray] = {}
-        self._draws: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Training draws (subset, dropout) of every item follow ``(seed, epoch, index)``."""
+        if epoch < 0:
+            raise MILDataError(f"{self.where}: epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
     def _rng(self, index: int) -> np.random.Generator:
-        info = get_worker_info()
-        # worker seeds change every epoch (and follow torch's global seed); draws count repeated reads
-        epoch_seed = int(info.seed) % (2**63) if info is not None else 0
-        draw = self._draws.get(index, 0)
-        self._draws[index] = draw + 1
-        return np.random.default_rng([self.seed, index, epoch_seed, draw])
+        return np.random.default_rng([int(self.seed), self.epoch, int(index)])
 
     def _features(self, index: int) -> np.ndarray:
         if self.cache and index in self._cache:
@@ -146,6 +150,39 @@ class BagDataset(Dataset):
             coords = read_bag(self.paths[index], lazy=True).coords  # [N, 2]
             item["coords"] = torch.from_numpy(coords if keep is None else coords[keep])
         return item
+
+
+class EpochWeightedSampler(Sampler[int]):
+    """Draw ``num_samples`` indices with replacement, with probability proportional to ``weights``.
+
+    The order is a pure function of ``(seed, epoch)``: ``set_epoch`` (called by Lightning and by
+    ``MILModule`` at every training epoch start) reseeds it, so a run resumed from a checkpoint draws the
+    same bags as an uninterrupted one.
+    """
+
+    def __init__(self, weights: Sequence[float] | torch.Tensor, num_samples: int, seed: int = 0,
+                 epoch: int = 0) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.double)  # [N]
+        if self.weights.ndim != 1 or len(self.weights) == 0 or bool((self.weights < 0).any()):
+            raise MILDataError(f"EpochWeightedSampler: weights must be a non-empty 1-d tensor >= 0, "
+                             f"got shape {tuple(self.weights.shape)}")
+        if num_samples < 1:
+            raise MILDataError(f"EpochWeightedSampler: num_samples must be >= 1, got {num_samples}")
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        # one seed from (seed, epoch): hash both through numpy's SeedSequence, avoiding seed + epoch collisions
+        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0] >> 1)
+        gen = torch.Generator().manual_seed(seed)
+        yield from torch.multinomial(self.weights, self.num_samples, replacement=True, generator=gen).tolist()
 
 
 def collate_bags(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -204,7 +241,7 @@ class MILDataModule(L.LightningDataModule):
         label_map: remap labels (keys: label_name or integer label, values: new integer label).
         num_classes: number of classes (default: from the table's labels).
         fold: which fold of a k-fold / leave-one-center-out table.
-        seed: seed of instance sampling and of the balanced sampler.
+        seed: seed of instance sampling and of the balanced sampler (with the epoch set by ``set_epoch``).
     """
 
     def __init__(
@@ -262,6 +299,8 @@ class MILDataModule(L.LightningDataModule):
         first = bags[str(self.table["slide_id"].iloc[0])]
         self.in_dim = int(read_header(first)[1])
         self._datasets: dict[str, BagDataset] = {}
+        self._samplers: weakref.WeakSet[EpochWeightedSampler] = weakref.WeakSet()
+        self.epoch = 0
         self._dims_checked = False
 
     def _class_names(self) -> list[str]:
@@ -298,6 +337,7 @@ class MILDataModule(L.LightningDataModule):
                 instance_dropout=self.instance_dropout, cache=self.cache, seed=self.seed,
             )
             self._datasets[split].where = self.split_csv
+            self._datasets[split].set_epoch(self.epoch)
         return self._datasets[split]
 
     def setup(self, stage: str | None = None) -> None:
@@ -306,14 +346,27 @@ class MILDataModule(L.LightningDataModule):
         for split in needed.get(stage or "fit", ("train", "val")):
             self.dataset(split)
 
-    def _sampler(self, ds: BagDataset) -> WeightedRandomSampler:
+    def set_epoch(self, epoch: int) -> None:
+        """Set the training epoch of every dataset and balanced sampler built here (and those built later)."""
+        self.epoch = int(epoch)
+        for ds in self._datasets.values():
+            ds.set_epoch(self.epoch)
+        for sampler in list(self._samplers):
+            sampler.set_epoch(self.epoch)
+
+    def _sampler(self, ds: BagDataset) -> EpochWeightedSampler:
         counts = np.bincount(ds.labels, minlength=self.num_classes)
-        weights = torch.as_tensor([1.0 / counts[y] for y in ds.labels], dtype=torch.double)
-        gen = torch.Generator().manual_seed(self.seed)
-        return WeightedRandomSampler(weights, num_samples=len(ds), replacement=True, generator=gen)
+        weights = torch.as_tensor([1.0 / counts[y] for y in ds.labels], dtype=torch.double)  # [N]
+        sampler = EpochWeightedSampler(weights, num_samples=len(ds), seed=self.seed, epoch=self.epoch)
+        self._samplers.add(sampler)
+        return sampler
 
     def dataloader(self, split: str, shuffle: bool = False, balanced: bool = False) -> DataLoader:
-        """A loader over one split (``all``: every row) in table order unless ``shuffle``/``balanced``."""
+        """A loader over one split (``all``: every row) in table order unless ``shuffle``/``balanced``.
+
+        Training loaders do not keep their workers between epochs: each epoch's workers get a fresh copy of
+        the dataset and with it the epoch set by ``set_epoch`` (persistent workers would keep a stale one).
+        """
         ds = self.dataset(split)
         sampler = self._sampler(ds) if balanced else None
         return DataLoader(
@@ -324,7 +377,7 @@ class MILDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_bags,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0 and not ds.train,
         )
 
     def train_dataloader(self) -> DataLoader:

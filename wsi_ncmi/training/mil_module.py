@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wsi_ncmi.data.mil import MILDataModule
 from wsi_ncmi.losses import create_loss
 from wsi_ncmi.models import create_model
 from wsi_ncmi.ncmi import NCMILoss, ncmi_metric
@@ -308,6 +309,12 @@ class MILModule(pl.LightningModule):
         if loss is not None and loss.centroid_update == "ema" and self.trainer.world_size > 1:
             with torch.no_grad():  # each rank moved ξ with its own assignments: average them
                 loss.xi.copy_(self.trainer.strategy.reduce(loss.xi.detach().clone(), reduce_op="mean"))
+
+    def on_train_epoch_start(self) -> None:
+        # training draws (instance subsets/dropout, balanced bag order) follow (seed, epoch): exact resume
+        dm = getattr(self.trainer, "datamodule", None)
+        if isinstance(dm, MILDataModule):
+            dm.set_epoch(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
         opt = self.optimizers()
