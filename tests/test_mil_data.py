@@ -45,7 +45,8 @@ def test_bag_dataset_items(data) -> None:
     ds = BagDataset(csv, bags, "val", return_coords=True)
     assert len(ds) == 2 and ds.slide_ids == ["s07", "s08"]
     item = ds[0]
-    assert item["features"].dtype == torch.float32 and item["features"].shape == (3 + 2 * 7, D)
+    # features keep the bag's stored dtype (float16 here) until they reach the device
+    assert item["features"].dtype == torch.float16 and item["features"].shape == (3 + 2 * 7, D)
     assert item["label"] == 1 and item["slide_id"] == "s07"
     assert item["coords"].dtype == torch.int64 and item["coords"].shape == (17, 2)
     assert torch.equal(item["coords"][:, 1], item["coords"][:, 0] * 2)
@@ -155,8 +156,19 @@ def test_datamodule_worker_loader(data) -> None:
     bags, csv, _ = data
     dm = MILDataModule(str(bags), str(csv), num_workers=1, max_instances=3, pin_memory=False)
     dm.setup("fit")
-    sizes = [b["features"].shape[1] for b in dm.train_dataloader()]
+    batches = list(dm.train_dataloader())
+    sizes = [b["features"].shape[1] for b in batches]
     assert len(sizes) == 7 and max(sizes) == 3
+    assert all(b["features"].dtype == torch.float16 for b in batches)  # half the bytes between processes
+
+
+def test_collate_keeps_a_common_dtype_and_promotes_a_mixed_one() -> None:
+    half = {"features": torch.ones(2, 3, dtype=torch.float16), "label": 0, "slide_id": "a"}
+    half2 = {"features": torch.ones(3, 3, dtype=torch.float16), "label": 1, "slide_id": "b"}
+    full = {"features": torch.ones(3, 3), "label": 1, "slide_id": "c"}
+    assert collate_bags([half])["features"].dtype == torch.float16
+    assert collate_bags([half, half2])["features"].dtype == torch.float16
+    assert collate_bags([half, full])["features"].dtype == torch.float32
 
 
 def _epoch_items(dm: MILDataModule, epoch: int) -> dict[str, torch.Tensor]:

@@ -304,3 +304,14 @@ def test_ncmi_metrics_skipped_when_validation_holds_one_class(monkeypatch):
         assert "val/cc_accuracy" in logged and "val/loss" in logged
         assert ("val/ncmi" in logged) == (len(set(labels)) == 2)
         assert ("val/gamma" in logged) == (len(set(labels)) == 2)
+
+
+def test_half_precision_bags_are_cast_to_float32_on_the_device(tmp_path):
+    split = make_witness_bags(tmp_path, n_slides=8, num_classes=2, dim=8, n_instances=(4, 6))
+    dm = MILDataModule(str(tmp_path), str(split), num_workers=0, pin_memory=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = MILModule(model="abmil", in_dim=dm.in_dim, num_classes=dm.num_classes)
+    assert module.on_after_batch_transfer(dict(batch), 0)["features"].dtype == torch.float32
+    half = batch["features"].half()
+    assert torch.allclose(module.embed(half, batch["mask"]), module.embed(half.float(), batch["mask"]))

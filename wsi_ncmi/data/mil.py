@@ -49,7 +49,9 @@ def _apply_label_map(table: pd.DataFrame, label_map: Mapping[Any, int] | None, w
 class BagDataset(Dataset):
     """The slides of one split of a split table, each read from ``<bags_dir>/<slide_id>.h5`` on access.
 
-    Item: ``{"features": float32 [N, D], "label": int, "slide_id": str[, "coords": int64 [N, 2]]}``.
+    Item: ``{"features": [N, D] in the bag's stored dtype (float16 or float32), "label": int, "slide_id": str
+    [, "coords": int64 [N, 2]]}``. Features stay float16 until they reach the device (half the bytes through
+    DataLoader workers); ``MILModule`` and ``embed_split`` cast them to float32 there.
     In training (``train``, default: ``split == "train"``) ``max_instances`` keeps a random subset of a
     larger bag and ``instance_dropout`` drops each instance with that probability (at least one is kept).
     Both draws are a pure function of ``(seed, epoch, index)`` (``set_epoch``), so they do not depend on the
@@ -142,7 +144,7 @@ class BagDataset(Dataset):
             raise BagError(f"{self.paths[index]}: features have shape {feats.shape}, expected [N>0, D]")
         keep = self._subset(index, feats.shape[0])
         item: dict[str, Any] = {
-            "features": torch.from_numpy(np.ascontiguousarray(feats if keep is None else feats[keep])).float(),
+            "features": torch.from_numpy(np.ascontiguousarray(feats if keep is None else feats[keep])),  # stored dtype
             "label": self.labels[index],
             "slide_id": self.slide_ids[index],
         }
@@ -188,7 +190,7 @@ class EpochWeightedSampler(Sampler[int]):
 def collate_bags(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack bags of different sizes: zero-pad to the longest, ``mask`` True on real instances.
 
-    Returns ``features`` [B, N, D] float32, ``mask`` [B, N] bool, ``label`` [B] long, ``slide_id`` list
+    Returns ``features`` [B, N, D] (the items' dtype; float32 if they differ), ``mask`` [B, N] bool, ``label`` [B] long, ``slide_id`` list
     and, when the items have them, ``coords`` [B, N, 2] int64 (padding = -1).
     """
     if not items:
@@ -204,10 +206,12 @@ def collate_bags(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "slide_id": [str(it["slide_id"]) for it in items],
     }
     if b == 1:
-        out["features"] = items[0]["features"].float().unsqueeze(0)  # [1, N, D]
+        out["features"] = items[0]["features"].unsqueeze(0)  # [1, N, D]
         out["mask"] = torch.ones(1, n, dtype=torch.bool)  # [1, N]
     else:
-        feats = torch.zeros(b, n, d, dtype=torch.float32)  # [B, N, D]
+        dtypes = {it["features"].dtype for it in items}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        feats = torch.zeros(b, n, d, dtype=dtype)  # [B, N, D]
         mask = torch.zeros(b, n, dtype=torch.bool)  # [B, N]
         for i, it in enumerate(items):
             feats[i, : sizes[i]] = it["features"]

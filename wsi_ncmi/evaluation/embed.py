@@ -77,7 +77,7 @@ def _batch_parts(batch: Any, index: int) -> tuple[torch.Tensor, torch.Tensor | N
             f"embed_split: batch {index} must be a dict with 'features', 'mask', 'label', 'slide_id'; "
             f"got {type(batch).__name__} with keys {list(batch) if isinstance(batch, Mapping) else '-'}"
         )
-    x = batch["features"]  # [B, N, D]
+    x = batch["features"]  # [B, N, D] stored dtype (float16 or float32); cast on the device by embed_split
     mask = batch.get("mask")  # [B, N] bool or None
     y = torch.as_tensor(batch["label"]).reshape(-1)  # [B]
     ids = batch.get("slide_id")
@@ -120,7 +120,7 @@ def embed_split(
     try:
         for i, batch in enumerate(iterator):
             x, mask, y, batch_ids = _batch_parts(batch, i)
-            x = x.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True).float()  # [B, N, D]
             mask = None if mask is None else mask.to(device, non_blocking=True)
             feats = model.forward_features(x, mask)
             emb = feats.embedding.float()  # [B, E]

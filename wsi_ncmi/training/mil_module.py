@@ -204,12 +204,18 @@ class MILModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Bags travel in their stored dtype (usually float16); compute starts from float32 on the device."""
+        if isinstance(batch, dict) and torch.is_tensor(batch.get("features")):
+            batch["features"] = batch["features"].float()  # [B, N, D]
+        return batch
+
     def embed(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
         """Slide embeddings [B, E] of bags features [B, N, D] (eval mode, no grad; mode restored after)."""
         was_training = self.training
         self.eval()
         try:
-            return self.model.forward_features(features, mask).embedding
+            return self.model.forward_features(features.float(), mask).embedding
         finally:
             self.train(was_training)
 
