@@ -312,6 +312,9 @@ def test_half_precision_bags_are_cast_to_float32_on_the_device(tmp_path):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     module = MILModule(model="abmil", in_dim=dm.in_dim, num_classes=dm.num_classes)
-    assert module.on_after_batch_transfer(dict(batch), 0)["features"].dtype == torch.float32
     half = batch["features"].half()
     assert torch.allclose(module.embed(half, batch["mask"]), module.embed(half.float(), batch["mask"]))
+    module.eval()
+    terms_half, _ = module._objective({**batch, "features": half})
+    terms_full, _ = module._objective({**batch, "features": half.float()})
+    assert terms_half["loss"].dtype == torch.float32 and torch.allclose(terms_half["loss"], terms_full["loss"])

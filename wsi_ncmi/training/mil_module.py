@@ -204,12 +204,6 @@ class MILModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Bags travel in their stored dtype (usually float16); compute starts from float32 on the device."""
-        if isinstance(batch, dict) and torch.is_tensor(batch.get("features")):
-            batch["features"] = batch["features"].float()  # [B, N, D]
-        return batch
-
     def embed(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
         """Slide embeddings [B, E] of bags features [B, N, D] (eval mode, no grad; mode restored after)."""
         was_training = self.training
@@ -238,12 +232,13 @@ class MILModule(pl.LightningModule):
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
         """Class scores [B, C] for bags [B, N, D] (see :meth:`class_scores`)."""
-        return self.class_scores(self.model.forward_features(features, mask).embedding)
+        return self.class_scores(self.model.forward_features(features.float(), mask).embedding)
 
     # ------------------------------------------------------------------------------------- training
     def _objective(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
         """Named loss terms (``"loss"`` = total) and the embedding [B, E] of one batch."""
-        out = self.model(batch["features"], batch.get("mask"))
+        # bags travel in their stored dtype (usually float16); compute starts from float32 on the device
+        out = self.model(batch["features"].float(), batch.get("mask"))  # [B, N, D]
         target = batch["label"].long()
         inputs = out.embedding if self.ncmi_loss is not None else out.logits
         criterion = self.ncmi_loss if self.ncmi_loss is not None else self.criterion
