@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-from wsi_ncmi.evaluation.metrics import MetricsError, binary_auc, classification_metrics
+from wsi_ncmi.metrics import MetricsError, binary_auc, classification_metrics
 
 # 4 slides, 3 classes, class 2 never true and never predicted; predictions = argmax = [0, 1, 1, 1]
 Y = np.array([0, 0, 1, 1])

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from wsi_ncmi.evaluation.embed import center_and_normalize
-from wsi_ncmi.evaluation.metrics import classification_metrics
 from wsi_ncmi.evaluation.probe import DEFAULT_CS, LinearProbe, ProbeError, fit_centroid_classifier
+from wsi_ncmi.metrics import classification_metrics
 from wsi_ncmi.ncmi import nsf
 
 

@@ -1,5 +1,5 @@
 """Evaluation of frozen aggregators: embed a split (`embed`), linear probe and nearest centroid (`probe`),
-slide-level metrics (`metrics`), reports and their summary over runs (`report`), figures (`plots`) and the
+reports and their summary over runs (`report`), figures (`plots`) and the
 published numbers to compare with (`paper`). Heatmaps (`heatmap`) and the natural-image track
 (`image_eval`) live beside them.
 
@@ -24,9 +24,6 @@ _EXPORTS: dict[str, str] = {
     "LinearProbe": "probe",
     "DEFAULT_CS": "probe",
     "fit_centroid_classifier": "probe",
-    # metrics
-    "MetricsError": "metrics",
-    "classification_metrics": "metrics",
     # report
     "ReportError": "report",
     "ReportSchemaError": "report",

@@ -34,9 +34,8 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from wsi_ncmi.metrics import MetricsError, classification_metrics
 from wsi_ncmi.ncmi import NearestCentroidClassifier
-
-from .metrics import MetricsError, classification_metrics
 
 __all__ = ["ProbeError", "LinearProbe", "DEFAULT_CS", "REFITS", "SOLVERS", "fit_centroid_classifier"]
 

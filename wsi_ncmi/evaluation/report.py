@@ -49,10 +49,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from wsi_ncmi.metrics import SCALAR_METRICS, classification_metrics
 from wsi_ncmi.ncmi import ncmi_metric
 
 from .embed import EmbeddedSplit
-from .metrics import SCALAR_METRICS, classification_metrics
 from .paper import ROW_LABELS, paper_for_protocol, paper_rows
 from .probe import DEFAULT_CS, LinearProbe, fit_centroid_classifier
 

@@ -8,7 +8,7 @@ from .compose import ConfigComposeError, compose_config, expand_config_args
 from .mil_module import CENTROID_OPTIMIZERS, OBJECTIVES, MILModule, TrainingConfigError
 from .optim import OPTIMIZERS, SCHEDULES, OptimConfigError, build_optimizer, build_scheduler
 from .preflight import PreflightError, preflight_check
-from .val_metrics import classification_metrics, macro_ovr_auc
+from .val_metrics import epoch_metrics
 
 __all__ = [
     "CENTROID_OPTIMIZERS",
@@ -25,10 +25,9 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "capture_rng_state",
-    "classification_metrics",
+    "epoch_metrics",
     "compose_config",
     "expand_config_args",
-    "macro_ovr_auc",
     "preflight_check",
     "restore_rng_state",
 ]

@@ -68,7 +68,7 @@ from wsi_ncmi.models import create_model
 from wsi_ncmi.ncmi import NCMILoss, ncmi_metric
 
 from .optim import build_optimizer, build_scheduler
-from .val_metrics import classification_metrics
+from .val_metrics import epoch_metrics
 
 __all__ = ["OBJECTIVES", "CENTROID_OPTIMIZERS", "MILModule", "TrainingConfigError"]
 
@@ -368,7 +368,7 @@ class MILModule(pl.LightningModule):
         if not self._eval_outputs:
             return
         scores, labels = self._gather("scores"), self._gather("label")
-        metrics = classification_metrics(scores.cpu().numpy(), labels.cpu().numpy())
+        metrics = epoch_metrics(scores.cpu().numpy(), labels.cpu().numpy())
         metrics["loss"] = float(self._gather("loss").mean())
         if self.ncmi_loss is not None:
             metrics["cc_accuracy"] = metrics["accuracy"]

@@ -1,4 +1,7 @@
-"""Slide-level classification metrics: macro-F1, macro one-vs-rest AUC, accuracy, balanced accuracy.
+"""Classification metrics: macro-F1, macro one-vs-rest AUC, accuracy, balanced accuracy.
+
+One implementation for the per-epoch validation metrics of training (and its checkpoint selection) and the
+final reports of evaluation, so the two can never disagree; it imports nothing else of ours.
 
 NCMI.md §3 "MIL metrics". "F1" always means the **macro** average over classes, never micro-F1
 (which equals accuracy for single-label multi-class problems).
