@@ -19,11 +19,12 @@ import csv
 import inspect
 import io
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
+
+from wsi_ncmi.data.atomic import atomic_write_text
 
 __all__ = ["main", "main_ncmi_metric", "NaturalCLI"]
 
@@ -229,12 +230,6 @@ def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return "\n".join(md) + "\n", buf.getvalue()
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main_ncmi_metric(argv: list[str] | None = None) -> int:
     """``wsi-ncmi ncmi-metric --model M --weights F [F ...] --data DIR [--limit N] [--out DIR]``."""
     import torch
@@ -288,8 +283,8 @@ def main_ncmi_metric(argv: list[str] | None = None) -> int:
     md, csv_text = _table(rows)
     r = pearson_r([row["ncmi"] for row in rows], [row["top1"] for row in rows])
     md += f"\nPearson r(NCMI, top-1) = {r:.4f} over {len(rows)} models; data {root} ({rows[0]['n']} images)\n"
-    _atomic_text(out / "ncmi_vs_top1.md", md)
-    _atomic_text(out / "ncmi_vs_top1.csv", csv_text)
+    atomic_write_text(out / "ncmi_vs_top1.md", md)
+    atomic_write_text(out / "ncmi_vs_top1.csv", csv_text)
     plot_ncmi_vs_top1(rows, out / "ncmi_vs_top1.png")
     write_json(out / "ncmi_vs_top1.json", {"model": args.model, "data": str(root), "pearson_r": r, "rows": rows})
     print(md, end="")

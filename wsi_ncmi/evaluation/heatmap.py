@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from wsi_ncmi.data.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -306,13 +308,6 @@ def render_heatmap(
 
 
 # ---------------------------------------------------------------------------------------- exports
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_tile_scores(
     csv_path: str | Path | None,
     geojson_path: str | Path | None,
@@ -369,7 +364,7 @@ def write_tile_scores(
                 },
             })
         doc = {"type": "FeatureCollection", "features": features}
-        _atomic_write_text(Path(geojson_path), json.dumps(doc))
+        atomic_write_text(Path(geojson_path), json.dumps(doc))
 
 
 # ------------------------------------------------------------------------------------- one slide

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsi_ncmi.data.atomic import atomic_output, atomic_write_text
 from wsi_ncmi.ncmi import NearestCentroidClassifier, ncmi_metric
 
 __all__ = [
@@ -248,11 +248,6 @@ def pearson_r(x: Sequence[float], y: Sequence[float]) -> float:
     return float((a * b).sum()) / den if den > 0 else float("nan")
 
 
-def _atomic_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(path.name + ".tmp")
-
-
 def plot_ncmi_vs_top1(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Scatter of NCMI (x) vs top-1 (y), one labelled point per row (``name``, ``ncmi``, ``top1``); PNG."""
     import matplotlib
@@ -271,17 +266,12 @@ def plot_ncmi_vs_top1(rows: Sequence[dict[str, Any]], path: str | Path, title: s
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title or f"NCMI vs top-1 (Pearson r = {pearson_r(xs, ys):.3f})")
     fig.tight_layout()
-    tmp = _atomic_path(path)
-    fig.savefig(tmp, format="png")
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically (tmp file + ``os.replace``)."""
-    path = Path(path)
-    tmp = _atomic_path(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from wsi_ncmi.data.atomic import atomic_write_text
 from wsi_ncmi.metrics import SCALAR_METRICS, classification_metrics
 from wsi_ncmi.ncmi import ncmi_metric
 
@@ -376,20 +376,6 @@ def validate_report(report: Any, source: str = "report") -> None:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(v: Any, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
@@ -502,11 +488,11 @@ def write_report(out_dir: str | os.PathLike, report: Mapping[str, Any], predicti
     clean = _finite(report)
     validate_report(clean)
     paths = {"json": out / REPORT_JSON, "md": out / REPORT_MD, "predictions": out / PREDICTIONS_CSV}
-    _atomic_write_text(paths["json"], json.dumps(clean, indent=2, allow_nan=False) + "\n")
-    _atomic_write_text(paths["md"], report_markdown(clean))
+    atomic_write_text(paths["json"], json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["md"], report_markdown(clean))
     buf = io.StringIO()
     predictions.to_csv(buf, index=False, float_format="%.6g")
-    _atomic_write_text(paths["predictions"], buf.getvalue())
+    atomic_write_text(paths["predictions"], buf.getvalue())
     logger.info("wrote report to %s", out)
     return paths
 
@@ -677,8 +663,8 @@ def aggregate_reports(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.P
         }
     )
     out = Path(out_dir)
-    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    _atomic_write_text(out / "summary.csv", _summary_csv(summary))
-    _atomic_write_text(out / "summary.md", _summary_markdown(summary))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "summary.csv", _summary_csv(summary))
+    atomic_write_text(out / "summary.md", _summary_markdown(summary))
     logger.info("summarised %d reports in %d groups into %s", len(paths), len(out_groups), out)
     return summary
