@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from wsi_ncmi.data.atomic import atomic_output
 
 __all__ = ["main", "main_report", "build_parser", "build_report_parser"]
 
@@ -151,15 +151,8 @@ def _save_embeddings(path: Path, splits: Mapping[str, Any]) -> None:
             value = getattr(s, key)
             if value is not None:
                 arrays[f"{name}_{key}"] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".embeddings.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:  # a file object: numpy would append ".npz"
+        np.savez_compressed(fh, **arrays)
 
 
 def _summary_lines(report: Mapping[str, Any]) -> list[str]:

