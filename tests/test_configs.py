@@ -42,6 +42,7 @@ def test_config_values(leaf):
     assert cfg["trainer"]["gradient_clip_val"] == (5.0 if agg == "asmil" else None)
     assert cfg["data"]["num_classes"] == {"camelyon17": 4, "bracs": 3}[dataset]
     assert cfg["trainer"]["default_root_dir"] == f"runs/{dataset}_{agg}_{obj}"
+    assert (ROOT / cfg["data"]["split_csv"]).is_file(), "the default split table must be one we ship"
     if agg == "aem":
         assert m["model_kwargs"]["aem_lambda"] == 0.1
     if obj == "ncmi":

@@ -140,7 +140,10 @@ def test_cli_evaluate_and_report_on_real_checkpoints(bags, tmp_path: Path, capsy
         assert npz["test_log_probs"].shape[0] == ncmi_report["n_slides"]["test"]
     for k in (0, 1):  # two LP seeds -> one folder each
         head = read_report(outs[1] / f"seed{k}" / "report.json")
-        assert head["seed"] == k and set(head["metrics"]) == {"lp", "head"}
+        assert set(head["metrics"]) == {"lp", "head"}
+        # "seed" is the checkpoint's training seed (pl.seed_everything(1) above), the LP seed is probe_seed
+        assert (head["seed"], head["seed_source"], head["probe_seed"]) == (1, "training", k)
+    assert (ncmi_report["seed"], ncmi_report["seed_source"]) == (0, "training")
     assert "lp" in capsys.readouterr().out
 
     rc = main(["report", str(outs[0]), str(outs[1]), "--out", str(tmp_path / "summary")])
@@ -152,3 +155,16 @@ def test_cli_evaluate_and_report_on_real_checkpoints(bags, tmp_path: Path, capsy
     assert main(["evaluate", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "empty_dir_missing"), "--out", str(tmp_path / "y")]) == 2
+
+
+def test_training_seed_from_checkpoint_or_run_config(tmp_path: Path) -> None:
+    from wsi_ncmi.commands.evaluate_cli import _training_seed
+
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}}, ckpt)
+    assert _training_seed(ckpt) is None
+    (tmp_path / "run" / "config.yaml").write_text("seed_everything: 5\ntrainer: {}\n")
+    assert _training_seed(ckpt) == 5
+    torch.save({"state_dict": {}, "training_seed": 11}, ckpt)
+    assert _training_seed(ckpt) == 11

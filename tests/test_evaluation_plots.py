@@ -98,3 +98,14 @@ def test_plot_errors(tmp_path: Path) -> None:
     with pytest.raises(PlotError, match="no known metric"):
         plot_training_curves(bad, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_curve_panels_draw_every_loss_term() -> None:
+    from wsi_ncmi.evaluation.plots import _CURVE_PANELS, _curve_columns
+
+    cols = ["epoch", "step", "train/loss_step", "train/loss_epoch", "train/aem_entropy_epoch", "train/focal",
+            "train/lr", "val/loss", "val/macro_f1", "val/cc_accuracy", "val/ncmi", "val/f1_plus_auc"]
+    panels = {title: _curve_columns(cols, accepts) for title, accepts in _CURVE_PANELS}
+    assert panels["loss terms"] == ["train/loss_epoch", "train/aem_entropy_epoch", "train/focal", "val/loss"]
+    assert panels["validation"] == ["val/cc_accuracy", "val/macro_f1"]
+    assert panels["dataset-level NCMI (val)"] == ["val/ncmi"]

@@ -183,6 +183,9 @@ def test_paper_lookup_and_dataset_detection() -> None:
     assert detect_dataset("runs/BRACS/split.csv") == "bracs"
     assert detect_dataset("splits/bracs-3class.csv") == "bracs"
     assert detect_dataset("/tmp/other/split.csv") == "unknown"
+    assert detect_dataset("splits/camelyon17/seed1.csv") == "camelyon17"
+    assert detect_dataset("splits/camelyon17/loco_center3.csv") == "camelyon17_loco"  # not Table III's protocol
+    assert paper_for_protocol("camelyon17_loco", "abmil", "ncmi", "lp", 4) is None
 
 
 def _fake_run(root: Path, name: str, f1: float, objective: str = "ncmi", dataset: str = "camelyon17") -> Path:

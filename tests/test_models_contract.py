@@ -205,6 +205,32 @@ def test_value_checks_cover_padding_and_can_be_disabled() -> None:
     assert model(x, mask).logits.shape == (2, C)  # no error raised: the caller vouches for its inputs
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_float16_features_are_cast_and_overflow_is_named(name: str) -> None:
+    """Bags are stored float16: such input gives the float32 result; a finite input too large for the arithmetic
+    is an error naming the problem, not silent NaN logits; a diverged model is named as such."""
+    model = make(name).eval()
+    x, mask = padded_batch([6, 3])
+    ref = model(x.half().float(), mask).logits
+    assert torch.allclose(model(x.half(), mask).logits, ref, atol=1e-6)
+    huge = x.clamp(-1, 1) * 1e30  # finite, but LayerNorm / softmax statistics of such values overflow float32
+    try:
+        assert torch.isfinite(model(huge, mask).logits).all()  # either finite logits (ABMIL) ...
+    except MILInputError as err:  # ... or an error that says what is wrong, never NaN logits
+        assert "overflow" in str(err)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(MILInputError, match="not finite"):
+        model(x, mask)
+
+
+def test_unknown_model_keyword_lists_the_options() -> None:
+    from wsi_ncmi.models import MILConfigError, create_model
+
+    with pytest.raises(MILConfigError, match=r"asmil does not take 'dim'; its options are: .*n_token"):
+        create_model("asmil", in_dim=D, num_classes=C, dim=64)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", MODELS)
 def test_bf16_autocast_on_cuda(name: str) -> None:

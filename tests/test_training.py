@@ -69,8 +69,11 @@ def test_abmil_learns_witness_task(bags, tmp_path, objective):
     assert math.isfinite(float(m["train/loss"]))
     if objective == "ncmi":
         assert module.ncmi_loss is not None and isinstance(module.model.head, torch.nn.Identity)
-        for key in ("val/cmi", "val/gamma", "val/ncmi", "val/cc_accuracy", "train/cmi", "train/gamma"):
+        for key in ("val/cmi", "val/gamma", "val/ncmi", "val/cc_accuracy", "val/xi_accuracy", "train/cmi",
+                    "train/gamma"):
             assert key in m, key
+        assert float(m["val/xi_accuracy"]) == float(m["val/accuracy"])
+        assert float(m["val/cc_accuracy"]) > 0.7, dict(m)
     else:
         assert module.ncmi_loss is None and "train/ce" in m
 
@@ -86,6 +89,19 @@ def test_every_aggregator_learns(bags, tmp_path, model, objective):
     if model in ("aem", "asmil"):
         assert any(k.startswith("train/") and k not in ("train/loss", "train/ce", "train/ncmi", "train/cmi",
                    "train/gamma", "train/lr") for k in trainer.callback_metrics), "aux term not logged"
+
+
+def test_online_cc_accuracy_is_nearest_train_class_mean():
+    module = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi")
+    module.trainer = lightning.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert module._online_cc_accuracy(torch.full((3, 4), 0.25), torch.zeros(3, dtype=torch.long)) is None
+    module._train_p_sum = torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])  # class means:
+    module._train_p_count = torch.tensor([4.0, 2.0])  # [.75 .25 0 0], [0 0 .5 .5]
+    p = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.1, 0.5, 0.4], [0.1, 0.0, 0.45, 0.45]])
+    assert module._online_cc_accuracy(p, torch.tensor([0, 1, 1])) == pytest.approx(1.0)
+    assert module._online_cc_accuracy(p, torch.tensor([1, 1, 0])) == pytest.approx(1 / 3)
+    module._train_p_count = torch.tensor([4.0, 0.0])  # class 1 unseen this epoch: never predicted
+    assert module._online_cc_accuracy(p, torch.tensor([0, 0, 0])) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -300,7 +316,8 @@ def test_ncmi_metrics_skipped_when_validation_holds_one_class(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # ncmi_metric warns on Γ = 0
             module._log_eval("val")
-        assert "val/cc_accuracy" in logged and "val/loss" in logged
+        assert "val/xi_accuracy" in logged and "val/loss" in logged
+        assert "val/cc_accuracy" not in logged  # no training epoch yet: no class means to compare with
         assert ("val/ncmi" in logged) == (len(set(labels)) == 2)
         assert ("val/gamma" in logged) == (len(set(labels)) == 2)
 

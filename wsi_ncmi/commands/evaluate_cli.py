@@ -1,7 +1,7 @@
 """`wsi-ncmi evaluate` (one checkpoint → report) and `wsi-ncmi report` (several runs → mean ± std).
 
     wsi-ncmi evaluate --ckpt runs/c17_abmil_ncmi/checkpoints/best.ckpt \\
-        --data.bags_dir BAGS --data.split_csv splits/camelyon17.csv --out runs/c17_abmil_ncmi/eval
+        --data.bags_dir BAGS --data.split_csv splits/camelyon17/seed0.csv --out runs/c17_abmil_ncmi/eval
     wsi-ncmi report runs/c17_abmil_ncmi_s*/eval runs/c17_abmil_ce_s*/eval --out results/c17
 
 `evaluate` loads the ``MILModule`` checkpoint (``weights_only=True``), embeds the train / val / test splits
@@ -11,9 +11,11 @@ runs; ``head`` for runs trained with a head) and writes, into ``--out``:
 * one seed (the default, ``--seeds 0``): ``report.json``, ``report.md``, ``predictions.csv`` and the
   figures (``roc_*``, ``confusion_*``, ``training_curves.png``, ``embedding_pca.png``) directly in ``--out``;
 * several seeds (``--seeds 0 1 2``): one folder ``--out/seed<k>/`` per seed with its own report and
-  ROC / confusion figures, and the seed-independent figures in ``--out``. The seed is the linear probe's
-  ``random_state``; with the default lbfgs solver the probe is deterministic, so LP numbers only change
-  with ``--solver saga``. Seeds of *training* are separate runs: evaluate each checkpoint and aggregate.
+  ROC / confusion figures, and the seed-independent figures in ``--out``. These seeds are the linear probe's
+  ``random_state`` (``probe_seed`` in the report); with the default lbfgs solver the probe is deterministic,
+  so LP numbers only change with ``--solver saga``. Seeds of *training* are separate runs: evaluate each
+  checkpoint and aggregate. The report's ``seed`` is the training seed stored in the checkpoint (or, for
+  checkpoints without one, ``seed_everything`` of the run folder's ``config.yaml``; else the probe seed).
 * ``embeddings.npz`` (slide ids, labels, embeddings, LP inputs and NCMI log-probs per split; no pickles).
 
 `report` accepts run folders or ``report.json`` files (folders are searched recursively, so either layout
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data.fold", dest="fold", type=int, default=None, help="fold of a k-fold split table")
     p.add_argument("--data.num_workers", dest="num_workers", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder of the report")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="linear-probe seeds (default: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="linear-probe seeds (default: 0; only stochastic solvers such as saga depend on them)")
     p.add_argument("--class-weight", choices=["none", "balanced"], default="none",
                    help="class_weight of the linear probe (default: none)")
     p.add_argument("--refit", choices=["train", "train+val"], default="train",
@@ -107,8 +109,36 @@ def _datamodule_hparams(ckpt: Path) -> dict[str, Any]:
     return dict(hp) if isinstance(hp, Mapping) else {}
 
 
+def _run_dir(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def _training_seed(ckpt: Path) -> int | None:
+    """The seed the checkpoint was trained with: stored by ``MILModule`` or the run's ``config.yaml``."""
+    import torch
+    import yaml
+
+    state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    seed = state.get("training_seed")
+    if isinstance(seed, int):
+        return seed
+    config = _run_dir(ckpt) / "config.yaml"
+    if config.is_file():
+        try:
+            value = (yaml.safe_load(config.read_text()) or {}).get("seed_everything")
+        except (yaml.YAMLError, AttributeError) as err:
+            logger.warning("%s: cannot read seed_everything (%s)", config, err)
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def _find_metrics_csv(ckpt: Path) -> Path | None:
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    run_dir = _run_dir(ckpt)
+    top = run_dir / "metrics.csv"  # the training log (validate/test runs log into sub-folders)
+    if top.is_file():
+        return top
     hits = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     return hits[-1] if hits else None
 
@@ -205,11 +235,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.metrics_csv and not metrics_csv.is_file():
         raise EvaluateArgumentError(f"--metrics-csv {metrics_csv}: no such file")
 
+    train_seed = _training_seed(ckpt)
     multi = len(args.seeds) > 1
     for seed in args.seeds:
         report, preds = evaluate_run(
             splits, num_classes, dataset=dataset, split_csv=str(dm.split_csv), model=str(hp["model"]),
-            objective=module.objective, seed=seed, class_names=dm.class_names,
+            objective=module.objective, seed=seed, train_seed=train_seed, class_names=dm.class_names,
             class_weight=None if args.class_weight == "none" else args.class_weight,
             Cs=tuple(args.Cs) if args.Cs else DEFAULT_CS, refit=args.refit, extra=extra,
             solver=args.solver,

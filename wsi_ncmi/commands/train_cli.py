@@ -8,7 +8,8 @@ Config files may compose others with ``__base__`` (see :mod:`wsi_ncmi.training.c
 ``model.num_classes`` are taken from the data (``data.in_dim`` / ``data.num_classes``).
 
 Run folder = ``--trainer.default_root_dir`` (``runs/<name>``):
-``metrics.csv`` + ``hparams.yaml`` (CSVLogger, unless another logger is configured), ``config.yaml`` (the
+``metrics.csv`` + ``hparams.yaml`` (:class:`RunCSVLogger`, unless another logger is configured; a resumed fit
+appends to it, ``validate`` / ``test`` write ``<run>/<subcommand>/metrics.csv``), ``config.yaml`` (the
 resolved config), ``checkpoints/best.ckpt`` (best ``--checkpoint.monitor``, default ``val/f1_plus_auc``, max)
 and ``checkpoints/last.ckpt`` (after every validation, see :class:`LastCheckpoint`). ``--ckpt_path last`` (or the file) resumes exactly, RNG states included.
 
@@ -20,12 +21,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
 from wsi_ncmi.data import BagError, MILDataModule, SplitError
 from wsi_ncmi.data.mil import MILDataError
@@ -36,7 +37,9 @@ from wsi_ncmi.training import (
     MILModule,
     PreflightError,
     RNGStateCheckpoint,
+    RunCSVLogger,
     TrainingConfigError,
+    TrimLogOnFitStart,
     expand_config_args,
     preflight_check,
 )
@@ -102,18 +105,27 @@ class MILCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self._cfg()
         if self.subcommand == "fit":
-            callbacks = [c for c in self.trainer_defaults.get("callbacks", []) if not isinstance(c, LastCheckpoint)]
-            self.trainer_defaults["callbacks"] = [*callbacks, LastCheckpoint(dirpath=cfg.checkpoint.dirpath)]
+            callbacks = [c for c in self.trainer_defaults.get("callbacks", [])
+                         if not isinstance(c, LastCheckpoint | TrimLogOnFitStart)]
+            self.trainer_defaults["callbacks"] = [*callbacks, LastCheckpoint(dirpath=cfg.checkpoint.dirpath),
+                                                  TrimLogOnFitStart()]
         if cfg.trainer.logger in (None, True):
+            # fit: <root>/metrics.csv, appended on resume; validate/test: <root>/<subcommand>/metrics.csv
             root = cfg.trainer.default_root_dir or "."
-            kwargs["logger"] = CSVLogger(save_dir=root, name="", version="")
+            version = "" if self.subcommand == "fit" else self.subcommand
+            kwargs["logger"] = RunCSVLogger(save_dir=root, name="", version=version)
         return super().instantiate_trainer(**kwargs)
 
 
 def run_cli(subcommand: str, argv: list[str]) -> MILCLI:
     """Parse ``argv`` for ``subcommand`` (fit / validate / test), build everything and run it; return the CLI
     (``.trainer``, ``.model``, ``.datamodule``). Errors propagate (see the ``main_*`` functions)."""
-    return MILCLI(args=[subcommand, *expand_config_args(list(argv))])
+    with warnings.catch_warnings():
+        # argv is passed explicitly (it is sys.argv minus the sub-command, with __base__ files expanded), which
+        # LightningCLI warns about by printing the whole argument list; validate/test need no LastCheckpoint
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used")
+        return MILCLI(args=[subcommand, *expand_config_args(list(argv))])
 
 
 def _main(subcommand: str, argv: list[str] | None) -> int:

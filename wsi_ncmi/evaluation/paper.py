@@ -59,7 +59,19 @@ _DATASET_ALIASES = {
 
 def detect_dataset(path: str | os.PathLike) -> str:
     """Dataset name from a split-table path: ``"camelyon17"`` or ``"bracs"`` when a path component
-    (folder or file stem, case-insensitive) names it, else ``"unknown"``."""
+    (folder or file stem, case-insensitive) names it, else ``"unknown"``.
+
+    CAMELYON-17 leave-one-center-out tables (file stem starting with ``loco``, as ``splits/camelyon17/
+    loco_center<k>.csv``) are ``"camelyon17_loco"``: another protocol than the paper's Table III (test =
+    centers 3-4), so no paper numbers are shown beside them and they are not averaged with it.
+    """
+    name = _detect(path)
+    if name == "camelyon17" and Path(path).stem.lower().startswith("loco"):
+        return "camelyon17_loco"
+    return name
+
+
+def _detect(path: str | os.PathLike) -> str:
     parts = [p.lower() for p in Path(path).parts]
     parts[-1:] = [Path(parts[-1]).stem] if parts else []
     for name, aliases in _DATASET_ALIASES.items():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +110,29 @@ def plot_confusion(
     return _save(fig, path)
 
 
-# metrics.csv column groups -> panel title (columns matched by prefix / name)
-_CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("loss terms", ("train/loss", "train/ce", "train/ncmi", "train/cmi", "train/gamma", "val/loss")),
-    ("validation", ("val/macro_f1", "val/macro_auc", "val/accuracy", "val/balanced_accuracy")),
-    ("dataset-level NCMI (val)", ("val/ncmi", "val/cmi", "val/gamma")),
+# metrics.csv column groups -> panel title; a column joins the first panel whose rule accepts its base name
+# (the name before an ``_epoch`` / ``_step`` suffix). Loss terms are every ``train/*`` scalar but the lr, so
+# auxiliary terms (AEM entropy, ASMIL alignment) and any registry loss's own terms are drawn too.
+_VAL_SCORES = ("val/macro_f1", "val/macro_auc", "val/accuracy", "val/balanced_accuracy", "val/cc_accuracy",
+               "val/xi_accuracy")
+_VAL_NCMI = ("val/ncmi", "val/cmi", "val/gamma")
+_CURVE_PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("loss terms", lambda b: (b.startswith("train/") and not b.startswith("train/lr")) or b == "val/loss"),
+    ("validation", lambda b: b in _VAL_SCORES),
+    ("dataset-level NCMI (val)", lambda b: b in _VAL_NCMI),
 )
+
+
+def _curve_columns(columns: Sequence[str], accepts: Callable[[str], bool]) -> list[str]:
+    """Columns accepted by a panel rule, one per base name: the ``_epoch`` column wins over ``_step``."""
+    chosen: dict[str, str] = {}
+    for col in columns:
+        base = col.removesuffix("_epoch").removesuffix("_step")
+        if not accepts(base):
+            continue
+        if base not in chosen or col.endswith("_epoch") or col == base:
+            chosen[base] = col
+    return [chosen[b] for b in sorted(chosen, key=lambda b: (b != "train/loss", b))]
 
 
 def _epoch_table(metrics_csv: str | os.PathLike) -> pd.DataFrame:
@@ -134,19 +151,12 @@ def _epoch_table(metrics_csv: str | os.PathLike) -> pd.DataFrame:
 def plot_training_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Per-epoch curves from a Lightning CSVLogger ``metrics.csv`` (one panel per group that exists).
 
-    Columns are matched exactly or by their name before an ``_epoch`` / ``_step`` suffix.
+    Panels: every ``train/*`` loss term (+ ``val/loss``), the validation scores, the dataset-level NCMI;
+    step-level columns are averaged per epoch, and an ``_epoch`` column is preferred over its ``_step`` twin.
     """
     table = _epoch_table(metrics_csv)
-    panels = []
-    for title, names in _CURVE_PANELS:
-        cols = []
-        for name in names:
-            for col in table.columns:
-                base = col.removesuffix("_epoch").removesuffix("_step")
-                if base == name and table[col].notna().any() and col not in cols:
-                    cols.append(col)
-        if cols:
-            panels.append((title, cols))
+    present = [c for c in table.columns if table[c].notna().any()]
+    panels = [(title, cols) for title, accepts in _CURVE_PANELS if (cols := _curve_columns(present, accepts))]
     if not panels:
         raise PlotError(f"{metrics_csv}: no known metric columns to plot (columns: {list(table.columns)})")
     plt = _pyplot()

@@ -16,6 +16,9 @@ and the mean ± std summary over several runs.
      "ncmi": {"<split>": {"cmi", "gamma", "ncmi"}},
      ...extra keys ("num_classes", "class_names", "protocol_info", "ncmi_source", "created", ...)}
 
+``"seed"`` is the *training* seed of the checkpoint when it is known (``"seed_source": "training"``), else the
+linear probe's seed (``"seed_source": "probe"``); the probe's seed is always in ``"probe_seed"``.
+
 Non-finite numbers (an undefined AUC, an infinite NCMI) are stored as JSON ``null``.
 
 The ``"ncmi"`` block is the dataset-level NCMI metric of each split (closed-form centroids of the split
@@ -87,7 +90,8 @@ REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
     "metrics": dict,
     "ncmi": dict,
 }
-_RESERVED = {*REQUIRED_KEYS, "ncmi_source", "num_classes", "class_names", "protocol_info", "created"}
+_RESERVED = {*REQUIRED_KEYS, "ncmi_source", "num_classes", "class_names", "protocol_info", "created", "probe_seed",
+             "seed_source"}
 REPORT_JSON, REPORT_MD, PREDICTIONS_CSV = "report.json", "report.md", "predictions.csv"
 
 
@@ -198,6 +202,7 @@ def evaluate_run(
     model: str,
     objective: str,
     seed: int = 0,
+    train_seed: int | None = None,
     class_names: Sequence[str] | None = None,
     class_weight: str | None = None,
     Cs: Sequence[float] = DEFAULT_CS,
@@ -208,7 +213,8 @@ def evaluate_run(
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Run every applicable protocol on embedded ``splits`` (must hold train, val and test).
 
-    ``protocols`` restricts the protocols (default: all that apply). Returns the report dict (module
+    ``seed`` seeds the linear probe; ``train_seed`` is the seed the checkpoint was trained with (reported as
+    ``"seed"`` when given). ``protocols`` restricts the protocols (default: all that apply). Returns the report dict (module
     docstring) and the predictions table (``protocol, split, slide_id, label, prediction, prob_<class>...``).
     """
     missing = [s for s in SPLITS if s not in splits]
@@ -259,7 +265,9 @@ def evaluate_run(
         "split_csv": str(split_csv),
         "model": str(model),
         "objective": str(objective),
-        "seed": int(seed),
+        "seed": int(seed if train_seed is None else train_seed),
+        "seed_source": "probe" if train_seed is None else "training",
+        "probe_seed": int(seed),
         "n_slides": {s: len(ordered[s]) for s in SPLITS},
         "metrics": metrics,
         "ncmi": ncmi,
@@ -417,7 +425,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"- split table: `{report['split_csv']}`; slides: "
         + ", ".join(f"{k} {v}" for k, v in report["n_slides"].items()),
-        f"- seed: {report['seed']}" + (f"; created {report['created']}" if report.get("created") else ""),
+        f"- seed: {report['seed']} ({report.get('seed_source', 'probe')})"
+        + (f"; probe seed {report['probe_seed']}" if report.get("probe_seed") is not None else "")
+        + (f"; created {report['created']}" if report.get("created") else ""),
     ]
     for key in ("checkpoint", "centroid_update", "ncmi_source"):
         if report.get(key) is not None:

@@ -142,13 +142,46 @@ class MILAggregator(nn.Module):
         raise NotImplementedError
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> BagFeatures:
-        """``x [B, N, D_in]``, ``mask [B, N]`` bool|None -> :class:`BagFeatures`."""
+        """``x [B, N, D_in]``, ``mask [B, N]`` bool|None -> :class:`BagFeatures`.
+
+        Features in another floating dtype than the model's (e.g. float16 as stored in bags) are cast to it
+        unless autocast is active. With ``check_values`` a non-finite embedding from finite features (values
+        too large for the arithmetic) raises :class:`MILInputError` instead of giving NaN logits.
+        """
         mask = self.check_input(x, mask)
-        return self._forward_features(x, mask)
+        ref = next(self.parameters(), None)
+        if ref is not None and x.dtype != ref.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(ref.dtype)
+        feats = self._forward_features(x, mask)
+        self._check_output(x, feats.embedding, "slide embedding")
+        return feats
+
+    def _check_output(self, x: Tensor, out: Tensor, what: str) -> None:
+        """With ``check_values``: raise :class:`MILInputError` when ``out`` is not finite although ``x`` is.
+
+        Skipped under float16 autocast, where a transient overflow is the gradient scaler's to handle.
+        """
+        if not self.check_values or _is_compiling():
+            return
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16:
+            return
+        if bool(torch.isfinite(out).all()):
+            return
+        name = type(self).__name__
+        bad = [n for n, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise MILInputError(f"{name}: the {what} is not finite: parameters {bad[:3]} are (training diverged?)")
+        peak = float(x.detach().abs().amax())
+        raise MILInputError(
+            f"{name}: the {what} is not finite although the features are (max |x| = {peak:.3g}); "
+            f"features this large overflow {x.dtype} arithmetic: rescale them"
+        )
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> MILOutput:
         feats = self.forward_features(x, mask)
         logits = self.forward_head(feats.embedding)  # [B, C]
+        self._check_output(x, logits, "logits")
         return MILOutput(logits=logits, embedding=feats.embedding, attention=feats.attention,
                          aux=feats.aux, attention_heads=feats.attention_heads)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -39,7 +40,17 @@ def create_model(name: str, in_dim: int, num_classes: int, **kwargs: object) -> 
     key = str(name).lower()
     if key not in _REGISTRY:
         raise MILConfigError(f"create_model: unknown model {name!r}; available: {', '.join(list_models())}")
-    model = _REGISTRY[key](in_dim=in_dim, num_classes=num_classes, **kwargs)
+    factory = _REGISTRY[key]
+    accepted = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    unknown = sorted(k for k in kwargs if k not in accepted) if not takes_any else []
+    if unknown:
+        options = [n for n, p in accepted.items() if n not in ("in_dim", "num_classes", "self")
+                   and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        raise MILConfigError(
+            f"create_model: {key} does not take {', '.join(map(repr, unknown))}; its options are: {', '.join(options)}"
+        )
+    model = factory(in_dim=in_dim, num_classes=num_classes, **kwargs)
     logger.debug("created %s (in_dim=%d, num_classes=%d, embed_dim=%d)", key, in_dim, num_classes,
                  model.embed_dim)
     return model

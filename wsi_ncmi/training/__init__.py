@@ -8,6 +8,7 @@ from .compose import ConfigComposeError, compose_config, expand_config_args
 from .mil_module import CENTROID_OPTIMIZERS, OBJECTIVES, MILModule, TrainingConfigError
 from .optim import OPTIMIZERS, SCHEDULES, OptimConfigError, build_optimizer, build_scheduler
 from .preflight import PreflightError, preflight_check
+from .run_log import RunCSVLogger, TrimLogOnFitStart, trim_metrics_csv
 from .val_metrics import epoch_metrics
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "PreflightError",
     "LastCheckpoint",
     "RNGStateCheckpoint",
+    "RunCSVLogger",
+    "TrimLogOnFitStart",
     "TrainingConfigError",
     "build_optimizer",
     "build_scheduler",
@@ -30,6 +33,7 @@ __all__ = [
     "expand_config_args",
     "preflight_check",
     "restore_rng_state",
+    "trim_metrics_csv",
 ]
 
 try:  # owned by the natural-image track; optional here
