@@ -29,7 +29,14 @@ from torch.utils.data import DataLoader
 from preprocessing import readers, synthetic
 from preprocessing.config import PreprocessConfig
 from preprocessing.encoders import build_encoder
-from preprocessing.extract import SlideStream, _identity, plan_slides, run, settings_fingerprint
+from preprocessing.extract import (
+    SlideStream,
+    _identity,
+    _loader_kwargs,
+    plan_slides,
+    run,
+    settings_fingerprint,
+)
 
 
 def make_slides(folder: Path, n_tiles: int, patch: int, target_mpp: float, slide_mpp: float, per_slide: int) -> int:
@@ -68,9 +75,10 @@ def cpu_seconds() -> float:
 def read_rate(cfg: PreprocessConfig) -> tuple[float, int, float]:
     """(tiles/s wall, tiles, busy cores = CPU seconds / wall seconds) of the SlideStream alone."""
     tasks = plan_slides(cfg)
-    stream = SlideStream(tasks, cfg, settings_fingerprint(cfg, "random"), os.getpid(), Path(cfg.output) / "readonly")
+    stream = SlideStream(tasks, cfg, settings_fingerprint(cfg, "random"), os.getpid(), Path(cfg.output) / "readonly",
+                         workers=cfg.workers)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, collate_fn=_identity,
-                        prefetch_factor=4 if cfg.workers else None, in_order=False)
+                        prefetch_factor=4 if cfg.workers else None, **_loader_kwargs())
     n, t0, c0 = 0, time.perf_counter(), cpu_seconds()
     for msg in loader:  # exhausting the iterator joins (reaps) the workers, so their CPU time is counted
         if msg["kind"] == "tiles":
@@ -121,7 +129,7 @@ def main() -> None:
              f"after {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"]
     for name in a.encoders:
         cfg = PreprocessConfig(output=str(out / name), encoder=name, **base).validate()
-        enc = build_encoder(name, "random", cfg.device, cfg.precision, cfg.compile)
+        enc = build_encoder(name, "random", cfg.device, cfg.precision, cfg.compile, tile_size=a.patch_size)
         ceil = ceiling(enc, a.batch_size, enc.preprocess.size or a.patch_size, a.ceiling_seconds)
         del enc
         t, c = time.perf_counter(), cpu_seconds()

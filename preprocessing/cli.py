@@ -2,6 +2,10 @@
 
 Flags and ``--config`` YAML keys are the fields of :class:`preprocessing.config.PreprocessConfig`;
 flags given on the command line override the YAML.
+
+Exit codes: 0 every slide ok / no_tissue / skipped; 3 at least one slide ended error, unreadable or
+mpp_missing (the summary is printed first; details in OUT/manifest.csv); 2 invalid flags or config;
+1 the run could not start (e.g. missing weights, bad --mpp-csv).
 """
 
 from __future__ import annotations
@@ -13,14 +17,21 @@ from dataclasses import fields
 
 from .config import ConfigError, PreprocessConfig, load_yaml
 
+EXIT_SLIDES_FAILED = 3
+
 _HELP = {
     "input": "folder searched recursively for svs/tif/tiff/ndpi/mrxs/scn/bif (and png/jpg with --mpp-csv)",
     "output": "output folder: bags/, thumbnails/, manifest.csv, locks/",
     "target_mpp": "µm per pixel of the tiles (default 0.5)",
     "patch_size": "tile side in pixels at --target-mpp (default 256)",
     "overlap": "overlap between neighbouring tiles in pixels (default 0)",
-    "encoder": "resnet50_trunc, mobilenet_v2_tv or any timm model name",
-    "weights": "local .safetensors/.pth file, or 'random' (nothing is downloaded)",
+    "encoder": "resnet50_trunc, mobilenet_v2_tv, a preset (uni) or any timm model name",
+    "weights": "local .safetensors/.pth/.bin state dict, or 'random' (nothing is downloaded)",
+    "encoder_kwargs": "JSON object passed to timm.create_model, e.g. '{\"init_values\": 1e-5}'",
+    "mean": "normalisation mean R G B on the 0..1 scale (default: the encoder's)",
+    "std": "normalisation std R G B on the 0..1 scale (default: the encoder's)",
+    "input_size": "side the tiles are resized to on the device (0: no resize; default: the encoder's)",
+    "compile": "torch.compile the encoder (CUDA; first batches are slower while it compiles)",
     "workers": "DataLoader worker processes reading slides (0: in the main process)",
     "device": "cuda, cpu or auto",
     "precision": "autocast precision on CUDA: bf16, fp16 or fp32 (CPU always runs fp32)",
@@ -30,23 +41,38 @@ _HELP = {
     "mpp_csv": "CSV with columns slide_id,mpp; overrides the files' mpp",
     "slides": "CSV with a slide_id (or path) column: process only these",
     "shard": "i/n: process the i-th (0-based) of n interleaved parts of the sorted slide list",
-    "stages": "comma list of seg,tile,extract",
+    "tissue_threshold": "saturation threshold (0-255) for --tissue-method fixed; floor for otsu (default 8)",
+    "seg_mpp": "µm/px of the thumbnail tissue is segmented on (default 8)",
+    "mpp_tolerance": "allowed relative difference between tile pixel size and --target-mpp (default 0.05)",
+    "stages": "comma list of seg,tile,extract; 'seg,tile' writes coords/<id>.h5 and thumbnails, a later "
+              "'extract' run reuses those coords when the tiling settings and slide file are unchanged",
     "overwrite": "redo slides even if their bag is up to date",
-    "fail_fast": "stop at the first unreadable / failed / mpp-less slide",
+    "fail_fast": "stop at the first unreadable / failed / mpp-less slide (exit code 3)",
     "lock_timeout": "seconds after which another process's lock counts as stale",
 }
 
 
+_EPILOG = """exit codes:
+  0  every slide ended ok, no_tissue or skipped (up to date / locked by another process)
+  1  the run could not start (missing or bad weights, bad --mpp-csv / --slides file, ...)
+  2  invalid flags or config file
+  3  at least one slide ended error, unreadable or mpp_missing (see OUT/manifest.csv)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsi-preprocess", description=__doc__.splitlines()[0],
-                                argument_default=argparse.SUPPRESS)
+                                argument_default=argparse.SUPPRESS, epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with the same keys as the flags")
     p.add_argument("-v", "--verbose", action="count", default=0)
     for f in fields(PreprocessConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+        kind = kind.replace(" | None", "")
         if kind == "bool":
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=_HELP.get(f.name))
+        elif kind == "list[float]":
+            p.add_argument(flag, dest=f.name, type=float, nargs=3, metavar=("R", "G", "B"), help=_HELP.get(f.name))
         else:
             conv = {"int": int, "float": float}.get(kind, str)
             p.add_argument(flag, dest=f.name, type=conv, help=_HELP.get(f.name))
@@ -79,8 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     print(result.summary())
     if result.locked:
         print(f"{len(result.locked)} slide(s) were being processed by another process")
-    failed = sum(s in ("error", "unreadable") for s in result.statuses.values())
-    return 1 if failed and cfg.fail_fast else 0
+    failed = result.failed()
+    if result.stopped:
+        print(f"wsi-preprocess: {result.stopped}", file=sys.stderr)
+    if failed:
+        print(f"wsi-preprocess: {len(failed)} slide(s) failed ({', '.join(failed[:5])}"
+              f"{', ...' if len(failed) > 5 else ''}); see {cfg.output}/manifest.csv", file=sys.stderr)
+        return EXIT_SLIDES_FAILED
+    return 0
 
 
 if __name__ == "__main__":

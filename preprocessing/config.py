@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,6 +30,10 @@ class PreprocessConfig:
     overlap: int = 0
     encoder: str = "resnet50_trunc"
     weights: str | None = None
+    encoder_kwargs: Any = None  # JSON object (flag) or mapping (YAML) passed to timm.create_model
+    mean: list[float] | None = None  # R G B on the 0..1 scale; None: the encoder's own
+    std: list[float] | None = None
+    input_size: int | None = None  # side tiles are resized to on the device; 0: no resize; None: the encoder's
     batch_size: int = 256
     workers: int = field(default_factory=_default_workers)
     device: str = "auto"
@@ -52,6 +57,22 @@ class PreprocessConfig:
     @property
     def stage_set(self) -> frozenset[str]:
         return frozenset(s.strip() for s in self.stages.split(",") if s.strip())
+
+    @property
+    def encoder_kwargs_dict(self) -> dict[str, Any]:
+        """``encoder_kwargs`` as a dict (parsed from JSON when given as a string)."""
+        v = self.encoder_kwargs
+        if v is None or v == "":
+            return {}
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError as e:
+                raise ConfigError(f"--encoder-kwargs {self.encoder_kwargs!r}: not valid JSON: {e}") from None
+        if not isinstance(v, dict):
+            raise ConfigError(f"--encoder-kwargs {self.encoder_kwargs!r}: expected a JSON object, e.g. "
+                              '\'{"init_values": 1e-5}\'')
+        return dict(v)
 
     @property
     def shard_index(self) -> tuple[int, int]:
@@ -78,6 +99,13 @@ class PreprocessConfig:
             raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}")
         if self.features_dtype not in ("float16", "float32"):
             raise ConfigError(f"--features-dtype must be float16 or float32, got {self.features_dtype!r}")
+        self.encoder_kwargs_dict  # noqa: B018 - raises ConfigError when malformed
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None and (len(v) != 3 or (name == "std" and min(float(x) for x in v) <= 0)):
+                raise ConfigError(f"--{name} {v}: expected three numbers R G B (0..1 scale)")
+        if self.input_size is not None and int(self.input_size) < 0:
+            raise ConfigError(f"--input-size must be >= 0 (0: no resize), got {self.input_size}")
         bad = self.stage_set - set(STAGES)
         if bad or not self.stage_set:
             raise ConfigError(f"--stages {self.stages!r}: choose from {','.join(STAGES)}")

@@ -5,16 +5,46 @@ from __future__ import annotations
 import csv
 import io
 import os
+import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from .locks import file_lock
 
-__all__ = ["STATUSES", "COLUMNS", "Manifest", "read_manifest", "summary_table"]
+__all__ = ["STATUSES", "COLUMNS", "Manifest", "read_manifest", "summary_table", "atomic_path",
+           "atomic_write_bytes"]
 
 STATUSES = ("ok", "no_tissue", "mpp_missing", "unreadable", "error", "skipped")
 COLUMNS = ("slide_id", "path", "status", "n_tiles", "bad_tiles", "mpp", "effective_mpp", "seconds", "message")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; on success it is fsync'ed and renamed to ``path`` (a
+    reader or a crash never sees half a file), on an exception it is removed. (``preprocessing`` may import
+    only ``wsi_ncmi.data.bags`` of ours, so this is its own copy of ``wsi_ncmi.data.atomic``.)"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (fsync + rename); returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def read_manifest(path: str | Path) -> dict[str, dict[str, str]]:
@@ -48,9 +78,7 @@ class Manifest:
             w.writeheader()
             for sid in sorted(rows):
                 w.writerow(rows[sid])
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(buf.getvalue(), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write_bytes(self.path, buf.getvalue().encode("utf-8"))
 
     def rows(self) -> dict[str, dict[str, str]]:
         return read_manifest(self.path)

@@ -4,7 +4,12 @@
 (mpp, µm per level-0 pixel) comes, in order, from: an explicit override (``--mpp-csv``), OpenSlide's
 ``openslide.mpp-x/y``, vendor keys (``aperio.MPP``, Hamamatsu/Philips/Leica keys), the TIFF
 XResolution + ResolutionUnit (centimetre or inch; NONE means unknown). It is never guessed: a slide
-without one has ``mpp = None`` and the pipeline reports ``mpp_missing``.
+without one has ``mpp = None`` and the pipeline reports ``mpp_missing``. A value from the file outside
+``PLAUSIBLE_MPP`` (e.g. the 72 dpi = 352.8 µm/px many writers put in every TIFF) is rejected as if absent
+(logged, and named in the ``mpp_missing`` message); an ``--mpp-csv`` value is the user's and is used as is.
+
+``.tif``/``.tiff`` files that OpenSlide cannot open (plain stripped TIFFs) are read whole by
+:class:`TiffImageReader` (one level; mpp from ``--mpp-csv`` or a plausible TIFF resolution).
 """
 
 from __future__ import annotations
@@ -35,7 +40,18 @@ __all__ = [
     "find_slides",
     "slide_id_of",
     "mpp_from_properties",
+    "TiffImageReader",
+    "FALLBACK_READERS",
+    "PLAUSIBLE_MPP",
+    "plausible_mpp",
 ]
+
+# µm per pixel a slide's level 0 can plausibly have (scanners: ~0.1-1; low-power scans a few µm)
+PLAUSIBLE_MPP = (0.05, 20.0)
+
+
+def plausible_mpp(v: float | None) -> bool:
+    return v is not None and PLAUSIBLE_MPP[0] <= v <= PLAUSIBLE_MPP[1]
 
 
 class SlideError(ValueError):
@@ -209,11 +225,20 @@ MPP_RULES: tuple[Callable[[Mapping[str, str]], float | None], ...] = (
 )
 
 
-def mpp_from_properties(properties: Mapping[str, str]) -> float | None:
-    """µm per level-0 pixel from slide properties, or None (never guessed)."""
+def mpp_from_properties(properties: Mapping[str, str], rejected: list[str] | None = None) -> float | None:
+    """µm per level-0 pixel from slide properties, or None (never guessed).
+
+    The first rule giving a value inside ``PLAUSIBLE_MPP`` wins; implausible values are logged and, when
+    ``rejected`` is given, described there ("352.8 µm/px from _mpp_tiff").
+    """
     for rule in MPP_RULES:
         if (v := rule(properties)) is not None:
-            return float(v)
+            if plausible_mpp(v):
+                return float(v)
+            what = f"{v:.4g} µm/px from {rule.__name__.removeprefix('_mpp_')} (outside {PLAUSIBLE_MPP})"
+            log.warning("ignoring implausible mpp %s", what)
+            if rejected is not None:
+                rejected.append(what)
     return None
 
 
@@ -237,7 +262,9 @@ class OpenSlideReader(SlideReader):
         self._slide = self._open()
         props = dict(self._slide.properties)
         self.properties = props
-        self.mpp = float(mpp) if mpp is not None else mpp_from_properties(props)
+        rejected: list[str] = []
+        self.mpp = float(mpp) if mpp is not None else mpp_from_properties(props, rejected)
+        self.mpp_rejected = "; ".join(rejected)  # implausible values found in the file
         self.magnification = _magnification(props)
         self._dims = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
         self._downs = tuple(float(d) for d in self._slide.level_downsamples)
@@ -306,6 +333,7 @@ class ImageReader(SlideReader):
             raise UnreadableSlideError(f"{self.path}: cannot decode the image")
         self._rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         self.mpp = float(mpp) if mpp is not None else None
+        self.mpp_rejected = ""
         self.magnification = None
         self.properties: dict[str, str] = {}
 
@@ -330,6 +358,45 @@ class ImageReader(SlideReader):
         return out
 
 
+_TIFF_UNITS = {1: "none", 2: "inch", 3: "centimeter"}
+
+
+def _tiff_resolution_properties(path: Path) -> dict[str, str]:
+    """The first page's resolution tags in OpenSlide's property names (``tiff.XResolution`` ...)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            out: dict[str, str] = {}
+            for name in ("XResolution", "YResolution"):
+                if name in tags:
+                    num, den = tags[name].value
+                    out[f"tiff.{name}"] = str(num / den) if den else "0"
+            if "ResolutionUnit" in tags:
+                out["tiff.ResolutionUnit"] = _TIFF_UNITS.get(int(tags["ResolutionUnit"].value), "none")
+            return out
+    except Exception as e:  # noqa: BLE001 - the tags are optional; tifffile raises many types
+        log.debug("%s: no TIFF resolution tags: %s", path, e)
+        return {}
+
+
+class TiffImageReader(ImageReader):
+    """A plain (stripped, non-pyramidal) TIFF that OpenSlide does not open, decoded whole into memory.
+
+    mpp: the override (``--mpp-csv``), else a plausible XResolution/ResolutionUnit, else None.
+    """
+
+    def __init__(self, path: str | Path, mpp: float | None = None):
+        super().__init__(path, mpp)
+        if mpp is None:
+            props = _tiff_resolution_properties(self.path)
+            rejected: list[str] = []
+            self.mpp = mpp_from_properties(props, rejected)
+            self.mpp_rejected = "; ".join(rejected)
+            self.properties = props
+
+
 # extension -> reader class
 READERS: dict[str, type[SlideReader]] = {
     **{ext: OpenSlideReader for ext in (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms",
@@ -337,6 +404,8 @@ READERS: dict[str, type[SlideReader]] = {
     **{ext: ImageReader for ext in (".png", ".jpg", ".jpeg")},
 }
 SLIDE_EXTENSIONS = tuple(READERS)
+# extension -> reader tried when the READERS one cannot open the file
+FALLBACK_READERS: dict[str, type[SlideReader]] = {".tif": TiffImageReader, ".tiff": TiffImageReader}
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
@@ -347,7 +416,18 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
         raise SlideError(f"{path}: no reader for extension {path.suffix!r}; known: {', '.join(SLIDE_EXTENSIONS)}")
     if not path.is_file():
         raise UnreadableSlideError(f"{path}: no such file")
-    return cls(path, mpp=mpp)
+    try:
+        return cls(path, mpp=mpp)
+    except UnreadableSlideError as first:
+        fallback = FALLBACK_READERS.get(path.suffix.lower())
+        if fallback is None:
+            raise
+        try:
+            reader = fallback(path, mpp=mpp)
+        except UnreadableSlideError as second:
+            raise UnreadableSlideError(f"{first}; {second}") from first
+        log.info("%s: OpenSlide cannot open it; read as a plain image with %s", path, fallback.__name__)
+        return reader
 
 
 def slide_id_of(path: str | Path) -> str:

@@ -14,13 +14,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["TilePlan", "MppTooCoarseError", "plan_tiles", "grid_coords", "DEFAULT_TOLERANCE"]
+__all__ = ["TilePlan", "MppTooCoarseError", "EffectiveMppError", "plan_tiles", "grid_coords", "DEFAULT_TOLERANCE"]
 
 DEFAULT_TOLERANCE = 0.05
 
 
 class MppTooCoarseError(ValueError):
     """The slide's pixels are larger than the target pixel size (beyond the tolerance)."""
+
+
+class EffectiveMppError(ValueError):
+    """Whole-pixel reads cannot reach the target pixel size within the tolerance (tiny patch sizes)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,12 @@ def plan_tiles(
     level_mpp = slide_mpp * ds
     read_size = max(1, int(round(patch_size * target_mpp / level_mpp)))
     effective = level_mpp * read_size / patch_size
+    if abs(effective - target_mpp) > tolerance * target_mpp + 1e-12:
+        raise EffectiveMppError(
+            f"tiles of {patch_size} px read as {read_size} px at {level_mpp:.4g} µm/px come out at "
+            f"{effective:.4g} µm/px, more than {tolerance:.0%} from the target {target_mpp:.4g}; use a larger "
+            "--patch-size or a larger --mpp-tolerance"
+        )
     scale0 = read_size * ds / patch_size  # level-0 px per output px
     return TilePlan(
         level=level,

@@ -148,7 +148,9 @@ def test_two_processes_share_one_folder(slides, tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env, cwd=ROOT) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    # 3: slides failed (nompp, trunc) in the shared folder; each process reports what it saw
+    codes = [p.returncode for p in procs]
+    assert set(codes) <= {0, 3} and 3 in codes, [o[1][-2000:] for o in outs]
     logs = "".join(o[1] for o in outs)
     for sid in ("s025", "s050"):
         assert logs.count(f"wrote {sid} ") == 1, logs[-3000:]
@@ -179,8 +181,10 @@ def test_cli_errors_and_fail_fast(slides, tmp_path, capsys):
     assert main(base + ["--weights", "random", "--overlap", "999"]) == 2
     lst = tmp_path / "l.csv"
     lst.write_text("slide_id\ntrunc\n")
-    assert main(base + ["--weights", "random", "--slides", str(lst), "--fail-fast"]) == 1
-    assert "unreadable" in capsys.readouterr().err
+    assert main(base + ["--weights", "random", "--slides", str(lst), "--fail-fast"]) == 3
+    captured = capsys.readouterr()
+    assert "unreadable" in captured.err and "--fail-fast" in captured.err
+    assert captured.out.index("unreadable") < len(captured.out)  # the summary table is printed
 
 
 def test_real_cmu_small_region(tmp_path):
