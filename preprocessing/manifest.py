@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
+
+from wsi_ncmi.data.atomic import atomic_output as atomic_path
 
 from .locks import file_lock
 
@@ -18,26 +17,6 @@ __all__ = ["STATUSES", "COLUMNS", "Manifest", "read_manifest", "summary_table", 
 
 STATUSES = ("ok", "no_tissue", "mpp_missing", "unreadable", "error", "skipped")
 COLUMNS = ("slide_id", "path", "status", "n_tiles", "bad_tiles", "mpp", "effective_mpp", "seconds", "message")
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; on success it is fsync'ed and renamed to ``path`` (a
-    reader or a crash never sees half a file), on an exception it is removed. (``preprocessing`` may import
-    only ``wsi_ncmi.data.bags`` of ours, so this is its own copy of ``wsi_ncmi.data.atomic``.)"""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

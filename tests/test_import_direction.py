@@ -18,7 +18,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "wsi_ncmi.models": (),
     "wsi_ncmi.training": ("wsi_ncmi.ncmi", "wsi_ncmi.losses", "wsi_ncmi.models", "wsi_ncmi.data", "wsi_ncmi.metrics"),
     "wsi_ncmi.evaluation": ("wsi_ncmi.ncmi", "wsi_ncmi.data", "wsi_ncmi.models", "wsi_ncmi.metrics"),
-    "preprocessing": ("wsi_ncmi.data.bags",),
+    "preprocessing": ("wsi_ncmi.data.bags", "wsi_ncmi.data.atomic"),
 }
 OURS = ("wsi_ncmi", "preprocessing")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from wsi_ncmi.ncmi import ncmi_metric
 from wsi_ncmi.training.compose import compose_config
 from wsi_ncmi.training.image_module import ImageModule, ImageModuleError, lr_factor
 
@@ -80,12 +81,19 @@ def test_validation_logs_topk_and_dataset_ncmi() -> None:
     with torch.no_grad():
         m.on_validation_epoch_start()
         assert m._val_centroids is not None and m._val_centroids.shape == (4, m.feature_dim)
-        m.validation_step(_batch(), 0)
+        x, y = _batch()
+        m.validation_step((x, y), 0)
+        m.validation_step((x[:3], y[:3]), 1)  # two batches: the dataset metric is over both
         m.on_validation_epoch_end()
-    for key in ("val/top1", "val/top5", "val/top_cc1", "val/top_xi1", "val/cmi", "val/gamma", "val/ncmi"):
+        p = m.criterion.log_probs(m.forward_features(torch.cat([x, x[:3]]))).exp()
+    for key in ("val/top1", "val/top5", "val/top_cc1", "val/top_xi1", "val/cmi", "val/gamma", "val/ncmi",
+                "val/batch_cmi", "val/batch_gamma"):
         assert key in logged, key
     assert logged["val/top5"] == 1.0  # 4 classes: top-5 always hits
     assert 0.0 <= logged["val/top1"] <= 1.0 and logged["val/ncmi"] > 0
+    ref = ncmi_metric(p.double(), torch.cat([y, y[:3]]), num_classes=4)  # dataset level, not the last batch's
+    for key in ("cmi", "gamma", "ncmi"):
+        assert logged[f"val/{key}"] == pytest.approx(ref[key], rel=1e-5), key
 
 
 def test_forward_scores_for_ncmi_and_head() -> None:

@@ -334,3 +334,16 @@ def test_half_precision_bags_are_cast_to_float32_on_the_device(tmp_path):
     terms_half, _ = module._objective({**batch, "features": half})
     terms_full, _ = module._objective({**batch, "features": half.float()})
     assert terms_half["loss"].dtype == torch.float32 and torch.allclose(terms_half["loss"], terms_full["loss"])
+
+
+def test_datamodule_without_num_classes_works_with_a_logger(tmp_path):
+    """The inferred class count is what Lightning merges into the logger's hparams (no model/data mismatch)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    split = make_witness_bags(tmp_path, n_slides=9, num_classes=2, dim=8, n_instances=(4, 6))
+    dm = MILDataModule(str(tmp_path), str(split), num_workers=0, pin_memory=False)
+    assert dm.hparams_initial["num_classes"] == 2
+    trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path / "logs"),
+                                enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(MILModule(in_dim=8, num_classes=2), datamodule=dm)
+    assert trainer.current_epoch == 1

@@ -290,6 +290,9 @@ class MILDataModule(L.LightningDataModule):
         self.num_classes = int(num_classes)
         # record the class count actually used, so model and data hyper-parameters agree in checkpoints
         self.hparams["num_classes"] = self.num_classes
+        initial = getattr(self, "_hparams_initial", None)  # what Lightning merges into the logger's hparams
+        if initial is not None and "num_classes" in initial:
+            initial["num_classes"] = self.num_classes
         self.class_names = self._class_names()
         try:
             bags = list_bags(self.bags_dir)

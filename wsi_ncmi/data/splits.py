@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from wsi_ncmi.data.atomic import atomic_output
 from wsi_ncmi.data.bags import list_bags
 
 log = logging.getLogger(__name__)
@@ -104,16 +105,8 @@ def write_split(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Check ``table`` and write it as CSV atomically (tmp file + ``os.replace``)."""
     path = Path(path)
     df = _check_table(table, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_output(path) as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

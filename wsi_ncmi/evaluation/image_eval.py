@@ -8,9 +8,34 @@ Protocols (NCMI.md §3):
   fixed recipe below) on the centred, L2-normalised feature. For NCMI runs the center is the loss's
   EMA feature center (``NCMILoss.normalized``); for other runs it is the training-set feature mean.
 
+:func:`evaluate_image_model` streams: one pass over the training loader (only when ``cc`` or ``lp``
+needs it), then one pass over the test loader; every per-batch output is reduced on the fly.
+
+* CC centroids: a :class:`~wsi_ncmi.ncmi.CentroidAccumulator` ([C, D] float64 sums).
+* Test CMI / Γ / NCMI: :class:`NCMIMetricAccumulator`, exact streamed sums of the formula of
+  :func:`wsi_ncmi.ncmi.ncmi_metric` (per class: Σ p, Σ ln p, and Σ_i Σ_d p ln p).
+* head / CC / LP top-k: hit counts per batch.
+* LP is the only protocol that keeps per-sample data: the training LP input, **one** [N_train, D] tensor
+  (``lp_dtype`` float32, or float16 to halve it) plus the [N_train] labels. For non-NCMI runs the raw
+  features are stored and centred + normalised in place (chunk by chunk) after the pass, with the mean
+  taken from a float64 running sum.
+
+Peak host memory (``device="cpu"``, bytes), beyond the model and one batch:
+
+    N_train · (D · b + 8)  +  8 · (3 C D + C + D)      b = 4 (lp_dtype float32) or 2 (float16/bfloat16)
+
+with D the feature dimension (the metric accumulators use the probability dimension: D for NSF, C for a
+softmax head). Without ``lp`` there is no per-sample term at all, O(C·D). On a GPU device the [C, D]
+accumulators live on the GPU, and :func:`fit_linear_probe` also copies the LP tensor there
+(N_train · D · b of GPU memory) while it trains. ImageNet ResNet-50 (N_train 1.28 M, D 2048): 10.5 GB with
+float32 LP input, 5.2 GB with float16 (the former in-memory version: ≈ 31 GB plus a float64 copy of the
+training probabilities). Measured (CPU, D 512, C 100, N_train 80 000, peak RSS growth): in-memory
+1263 MiB, float32 151 MiB, float16 76 MiB (formula: 157 / 79 MiB).
+
 These functions take the pieces of a model (backbone, optional head, optional NCMI loss module) so this
-layer does not depend on the training code. :func:`classifier_ncmi` measures a full classifier (head
-top-1 and the NCMI of its softmax outputs), used by ``wsi-ncmi ncmi-metric`` for the paper's Figure 2.
+layer does not depend on the training code. :func:`classifier_ncmi` measures a full classifier (top-1 of
+its own scores and the NCMI of its probabilities), used by ``wsi-ncmi ncmi-metric`` for the paper's
+Figure 2. :func:`extract_outputs` keeps the whole split in memory (small sets, debugging, tests).
 """
 
 from __future__ import annotations
@@ -18,7 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +53,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsi_ncmi.data.atomic import atomic_output, atomic_write_text
-from wsi_ncmi.ncmi import NearestCentroidClassifier, ncmi_metric
+from wsi_ncmi.ncmi import CentroidAccumulator, NCMIMetricAccumulator, NearestCentroidClassifier
+from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
 
 __all__ = [
     "ImageOutputs",
     "LinearProbeConfig",
+    "NCMIMetricAccumulator",
     "extract_outputs",
     "topk_accuracy",
     "cc_scores",
@@ -45,6 +72,61 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_PROTOCOLS = ("head", "cc", "lp")
+_KS = (1, 5)
+_CHUNK_ROWS = 65536  # rows per chunk when centring / normalising the stored LP input in place
+
+
+# ---------------------------------------------------------------------------------------------------
+# forward passes
+# ---------------------------------------------------------------------------------------------------
+
+
+def _take(out: Any, k: int) -> Any:
+    """First ``k`` rows of a model output (a tensor or a tuple of tensors)."""
+    return tuple(t[:k] for t in out) if isinstance(out, tuple) else out[:k]
+
+
+def _eval_mode(*modules: nn.Module | None) -> None:
+    for m in modules:
+        if m is not None:
+            m.eval()
+
+
+def _forward(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: str | torch.device,
+    channels_last: bool,
+    limit: int | None = None,
+) -> Iterator[tuple[Any, Tensor]]:
+    """Yield ``(model(x), labels [B] long on device)`` per batch, stopping after exactly ``limit`` rows."""
+    seen = 0
+    for x, y in loader:
+        if x.ndim == 5:  # two-view batches: evaluate the first view
+            x = x[:, 0]
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.as_tensor(y).to(device).long()
+        out = model(x)
+        if limit is not None and seen + len(y) >= limit:
+            keep = limit - seen
+            yield _take(out, keep), y[:keep]
+            return
+        seen += len(y)
+        yield out, y
+
+
+def _len_hint(loader: Iterable, limit: int | None) -> int:
+    """Number of samples ``loader`` will yield when it says so (a DataLoader's dataset), else 0."""
+    try:
+        n = len(loader.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        n = 0
+    return min(n, limit) if limit is not None else n
 
 
 @dataclass
@@ -69,30 +151,21 @@ def extract_outputs(
     channels_last: bool = False,
     limit: int | None = None,
 ) -> ImageOutputs:
-    """Run ``backbone`` (eval mode) over ``loader`` of ``(images [B, 3, H, W], labels [B])``."""
-    backbone.eval()
-    for m in (head, ncmi):
-        if m is not None:
-            m.eval()
+    """Run ``backbone`` (eval mode) over ``loader`` of ``(images [B, 3, H, W], labels [B])``; keep everything.
+
+    In-memory (O(N·D) for each output): for small sets. :func:`evaluate_image_model` streams instead.
+    """
+    _eval_mode(backbone, head, ncmi)
     feats, labels, logits, probs, normed = [], [], [], [], []
-    seen = 0
-    for x, y in loader:
-        if x.ndim == 5:  # two-view batches: evaluate the first view
-            x = x[:, 0]
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        f = backbone(x).float()  # [B, D]
+    for out, y in _forward(backbone, loader, device=device, channels_last=channels_last, limit=limit):
+        f = out.float()  # [B, D]
         feats.append(f.cpu())
-        labels.append(torch.as_tensor(y).cpu())
+        labels.append(y.cpu())
         if head is not None:
             logits.append(head(f).float().cpu())
         if ncmi is not None:
             probs.append(ncmi.log_probs(f).exp().cpu())
             normed.append(ncmi.normalized(f).float().cpu())
-        seen += len(y)
-        if limit is not None and seen >= limit:
-            break
     if not feats:
         raise ValueError("extract_outputs: the loader yielded no batch")
     return ImageOutputs(
@@ -104,7 +177,12 @@ def extract_outputs(
     )
 
 
-def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+# ---------------------------------------------------------------------------------------------------
+# streamed reductions
+# ---------------------------------------------------------------------------------------------------
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = _KS) -> dict[str, float]:
     """Top-k accuracy (fractions) of class ``scores`` [N, C] -> ``{"top1": ., "top5": .}`` (k ≤ C)."""
     kmax = min(max(ks), scores.shape[1])
     top = scores.topk(kmax, dim=1).indices  # [N, kmax]
@@ -112,11 +190,68 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
     return {f"top{k}": float(hit[:, : min(k, kmax)].any(dim=1).float().mean()) for k in ks}
 
 
+class _TopkCounter:
+    """Streamed :func:`topk_accuracy`: hit counts per k over batches of scores [B, C]."""
+
+    def __init__(self, ks: Sequence[int] = _KS) -> None:
+        self.ks = tuple(ks)
+        self.hits = dict.fromkeys(self.ks, 0)
+        self.n = 0
+
+    def update(self, scores: Tensor, labels: Tensor) -> None:
+        kmax = min(max(self.ks), scores.shape[1])
+        hit = scores.topk(kmax, dim=1).indices == labels[:, None]  # [B, kmax]
+        for k in self.ks:
+            self.hits[k] += int(hit[:, : min(k, kmax)].any(dim=1).sum())
+        self.n += int(labels.numel())
+
+    def compute(self) -> dict[str, float]:
+        if self.n == 0:
+            raise ValueError("top-k accuracy: no sample was scored")
+        return {f"top{k}": self.hits[k] / self.n for k in self.ks}
+
+
+class _RowStore:
+    """Preallocated [N, ...] CPU buffer filled batch by batch (grows ×1.5 when the size hint was short).
+
+    One allocation instead of a list of per-batch tensors: small per-batch tensors kept alive between the
+    freed batch temporaries fragment the heap (measured: ~2× the stored bytes of extra resident memory).
+    """
+
+    def __init__(self, dtype: torch.dtype, capacity: int = 0) -> None:
+        self.dtype = dtype
+        self.capacity = int(capacity)
+        self.buf: Tensor | None = None  # [capacity, ...] on the CPU
+        self.n = 0
+
+    def append(self, rows: Tensor) -> None:
+        rows = rows.detach().to("cpu", self.dtype)  # [B, ...]
+        need = self.n + rows.shape[0]
+        if self.buf is None:
+            self.buf = torch.empty(max(self.capacity, need), *rows.shape[1:], dtype=self.dtype)
+        elif need > self.buf.shape[0]:
+            grown = torch.empty(max(need, int(self.buf.shape[0] * 1.5) + 1), *rows.shape[1:], dtype=self.dtype)
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        self.buf[self.n : need] = rows
+        self.n = need
+
+    def tensor(self) -> Tensor:
+        if self.buf is None:
+            raise ValueError("no row was stored")
+        return self.buf[: self.n]  # a view: no copy
+
+
 def cc_scores(train_probs: Tensor, train_labels: Tensor, test_probs: Tensor, num_classes: int) -> Tensor:
     """−KL(p ‖ s^v) [N_test, C] with s^v the closed-form training centroids (Eq. 6); argmax = CC."""
     clf = NearestCentroidClassifier(num_classes=num_classes, allow_empty=True)
     clf.fit(train_probs.double(), train_labels)
     return -clf.kl_to_centroids(test_probs.double()).float()
+
+
+# ---------------------------------------------------------------------------------------------------
+# linear probe
+# ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -134,7 +269,10 @@ class LinearProbeConfig:
 def fit_linear_probe(
     x: Tensor, y: Tensor, num_classes: int, config: LinearProbeConfig | None = None, device: str | torch.device = "cpu"
 ) -> nn.Linear:
-    """Train ``nn.Linear(D, C)`` with CE on fixed features ``x`` [N, D] (SGD + momentum, cosine lr)."""
+    """Train ``nn.Linear(D, C)`` with CE on fixed features ``x`` [N, D] (SGD + momentum, cosine lr).
+
+    ``x`` may be float16 (each mini-batch is cast to float32); it is moved to ``device`` once.
+    """
     cfg = config or LinearProbeConfig()
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
@@ -149,7 +287,7 @@ def fit_linear_probe(
         order = torch.randperm(x.shape[0], generator=gen).to(device)
         for i in range(0, x.shape[0], cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
-            loss = F.cross_entropy(layer(x[idx]), y[idx])
+            loss = F.cross_entropy(layer(x[idx].float()), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -158,11 +296,85 @@ def fit_linear_probe(
     return layer
 
 
-def _lp_inputs(train: ImageOutputs, test: ImageOutputs) -> tuple[Tensor, Tensor, str]:
-    if train.normalized is not None and test.normalized is not None:
-        return train.normalized, test.normalized, "ncmi_center_l2"
-    mean = train.features.mean(dim=0, keepdim=True)  # [1, D]
-    return F.normalize(train.features - mean, dim=1), F.normalize(test.features - mean, dim=1), "train_mean_l2"
+def _center_normalize_(x: Tensor, mean: Tensor) -> None:
+    """In place, chunk by chunk: ``x <- normalize(x - mean)`` for x [N, D] (any float dtype), mean [D]."""
+    mean = mean.to(torch.float32)
+    for i in range(0, x.shape[0], _CHUNK_ROWS):
+        chunk = x[i : i + _CHUNK_ROWS]
+        chunk.copy_(F.normalize(chunk.float() - mean, dim=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate_image_model
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _TrainPass:
+    """What one streamed pass over the un-augmented training set keeps."""
+
+    n: int
+    centroids: Tensor | None  # [C, D] float64 closed-form NSF centroids (CC), NaN rows for empty classes
+    lp_x: Tensor | None  # [N, D] LP input (centred, L2-normalised), lp_dtype
+    lp_y: Tensor | None  # [N]
+    lp_mean: Tensor | None  # [D] float32 feature mean (non-NCMI LP)
+    lp_kind: str | None
+
+
+@torch.no_grad()
+def _train_pass(
+    backbone: nn.Module,
+    loader: Iterable,
+    num_classes: int,
+    *,
+    ncmi: nn.Module | None,
+    want_cc: bool,
+    want_lp: bool,
+    device: str | torch.device,
+    channels_last: bool,
+    lp_dtype: torch.dtype,
+) -> _TrainPass:
+    cents: CentroidAccumulator | None = None
+    hint = _len_hint(loader, None)
+    store = _RowStore(lp_dtype, hint) if want_lp else None
+    labels = _RowStore(torch.long, hint)
+    feat_sum: Tensor | None = None  # [D] float64 (non-NCMI LP mean)
+    n = 0
+    for out, y in _forward(backbone, loader, device=device, channels_last=channels_last):
+        f = out.float()  # [B, D]
+        n += int(y.numel())
+        if want_cc:
+            assert ncmi is not None
+            p = ncmi.log_probs(f).exp().double()  # [B, D]
+            if cents is None:
+                cents = CentroidAccumulator(num_classes, p.shape[1])
+            cents.update(p, y)
+        if store is not None:
+            labels.append(y)
+            if ncmi is not None:
+                store.append(ncmi.normalized(f).float())
+            else:
+                store.append(f)
+                batch_sum = f.double().sum(dim=0)
+                feat_sum = batch_sum if feat_sum is None else feat_sum + batch_sum
+    if n == 0:
+        raise ValueError("evaluate_image_model: the training loader yielded no batch")
+    lp_x = lp_y = lp_mean = None
+    kind = None
+    if store is not None:
+        lp_x, lp_y = store.tensor(), labels.tensor()
+        kind = "ncmi_center_l2" if ncmi is not None else "train_mean_l2"
+        if feat_sum is not None:
+            lp_mean = (feat_sum / n).float().cpu()  # [D]
+            _center_normalize_(lp_x, lp_mean)
+    return _TrainPass(
+        n=n,
+        centroids=cents.compute(allow_empty=True) if cents is not None else None,
+        lp_x=lp_x,
+        lp_y=lp_y,
+        lp_mean=lp_mean,
+        lp_kind=kind,
+    )
 
 
 def evaluate_image_model(
@@ -173,43 +385,85 @@ def evaluate_image_model(
     *,
     head: nn.Module | None = None,
     ncmi: nn.Module | None = None,
-    protocols: Sequence[str] = ("head", "cc", "lp"),
+    protocols: Sequence[str] = _PROTOCOLS,
     lp: LinearProbeConfig | None = None,
     device: str | torch.device = "cpu",
     channels_last: bool = False,
+    lp_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """Top-1/top-5 for each requested protocol that applies, plus the test split's CMI/Γ/NCMI.
+    """Top-1/top-5 for each requested protocol that applies, plus the test split's CMI/Γ/NCMI (streamed).
 
     ``train_loader`` must yield un-augmented training images (closed-form centroids, probe features).
-    ``head`` applies to CE-family runs, ``cc`` to NCMI runs; ``lp`` to every run. Returns
+    ``head`` applies to CE-family runs, ``cc`` to NCMI runs; ``lp`` to every run. ``lp_dtype``
+    (float32 | float16) is the dtype of the stored training LP input (module docstring: memory). Returns
     ``{"protocols": {name: {"top1", "top5"}}, "ncmi_metric": {...}, "n_train", "n_test", "lp_input"}``.
     """
-    unknown = set(protocols) - {"head", "cc", "lp"}
+    unknown = set(protocols) - set(_PROTOCOLS)
     if unknown:
         raise ValueError(f"protocols must be among head, cc, lp; got {sorted(unknown)}")
-    kw = dict(head=head, ncmi=ncmi, device=device, channels_last=channels_last)
-    test = extract_outputs(backbone, test_loader, **kw)
-    need_train = ("cc" in protocols and ncmi is not None) or "lp" in protocols
-    train = extract_outputs(backbone, train_loader, **kw) if need_train else None
-    result: dict[str, Any] = {"protocols": {}, "n_test": int(test.labels.numel())}
-    if "head" in protocols and test.logits is not None:
-        result["protocols"]["head"] = topk_accuracy(test.logits, test.labels)
-    if "cc" in protocols and test.probs is not None and train is not None and train.probs is not None:
-        scores = cc_scores(train.probs, train.labels, test.probs, num_classes)
-        result["protocols"]["cc"] = topk_accuracy(scores, test.labels)
-    if "lp" in protocols and train is not None:
-        x_tr, x_te, kind = _lp_inputs(train, test)
-        layer = fit_linear_probe(x_tr, train.labels, num_classes, lp, device=device)
-        with torch.no_grad():
-            scores = layer(x_te.to(device)).cpu()
-        result["protocols"]["lp"] = topk_accuracy(scores, test.labels)
-        result["lp_input"] = kind
-    if train is not None:
-        result["n_train"] = int(train.labels.numel())
-    probs = test.probs if test.probs is not None else (test.logits.softmax(dim=1) if test.logits is not None else None)
-    if probs is not None and test.labels.unique().numel() > 1:
-        result["ncmi_metric"] = ncmi_metric(probs.double(), test.labels, num_classes=num_classes)
+    if lp_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"lp_dtype must be float32, float16 or bfloat16, got {lp_dtype}")
+    do_head = "head" in protocols and head is not None
+    do_cc = "cc" in protocols and ncmi is not None
+    do_lp = "lp" in protocols
+    _eval_mode(backbone, head, ncmi)
+    result: dict[str, Any] = {"protocols": {}}
+
+    probe: nn.Linear | None = None
+    train: _TrainPass | None = None
+    if do_cc or do_lp:
+        train = _train_pass(
+            backbone, train_loader, num_classes, ncmi=ncmi, want_cc=do_cc, want_lp=do_lp,
+            device=device, channels_last=channels_last, lp_dtype=lp_dtype,
+        )  # fmt: skip
+        result["n_train"] = train.n
+        if do_lp:
+            assert train.lp_x is not None and train.lp_y is not None
+            probe = fit_linear_probe(train.lp_x, train.lp_y, num_classes, lp, device=device)
+            result["lp_input"] = train.lp_kind
+            train.lp_x = train.lp_y = None  # release the only per-sample tensor before the test pass
+
+    counters = {name: _TopkCounter() for name, on in (("head", do_head), ("cc", do_cc), ("lp", do_lp)) if on}
+    metric: NCMIMetricAccumulator | None = None
+    n_test = 0
+    with torch.no_grad():
+        for out, y in _forward(backbone, test_loader, device=device, channels_last=channels_last):
+            f = out.float()  # [B, D]
+            n_test += int(y.numel())
+            logits = head(f).float() if head is not None else None  # [B, C]
+            if do_head:
+                counters["head"].update(logits, y)
+            probs = ncmi.log_probs(f).exp() if ncmi is not None else None  # [B, D]
+            if do_cc:
+                assert train is not None and train.centroids is not None and probs is not None
+                kl = kl_rows_to_centroids(probs.double(), train.centroids.to(probs.device))  # [B, C]
+                counters["cc"].update(-kl.float(), y)
+            if probe is not None:
+                assert train is not None
+                if ncmi is not None:
+                    z = ncmi.normalized(f).float()
+                else:
+                    assert train.lp_mean is not None
+                    z = F.normalize(f - train.lp_mean.to(f.device), dim=1)
+                counters["lp"].update(probe(z), y)
+            p_metric = probs if probs is not None else (logits.softmax(dim=1) if logits is not None else None)
+            if p_metric is not None:
+                if metric is None:
+                    metric = NCMIMetricAccumulator(num_classes, p_metric.shape[1])
+                metric.update(p_metric, y)
+    if n_test == 0:
+        raise ValueError("evaluate_image_model: the test loader yielded no batch")
+    result["n_test"] = n_test
+    for name, counter in counters.items():
+        result["protocols"][name] = counter.compute()
+    if metric is not None and int((metric.class_counts > 0).sum()) > 1:
+        result["ncmi_metric"] = metric.compute()
     return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# classifier_ncmi (Figure 2)
+# ---------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -222,17 +476,31 @@ def classifier_ncmi(
     channels_last: bool = False,
     limit: int | None = None,
 ) -> dict[str, float]:
-    """Top-1/top-5 of a classifier's own head and the dataset-level CMI/Γ/NCMI of its softmax outputs."""
-    out = extract_outputs(model, loader, device=device, channels_last=channels_last, limit=limit)
-    logits = out.features  # the model is a full classifier: its "feature" is the logits [N, C]
-    if logits.shape[1] != num_classes:
-        raise ValueError(f"classifier_ncmi: model outputs {logits.shape[1]} classes, dataset has {num_classes}")
-    labels = out.labels
-    if limit is not None:
-        logits, labels = logits[:limit], labels[:limit]
-    acc = topk_accuracy(logits, labels)
-    metric = ncmi_metric(logits.double().softmax(dim=1), labels, num_classes=num_classes)
-    return {**acc, **metric, "n": int(labels.numel())}
+    """Top-1/top-5 of a classifier's own scores and the dataset-level CMI/Γ/NCMI of its probabilities.
+
+    ``model(x)`` returns either logits [B, C] (probabilities = their softmax, in float64) or a pair
+    ``(scores [B, C], probs [B, D])`` for models whose simplex output is not a softmax over classes
+    (an NCMI network: scores −KL to its centroids, probs the NSF point). Streamed: O(C·D) memory.
+    ``limit`` stops after exactly that many samples.
+    """
+    model.eval()
+    counter = _TopkCounter()
+    metric: NCMIMetricAccumulator | None = None
+    for out, y in _forward(model, loader, device=device, channels_last=channels_last, limit=limit):
+        if isinstance(out, tuple):
+            scores, probs = out[0].float(), out[1].double()
+        else:
+            scores = out.float()
+            probs = out.double().softmax(dim=1)
+        if scores.shape[1] != num_classes:
+            raise ValueError(f"classifier_ncmi: model outputs {scores.shape[1]} classes, dataset has {num_classes}")
+        counter.update(scores, y)
+        if metric is None:
+            metric = NCMIMetricAccumulator(num_classes, probs.shape[1])
+        metric.update(probs, y)
+    if metric is None:
+        raise ValueError("classifier_ncmi: the loader yielded no batch")
+    return {**counter.compute(), **metric.compute(), "n": counter.n}
 
 
 def pearson_r(x: Sequence[float], y: Sequence[float]) -> float:

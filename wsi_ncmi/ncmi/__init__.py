@@ -5,10 +5,18 @@ Knows nothing about slides or images; imports nothing else of ours.
 
 from .centroids import CentroidAccumulator, NearestCentroidClassifier, class_centroids
 from .loss import CENTROID_UPDATES, VARIANTS, NCMILoss, init_centroids
-from .metrics import class_representations, hdr, matrix_entropy, matrix_mutual_information_ratio, ncmi_metric
+from .metrics import (
+    NCMIMetricAccumulator,
+    class_representations,
+    hdr,
+    matrix_entropy,
+    matrix_mutual_information_ratio,
+    ncmi_metric,
+)
 from .simplex import FeatureCenter, NCMIError, log_nsf, nsf
 
 __all__ = [
+    "NCMIMetricAccumulator",
     "CENTROID_UPDATES",
     "VARIANTS",
     "CentroidAccumulator",

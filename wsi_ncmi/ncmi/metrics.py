@@ -35,16 +35,18 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .centroids import _as_tensor, _check_pair, class_centroids
+from .centroids import CentroidAccumulator, _as_tensor, _check_pair, class_centroids
 from .simplex import NCMIError
 
 __all__ = [
+    "NCMIMetricAccumulator",
     "ncmi_metric",
     "matrix_entropy",
     "matrix_mutual_information_ratio",
@@ -110,6 +112,82 @@ def ncmi_metric(
 
 
 # --------------------------------------------------------------------------- matrix information
+class NCMIMetricAccumulator:
+    """Streamed :func:`wsi_ncmi.ncmi.ncmi_metric`: ``update(probs [B, D], labels [B])`` per batch, ``compute()``.
+
+    With n_v, S_v = Σ_{y_i=v} p_i, L_v = Σ_{y_i=v} ln p_i (per class) and s^v = S_v / n_v, the formula of
+    :mod:`wsi_ncmi.ncmi.metrics` regroups exactly into these sums:
+
+        N·CMI = Σ_i Σ_d p_id ln p_id − Σ_v S_v · ln s^v
+        N²·Γ  = Σ_v n_v [ (N − n_v) Σ_d s^v_d ln s^v_d − s^v · (L − L_v) ],   L = Σ_v L_v
+
+    Memory: three [C, D] float64 tensors on the device of the first batch; ``ln`` clamps at float64's
+    smallest normal number exactly like ``ncmi_metric``. The per-class sums reuse
+    :class:`~wsi_ncmi.ncmi.CentroidAccumulator`.
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        self.centroids = CentroidAccumulator(num_classes, dim)  # n_v, S_v
+        self.num_classes = int(num_classes)
+        self.dim = int(dim)
+        self.log_sums: Tensor | None = None  # [C, D] float64: L_v
+        self.neg_entropy: Tensor | None = None  # [] float64: Σ_i Σ_d p_id ln p_id
+
+    @property
+    def class_counts(self) -> Tensor:
+        """n_v [C] (zeros before the first batch)."""
+        c = self.centroids.counts
+        return torch.zeros(self.num_classes, dtype=torch.long) if c is None else c
+
+    def update(self, probs: Tensor, labels: Tensor) -> None:
+        p = probs.detach().to(torch.float64)  # [B, D]
+        self.centroids.update(p, labels)  # validates shapes / label range
+        y = labels.to(p.device).long()
+        if self.log_sums is None or self.neg_entropy is None:
+            self.log_sums = torch.zeros(self.num_classes, self.dim, dtype=torch.float64, device=p.device)
+            self.neg_entropy = torch.zeros((), dtype=torch.float64, device=p.device)
+        dev = self.log_sums.device
+        log_p = p.clamp_min(torch.finfo(torch.float64).tiny).log()  # [B, D]
+        self.log_sums.index_add_(0, y.to(dev), log_p.to(dev))
+        self.neg_entropy += torch.special.xlogy(p, p).sum().to(dev)  # no host sync per batch
+
+    def reduce(self, sum_fn: Callable[[Tensor], Tensor]) -> None:
+        """Replace every running sum by ``sum_fn(sum)`` (e.g. a sum over distributed ranks); every process
+        must call it, including one that saw no batch (its sums count as zeros)."""
+        c = self.centroids
+        if c.sums is None or c.counts is None or self.log_sums is None or self.neg_entropy is None:
+            raise NCMIError("NCMIMetricAccumulator.reduce: no batch was added on this process")
+        c.sums, c.counts = sum_fn(c.sums), sum_fn(c.counts)
+        self.log_sums, self.neg_entropy = sum_fn(self.log_sums), sum_fn(self.neg_entropy)
+
+    def compute(self) -> dict[str, float]:
+        """``{"cmi", "gamma", "ncmi"}`` as :func:`~wsi_ncmi.ncmi.ncmi_metric` would give on all rows seen."""
+        sums, counts, log_sums = self.centroids.sums, self.centroids.counts, self.log_sums
+        if sums is None or counts is None or log_sums is None or self.neg_entropy is None:
+            raise NCMIError("NCMIMetricAccumulator.compute: no batch was added")
+        present = counts > 0  # [C]
+        n_v = counts[present].to(torch.float64)  # [C']
+        n = float(n_v.sum())
+        s_sum = sums[present]  # [C', D]
+        s = s_sum / n_v[:, None]  # [C', D]
+        tiny = torch.finfo(torch.float64).tiny
+        log_s = s.clamp_min(tiny).log()
+        neg_ent_s = torch.special.xlogy(s, s).sum(dim=1)  # [C']
+        cmi = (float(self.neg_entropy) - float((s_sum * log_s).sum())) / n
+        log_total = log_sums.sum(dim=0)  # [D]  L
+        other = log_total[None, :] - log_sums[present]  # [C', D]  L − L_v
+        gamma = float((n_v * ((n - n_v) * neg_ent_s - (s * other).sum(dim=1))).sum()) / (n * n)
+        cmi_f, gamma_f = max(cmi, 0.0), max(gamma, 0.0)
+        if gamma_f <= 0.0:
+            warnings.warn(
+                "NCMIMetricAccumulator: Γ = 0 (identical probabilities or a single class); reporting ncmi = inf",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return {"cmi": cmi_f, "gamma": gamma_f, "ncmi": math.inf}
+        return {"cmi": cmi_f, "gamma": gamma_f, "ncmi": cmi_f / gamma_f}
+
+
 def _unit_rows(z: Tensor | np.ndarray, name: str) -> Tensor:
     t = _as_tensor(z, name)
     if t.ndim != 2 or t.shape[0] == 0:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from wsi_ncmi.losses import create_loss
 from wsi_ncmi.models.backbones import create_backbone
-from wsi_ncmi.ncmi import CentroidAccumulator, ncmi_metric
+from wsi_ncmi.ncmi import CentroidAccumulator, NCMIMetricAccumulator
 from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
 
 __all__ = ["ImageModule", "ImageModuleError", "SCHEDULES", "lr_factor"]
@@ -206,7 +206,7 @@ class ImageModule(L.LightningModule):
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self._train_acc: CentroidAccumulator | None = None
         self._val_centroids: Tensor | None = None  # [C, D] closed-form train centroids for this val epoch
-        self._val_store: dict[str, list[Tensor]] = {"probs": [], "labels": []}
+        self._val_metric: NCMIMetricAccumulator | None = None  # streamed dataset-level CMI / Γ / NCMI
         self._cc_source_logged = False
 
     # ------------------------------------------------------------------------------ forward pieces
@@ -282,7 +282,7 @@ class ImageModule(L.LightningModule):
         return t
 
     def on_validation_epoch_start(self) -> None:
-        self._val_store = {"probs": [], "labels": []}
+        self._val_metric = None
         self._val_centroids = None
         acc = self._train_acc
         if self.is_ncmi and acc is not None and acc.sums is not None and acc.counts is not None:
@@ -315,8 +315,9 @@ class ImageModule(L.LightningModule):
                 if self.hparams.val_centroids == "train":
                     main = cc_scores
             self._log_topk("val/top", main, y)
-            for name, value in out.items():
-                self.log(f"val/{name}", value, batch_size=n, sync_dist=True)
+            for name, value in out.items():  # batch-level terms; val/cmi, val/gamma, val/ncmi are dataset-level
+                key = "val/loss" if name == "loss" else f"val/batch_{name}"
+                self.log(key, value, batch_size=n, sync_dist=True)
         else:
             assert self.head is not None
             logits = self.head(feat)
@@ -328,21 +329,19 @@ class ImageModule(L.LightningModule):
                 for name, value in self.criterion(logits, y).items():
                     if isinstance(value, Tensor) and value.numel() == 1:
                         self.log(f"val/{name}", value, batch_size=n, sync_dist=True)
-        self._val_store["probs"].append(probs.detach().float().cpu())
-        self._val_store["labels"].append(y.detach().cpu())
+        if self._val_metric is None:
+            self._val_metric = NCMIMetricAccumulator(self.num_classes, probs.shape[1])
+        self._val_metric.update(probs.detach(), y.detach())  # [C, D] running sums, no per-sample storage
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_store["probs"]:
+        acc, self._val_metric = self._val_metric, None
+        if acc is None:
             return
-        probs = torch.cat(self._val_store["probs"])  # [N, D or C]
-        labels = torch.cat(self._val_store["labels"])  # [N]
-        self._val_store = {"probs": [], "labels": []}
-        if self._world_size() > 1:
-            probs = self.all_gather(probs.to(self.device)).flatten(0, 1).cpu()
-            labels = self.all_gather(labels.to(self.device)).flatten(0, 1).cpu()
-        if labels.unique().numel() < 2:
+        if self._world_size() > 1:  # the metric's sums over all ranks' samples
+            acc.reduce(self._reduce_sum)
+        if int((acc.class_counts > 0).sum()) < 2:
             return  # Γ needs two classes (tiny fast_dev_run batches)
-        metric = ncmi_metric(probs.double(), labels, num_classes=self.num_classes)
+        metric = acc.compute()
         for name, value in metric.items():
             if math.isfinite(value):
                 self.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=True)
