@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _images import write_imagefolder
 from torch import nn
 
 from wsi_ncmi.evaluation.image_eval import (
@@ -92,15 +93,8 @@ def test_pearson_r() -> None:
     assert np.isnan(pearson_r([1.0], [2.0]))
 
 
-def _write_imagefolder(root: Path, classes=("ant", "bee", "cow"), per_class: int = 4) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (24, 30, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
+def _write_imagefolder(root: Path, per_class: int = 4) -> Path:
+    return write_imagefolder(root, per_class=per_class, size=(24, 30))
 
 
 def test_ncmi_metric_cli_on_tiny_imagefolder(tmp_path: Path, capsys) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _images import write_imagefolder
 from safetensors.torch import save_file
 
 from wsi_ncmi.commands.natural_cli import (
@@ -26,15 +27,7 @@ from wsi_ncmi.models.backbones import create_classifier
 W = 0.125  # tiny ResNets: stem width 8
 
 
-def _imagefolder(root: Path, classes=("ant", "bee", "cow"), per_class: int = 3) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
+_imagefolder = write_imagefolder
 
 
 def _cifar(root: Path, n_test: int = 8) -> Path:

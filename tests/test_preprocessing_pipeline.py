@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _images import preprocess_config
 
 from preprocessing import synthetic
 from preprocessing.cli import main
-from preprocessing.config import PreprocessConfig
 from preprocessing.encoders import build_encoder
 from preprocessing.extract import read_tile, run
 from preprocessing.manifest import read_manifest
@@ -23,14 +23,8 @@ from preprocessing.tiling import plan_tiles
 from wsi_ncmi.data.bags import read_bag
 
 ROOT = Path(__file__).resolve().parents[1]
+_cfg = preprocess_config
 ENC = "test_resnet"  # timm's tiny test network, random init: fast on 2 cores
-
-
-def _cfg(inp: Path, out: Path, **kw) -> PreprocessConfig:
-    base = dict(input=str(inp), output=str(out), target_mpp=2.0, patch_size=32, encoder=ENC, weights="random",
-                workers=0, batch_size=64, device="cpu", seg_mpp=4.0, progress=False, min_tissue=0.5)
-    base.update(kw)
-    return PreprocessConfig(**base)
 
 
 @pytest.fixture(scope="module")

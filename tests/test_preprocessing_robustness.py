@@ -12,25 +12,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from _images import preprocess_config
 
 from preprocessing import extract as extract_mod
 from preprocessing import synthetic
 from preprocessing.cli import main
-from preprocessing.config import PreprocessConfig
 from preprocessing.extract import run
 from preprocessing.manifest import Manifest, atomic_path, read_manifest
 from preprocessing.readers import TiffImageReader, mpp_from_properties, open_slide
 from preprocessing.tiling import EffectiveMppError, plan_tiles
 from wsi_ncmi.data.bags import read_bag
 
+_cfg = preprocess_config
 ENC = "test_resnet"
-
-
-def _cfg(inp: Path, out: Path, **kw) -> PreprocessConfig:
-    base = dict(input=str(inp), output=str(out), target_mpp=2.0, patch_size=32, encoder=ENC, weights="random",
-                workers=0, batch_size=64, device="cpu", seg_mpp=4.0, progress=False, min_tissue=0.5)
-    base.update(kw)
-    return PreprocessConfig(**base)
 
 
 @pytest.fixture(scope="module")
