@@ -2,8 +2,10 @@
 
 Design (one DataLoader for the whole run):
 
-* ``SlideStream`` is an ``IterableDataset`` over the pending slides. DataLoader worker ``w`` of ``W``
-  owns slides ``w, w+W, ...``: it takes the slide's lock, opens the slide once, segments tissue, plans
+* ``SlideStream`` is an ``IterableDataset`` over the pending slides. The DataLoader workers take slides
+  from one shared queue (a counter in shared memory), largest file first, so a worker that finishes early
+  takes the next slide instead of idling while another works through a fixed share (longest-first
+  scheduling keeps the tail short when slide sizes differ). A worker takes the slide's lock, opens the slide once, segments tissue, plans
   the tiles, writes the overview PNG, then yields the tiles as uint8 batches ``[B, P, P, 3]`` tagged with
   the slide, and finally one ``end`` message (status, coords, tissue fractions, bad tiles, geometry).
   A worker writes each tile straight into a batch tensor allocated in shared memory, so handing it to the
@@ -42,6 +44,7 @@ import csv
 import inspect
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -90,6 +93,13 @@ FAIL_FAST_STATUSES = FAILED_STATUSES
 # outcomes after which a previous bag of the slide no longer describes it: moved to STALE_DIR
 RETIRE_BAG_STATUSES = ("unreadable", "error", "mpp_missing", "no_tissue")
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -269,20 +279,31 @@ class SlideStream(IterableDataset):
                  owner_pid: int, out_dir: Path, workers: int = 0):
         self.tasks, self.cfg, self.fingerprint = tasks, cfg, fingerprint
         self.owner_pid, self.out = owner_pid, out_dir
+        self.order = sorted(range(len(tasks)), key=lambda i: -_file_size(tasks[i].path))  # largest first
+        self.next_slide = multiprocessing.Value("q", 0)  # shared queue head (has its own lock)
         # worker id -> (pid, index of the slide it is reading or -1); shared memory, read by the main
         # process to name the slide of a worker that died
         self.current = torch.full((max(workers, 1), 2), -1, dtype=torch.int64).share_memory_()  # [W, 2]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        wid = info.id if info is not None else 0
         track = wid < len(self.current)  # a stream made for fewer workers than its DataLoader has
-        for task in self.tasks[wid::nw]:
+        while (task := self._take()) is not None:
             if track:
                 self.current[wid, 0], self.current[wid, 1] = os.getpid(), task.index
             yield from self._slide(task)
         if track:
             self.current[wid, 1] = -1
+
+    def _take(self) -> SlideTask | None:
+        """The next slide of the shared queue, or None when every slide has been taken."""
+        with self.next_slide.get_lock():
+            k = int(self.next_slide.value)
+            if k >= len(self.order):
+                return None
+            self.next_slide.value = k + 1
+        return self.tasks[self.order[k]]
 
     def slides_of_dead_workers(self, pids: set[int]) -> list[int]:
         """Indices of the slides that the workers with these pids were reading."""

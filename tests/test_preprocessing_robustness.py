@@ -227,3 +227,33 @@ def test_thumbnail_shows_contours_and_kept_tiles(tmp_path, tissue):
         coords, ds = f["coords"][:], png.shape[1] / 800  # thumbnail px per level-0 px
     x, y = (coords[0] * ds).astype(int)
     assert blue[y, x:x + 3].any() or blue[y:y + 3, x].any()  # a box starts at the first kept tile
+
+
+class _TimedStream(extract_mod.SlideStream):
+    """Reads nothing: 'processes' a slide by sleeping (long for the largest file) and reports its worker."""
+
+    def _slide(self, task):
+        import time as _time
+
+        _time.sleep(3.0 if task.slide_id == "big" else 0.05)
+        yield {"kind": "end", "slide": task.index, "pid": os.getpid()}
+
+
+def test_workers_take_slides_from_a_shared_queue_largest_first(tmp_path: Path) -> None:
+    """A worker stuck on a large slide does not hold a fixed share of the others: the free worker takes them."""
+    from torch.utils.data import DataLoader
+
+    tasks = []
+    for i, (name, size) in enumerate([("s0", 10), ("big", 10_000), ("s2", 20), ("s3", 30), ("s4", 40)]):
+        path = tmp_path / f"{name}.svs"
+        path.write_bytes(b"x" * size)
+        tasks.append(extract_mod.SlideTask(index=i, slide_id=name, path=path))
+    stream = _TimedStream(tasks, _cfg(tmp_path, tmp_path / "out"), {}, os.getpid(), tmp_path / "out", workers=2)
+    assert [tasks[i].slide_id for i in stream.order] == ["big", "s4", "s3", "s2", "s0"]
+    loader = DataLoader(stream, batch_size=None, num_workers=2, collate_fn=lambda m: m, **extract_mod._loader_kwargs())
+    ends = list(loader)
+    assert sorted(m["slide"] for m in ends) == [0, 1, 2, 3, 4]  # each slide exactly once
+    by_pid: dict[int, list[int]] = {}
+    for m in ends:
+        by_pid.setdefault(m["pid"], []).append(m["slide"])
+    assert sorted(len(v) for v in by_pid.values()) == [1, 4], by_pid  # static w::W shares would give [2, 3]
