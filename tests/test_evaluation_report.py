@@ -226,3 +226,11 @@ def test_find_reports_errors(tmp_path: Path) -> None:
     (tmp_path / "report.json").write_text("{not json")
     with pytest.raises(ReportError, match="cannot read"):
         aggregate_reports([tmp_path], tmp_path / "out")
+
+
+def test_tiny_ncmi_terms_keep_significant_digits() -> None:
+    from wsi_ncmi.evaluation.report import _pm, _sig
+
+    assert _sig(2.5e-05) == "2.5e-05" and _sig(None) == "n/a" and _sig(float("inf")) == "n/a"
+    assert _pm({"mean": 2.5e-05, "std": None}, ".3g") == "2.5e-05 (n=1)"  # not "0.000"
+    assert _pm({"mean": 0.5, "std": 0.25}) == "0.500 ± 0.250"

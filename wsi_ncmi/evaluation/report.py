@@ -388,6 +388,11 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
+def _sig(v: Any, digits: int = 4) -> str:
+    """``v`` with ``digits`` significant digits (NCMI terms span many orders of magnitude)."""
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
+
+
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -482,7 +487,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", f"## Dataset-level NCMI (source: {report.get('ncmi_source', 'n/a')})", ""]
         lines += _md_table(
             ["split", "CMI", "Γ", "NCMI"],
-            [[s, *(_fmt(b[k], 4) for k in NCMI_KEYS)] for s, b in report["ncmi"].items()],
+            [[s, *(_sig(b[k]) for k in NCMI_KEYS)] for s, b in report["ncmi"].items()],
         )
     for proto, per_split in report["metrics"].items():
         if "test" not in per_split:
@@ -562,11 +567,11 @@ def _summarize_group(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return {"metrics": metrics, "ncmi": ncmi}
 
 
-def _pm(stat: Mapping[str, Any]) -> str:
+def _pm(stat: Mapping[str, Any], fmt: str = ".3f") -> str:
     if stat["mean"] is None:
         return "n/a"
     std = stat["std"]
-    return f"{stat['mean']:.3f} ± {std:.3f}" if std is not None else f"{stat['mean']:.3f} (n=1)"
+    return f"{stat['mean']:{fmt}} ± {std:{fmt}}" if std is not None else f"{stat['mean']:{fmt}} (n=1)"
 
 
 def _summary_markdown(summary: Mapping[str, Any]) -> str:
@@ -600,7 +605,8 @@ def _summary_markdown(summary: Mapping[str, Any]) -> str:
         )
         if "test" in g["ncmi"]:
             t = g["ncmi"]["test"]
-            lines += ["", "Test NCMI: " + ", ".join(f"{k} {_pm(t[k])}" for k in NCMI_KEYS)]
+            # CMI and Γ of a wide NSF simplex are tiny (p is spread over D coordinates): significant digits
+            lines += ["", "Test NCMI: " + ", ".join(f"{k} {_pm(t[k], '.3g')}" for k in NCMI_KEYS)]
     return "\n".join(lines) + "\n"
 
 
