@@ -344,3 +344,13 @@ def test_autocast_bf16_runs_in_float32():
     torch.testing.assert_close(
         out["loss"], ref(feats.to(torch.bfloat16).float(), torch.tensor([0, 1, 2, 0, 1, 2]))["loss"]
     )
+
+
+def test_last_log_probs_is_the_forward_simplex_point() -> None:
+    torch.manual_seed(0)
+    loss = NCMILoss(num_classes=3, embed_dim=5, tau=0.4)
+    assert loss.last_log_probs is None
+    f, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss(f, y)  # training mode: the center is updated before it is used
+    assert loss.last_log_probs is not None and not loss.last_log_probs.requires_grad
+    assert torch.allclose(loss.last_log_probs, loss.log_probs(f), atol=1e-6)

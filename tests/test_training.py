@@ -347,3 +347,18 @@ def test_datamodule_without_num_classes_works_with_a_logger(tmp_path):
                                 enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(MILModule(in_dim=8, num_classes=2), datamodule=dm)
     assert trainer.current_epoch == 1
+
+
+def test_centroid_sgd_step_skips_a_non_finite_gradient():
+    module = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi", centroid_lr=0.5,
+                       centroid_momentum=0.9)
+    xi = module.ncmi_loss.xi
+    before, mom = xi.detach().clone(), module.xi_momentum.clone()
+    xi.grad = torch.full_like(xi, float("nan"))
+    module._centroid_sgd_step()
+    assert torch.equal(xi.detach(), before) and torch.equal(module.xi_momentum, mom) and xi.grad is None
+    g = torch.ones_like(xi)
+    xi.grad = g.clone()
+    module._centroid_sgd_step()
+    assert torch.allclose(module.xi_momentum, 0.9 * mom + g)
+    assert torch.allclose(xi.detach(), before - 0.5 * (0.9 * mom + g))

@@ -107,6 +107,9 @@ class NCMILoss(nn.Module):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
+        #: detached ln p [B, D] of the last ``forward`` (lets a trainer keep running class means of p
+        #: without computing the simplex twice); None before the first call
+        self.last_log_probs: Tensor | None = None
         if num_classes < 2:
             raise NCMIError(f"NCMILoss: num_classes must be >= 2, got {num_classes}")
         if embed_dim < 1:
@@ -271,6 +274,7 @@ class NCMILoss(nn.Module):
 
         if self.centroid_update == "ema" and self.training:
             self._ema_step(zs.detach(), target * k + nearest.detach())
+        self.last_log_probs = log_p.detach()  # [B, D] for callers' running statistics (no extra work)
         return {"loss": loss, "cmi": cmi, "gamma": gamma}
 
     @torch.no_grad()

@@ -289,9 +289,9 @@ class MILModule(pl.LightningModule):
         self.model.set_progress(self._progress(batch_idx))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        named, emb = self._objective(batch)
-        if self.ncmi_loss is not None:
-            self._accumulate_train_p(emb, batch["label"].long())
+        named, _ = self._objective(batch)
+        if self.ncmi_loss is not None and self.ncmi_loss.last_log_probs is not None:
+            self._accumulate_train_p(self.ncmi_loss.last_log_probs, batch["label"].long())
         bs = int(batch["label"].shape[0])
         sync = self.trainer.world_size > 1
         for key, value in named.items():
@@ -314,9 +314,12 @@ class MILModule(pl.LightningModule):
         scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
         if scaler is not None and scaler.is_enabled():
             grad = grad / scaler.get_scale()
-        if bool(torch.isfinite(grad).all()):
-            self.xi_momentum.mul_(self.hparams.centroid_momentum).add_(grad)
-            xi.sub_(self.hparams.centroid_lr * self.xi_momentum)
+        # a step with a non-finite gradient leaves ξ and the momentum as they were; chosen on the device
+        # (torch.where), so the step costs no host sync
+        finite = torch.isfinite(grad).all()
+        buf = self.xi_momentum * self.hparams.centroid_momentum + grad  # [C*K, D]
+        self.xi_momentum.copy_(torch.where(finite, buf, self.xi_momentum))
+        xi.copy_(torch.where(finite, xi - self.hparams.centroid_lr * buf, xi))
         xi.grad = None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -328,10 +331,9 @@ class MILModule(pl.LightningModule):
                 loss.xi.copy_(self.trainer.strategy.reduce(loss.xi.detach().clone(), reduce_op="mean"))
 
     @torch.no_grad()
-    def _accumulate_train_p(self, emb: Tensor, target: Tensor) -> None:
-        """Add p = NSF(z') of the batch [B, D] to the per-class sums of the epoch (online CC centroids)."""
-        assert self.ncmi_loss is not None
-        p = self.ncmi_loss.log_probs(emb.detach().float()).exp()  # [B, D]
+    def _accumulate_train_p(self, log_p: Tensor, target: Tensor) -> None:
+        """Add p [B, D] (from the loss's ln p of this batch) to the per-class sums of the epoch (online CC)."""
+        p = log_p.detach().float().exp()  # [B, D]
         if self._train_p_sum is None or self._train_p_count is None:
             self._train_p_sum = p.new_zeros(self.num_classes, p.shape[1])
             self._train_p_count = p.new_zeros(self.num_classes)
