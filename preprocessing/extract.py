@@ -69,6 +69,7 @@ from .encoders import RANDOM, Encoder, build_encoder, resolve_device, resolve_sp
 from .locks import HOST, release_lock, try_lock
 from .manifest import Manifest, atomic_path, atomic_write_bytes, summary_table
 from .readers import (
+    IMAGE_EXTENSIONS,
     PLAUSIBLE_MPP,
     SlideError,
     TileReadError,
@@ -247,7 +248,11 @@ def _read_slide_list(path: str | None) -> set[str] | None:
 
 
 def plan_slides(cfg: PreprocessConfig) -> list[SlideTask]:
-    """The sorted slide list of this shard, restricted by ``--slides``, with ``--mpp-csv`` overrides."""
+    """The sorted slide list of this shard, restricted by ``--slides``, with ``--mpp-csv`` overrides.
+
+    Plain images (png/jpg) are slides only when ``--mpp-csv`` has their mpp or ``--slides`` lists them;
+    others are ignored with a warning (so stray pictures in a slide folder do not fail the run).
+    """
     paths = find_slides(cfg.input)
     wanted = _read_slide_list(cfg.slides)
     mpps = _read_mpp_csv(cfg.mpp_csv)
@@ -257,6 +262,13 @@ def plan_slides(cfg: PreprocessConfig) -> list[SlideTask]:
             log.warning("--slides lists %d slide(s) not found under %s: %s", len(missing), cfg.input,
                         sorted(missing)[:5])
         paths = [p for p in paths if slide_id_of(p) in wanted]
+    else:  # a png/jpg in a slide folder is a slide only when the user gave its mpp
+        images = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and slide_id_of(p) not in mpps]
+        if images:
+            log.warning("ignoring %d plain image(s) without a --mpp-csv row (a png/jpg is a slide only with its "
+                        "mpp there, or when --slides lists it): %s", len(images), ", ".join(p.name for p in images[:5]))
+            skip = set(images)
+            paths = [p for p in paths if p not in skip]
     i, n = cfg.shard_index
     paths = [p for k, p in enumerate(paths) if k % n == i]
     return [SlideTask(k, slide_id_of(p), p, mpps.get(slide_id_of(p))) for k, p in enumerate(paths)]

@@ -38,6 +38,7 @@ __all__ = [
     "SLIDE_EXTENSIONS",
     "open_slide",
     "find_slides",
+    "IMAGE_EXTENSIONS",
     "slide_id_of",
     "mpp_from_properties",
     "TiffImageReader",
@@ -404,6 +405,8 @@ READERS: dict[str, type[SlideReader]] = {
     **{ext: ImageReader for ext in (".png", ".jpg", ".jpeg")},
 }
 SLIDE_EXTENSIONS = tuple(READERS)
+# plain images: taken as slides only when their mpp is given (--mpp-csv) or they are listed in --slides
+IMAGE_EXTENSIONS = tuple(ext for ext, cls in READERS.items() if cls is ImageReader)
 # extension -> reader tried when the READERS one cannot open the file
 FALLBACK_READERS: dict[str, type[SlideReader]] = {".tif": TiffImageReader, ".tiff": TiffImageReader}
 

@@ -257,3 +257,22 @@ def test_workers_take_slides_from_a_shared_queue_largest_first(tmp_path: Path) -
     for m in ends:
         by_pid.setdefault(m["pid"], []).append(m["slide"])
     assert sorted(len(v) for v in by_pid.values()) == [1, 4], by_pid  # static w::W shares would give [2, 3]
+
+
+def test_plain_images_are_slides_only_with_their_mpp(tmp_path: Path, caplog) -> None:
+    from preprocessing.extract import plan_slides
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("label_photo.png", "scan.jpg", "slide.svs"):
+        (inp / name).write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="preprocessing.extract"):
+        assert [t.slide_id for t in plan_slides(_cfg(inp, tmp_path / "out"))] == ["slide"]
+    assert "ignoring 2 plain image(s)" in caplog.text and "label_photo.png" in caplog.text
+    mpp_csv = tmp_path / "mpp.csv"
+    mpp_csv.write_text("slide_id,mpp\nscan,0.5\n")
+    tasks = plan_slides(_cfg(inp, tmp_path / "out", mpp_csv=str(mpp_csv)))
+    assert [(t.slide_id, t.mpp_override) for t in tasks] == [("scan", 0.5), ("slide", None)]
+    listed = tmp_path / "list.csv"
+    listed.write_text("slide_id\nlabel_photo\n")  # explicitly asked for: kept (and reported mpp_missing later)
+    assert [t.slide_id for t in plan_slides(_cfg(inp, tmp_path / "out", slides=str(listed)))] == ["label_photo"]
