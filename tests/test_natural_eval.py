@@ -100,7 +100,7 @@ def _write_imagefolder(root: Path, per_class: int = 4) -> Path:
 def test_ncmi_metric_cli_on_tiny_imagefolder(tmp_path: Path, capsys) -> None:
     from safetensors.torch import save_file
 
-    from wsi_ncmi.commands.natural_cli import main_ncmi_metric
+    from wsi_ncmi.commands.ncmi_metric_cli import main_ncmi_metric
     from wsi_ncmi.models.backbones import create_classifier
 
     data = _write_imagefolder(tmp_path / "val")
@@ -133,7 +133,7 @@ def test_ncmi_metric_cli_on_tiny_imagefolder(tmp_path: Path, capsys) -> None:
 def test_ncmi_metric_cli_rejects_class_count_mismatch(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from wsi_ncmi.commands.natural_cli import main_ncmi_metric
+    from wsi_ncmi.commands.ncmi_metric_cli import main_ncmi_metric
     from wsi_ncmi.models.backbones import create_classifier
 
     data = _write_imagefolder(tmp_path / "val", per_class=1)

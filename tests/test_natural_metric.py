@@ -13,7 +13,7 @@ import torch
 from _images import write_imagefolder
 from safetensors.torch import save_file
 
-from wsi_ncmi.commands.natural_cli import (
+from wsi_ncmi.commands.ncmi_metric_cli import (
     NCMIMetricError,
     infer_resnet,
     main_ncmi_metric,

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bags": ("wsi_ncmi.commands.bags_cli", "main", "inspect / validate a folder of HDF5 bags"),
     "splits": ("wsi_ncmi.commands.splits_cli", "main", "make / validate split tables"),
     "natural": ("wsi_ncmi.commands.natural_cli", "main", "natural-image track (CIFAR-100 / ImageFolder) fit/validate/test"),
-    "ncmi-metric": ("wsi_ncmi.commands.natural_cli", "main_ncmi_metric", "NCMI vs top-1 for pretrained image models"),
+    "ncmi-metric": ("wsi_ncmi.commands.ncmi_metric_cli", "main_ncmi_metric", "NCMI vs top-1 for pretrained image models"),
     "demo": ("wsi_ncmi.commands.demo_cli", "main", "the whole pipeline on built-in sample slides (CPU)"),
 }
 
