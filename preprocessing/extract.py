@@ -1,6 +1,8 @@
 """The pipeline: slides → tissue → tiles → features → one HDF5 bag per slide, resumable and shareable.
 
-Design (one DataLoader for the whole run):
+Design (one DataLoader for the whole run). Modules: :mod:`preprocessing.plan` (the slide list and the
+settings fingerprints used for resume), :mod:`preprocessing.stream` (the reading side, ``SlideStream``) and
+this one (the main loop: encoder, bag and manifest writing, lock release, recovery from dead workers).
 
 * ``SlideStream`` is an ``IterableDataset`` over the pending slides. The DataLoader workers take slides
   from one shared queue (a counter in shared memory), largest file first, so a worker that finishes early
@@ -40,11 +42,9 @@ Design (one DataLoader for the whole run):
 
 from __future__ import annotations
 
-import csv
 import inspect
 import json
 import logging
-import multiprocessing
 import os
 import re
 import signal
@@ -57,58 +57,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from wsi_ncmi.data.bags import BagError, validate_bag, write_bag
+from wsi_ncmi.data.bags import write_bag
 
 from .config import PreprocessConfig
-from .encoders import RANDOM, Encoder, build_encoder, resolve_device, resolve_spec, sha256_file
-from .locks import HOST, release_lock, try_lock
-from .manifest import Manifest, atomic_path, atomic_write_bytes, summary_table
-from .readers import (
-    IMAGE_EXTENSIONS,
-    PLAUSIBLE_MPP,
-    SlideError,
-    TileReadError,
-    UnreadableSlideError,
-    find_slides,
-    open_slide,
-    plausible_mpp,
-    slide_id_of,
+from .encoders import RANDOM, Encoder, build_encoder, resolve_spec, sha256_file
+from .locks import HOST, release_lock
+from .manifest import Manifest, atomic_path, summary_table
+from .plan import (
+    BAGS_DIR,
+    COORDS_DIR,
+    LOCKS_DIR,
+    STALE_DIR,
+    THUMBS_DIR,
+    SlideTask,
+    bag_mismatch,
+    plan_slides,
+    settings_fingerprint,
+    source_stat,
+    tiling_fingerprint,
 )
-from .tiling import EffectiveMppError, MppTooCoarseError, TilePlan, grid_coords, plan_tiles
-from .tissue import TissueMask, TissueParams, draw_overview, segment_tissue, tile_fractions
+from .readers import SlideError
+from .stream import SlideStream, read_tile
+from .tiling import TilePlan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SlideTask", "RunResult", "run", "plan_slides", "settings_fingerprint", "bag_mismatch",
-           "tiling_fingerprint", "read_tile", "BAGS_DIR", "THUMBS_DIR", "LOCKS_DIR", "COORDS_DIR", "STALE_DIR",
-           "FAILED_STATUSES"]
-
-BAGS_DIR, THUMBS_DIR, LOCKS_DIR, COORDS_DIR, STALE_DIR = "bags", "thumbnails", "locks", "coords", "stale"
 FAILED_STATUSES = ("unreadable", "error", "mpp_missing")  # a run with any of these exits non-zero
 FAIL_FAST_STATUSES = FAILED_STATUSES
 # outcomes after which a previous bag of the slide no longer describes it: moved to STALE_DIR
 RETIRE_BAG_STATUSES = ("unreadable", "error", "mpp_missing", "no_tissue")
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-@dataclass(frozen=True)
-class SlideTask:
-    index: int
-    slide_id: str
-    path: Path
-    mpp_override: float | None = None
+__all__ = ["SlideTask", "RunResult", "run", "plan_slides", "settings_fingerprint", "bag_mismatch",
+           "tiling_fingerprint", "read_tile", "SlideStream", "BAGS_DIR", "THUMBS_DIR", "LOCKS_DIR", "COORDS_DIR",
+           "STALE_DIR", "FAILED_STATUSES"]
 
 
 @dataclass
@@ -124,341 +110,6 @@ class RunResult:
     def failed(self) -> list[str]:
         """Slides that ended error / unreadable / mpp_missing (no_tissue is not a failure)."""
         return sorted(k for k, v in self.statuses.items() if v in FAILED_STATUSES)
-
-
-# ----------------------------------------------------------------------------------------- settings
-def _tissue_params(cfg: PreprocessConfig) -> TissueParams:
-    return TissueParams(seg_mpp=cfg.seg_mpp, method=cfg.tissue_method, threshold=cfg.tissue_threshold)
-
-
-def _compute_precision(cfg: PreprocessConfig) -> str:
-    return cfg.precision if resolve_device(cfg.device).type == "cuda" else "fp32"
-
-
-def tiling_fingerprint(cfg: PreprocessConfig) -> dict[str, Any]:
-    """Everything that changes the tile grid of a slide; stored in ``coords/<id>.h5`` as ``tiling_json``."""
-    return {
-        "target_mpp": float(cfg.target_mpp),
-        "patch_size": int(cfg.patch_size),
-        "overlap": int(cfg.overlap),
-        "min_tissue": float(cfg.min_tissue),
-        "mpp_tolerance": float(cfg.mpp_tolerance),
-        "tissue": _tissue_params(cfg).to_dict(),
-    }
-
-
-def _encoder_settings(cfg: PreprocessConfig) -> dict[str, Any]:
-    """The encoder's effective model kwargs and preprocessing (preset / timm defaults + overrides)."""
-    if "extract" not in cfg.stage_set:  # no encoder is built: record what was asked
-        return {"encoder_kwargs": cfg.encoder_kwargs_dict, "mean": cfg.mean, "std": cfg.std,
-                "input_size": cfg.input_size}
-    spec = resolve_spec(cfg.encoder, cfg.encoder_kwargs_dict, cfg.mean, cfg.std, cfg.input_size)
-    return {"encoder_kwargs": json.loads(json.dumps(spec.kwargs, sort_keys=True)), "mean": list(spec.mean),
-            "std": list(spec.std), "input_size": spec.input_size}
-
-
-def settings_fingerprint(cfg: PreprocessConfig, weights_sha256: str) -> dict[str, Any]:
-    """Everything that changes a bag's content; stored as ``settings_json`` and compared on resume."""
-    return {
-        "encoder": cfg.encoder,
-        "weights_sha256": weights_sha256,
-        **_encoder_settings(cfg),
-        **tiling_fingerprint(cfg),
-        "compute_precision": _compute_precision(cfg),
-        "features_dtype": cfg.features_dtype,
-    }
-
-
-def _source_stat(path: Path) -> tuple[int, int]:
-    """(size, mtime in ns) of a slide file; (-1, -1) when it cannot be read."""
-    try:
-        st = path.stat()
-    except OSError:
-        return -1, -1
-    return int(st.st_size), int(st.st_mtime_ns)
-
-
-def _source_mismatch(attrs: Any, task: SlideTask) -> str | None:
-    """Why an output made from ``attrs`` no longer matches the slide file / mpp override, or None."""
-    override = -1.0 if task.mpp_override is None else float(task.mpp_override)
-    if float(attrs.get("mpp_override", -1.0)) != override:
-        return f"mpp override changed: {attrs.get('mpp_override')} -> {override}"
-    size, mtime = _source_stat(task.path)
-    if int(attrs.get("source_size", -2)) != size:
-        return f"source file changed size: {attrs.get('source_size')} -> {size}"
-    if int(attrs.get("source_mtime_ns", -2)) != mtime:
-        return f"source file changed (modification time {attrs.get('source_mtime_ns')} -> {mtime} ns)"
-    return None
-
-
-def _json_diff(stored_json: Any, wanted: dict[str, Any], what: str) -> str | None:
-    try:
-        stored = json.loads(stored_json or "{}")
-    except (TypeError, ValueError):
-        stored = {}
-    diff = sorted(k for k in set(wanted) | set(stored) if stored.get(k) != wanted.get(k))
-    if diff:
-        return f"{what} changed: " + ", ".join(f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in diff)
-    return None
-
-
-def bag_mismatch(path: Path, fingerprint: dict[str, Any], task: SlideTask) -> str | None:
-    """None when the bag at ``path`` is valid and was made with these settings, else the reason."""
-    if not path.is_file():
-        return "no bag yet"
-    try:
-        info = validate_bag(path, check_values=False)
-    except BagError as e:
-        return f"invalid bag: {e}"
-    attrs = info["attrs"]
-    return _json_diff(attrs.get("settings_json"), fingerprint, "settings") or _source_mismatch(attrs, task)
-
-
-def _read_mpp_csv(path: str | None) -> dict[str, float]:
-    if not path:
-        return {}
-    out: dict[str, float] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"slide_id", "mpp"} <= set(reader.fieldnames):
-            raise SlideError(f"--mpp-csv {path}: needs columns slide_id,mpp (has {reader.fieldnames})")
-        for row in reader:
-            try:
-                v = float(row["mpp"])
-            except ValueError:
-                raise SlideError(f"--mpp-csv {path}: bad mpp {row['mpp']!r} for {row['slide_id']}") from None
-            if v <= 0:
-                raise SlideError(f"--mpp-csv {path}: mpp must be > 0 for {row['slide_id']}")
-            if not plausible_mpp(v):
-                log.warning("--mpp-csv %s: mpp %g for %s is outside the usual %s µm/px; used as given",
-                            path, v, row["slide_id"], PLAUSIBLE_MPP)
-            out[row["slide_id"].strip()] = v
-    return out
-
-
-def _read_slide_list(path: str | None) -> set[str] | None:
-    if not path:
-        return None
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        col = next((c for c in ("slide_id", "path", "slide") if c in (reader.fieldnames or [])), None)
-        if col is None:
-            raise SlideError(f"--slides {path}: needs a slide_id (or path) column")
-        return {slide_id_of(r[col].strip()) if col == "path" else r[col].strip() for r in reader}
-
-
-def plan_slides(cfg: PreprocessConfig) -> list[SlideTask]:
-    """The sorted slide list of this shard, restricted by ``--slides``, with ``--mpp-csv`` overrides.
-
-    Plain images (png/jpg) are slides only when ``--mpp-csv`` has their mpp or ``--slides`` lists them;
-    others are ignored with a warning (so stray pictures in a slide folder do not fail the run).
-    """
-    paths = find_slides(cfg.input)
-    wanted = _read_slide_list(cfg.slides)
-    mpps = _read_mpp_csv(cfg.mpp_csv)
-    if wanted is not None:
-        missing = wanted - {slide_id_of(p) for p in paths}
-        if missing:
-            log.warning("--slides lists %d slide(s) not found under %s: %s", len(missing), cfg.input,
-                        sorted(missing)[:5])
-        paths = [p for p in paths if slide_id_of(p) in wanted]
-    else:  # a png/jpg in a slide folder is a slide only when the user gave its mpp
-        images = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and slide_id_of(p) not in mpps]
-        if images:
-            log.warning("ignoring %d plain image(s) without a --mpp-csv row (a png/jpg is a slide only with its "
-                        "mpp there, or when --slides lists it): %s", len(images), ", ".join(p.name for p in images[:5]))
-            skip = set(images)
-            paths = [p for p in paths if p not in skip]
-    i, n = cfg.shard_index
-    paths = [p for k, p in enumerate(paths) if k % n == i]
-    return [SlideTask(k, slide_id_of(p), p, mpps.get(slide_id_of(p))) for k, p in enumerate(paths)]
-
-
-# ----------------------------------------------------------------------------------------- reading
-def read_tile(reader: Any, xy: tuple[int, int], plan: TilePlan) -> np.ndarray:
-    """One tile [P, P, 3] uint8 at the plan's effective mpp (level-0 top-left ``xy``)."""
-    region = reader.read_region((int(xy[0]), int(xy[1])), plan.level, (plan.read_size, plan.read_size))
-    if plan.read_size == plan.patch_size:
-        return region
-    interp = cv2.INTER_AREA if plan.read_size > plan.patch_size else cv2.INTER_LINEAR
-    return cv2.resize(region, (plan.patch_size, plan.patch_size), interpolation=interp)
-
-
-class SlideStream(IterableDataset):
-    """Messages for the main loop: ``{"kind": "tiles", ...}`` batches, then one ``{"kind": "end", ...}``."""
-
-    def __init__(self, tasks: list[SlideTask], cfg: PreprocessConfig, fingerprint: dict[str, Any],
-                 owner_pid: int, out_dir: Path, workers: int = 0):
-        self.tasks, self.cfg, self.fingerprint = tasks, cfg, fingerprint
-        self.owner_pid, self.out = owner_pid, out_dir
-        self.order = sorted(range(len(tasks)), key=lambda i: -_file_size(tasks[i].path))  # largest first
-        self.next_slide = multiprocessing.Value("q", 0)  # shared queue head (has its own lock)
-        # worker id -> (pid, index of the slide it is reading or -1); shared memory, read by the main
-        # process to name the slide of a worker that died
-        self.current = torch.full((max(workers, 1), 2), -1, dtype=torch.int64).share_memory_()  # [W, 2]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        wid = info.id if info is not None else 0
-        track = wid < len(self.current)  # a stream made for fewer workers than its DataLoader has
-        while (task := self._take()) is not None:
-            if track:
-                self.current[wid, 0], self.current[wid, 1] = os.getpid(), task.index
-            yield from self._slide(task)
-        if track:
-            self.current[wid, 1] = -1
-
-    def _take(self) -> SlideTask | None:
-        """The next slide of the shared queue, or None when every slide has been taken."""
-        with self.next_slide.get_lock():
-            k = int(self.next_slide.value)
-            if k >= len(self.order):
-                return None
-            self.next_slide.value = k + 1
-        return self.tasks[self.order[k]]
-
-    def slides_of_dead_workers(self, pids: set[int]) -> list[int]:
-        """Indices of the slides that the workers with these pids were reading."""
-        return [int(i) for p, i in self.current.tolist() if p in pids and i >= 0]
-
-    def slides_in_flight(self) -> list[int]:
-        return [int(i) for _, i in self.current.tolist() if i >= 0]
-
-    def _end(self, task: SlideTask, status: str, message: str = "", **kw: Any) -> dict[str, Any]:
-        return {"kind": "end", "slide": task.index, "status": status, "message": message, **kw}
-
-    def _slide(self, task: SlideTask) -> Iterator[dict[str, Any]]:
-        cfg, t0 = self.cfg, time.time()
-        lock = self.out / LOCKS_DIR / f"{task.slide_id}.lock"
-        if not try_lock(lock, cfg.lock_timeout, owner_pid=self.owner_pid):
-            yield self._end(task, "skipped", "locked by another process", locked=True, t0=t0)
-            return
-        bag = self.out / BAGS_DIR / f"{task.slide_id}.h5"
-        if "extract" in cfg.stage_set and not cfg.overwrite and bag_mismatch(bag, self.fingerprint, task) is None:
-            yield self._end(task, "skipped", "bag up to date (finished by another process)", t0=t0, done=True)
-            return
-        try:
-            yield from self._process(task, t0)
-        except UnreadableSlideError as e:
-            yield self._end(task, "unreadable", str(e), t0=t0)
-        except Exception as e:  # one bad slide must not stop the run
-            log.error("%s: %s\n%s", task.path, e, traceback.format_exc())
-            yield self._end(task, "error", f"{type(e).__name__}: {e}", t0=t0)
-
-    def _process(self, task: SlideTask, t0: float) -> Iterator[dict[str, Any]]:
-        cfg = self.cfg
-        reader = open_slide(task.path, mpp=task.mpp_override)
-        try:
-            geo = {"width": reader.dimensions[0], "height": reader.dimensions[1], "mpp": reader.mpp,
-                   "magnification": reader.magnification}
-            if reader.mpp is None:
-                rejected = getattr(reader, "mpp_rejected", "")
-                yield self._end(task, "mpp_missing", f"{task.path}: the slide has no pixel size (mpp)"
-                                f"{'; rejected ' + rejected if rejected else ''}; add a row "
-                                f"'{task.slide_id},<mpp>' to a CSV with header slide_id,mpp and pass --mpp-csv",
-                                t0=t0, geo=geo)
-                return
-            try:
-                plan = plan_tiles(reader.mpp, reader.level_downsamples, cfg.target_mpp, cfg.patch_size,
-                                  cfg.overlap, cfg.mpp_tolerance)
-            except (MppTooCoarseError, EffectiveMppError) as e:
-                yield self._end(task, "error", f"{task.path}: {e}", t0=t0, geo=geo)
-                return
-            reused = self._reuse_coords(task, reader, plan)
-            if reused is not None:
-                coords, frac = reused
-            else:
-                coords, frac = self._segment_and_tile(task, reader, plan)
-            common = dict(t0=t0, geo=geo, plan=plan, coords=coords, tissue_fraction=frac)
-            if len(coords) == 0:
-                yield self._end(task, "no_tissue", f"no tile with tissue fraction >= {cfg.min_tissue}", **common)
-                return
-            if "extract" not in cfg.stage_set:
-                yield self._end(task, "ok", "", bad=np.zeros(0, np.int64), **common)
-                return
-            bad: list[int] = []
-            index: list[int] = []
-            shared = get_worker_info() is not None
-            batch = _new_batch(min(cfg.batch_size, len(coords)), plan.patch_size, shared)  # [B, P, P, 3]
-            for i, xy in enumerate(coords):
-                try:
-                    batch.numpy()[len(index)] = read_tile(reader, xy, plan)  # a view: writes into the batch
-                    index.append(i)
-                except TileReadError as e:
-                    log.warning("%s: dropping tile %d at %s: %s", task.slide_id, i, tuple(xy), e)
-                    bad.append(i)
-                if len(index) == len(batch):
-                    yield self._tiles(task, batch, index)
-                    index = []
-                    batch = _new_batch(min(cfg.batch_size, len(coords) - i - 1), plan.patch_size, shared)
-            if index:
-                yield self._tiles(task, batch[:len(index)], index)
-            yield self._end(task, "ok", "", bad=np.asarray(bad, np.int64), **common)
-        finally:
-            reader.close()
-
-    def _segment_and_tile(self, task: SlideTask, reader: Any, plan: TilePlan) -> tuple[np.ndarray, np.ndarray]:
-        """Tissue mask, kept tile grid [K, 2] and tissue fractions [K]; writes the overview PNG."""
-        cfg = self.cfg
-        params = _tissue_params(cfg)
-        thumb, ds, failed = reader.read_level_scaled(max(1.0, params.seg_mpp / reader.mpp))
-        tm = segment_tissue(thumb, ds, reader.mpp, params)
-        coords = grid_coords(*reader.dimensions, plan)  # [M, 2]
-        frac = tile_fractions(tm, coords, plan.patch_size_level0)  # [M]
-        keep = frac >= max(cfg.min_tissue, 1e-6)
-        if failed.any():  # regions the thumbnail could not decode: try their tiles (they count as bad)
-            unknown = TissueMask(failed.astype(np.uint8), ds, [], 0.0)
-            keep |= tile_fractions(unknown, coords, plan.patch_size_level0) > 0
-        coords, frac = coords[keep], frac[keep]
-        overview = draw_overview(thumb, tm, coords, plan.patch_size_level0)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(overview, cv2.COLOR_RGB2BGR))
-        if ok:
-            atomic_write_bytes(self.out / THUMBS_DIR / f"{task.slide_id}.png", png.tobytes())
-        return coords, frac
-
-    def _reuse_coords(self, task: SlideTask, reader: Any, plan: TilePlan) -> tuple[np.ndarray, np.ndarray] | None:
-        """Tile grid and tissue fractions from ``coords/<id>.h5`` of an earlier tile stage, when this run
-        extracts without tiling and that file was made with the same tiling settings, mpp and source file."""
-        if "extract" not in self.cfg.stage_set or "tile" in self.cfg.stage_set:
-            return None
-        path = self.out / COORDS_DIR / f"{task.slide_id}.h5"
-        if not path.is_file():
-            log.info("%s: no %s from a tile stage; segmenting and tiling now", task.slide_id, path)
-            return None
-        import h5py
-
-        try:
-            with h5py.File(path, "r") as f:
-                attrs = dict(f.attrs)
-                coords = np.asarray(f["coords"][:], np.int64)  # [K, 2]
-                frac = np.asarray(f["tissue_fraction"][:], np.float32)  # [K]
-        except (OSError, KeyError) as e:
-            log.warning("%s: cannot read %s (%s); segmenting and tiling again", task.slide_id, path, e)
-            return None
-        why = (_json_diff(attrs.get("tiling_json"), tiling_fingerprint(self.cfg), "tiling settings")
-               or _source_mismatch(attrs, task)
-               or _json_diff(attrs.get("plan_json"), json.loads(json.dumps(plan.to_dict())), "reading plan"))
-        if why is None and (coords.ndim != 2 or coords.shape[1:] != (2,) or len(frac) != len(coords)):
-            why = f"malformed coords {coords.shape} / tissue_fraction {frac.shape}"
-        if why is not None:
-            log.warning("%s: not reusing %s (%s); segmenting and tiling again", task.slide_id, path, why)
-            return None
-        log.info("%s: reusing %d tiles from %s", task.slide_id, len(coords), path)
-        return coords, frac
-
-    @staticmethod
-    def _tiles(task: SlideTask, batch: torch.Tensor, index: list[int]) -> dict[str, Any]:
-        return {"kind": "tiles", "slide": task.index,
-                "tiles": batch,  # [B, P, P, 3] uint8
-                # [B] int64; numpy travels inside the pickle (a tensor would cost a second shm file + fd)
-                "index": np.asarray(index, np.int64)}
-
-
-def _new_batch(n: int, patch: int, shared: bool) -> torch.Tensor:
-    """An empty uint8 batch [n, P, P, 3]; in a DataLoader worker it lives in shared memory from the start,
-    so tiles are written once and handing the batch to the main process copies nothing."""
-    batch = torch.empty((max(n, 1), patch, patch, 3), dtype=torch.uint8)
-    return batch.share_memory_() if shared else batch
 
 
 # ----------------------------------------------------------------------------------------- main loop
@@ -556,7 +207,7 @@ class _Writer:
     def _attrs(self, task: SlideTask, msg: dict[str, Any]) -> dict[str, Any]:
         plan: TilePlan = msg["plan"]
         enc = self.encoder
-        size, mtime = _source_stat(task.path)
+        size, mtime = source_stat(task.path)
         return {
             "slide_id": task.slide_id, "source_path": str(task.path), "source_size": size,
             "source_mtime_ns": mtime,

@@ -15,6 +15,7 @@ import pytest
 from _images import preprocess_config
 
 from preprocessing import extract as extract_mod
+from preprocessing import stream as stream_mod
 from preprocessing import synthetic
 from preprocessing.cli import main
 from preprocessing.extract import run
@@ -81,20 +82,20 @@ def test_extract_stage_reuses_coords_of_an_earlier_tile_stage(tmp_path, tissue, 
     assert not (out / "bags").exists() or not list((out / "bags").iterdir())
 
     calls: list[int] = []
-    real = extract_mod.segment_tissue
+    real = stream_mod.segment_tissue
 
     def counting(*a, **kw):
         calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(extract_mod, "segment_tissue", counting)
-    with caplog.at_level(logging.INFO, logger="preprocessing.extract"):
+    monkeypatch.setattr(stream_mod, "segment_tissue", counting)
+    with caplog.at_level(logging.INFO, logger="preprocessing"):
         assert run(replace(cfg, stages="extract")).statuses == {"s": "ok"}
     assert calls == [] and "reusing" in caplog.text  # no second segmentation
     np.testing.assert_array_equal(read_bag(out / "bags" / "s.h5").coords, coords)
     # other tiling settings: the coords file does not fit, tiling is redone (and logged)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="preprocessing.extract"):
+    with caplog.at_level(logging.INFO, logger="preprocessing"):
         assert run(replace(cfg, stages="extract", min_tissue=0.9)).statuses == {"s": "ok"}
     assert calls == [1] and "not reusing" in caplog.text and "min_tissue" in caplog.text
 
@@ -164,14 +165,14 @@ def test_a_reader_process_that_dies_is_recorded_and_the_run_goes_on(tmp_path, ti
     inp, out = tmp_path / "in", tmp_path / "out"
     for name in ("a.svs", "boom.svs", "c.svs", "d.svs"):
         _one_slide(inp, tissue, name=name)
-    real = extract_mod.open_slide
+    real = stream_mod.open_slide
 
     def crashing(path, mpp=None):  # runs in the forked DataLoader worker: a hard death, like a segfault
         if Path(path).stem == "boom":
             os._exit(7)
         return real(path, mpp=mpp)
 
-    monkeypatch.setattr(extract_mod, "open_slide", crashing)
+    monkeypatch.setattr(stream_mod, "open_slide", crashing)
     with caplog.at_level(logging.WARNING, logger="preprocessing.extract"):
         res = run(_cfg(inp, out, workers=2))
     rows = read_manifest(out / "manifest.csv")
@@ -266,7 +267,7 @@ def test_plain_images_are_slides_only_with_their_mpp(tmp_path: Path, caplog) -> 
     inp.mkdir()
     for name in ("label_photo.png", "scan.jpg", "slide.svs"):
         (inp / name).write_bytes(b"x")
-    with caplog.at_level(logging.WARNING, logger="preprocessing.extract"):
+    with caplog.at_level(logging.WARNING, logger="preprocessing"):
         assert [t.slide_id for t in plan_slides(_cfg(inp, tmp_path / "out"))] == ["slide"]
     assert "ignoring 2 plain image(s)" in caplog.text and "label_photo.png" in caplog.text
     mpp_csv = tmp_path / "mpp.csv"

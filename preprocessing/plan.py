@@ -1,0 +1,197 @@
+"""Which slides to do and whether a finished bag still matches: the slide list (``--slides``, ``--shard``,
+``--mpp-csv``), and the settings fingerprints stored in bags and coords files for resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsi_ncmi.data.bags import BagError, validate_bag
+
+from .config import PreprocessConfig
+from .encoders import resolve_device, resolve_spec
+from .readers import (
+    IMAGE_EXTENSIONS,
+    PLAUSIBLE_MPP,
+    SlideError,
+    find_slides,
+    plausible_mpp,
+    slide_id_of,
+)
+from .tissue import TissueParams
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SlideTask", "plan_slides", "settings_fingerprint", "bag_mismatch", "tiling_fingerprint", "BAGS_DIR",
+           "THUMBS_DIR", "LOCKS_DIR", "COORDS_DIR", "STALE_DIR"]
+
+BAGS_DIR, THUMBS_DIR, LOCKS_DIR, COORDS_DIR, STALE_DIR = "bags", "thumbnails", "locks", "coords", "stale"
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    index: int
+    slide_id: str
+    path: Path
+    mpp_override: float | None = None
+
+
+# ----------------------------------------------------------------------------------------- settings
+def tissue_params(cfg: PreprocessConfig) -> TissueParams:
+    return TissueParams(seg_mpp=cfg.seg_mpp, method=cfg.tissue_method, threshold=cfg.tissue_threshold)
+
+
+def _compute_precision(cfg: PreprocessConfig) -> str:
+    return cfg.precision if resolve_device(cfg.device).type == "cuda" else "fp32"
+
+
+def tiling_fingerprint(cfg: PreprocessConfig) -> dict[str, Any]:
+    """Everything that changes the tile grid of a slide; stored in ``coords/<id>.h5`` as ``tiling_json``."""
+    return {
+        "target_mpp": float(cfg.target_mpp),
+        "patch_size": int(cfg.patch_size),
+        "overlap": int(cfg.overlap),
+        "min_tissue": float(cfg.min_tissue),
+        "mpp_tolerance": float(cfg.mpp_tolerance),
+        "tissue": tissue_params(cfg).to_dict(),
+    }
+
+
+def _encoder_settings(cfg: PreprocessConfig) -> dict[str, Any]:
+    """The encoder's effective model kwargs and preprocessing (preset / timm defaults + overrides)."""
+    if "extract" not in cfg.stage_set:  # no encoder is built: record what was asked
+        return {"encoder_kwargs": cfg.encoder_kwargs_dict, "mean": cfg.mean, "std": cfg.std,
+                "input_size": cfg.input_size}
+    spec = resolve_spec(cfg.encoder, cfg.encoder_kwargs_dict, cfg.mean, cfg.std, cfg.input_size)
+    return {"encoder_kwargs": json.loads(json.dumps(spec.kwargs, sort_keys=True)), "mean": list(spec.mean),
+            "std": list(spec.std), "input_size": spec.input_size}
+
+
+def settings_fingerprint(cfg: PreprocessConfig, weights_sha256: str) -> dict[str, Any]:
+    """Everything that changes a bag's content; stored as ``settings_json`` and compared on resume."""
+    return {
+        "encoder": cfg.encoder,
+        "weights_sha256": weights_sha256,
+        **_encoder_settings(cfg),
+        **tiling_fingerprint(cfg),
+        "compute_precision": _compute_precision(cfg),
+        "features_dtype": cfg.features_dtype,
+    }
+
+
+def source_stat(path: Path) -> tuple[int, int]:
+    """(size, mtime in ns) of a slide file; (-1, -1) when it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return -1, -1
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def source_mismatch(attrs: Any, task: SlideTask) -> str | None:
+    """Why an output made from ``attrs`` no longer matches the slide file / mpp override, or None."""
+    override = -1.0 if task.mpp_override is None else float(task.mpp_override)
+    if float(attrs.get("mpp_override", -1.0)) != override:
+        return f"mpp override changed: {attrs.get('mpp_override')} -> {override}"
+    size, mtime = source_stat(task.path)
+    if int(attrs.get("source_size", -2)) != size:
+        return f"source file changed size: {attrs.get('source_size')} -> {size}"
+    if int(attrs.get("source_mtime_ns", -2)) != mtime:
+        return f"source file changed (modification time {attrs.get('source_mtime_ns')} -> {mtime} ns)"
+    return None
+
+
+def json_diff(stored_json: Any, wanted: dict[str, Any], what: str) -> str | None:
+    try:
+        stored = json.loads(stored_json or "{}")
+    except (TypeError, ValueError):
+        stored = {}
+    diff = sorted(k for k in set(wanted) | set(stored) if stored.get(k) != wanted.get(k))
+    if diff:
+        return f"{what} changed: " + ", ".join(f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in diff)
+    return None
+
+
+def bag_mismatch(path: Path, fingerprint: dict[str, Any], task: SlideTask) -> str | None:
+    """None when the bag at ``path`` is valid and was made with these settings, else the reason."""
+    if not path.is_file():
+        return "no bag yet"
+    try:
+        info = validate_bag(path, check_values=False)
+    except BagError as e:
+        return f"invalid bag: {e}"
+    attrs = info["attrs"]
+    return json_diff(attrs.get("settings_json"), fingerprint, "settings") or source_mismatch(attrs, task)
+
+
+def _read_mpp_csv(path: str | None) -> dict[str, float]:
+    if not path:
+        return {}
+    out: dict[str, float] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"slide_id", "mpp"} <= set(reader.fieldnames):
+            raise SlideError(f"--mpp-csv {path}: needs columns slide_id,mpp (has {reader.fieldnames})")
+        for row in reader:
+            try:
+                v = float(row["mpp"])
+            except ValueError:
+                raise SlideError(f"--mpp-csv {path}: bad mpp {row['mpp']!r} for {row['slide_id']}") from None
+            if v <= 0:
+                raise SlideError(f"--mpp-csv {path}: mpp must be > 0 for {row['slide_id']}")
+            if not plausible_mpp(v):
+                log.warning("--mpp-csv %s: mpp %g for %s is outside the usual %s µm/px; used as given",
+                            path, v, row["slide_id"], PLAUSIBLE_MPP)
+            out[row["slide_id"].strip()] = v
+    return out
+
+
+def _read_slide_list(path: str | None) -> set[str] | None:
+    if not path:
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        col = next((c for c in ("slide_id", "path", "slide") if c in (reader.fieldnames or [])), None)
+        if col is None:
+            raise SlideError(f"--slides {path}: needs a slide_id (or path) column")
+        return {slide_id_of(r[col].strip()) if col == "path" else r[col].strip() for r in reader}
+
+
+def plan_slides(cfg: PreprocessConfig) -> list[SlideTask]:
+    """The sorted slide list of this shard, restricted by ``--slides``, with ``--mpp-csv`` overrides.
+
+    Plain images (png/jpg) are slides only when ``--mpp-csv`` has their mpp or ``--slides`` lists them;
+    others are ignored with a warning (so stray pictures in a slide folder do not fail the run).
+    """
+    paths = find_slides(cfg.input)
+    wanted = _read_slide_list(cfg.slides)
+    mpps = _read_mpp_csv(cfg.mpp_csv)
+    if wanted is not None:
+        missing = wanted - {slide_id_of(p) for p in paths}
+        if missing:
+            log.warning("--slides lists %d slide(s) not found under %s: %s", len(missing), cfg.input,
+                        sorted(missing)[:5])
+        paths = [p for p in paths if slide_id_of(p) in wanted]
+    else:  # a png/jpg in a slide folder is a slide only when the user gave its mpp
+        images = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and slide_id_of(p) not in mpps]
+        if images:
+            log.warning("ignoring %d plain image(s) without a --mpp-csv row (a png/jpg is a slide only with its "
+                        "mpp there, or when --slides lists it): %s", len(images), ", ".join(p.name for p in images[:5]))
+            skip = set(images)
+            paths = [p for p in paths if p not in skip]
+    i, n = cfg.shard_index
+    paths = [p for k, p in enumerate(paths) if k % n == i]
+    return [SlideTask(k, slide_id_of(p), p, mpps.get(slide_id_of(p))) for k, p in enumerate(paths)]
+
+

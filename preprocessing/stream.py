@@ -1,0 +1,236 @@
+"""The reading side of the pipeline: ``SlideStream``, the DataLoader dataset whose workers take slides from a
+shared queue, segment tissue, plan and read the tiles, and send uint8 batches plus one ``end`` message per
+slide to the main process (see :mod:`preprocessing.extract` for the whole design)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .config import PreprocessConfig
+from .locks import try_lock
+from .manifest import atomic_write_bytes
+from .plan import (
+    BAGS_DIR,
+    COORDS_DIR,
+    LOCKS_DIR,
+    THUMBS_DIR,
+    SlideTask,
+    bag_mismatch,
+    file_size,
+    json_diff,
+    source_mismatch,
+    tiling_fingerprint,
+    tissue_params,
+)
+from .readers import (
+    TileReadError,
+    UnreadableSlideError,
+    open_slide,
+)
+from .tiling import EffectiveMppError, MppTooCoarseError, TilePlan, grid_coords, plan_tiles
+from .tissue import TissueMask, draw_overview, segment_tissue, tile_fractions
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SlideStream", "read_tile"]
+
+# ----------------------------------------------------------------------------------------- reading
+def read_tile(reader: Any, xy: tuple[int, int], plan: TilePlan) -> np.ndarray:
+    """One tile [P, P, 3] uint8 at the plan's effective mpp (level-0 top-left ``xy``)."""
+    region = reader.read_region((int(xy[0]), int(xy[1])), plan.level, (plan.read_size, plan.read_size))
+    if plan.read_size == plan.patch_size:
+        return region
+    interp = cv2.INTER_AREA if plan.read_size > plan.patch_size else cv2.INTER_LINEAR
+    return cv2.resize(region, (plan.patch_size, plan.patch_size), interpolation=interp)
+
+
+class SlideStream(IterableDataset):
+    """Messages for the main loop: ``{"kind": "tiles", ...}`` batches, then one ``{"kind": "end", ...}``."""
+
+    def __init__(self, tasks: list[SlideTask], cfg: PreprocessConfig, fingerprint: dict[str, Any],
+                 owner_pid: int, out_dir: Path, workers: int = 0):
+        self.tasks, self.cfg, self.fingerprint = tasks, cfg, fingerprint
+        self.owner_pid, self.out = owner_pid, out_dir
+        self.order = sorted(range(len(tasks)), key=lambda i: -file_size(tasks[i].path))  # largest first
+        self.next_slide = multiprocessing.Value("q", 0)  # shared queue head (has its own lock)
+        # worker id -> (pid, index of the slide it is reading or -1); shared memory, read by the main
+        # process to name the slide of a worker that died
+        self.current = torch.full((max(workers, 1), 2), -1, dtype=torch.int64).share_memory_()  # [W, 2]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid = info.id if info is not None else 0
+        track = wid < len(self.current)  # a stream made for fewer workers than its DataLoader has
+        while (task := self._take()) is not None:
+            if track:
+                self.current[wid, 0], self.current[wid, 1] = os.getpid(), task.index
+            yield from self._slide(task)
+        if track:
+            self.current[wid, 1] = -1
+
+    def _take(self) -> SlideTask | None:
+        """The next slide of the shared queue, or None when every slide has been taken."""
+        with self.next_slide.get_lock():
+            k = int(self.next_slide.value)
+            if k >= len(self.order):
+                return None
+            self.next_slide.value = k + 1
+        return self.tasks[self.order[k]]
+
+    def slides_of_dead_workers(self, pids: set[int]) -> list[int]:
+        """Indices of the slides that the workers with these pids were reading."""
+        return [int(i) for p, i in self.current.tolist() if p in pids and i >= 0]
+
+    def slides_in_flight(self) -> list[int]:
+        return [int(i) for _, i in self.current.tolist() if i >= 0]
+
+    def _end(self, task: SlideTask, status: str, message: str = "", **kw: Any) -> dict[str, Any]:
+        return {"kind": "end", "slide": task.index, "status": status, "message": message, **kw}
+
+    def _slide(self, task: SlideTask) -> Iterator[dict[str, Any]]:
+        cfg, t0 = self.cfg, time.time()
+        lock = self.out / LOCKS_DIR / f"{task.slide_id}.lock"
+        if not try_lock(lock, cfg.lock_timeout, owner_pid=self.owner_pid):
+            yield self._end(task, "skipped", "locked by another process", locked=True, t0=t0)
+            return
+        bag = self.out / BAGS_DIR / f"{task.slide_id}.h5"
+        if "extract" in cfg.stage_set and not cfg.overwrite and bag_mismatch(bag, self.fingerprint, task) is None:
+            yield self._end(task, "skipped", "bag up to date (finished by another process)", t0=t0, done=True)
+            return
+        try:
+            yield from self._process(task, t0)
+        except UnreadableSlideError as e:
+            yield self._end(task, "unreadable", str(e), t0=t0)
+        except Exception as e:  # one bad slide must not stop the run
+            log.error("%s: %s\n%s", task.path, e, traceback.format_exc())
+            yield self._end(task, "error", f"{type(e).__name__}: {e}", t0=t0)
+
+    def _process(self, task: SlideTask, t0: float) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        reader = open_slide(task.path, mpp=task.mpp_override)
+        try:
+            geo = {"width": reader.dimensions[0], "height": reader.dimensions[1], "mpp": reader.mpp,
+                   "magnification": reader.magnification}
+            if reader.mpp is None:
+                rejected = getattr(reader, "mpp_rejected", "")
+                yield self._end(task, "mpp_missing", f"{task.path}: the slide has no pixel size (mpp)"
+                                f"{'; rejected ' + rejected if rejected else ''}; add a row "
+                                f"'{task.slide_id},<mpp>' to a CSV with header slide_id,mpp and pass --mpp-csv",
+                                t0=t0, geo=geo)
+                return
+            try:
+                plan = plan_tiles(reader.mpp, reader.level_downsamples, cfg.target_mpp, cfg.patch_size,
+                                  cfg.overlap, cfg.mpp_tolerance)
+            except (MppTooCoarseError, EffectiveMppError) as e:
+                yield self._end(task, "error", f"{task.path}: {e}", t0=t0, geo=geo)
+                return
+            reused = self._reuse_coords(task, reader, plan)
+            if reused is not None:
+                coords, frac = reused
+            else:
+                coords, frac = self._segment_and_tile(task, reader, plan)
+            common = dict(t0=t0, geo=geo, plan=plan, coords=coords, tissue_fraction=frac)
+            if len(coords) == 0:
+                yield self._end(task, "no_tissue", f"no tile with tissue fraction >= {cfg.min_tissue}", **common)
+                return
+            if "extract" not in cfg.stage_set:
+                yield self._end(task, "ok", "", bad=np.zeros(0, np.int64), **common)
+                return
+            bad: list[int] = []
+            index: list[int] = []
+            shared = get_worker_info() is not None
+            batch = _new_batch(min(cfg.batch_size, len(coords)), plan.patch_size, shared)  # [B, P, P, 3]
+            for i, xy in enumerate(coords):
+                try:
+                    batch.numpy()[len(index)] = read_tile(reader, xy, plan)  # a view: writes into the batch
+                    index.append(i)
+                except TileReadError as e:
+                    log.warning("%s: dropping tile %d at %s: %s", task.slide_id, i, tuple(xy), e)
+                    bad.append(i)
+                if len(index) == len(batch):
+                    yield self._tiles(task, batch, index)
+                    index = []
+                    batch = _new_batch(min(cfg.batch_size, len(coords) - i - 1), plan.patch_size, shared)
+            if index:
+                yield self._tiles(task, batch[:len(index)], index)
+            yield self._end(task, "ok", "", bad=np.asarray(bad, np.int64), **common)
+        finally:
+            reader.close()
+
+    def _segment_and_tile(self, task: SlideTask, reader: Any, plan: TilePlan) -> tuple[np.ndarray, np.ndarray]:
+        """Tissue mask, kept tile grid [K, 2] and tissue fractions [K]; writes the overview PNG."""
+        cfg = self.cfg
+        params = tissue_params(cfg)
+        thumb, ds, failed = reader.read_level_scaled(max(1.0, params.seg_mpp / reader.mpp))
+        tm = segment_tissue(thumb, ds, reader.mpp, params)
+        coords = grid_coords(*reader.dimensions, plan)  # [M, 2]
+        frac = tile_fractions(tm, coords, plan.patch_size_level0)  # [M]
+        keep = frac >= max(cfg.min_tissue, 1e-6)
+        if failed.any():  # regions the thumbnail could not decode: try their tiles (they count as bad)
+            unknown = TissueMask(failed.astype(np.uint8), ds, [], 0.0)
+            keep |= tile_fractions(unknown, coords, plan.patch_size_level0) > 0
+        coords, frac = coords[keep], frac[keep]
+        overview = draw_overview(thumb, tm, coords, plan.patch_size_level0)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(overview, cv2.COLOR_RGB2BGR))
+        if ok:
+            atomic_write_bytes(self.out / THUMBS_DIR / f"{task.slide_id}.png", png.tobytes())
+        return coords, frac
+
+    def _reuse_coords(self, task: SlideTask, reader: Any, plan: TilePlan) -> tuple[np.ndarray, np.ndarray] | None:
+        """Tile grid and tissue fractions from ``coords/<id>.h5`` of an earlier tile stage, when this run
+        extracts without tiling and that file was made with the same tiling settings, mpp and source file."""
+        if "extract" not in self.cfg.stage_set or "tile" in self.cfg.stage_set:
+            return None
+        path = self.out / COORDS_DIR / f"{task.slide_id}.h5"
+        if not path.is_file():
+            log.info("%s: no %s from a tile stage; segmenting and tiling now", task.slide_id, path)
+            return None
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                attrs = dict(f.attrs)
+                coords = np.asarray(f["coords"][:], np.int64)  # [K, 2]
+                frac = np.asarray(f["tissue_fraction"][:], np.float32)  # [K]
+        except (OSError, KeyError) as e:
+            log.warning("%s: cannot read %s (%s); segmenting and tiling again", task.slide_id, path, e)
+            return None
+        why = (json_diff(attrs.get("tiling_json"), tiling_fingerprint(self.cfg), "tiling settings")
+               or source_mismatch(attrs, task)
+               or json_diff(attrs.get("plan_json"), json.loads(json.dumps(plan.to_dict())), "reading plan"))
+        if why is None and (coords.ndim != 2 or coords.shape[1:] != (2,) or len(frac) != len(coords)):
+            why = f"malformed coords {coords.shape} / tissue_fraction {frac.shape}"
+        if why is not None:
+            log.warning("%s: not reusing %s (%s); segmenting and tiling again", task.slide_id, path, why)
+            return None
+        log.info("%s: reusing %d tiles from %s", task.slide_id, len(coords), path)
+        return coords, frac
+
+    @staticmethod
+    def _tiles(task: SlideTask, batch: torch.Tensor, index: list[int]) -> dict[str, Any]:
+        return {"kind": "tiles", "slide": task.index,
+                "tiles": batch,  # [B, P, P, 3] uint8
+                # [B] int64; numpy travels inside the pickle (a tensor would cost a second shm file + fd)
+                "index": np.asarray(index, np.int64)}
+
+
+def _new_batch(n: int, patch: int, shared: bool) -> torch.Tensor:
+    """An empty uint8 batch [n, P, P, 3]; in a DataLoader worker it lives in shared memory from the start,
+    so tiles are written once and handing the batch to the main process copies nothing."""
+    batch = torch.empty((max(n, 1), patch, patch, 3), dtype=torch.uint8)
+    return batch.share_memory_() if shared else batch
+
+
