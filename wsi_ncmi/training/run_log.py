@@ -19,7 +19,6 @@ import csv
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -117,6 +116,3 @@ class TrimLogOnFitStart(Callback):
                 if dropped:
                     what = "earlier run" if epoch == 0 else f"epochs >= {epoch} (redone after the resume)"
                     logger.info("metrics.csv: dropped %d rows of the %s", dropped, what)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
