@@ -1,0 +1,43 @@
+"""Every benchmark script runs end to end on CPU at toy sizes, so a refactor cannot leave one broken until the
+next (rare, time-boxed) GPU session. Numbers are not checked: timing claims live in bench/results/*.md."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = {
+    "bag_io": ["--bags", "3", "--n", "20", "--dim", "8", "--workers", "0", "--repeats", "1"],
+    "ncmi_loss": ["--device", "cpu", "--repeats", "1", "--warmup", "0", "--sizes", "8x3x6"],
+    "aggregators": ["--device", "cpu", "--n", "16", "--infer-n", "32", "--dim", "16", "--repeats", "1",
+                    "--warmup", "0", "--threads", "1"],
+    "training": ["--bags", "3", "--instances", "8", "--dim", "16", "--epochs", "1", "--precision", "32-true",
+                 "--models", "abmil", "--threads", "1"],
+    "natural_step": ["--model", "resnet18", "--batch", "4", "--size", "32", "--classes", "5", "--cifar-stem",
+                     "--device", "cpu", "--no-amp", "--warmup", "0", "--repeats", "1", "--threads", "1"],
+    "extract": ["--tiles", "40", "--tiles-per-slide", "20", "--slide-mpp", "0.5", "--encoders", "--batch-size", "16",
+                "--workers", "0", "--device", "cpu"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_bench_script_runs_on_cpu(script: str, tmp_path: Path) -> None:
+    args = list(CASES[script])
+    if script == "aggregators":
+        args += ["--out", str(tmp_path / "aggregators.md")]
+    if script == "bag_io":
+        args += ["--out", str(tmp_path / "bags")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    marker = "/CE" if script == "natural_step" else "|"  # its ratio table / a markdown table
+    assert marker in proc.stdout, proc.stdout[-2000:]
+    if script == "aggregators":
+        assert (tmp_path / "aggregators.md").read_text().count("\n") >= 3
