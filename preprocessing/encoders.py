@@ -365,9 +365,11 @@ def build_encoder(name: str, weights: str | Path | None, device: str | torch.dev
         raise EncoderError(f"--precision {precision!r}: choose from {sorted(_AUTOCAST)}")
     spec = resolve_spec(name, kwargs, mean, std, input_size)
     if weights is None or str(weights) == "":
+        local = packaged_weights(name)
+        hint = f"; an installed package ships one: --weights {local}" if local is not None else ""
         raise EncoderError(
             f"encoder {name!r} needs --weights: a local .safetensors/.pth file, or --weights random "
-            "for a random init (nothing is downloaded)"
+            f"for a random init (nothing is downloaded){hint}"
         )
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if str(weights) == RANDOM:

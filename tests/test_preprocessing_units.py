@@ -135,8 +135,12 @@ def test_find_slides_recursive_and_duplicate_ids(tmp_path):
 
 
 def test_encoders_need_weights_and_check_them(tmp_path):
-    with pytest.raises(EncoderError, match="needs --weights"):
+    with pytest.raises(EncoderError, match="needs --weights") as err:
         build_encoder("test_resnet", None)
+    assert "installed package" not in str(err.value)
+    if packaged_weights("mobilenet_v2_tv") is not None:  # the dev extras install it; point the user at it
+        with pytest.raises(EncoderError, match=r"installed package ships one: --weights .*mobilenet_v2"):
+            build_encoder("mobilenet_v2_tv", None)
     with pytest.raises(EncoderError, match="not a registered encoder"):
         build_encoder("no_such_net", "random")
     a, b = build_encoder("test_resnet", "random"), build_encoder("test_resnet", "random")
