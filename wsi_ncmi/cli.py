@@ -65,7 +65,7 @@ def _route_lightning_logs() -> None:
     """Lightning attaches its own console handlers at import; send its records through ours only (no duplicates)."""
     if "lightning" not in sys.modules and "lightning.pytorch" not in sys.modules:
         return
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
         for handler in list(lg.handlers):
             if isinstance(handler, logging.StreamHandler):
