@@ -205,3 +205,15 @@ def test_neural_collapse_limits():
     assert hdr(noisy, onehot) > 1e-3
     with pytest.raises(ValueError, match="kind"):
         class_representations(collapsed, y, 4, kind="nope")
+
+
+def test_centroid_accumulator_sum_fn_and_unchecked_labels() -> None:
+    acc = CentroidAccumulator(3, 2)
+    acc.update(torch.tensor([[0.2, 0.8], [0.6, 0.4]]), torch.tensor([0, 0]))
+    with pytest.raises(NCMIError, match="labels must be in"):
+        acc.update(torch.tensor([[0.5, 0.5]]), torch.tensor([3]))
+    acc.update(torch.tensor([[1.0, 0.0]]), torch.tensor([2]), check_labels=False)
+    doubled = acc.compute(allow_empty=True, sum_fn=lambda t: 2 * t)  # e.g. two ranks with the same rows
+    assert torch.allclose(doubled[[0, 2]], torch.tensor([[0.4, 0.6], [1.0, 0.0]]))
+    assert torch.isnan(doubled[1]).all()  # class 1 empty
+    assert acc.counts.tolist() == [2, 0, 1]  # sum_fn leaves the running sums as they were

@@ -14,6 +14,7 @@ when a centroid coordinate is exactly 0; ``p ln p`` uses ``xlogy`` (0·ln 0 = 0)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -99,10 +100,12 @@ class CentroidAccumulator:
         self.counts: Tensor | None = None  # [C] int64
         self._dtype = torch.float32
 
-    def update(self, probs: Tensor, labels: Tensor) -> None:
+    def update(self, probs: Tensor, labels: Tensor, check_labels: bool = True) -> None:
+        """Add rows ``probs`` [B, D] with ``labels`` [B]. ``check_labels=False`` skips the label-range check,
+        which costs a host sync per call on accelerators (for training loops whose loss saw the labels)."""
         probs = _as_tensor(probs, "probs")
         labels = _as_tensor(labels, "labels").to(probs.device)
-        _check_pair(probs, labels, self.num_classes)
+        _check_pair(probs, labels, self.num_classes if check_labels else None)
         if probs.shape[1] != self.dim:
             raise NCMIError(f"CentroidAccumulator: probs have dim {probs.shape[1]}, expected {self.dim}")
         if self.sums is None:
@@ -114,10 +117,13 @@ class CentroidAccumulator:
         self.sums.index_add_(0, lab, probs.to(self.sums.device, torch.float64))
         self.counts += torch.bincount(lab, minlength=self.num_classes)
 
-    def compute(self, allow_empty: bool = False) -> Tensor:
+    def compute(self, allow_empty: bool = False, sum_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Centroids [C, D]; empty classes raise unless ``allow_empty`` (then NaN rows). ``sum_fn`` maps the
+        running sums first (e.g. a sum over distributed ranks) without changing the accumulator."""
         if self.sums is None or self.counts is None:
             raise NCMIError("CentroidAccumulator.compute: no batch was added")
-        return _finish(self.sums, self.counts, allow_empty).to(self._dtype)
+        sums, counts = (self.sums, self.counts) if sum_fn is None else (sum_fn(self.sums), sum_fn(self.counts))
+        return _finish(sums, counts, allow_empty).to(self._dtype)
 
 
 def kl_rows_to_centroids(probs: Tensor, centroids: Tensor) -> Tensor:

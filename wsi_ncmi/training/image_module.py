@@ -260,9 +260,9 @@ class ImageModule(L.LightningModule):
             feat = self.forward_features(x)  # [B, D]
             if self.is_ncmi:
                 out = dict(self.criterion(feat, y))
-                if self._train_acc is not None:
-                    with torch.no_grad():
-                        self._train_acc.update(self.criterion.log_probs(feat.detach()).exp(), y)
+                if self._train_acc is not None and self.criterion.last_log_probs is not None:
+                    with torch.no_grad():  # the loss's own ln p of this batch
+                        self._train_acc.update(self.criterion.last_log_probs.exp(), y)
             else:
                 assert self.head is not None
                 out = dict(self.criterion(self.head(feat), y))
@@ -285,11 +285,9 @@ class ImageModule(L.LightningModule):
         self._val_metric = None
         self._val_centroids = None
         acc = self._train_acc
-        if self.is_ncmi and acc is not None and acc.sums is not None and acc.counts is not None:
-            sums, counts = self._reduce_sum(acc.sums), self._reduce_sum(acc.counts)
-            cent = sums / counts.clamp_min(1)[:, None].to(sums.dtype)
-            cent[counts == 0] = float("nan")  # classes unseen this epoch are unreachable
-            self._val_centroids = cent.float()
+        if self.is_ncmi and acc is not None and acc.sums is not None:
+            # classes unseen this epoch get NaN rows: unreachable for kl_rows_to_centroids
+            self._val_centroids = acc.compute(allow_empty=True, sum_fn=self._reduce_sum).float()
 
     def _log_topk(self, prefix: str, scores: Tensor, y: Tensor) -> None:
         hits = _topk_correct(scores, y, (1, 5))

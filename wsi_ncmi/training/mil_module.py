@@ -70,7 +70,8 @@ from torch import Tensor
 from wsi_ncmi.data.mil import MILDataModule
 from wsi_ncmi.losses import create_loss
 from wsi_ncmi.models import create_model
-from wsi_ncmi.ncmi import NCMILoss, ncmi_metric
+from wsi_ncmi.ncmi import CentroidAccumulator, NCMILoss, ncmi_metric
+from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
 
 from .optim import build_optimizer, build_scheduler
 from .val_metrics import epoch_metrics
@@ -167,8 +168,7 @@ class MILModule(pl.LightningModule):
             assert self.ncmi_loss is not None
             self.register_buffer("xi_momentum", torch.zeros_like(self.ncmi_loss.xi))  # [C*K, D]
         self._eval_outputs: list[dict[str, Tensor]] = []
-        self._train_p_sum: Tensor | None = None  # [C, D] sum of p over this epoch's training bags (NCMI)
-        self._train_p_count: Tensor | None = None  # [C]
+        self._train_p: CentroidAccumulator | None = None  # class sums of p over this epoch's training bags
 
     # ------------------------------------------------------------------------------- checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -212,9 +212,14 @@ class MILModule(pl.LightningModule):
     def _global_mean(self, f: Tensor) -> tuple[Tensor, int]:
         """Mean [D] of ``f`` [B, D] over the rows of every rank (all-reduced sums and counts) and the row count."""
         total = torch.cat([f.detach().float().sum(0), f.new_tensor([f.shape[0]], dtype=torch.float32)])  # [D+1]
-        if self._trainer is not None and self.trainer.world_size > 1:
-            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        total = self._sum_over_ranks(total)
         return total[:-1] / total[-1].clamp_min(1.0), int(total[-1])
+
+    def _sum_over_ranks(self, t: Tensor) -> Tensor:
+        """``t`` summed over the DDP ranks (``t`` itself in a single process or outside a trainer)."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce(t, reduce_op="sum")
+        return t
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -333,34 +338,21 @@ class MILModule(pl.LightningModule):
     @torch.no_grad()
     def _accumulate_train_p(self, log_p: Tensor, target: Tensor) -> None:
         """Add p [B, D] (from the loss's ln p of this batch) to the per-class sums of the epoch (online CC)."""
-        p = log_p.detach().float().exp()  # [B, D]
-        if self._train_p_sum is None or self._train_p_count is None:
-            self._train_p_sum = p.new_zeros(self.num_classes, p.shape[1])
-            self._train_p_count = p.new_zeros(self.num_classes)
-        self._train_p_sum.index_add_(0, target, p)
-        self._train_p_count.index_add_(0, target, torch.ones_like(target, dtype=p.dtype))
+        if self._train_p is None:
+            self._train_p = CentroidAccumulator(self.num_classes, log_p.shape[1])
+        # float64 sums and centroids; the loss already saw these labels (no per-step host sync here)
+        self._train_p.update(log_p.detach().double().exp(), target, check_labels=False)
 
     def _online_cc_accuracy(self, p: Tensor, labels: Tensor) -> float | None:
         """Accuracy of the nearest (KL) training-epoch class mean of p; None before any training bag."""
-        if self._train_p_sum is None or self._train_p_count is None:
+        if self._train_p is None:
             return None
-        sums, counts = self._train_p_sum, self._train_p_count
-        if self.trainer.world_size > 1:
-            both = self.trainer.strategy.reduce(torch.cat([sums, counts[:, None]], dim=1), reduce_op="sum")
-            sums, counts = both[:, :-1], both[:, -1]
-        seen = counts > 0
-        if not bool(seen.any()):
-            return None
-        tiny = torch.finfo(torch.float64).tiny
-        log_s = (sums.double() / counts.double().clamp_min(1.0)[:, None]).clamp_min(tiny).log()  # [C, D]
-        p = p.double().to(log_s.device)
-        log_p = p.clamp_min(tiny).log()
-        kl = (p * log_p).sum(1, keepdim=True) - p @ log_s.T  # [N, C]
-        kl[:, ~seen] = math.inf  # a class without training bags this epoch is never predicted
+        centroids = self._train_p.compute(allow_empty=True, sum_fn=self._sum_over_ranks)  # [C, D]; NaN rows: no bag this epoch
+        kl = kl_rows_to_centroids(p.double().to(centroids.device), centroids)  # [N, C], inf for NaN rows
         return float((kl.argmin(1) == labels.to(kl.device)).double().mean())
 
     def on_train_epoch_start(self) -> None:
-        self._train_p_sum = self._train_p_count = None
+        self._train_p = None
         # training draws (instance subsets/dropout, balanced bag order) follow (seed, epoch): exact resume
         dm = getattr(self.trainer, "datamodule", None)
         if isinstance(dm, MILDataModule):
@@ -420,12 +412,13 @@ class MILModule(pl.LightningModule):
         metrics = epoch_metrics(scores.cpu().numpy(), labels.cpu().numpy())
         metrics["loss"] = float(self._gather("loss").mean())
         if self.ncmi_loss is not None:
+            p = self._gather("p")  # [N, D]
             metrics["xi_accuracy"] = metrics["accuracy"]
-            cc = self._online_cc_accuracy(self._gather("p"), labels)
+            cc = self._online_cc_accuracy(p, labels)
             if cc is not None:
                 metrics["cc_accuracy"] = cc
             if labels.unique().numel() >= 2:  # Γ = 0 with one class (e.g. the sanity check): no NCMI metric
-                metrics.update(ncmi_metric(self._gather("p").cpu().double(), labels.cpu(), self.num_classes))
+                metrics.update(ncmi_metric(p.cpu().double(), labels.cpu(), self.num_classes))
         self._eval_outputs = []
         for key, value in metrics.items():
             self.log(f"{stage}/{key}", float(value), prog_bar=key in {"f1_plus_auc", "macro_auc"})
