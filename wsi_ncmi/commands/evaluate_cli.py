@@ -101,10 +101,14 @@ def _load_module(ckpt: Path, device: str) -> Any:
     return module.to(device)
 
 
-def _datamodule_hparams(ckpt: Path) -> dict[str, Any]:
+def _read_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's dictionary (``weights_only``), read once for what the module does not carry."""
     import torch
 
-    state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    return torch.load(str(ckpt), map_location="cpu", weights_only=True)
+
+
+def _datamodule_hparams(state: Mapping[str, Any]) -> dict[str, Any]:
     hp = state.get("datamodule_hyper_parameters") or {}
     return dict(hp) if isinstance(hp, Mapping) else {}
 
@@ -113,12 +117,11 @@ def _run_dir(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
-def _training_seed(ckpt: Path) -> int | None:
-    """The seed the checkpoint was trained with: stored by ``MILModule`` or the run's ``config.yaml``."""
-    import torch
+def _training_seed(state: Mapping[str, Any], ckpt: Path) -> int | None:
+    """The seed checkpoint ``ckpt`` (read as ``state``) was trained with: stored by ``MILModule``, else the
+    run's ``config.yaml``."""
     import yaml
 
-    state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
     seed = state.get("training_seed")
     if isinstance(seed, int):
         return seed
@@ -143,10 +146,10 @@ def _find_metrics_csv(ckpt: Path) -> Path | None:
     return hits[-1] if hits else None
 
 
-def _build_data(args: argparse.Namespace, ckpt: Path, num_classes: int) -> Any:
+def _build_data(args: argparse.Namespace, state: Mapping[str, Any], num_classes: int) -> Any:
     from wsi_ncmi.data import MILDataModule
 
-    hp = _datamodule_hparams(ckpt)
+    hp = _datamodule_hparams(state)
     bags_dir = args.bags_dir or hp.get("bags_dir")
     split_csv = args.split_csv or hp.get("split_csv")
     if not bags_dir or not split_csv:
@@ -216,7 +219,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     module = _load_module(ckpt, args.device)
     hp = dict(module.hparams)
     num_classes = int(hp["num_classes"])
-    dm = _build_data(args, ckpt, num_classes)
+    state = _read_checkpoint(ckpt)
+    dm = _build_data(args, state, num_classes)
     if dm.in_dim != module.model.in_dim:
         raise EvaluateArgumentError(
             f"--data.bags_dir {dm.bags_dir}: bags have D={dm.in_dim}, the checkpoint's model expects {module.model.in_dim}"
@@ -235,7 +239,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.metrics_csv and not metrics_csv.is_file():
         raise EvaluateArgumentError(f"--metrics-csv {metrics_csv}: no such file")
 
-    train_seed = _training_seed(ckpt)
+    train_seed = _training_seed(state, ckpt)
     multi = len(args.seeds) > 1
     for seed in args.seeds:
         report, preds = evaluate_run(
