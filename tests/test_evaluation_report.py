@@ -229,8 +229,8 @@ def test_find_reports_errors(tmp_path: Path) -> None:
 
 
 def test_tiny_ncmi_terms_keep_significant_digits() -> None:
-    from wsi_ncmi.evaluation.report import _pm, _sig
+    from wsi_ncmi.evaluation.report import _fmt, _pm
 
-    assert _sig(2.5e-05) == "2.5e-05" and _sig(None) == "n/a" and _sig(float("inf")) == "n/a"
+    assert _fmt(2.5e-05, ".4g") == "2.5e-05" and _fmt(None, ".4g") == "n/a" and _fmt(float("inf"), ".4g") == "n/a"
     assert _pm({"mean": 2.5e-05, "std": None}, ".3g") == "2.5e-05 (n=1)"  # not "0.000"
     assert _pm({"mean": 0.5, "std": 0.25}) == "0.500 ± 0.250"

@@ -384,13 +384,9 @@ def validate_report(report: Any, source: str = "report") -> None:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _fmt(v: Any, digits: int = 3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
-
-
-def _sig(v: Any, digits: int = 4) -> str:
-    """``v`` with ``digits`` significant digits (NCMI terms span many orders of magnitude)."""
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    """``v`` formatted with ``spec`` (".4g" for NCMI terms, which span many orders of magnitude), or "n/a"."""
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:{spec}}"
 
 
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -487,7 +483,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", f"## Dataset-level NCMI (source: {report.get('ncmi_source', 'n/a')})", ""]
         lines += _md_table(
             ["split", "CMI", "Γ", "NCMI"],
-            [[s, *(_sig(b[k]) for k in NCMI_KEYS)] for s, b in report["ncmi"].items()],
+            [[s, *(_fmt(b[k], ".4g") for k in NCMI_KEYS)] for s, b in report["ncmi"].items()],
         )
     for proto, per_split in report["metrics"].items():
         if "test" not in per_split:
