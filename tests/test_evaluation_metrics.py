@@ -90,3 +90,13 @@ def test_binary_auc_equals_sklearn_with_ties() -> None:
         scores = rng.integers(0, 5, size=30).astype(float)  # many ties
         assert binary_auc(pos, scores) == pytest.approx(roc_auc_score(pos, scores))
     assert math.isnan(binary_auc(np.zeros(3, bool), np.arange(3.0)))
+
+
+def test_topk_hits_counts_per_k_and_caps_k_at_the_classes() -> None:
+    import torch
+
+    from wsi_ncmi.metrics import topk_hits
+
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
+    hits = topk_hits(scores, torch.tensor([1, 2, 0]), ks=(1, 2, 5))
+    assert {k: int(v) for k, v in hits.items()} == {1: 1, 2: 2, 5: 3}  # top-5 of 3 classes hits every row

@@ -19,6 +19,9 @@ Conventions for classes that do not occur (documented because small test splits 
   present this equals ``roc_auc_score(y, proba, multi_class="ovr", average="macro")``.
 * ``balanced_accuracy`` is the mean recall over the classes present in ``y_true``.
 * Predictions are ``argmax`` of ``proba`` (ties go to the lowest class index).
+
+Top-k hits (:func:`topk_hits`, natural-image track) are counted on the device from torch scores, in one
+place for the per-step validation logging and the final evaluation.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix
 
-__all__ = ["MetricsError", "classification_metrics", "macro_ovr_auc", "binary_auc", "SCALAR_METRICS"]
+__all__ = ["MetricsError", "classification_metrics", "macro_ovr_auc", "binary_auc", "topk_hits",
+           "SCALAR_METRICS"]
 
 # The scalar entries of a metrics dict, in display order.
 SCALAR_METRICS = ("macro_f1", "macro_auc", "accuracy", "balanced_accuracy")
@@ -111,3 +116,13 @@ def classification_metrics(y_true: Any, proba: Any, num_classes: int) -> dict[st
         "per_class_f1": f1,
         "confusion": cm.astype(int).tolist(),
     }
+
+
+def topk_hits(
+    scores: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> dict[int, torch.Tensor]:
+    """Number of rows of ``scores`` [N, C] whose ``target`` [N] is among the top-k scores, per k (0-d tensors on
+    the scores' device; k is capped at C)."""
+    kmax = min(max(ks), scores.shape[1])
+    hit = scores.topk(kmax, dim=1).indices == target[:, None]  # [N, kmax]
+    return {k: hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks}

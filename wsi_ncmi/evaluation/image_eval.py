@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsi_ncmi.data.atomic import atomic_output, atomic_write_text
+from wsi_ncmi.metrics import topk_hits
 from wsi_ncmi.ncmi import CentroidAccumulator, NCMIMetricAccumulator, NearestCentroidClassifier
 from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
 
@@ -184,10 +185,8 @@ def extract_outputs(
 
 def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = _KS) -> dict[str, float]:
     """Top-k accuracy (fractions) of class ``scores`` [N, C] -> ``{"top1": ., "top5": .}`` (k ≤ C)."""
-    kmax = min(max(ks), scores.shape[1])
-    top = scores.topk(kmax, dim=1).indices  # [N, kmax]
-    hit = top == labels[:, None]
-    return {f"top{k}": float(hit[:, : min(k, kmax)].any(dim=1).float().mean()) for k in ks}
+    n = labels.numel()
+    return {f"top{k}": float(h.double() / n) for k, h in topk_hits(scores, labels, tuple(ks)).items()}
 
 
 class _TopkCounter:
@@ -199,10 +198,8 @@ class _TopkCounter:
         self.n = 0
 
     def update(self, scores: Tensor, labels: Tensor) -> None:
-        kmax = min(max(self.ks), scores.shape[1])
-        hit = scores.topk(kmax, dim=1).indices == labels[:, None]  # [B, kmax]
-        for k in self.ks:
-            self.hits[k] += int(hit[:, : min(k, kmax)].any(dim=1).sum())
+        for k, h in topk_hits(scores, labels, self.ks).items():
+            self.hits[k] += int(h)
         self.n += int(labels.numel())
 
     def compute(self) -> dict[str, float]:

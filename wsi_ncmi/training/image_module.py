@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsi_ncmi.losses import create_loss
+from wsi_ncmi.metrics import topk_hits
 from wsi_ncmi.models.backbones import create_backbone
 from wsi_ncmi.ncmi import CentroidAccumulator, NCMIMetricAccumulator
 from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
@@ -102,14 +103,6 @@ def _make_loss(name: str, num_classes: int, embed_dim: int, kwargs: dict[str, An
 
 
 _NEEDS_DIMS = frozenset({"ncmi"})
-
-
-def _topk_correct(scores: Tensor, target: Tensor, ks: tuple[int, ...]) -> dict[int, Tensor]:
-    """Number of rows whose target is in the top-k scores, per k (k capped at the number of classes)."""
-    kmax = min(max(ks), scores.shape[1])
-    top = scores.topk(kmax, dim=1).indices  # [B, kmax]
-    hit = top == target[:, None]  # [B, kmax]
-    return {k: hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks}
 
 
 class ImageModule(L.LightningModule):
@@ -290,7 +283,7 @@ class ImageModule(L.LightningModule):
             self._val_centroids = acc.compute(allow_empty=True, sum_fn=self._reduce_sum).float()
 
     def _log_topk(self, prefix: str, scores: Tensor, y: Tensor) -> None:
-        hits = _topk_correct(scores, y, (1, 5))
+        hits = topk_hits(scores, y, (1, 5))
         n = y.shape[0]
         for k, h in hits.items():
             self.log(f"{prefix}{k}", h.float() / n, batch_size=n, sync_dist=True, prog_bar=prefix == "val/top" and k == 1)
