@@ -106,27 +106,16 @@ def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """
     import torch
 
-    from wsi_ncmi.models.backbones import BackboneError, load_state_dict_file
+    from wsi_ncmi.models.backbones import BackboneError, read_weight_file, unwrap_state_dict
 
-    if not path.is_file():
-        raise NCMIMetricError(f"weights file not found: {path}")
+    try:
+        raw = read_weight_file(path)
+    except BackboneError as err:
+        raise NCMIMetricError(str(err)) from err
     hparams: dict[str, Any] | None = None
-    if path.suffix == ".safetensors":
-        try:
-            sd: Any = load_state_dict_file(path)
-        except BackboneError as err:
-            raise NCMIMetricError(str(err)) from err
-    else:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear error
-            raise NCMIMetricError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from err
-        if isinstance(sd, dict) and isinstance(sd.get("hyper_parameters"), dict):
-            hparams = dict(sd["hyper_parameters"])
-        for key in ("state_dict", "model", "module"):
-            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-                sd = sd[key]
-                break
+    if isinstance(raw, dict) and isinstance(raw.get("hyper_parameters"), dict):
+        hparams = dict(raw["hyper_parameters"])
+    sd = unwrap_state_dict(raw, ("state_dict", "model", "module"))
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise NCMIMetricError(f"{path}: not a state dict of tensors")
     return strip_wrapper_prefixes(sd), hparams

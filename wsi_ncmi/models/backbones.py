@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,11 +27,9 @@ class BackboneError(ValueError):
     """Unknown backbone name, unreadable weight file or mismatching weights."""
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``; never unpickles code).
-
-    A torch file holding ``{"state_dict": ...}`` (Lightning) or ``{"model": ...}`` is unwrapped.
-    """
+def read_weight_file(path: str | Path) -> Any:
+    """The object stored in ``path``: a safetensors dict, or a torch file read with ``weights_only=True``
+    (never unpickles code). Raises :class:`BackboneError` naming the file when it is missing or unreadable."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise BackboneError(f"weights file not found: {path}")
@@ -38,16 +37,28 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            sd = load_file(str(path), device="cpu")
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path), device="cpu")
+        return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear error
         raise BackboneError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from err
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
+
+
+def unwrap_state_dict(obj: Any, wrappers: tuple[str, ...] = ("state_dict", "model")) -> Any:
+    """``obj`` with ``{"state_dict": ...}`` (Lightning) / ``{"model": ...}``-style wrappers removed."""
+    for key in wrappers:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return obj
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``; never unpickles code).
+
+    A torch file holding ``{"state_dict": ...}`` (Lightning) or ``{"model": ...}`` is unwrapped.
+    """
+    sd = unwrap_state_dict(read_weight_file(path))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise BackboneError(f"{path}: not a state dict of tensors")
+        raise BackboneError(f"{Path(path).expanduser()}: not a state dict of tensors")
     return sd
 
 
