@@ -72,8 +72,8 @@ class _AppendingWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:  # Lightning's version deletes metrics.csv
         path = Path(self.metrics_file_path)
         if path.is_file():
-            fields, _ = _read_rows(path)
-            self.metrics_keys = sorted(fields)
+            with path.open(newline="") as fh:  # only the header row is needed
+                self.metrics_keys = sorted(next(csv.reader(fh), []))
 
     def reload_header(self) -> None:
         """Take the header again from the file (after :func:`trim_metrics_csv` or an outside change)."""
