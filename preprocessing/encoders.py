@@ -305,7 +305,7 @@ def _convert(spec: EncoderSpec, sd: dict[str, torch.Tensor], model: nn.Module) -
     return CONVERTERS[spec.converter](sd, model) if spec.converter else sd
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _preset_signature(name: str) -> tuple[EncoderSpec, nn.Module]:
     """A preset's spec and its model on the meta device (shapes only, nothing allocated)."""
     spec = _preset_spec(name, PRESETS[name])

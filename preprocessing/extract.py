@@ -65,7 +65,6 @@ from wsi_ncmi.data.bags import write_bag
 
 from .config import PreprocessConfig
 from .encoders import RANDOM, Encoder, build_encoder, check_recipe, resolve_spec, sha256_file
-from .presets import kwargs_to_json
 from .locks import HOST, release_lock
 from .manifest import Manifest, atomic_path, summary_table
 from .plan import (
@@ -81,6 +80,7 @@ from .plan import (
     source_stat,
     tiling_fingerprint,
 )
+from .presets import kwargs_to_json
 from .readers import SlideError
 from .stream import SlideStream, read_tile
 from .tiling import TilePlan

@@ -27,7 +27,7 @@ import importlib
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -148,14 +148,16 @@ def resolve_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, str):
             out[k] = _import_name(v)
         elif isinstance(v, dict) and "callable" in v:
-            rest = {a: b for a, b in v.items() if a != "callable"}
+            rest = resolve_kwargs({a: b for a, b in v.items() if a != "callable"})
             out[k] = functools.partial(_import_name(v["callable"]), **rest)
     return out
 
 
 def _callable_name(v: Any) -> Any:
     if isinstance(v, functools.partial):
-        return {"callable": _callable_name(v.func), **v.keywords}
+        if v.args:
+            raise TypeError(f"{v!r}: a partial with positional arguments cannot be recorded as JSON")
+        return {"callable": _callable_name(v.func), **kwargs_to_json(dict(v.keywords))}
     mod, qual = getattr(v, "__module__", None), getattr(v, "__qualname__", None)
     if mod is None or qual is None:
         raise TypeError(f"{v!r} has no importable name")
