@@ -459,7 +459,7 @@ for _name, _kw, _pool, _dim, _params, _card in (
         f"huggingface.co/{_card} card; {_TRIDENT} (Virchow/Virchow2InferenceEncoder: class token ⊕ mean of the "
         f"patch tokens after the {1 + _kw.get('reg_tokens', 0)} prefix tokens); {_TRIDENT_TABLE} (224 px, 20x)",
         pooling=_pool, resize=None, interpolation="bicubic", precision="fp16", tile_px=224, mpp=0.5,
-        params=_params, license=f"gated; licence as stated on the {_card} card (non-commercial)"))
+        params=_params, license=f"gated; licence as stated on the {_card} card"))
 
 register_preset("gigapath", Preset(
     "vit_giant_patch14_dinov2",
