@@ -204,9 +204,6 @@ def _timm_spec(name: str, kwargs: dict[str, Any]) -> EncoderSpec:
         size, fixed = int(img if isinstance(img, int) else img[-1]), True
     if kwargs.get("dynamic_img_size"):
         fixed = False
-    log.info("timm model %r: mean %s, std %s, input size %s from timm's pretrained config %r (override with "
-             "--mean/--std/--input-size)", name, cfgd.get("mean", IMAGENET_MEAN), cfgd.get("std", IMAGENET_STD),
-             size if fixed else "none (tiles as they are)", cfgd.get("tag") or cfgd.get("architecture") or name)
     return EncoderSpec(
         name=name,
         build=lambda **kw: _timm_model(name, **kw),
@@ -473,6 +470,10 @@ def build_encoder(name: str, weights: str | Path | None, device: str | torch.dev
         path = Path(weights)
         _apply_weights(trunk, spec, load_weights(path), path)  # before any slide: wrong files fail here
         sha = sha256_file(path)
+    if spec.preset is None and name not in ENCODERS:  # the generic timm path: say where the numbers came from
+        log.info("timm model %r: mean %s, std %s, input size %s (timm's pretrained config, unless set with "
+                 "--mean/--std/--input-size; recorded in the bag)", name, list(spec.mean), list(spec.std),
+                 spec.input_size or "none (tiles as they are)")
     model = pool_model(trunk, spec.pooling)  # [B, 3, S, S] -> [B, D]
     model.eval().to(dev).to(memory_format=torch.channels_last)
     pre = Preprocess(spec.mean, spec.std, spec.input_size, spec.resize, spec.interpolation).to(dev)
