@@ -417,8 +417,6 @@ def convert_conch_v15(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str
 
     pos = sd[key]
     base, grid = model.base_grid, int(model.trunk.patch_embed.grid_size[0])
-    if pos.shape[1] == 1 + grid * grid and grid != base and pos.shape[1] != 1 + base * base:
-        return sd  # already at the model's grid
     if pos.shape[1] != 1 + base * base:
         pos = resample_abs_pos_embed(pos, new_size=(base, base), num_prefix_tokens=1, interpolation="bilinear",
                                      antialias=False, verbose=False)
