@@ -25,7 +25,7 @@ _HELP = {
     "target_mpp": "µm per pixel of the tiles (default 0.5)",
     "patch_size": "tile side in pixels at --target-mpp (default 256)",
     "overlap": "overlap between neighbouring tiles in pixels (default 0)",
-    "encoder": "resnet50_trunc, mobilenet_v2_tv, a preset (uni) or any timm model name",
+    "encoder": "resnet50_trunc, mobilenet_v2_tv, a preset (--list-encoders) or any timm model name",
     "weights": "local .safetensors/.pth/.bin state dict, or 'random' (nothing is downloaded)",
     "encoder_kwargs": "JSON object passed to timm.create_model, e.g. '{\"init_values\": 1e-5}'",
     "mean": "normalisation mean R G B on the 0..1 scale (default: the encoder's)",
@@ -34,7 +34,8 @@ _HELP = {
     "compile": "torch.compile the encoder (CUDA; first batches are slower while it compiles)",
     "workers": "DataLoader worker processes reading slides (0: in the main process)",
     "device": "cuda, cpu or auto",
-    "precision": "autocast precision on CUDA: bf16, fp16 or fp32 (CPU always runs fp32)",
+    "precision": "autocast precision on CUDA: bf16, fp16 or fp32 (default: the preset's published one, else "
+                 "bf16; CPU always runs fp32)",
     "features_dtype": "dtype of the stored features: float16 (default) or float32",
     "min_tissue": "keep tiles whose tissue fraction is at least this (default 0.1)",
     "tissue_method": "otsu (default) or fixed saturation threshold",
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with the same keys as the flags")
     p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--list-encoders", action="store_true", default=False,
+                   help="print every encoder preset (architecture, dim, pooling, mean/std, input size, "
+                        "interpolation, crop, precision, recommended tile px and µm/px, licence) and exit")
+    p.add_argument("--json", action="store_true", default=False, help="with --list-encoders: one JSON document")
     for f in fields(PreprocessConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
@@ -79,15 +84,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_LIST_COLUMNS = ("name", "arch", "embed_dim", "pooling", "mean", "std", "input_size", "resize", "crop", "interpolation",
+                 "precision", "tile_px", "mpp")
+
+
+def list_encoders(as_json: bool) -> str:
+    """The preset table (``--list-encoders``): aligned text, or JSON (``--json``) with every field."""
+    import json
+
+    from .encoders import ENCODERS
+    from .presets import preset_rows
+
+    rows = preset_rows()
+    if as_json:
+        return json.dumps({"presets": rows, "registered": sorted(ENCODERS),
+                           "timm": "any other name is timm.create_model(name); mean/std/input size from timm's "
+                                   "pretrained config"}, indent=2)
+
+    def cell(v: object) -> str:
+        if isinstance(v, list):
+            return "(" + ", ".join(f"{x:g}" for x in v) + ")"
+        return "-" if v is None else str(v)
+
+    table = [list(_LIST_COLUMNS)] + [[cell(r[c]) for c in _LIST_COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(_LIST_COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
+    lines += ["", f"also: {', '.join(sorted(ENCODERS))}, or any timm model name (mean/std/input size from timm's "
+                  "pretrained config). Weights: bring the authors' files (--weights); licences: --list-encoders --json"]
+    return "\n".join(lines)
+
+
 def config_from_args(argv: list[str] | None) -> tuple[PreprocessConfig, int]:
     ns = vars(build_parser().parse_args(argv))
     verbose = ns.pop("verbose", 0)
+    ns.pop("list_encoders", None)
+    ns.pop("json", None)
     values = load_yaml(ns.pop("config")) if "config" in ns else {}
     values.update(ns)  # flags override the YAML
     return PreprocessConfig(**values).validate(), verbose
 
 
 def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if ns.list_encoders:
+        print(list_encoders(ns.json))
+        return 0
     try:
         cfg, verbose = config_from_args(argv)
     except ConfigError as e:

@@ -37,7 +37,7 @@ class PreprocessConfig:
     batch_size: int = 256
     workers: int = field(default_factory=_default_workers)
     device: str = "auto"
-    precision: str = "bf16"
+    precision: str | None = None  # CUDA autocast; None: the preset's published precision (else bf16)
     features_dtype: str = "float16"
     compile: bool = False
     min_tissue: float = 0.1
@@ -95,7 +95,7 @@ class PreprocessConfig:
             raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
         if self.batch_size < 1 or self.workers < 0:
             raise ConfigError(f"--batch-size must be >= 1 and --workers >= 0 ({self.batch_size}, {self.workers})")
-        if self.precision not in ("bf16", "fp16", "fp32"):
+        if self.precision is not None and self.precision not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}")
         if self.features_dtype not in ("float16", "float32"):
             raise ConfigError(f"--features-dtype must be float16 or float32, got {self.features_dtype!r}")

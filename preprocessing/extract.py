@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader
 from wsi_ncmi.data.bags import write_bag
 
 from .config import PreprocessConfig
-from .encoders import RANDOM, Encoder, build_encoder, resolve_spec, sha256_file
+from .encoders import RANDOM, Encoder, build_encoder, check_recipe, resolve_spec, sha256_file
 from .locks import HOST, release_lock
 from .manifest import Manifest, atomic_path, summary_table
 from .plan import (
@@ -80,6 +80,7 @@ from .plan import (
     source_stat,
     tiling_fingerprint,
 )
+from .presets import kwargs_to_json
 from .readers import SlideError
 from .stream import SlideStream, read_tile
 from .tiling import TilePlan
@@ -216,8 +217,11 @@ class _Writer:
             "embed_dim": enc.embed_dim if enc else None,
             "compute_precision": self.fp["compute_precision"],
             "normalization": enc.normalization if enc else "", "patch_size_px": plan.patch_size,
-            "encoder_kwargs": json.dumps(enc.kwargs if enc else self.fp.get("encoder_kwargs", {}), sort_keys=True),
+            "encoder_kwargs": json.dumps(kwargs_to_json(enc.kwargs) if enc else self.fp.get("encoder_kwargs", {}),
+                                         sort_keys=True),
             "encoder_arch": enc.arch if enc else "",
+            "encoder_preset": (enc.preset or "") if enc else "", "pooling": enc.pooling if enc else "",
+            "preprocessing_json": json.dumps(enc.preprocessing if enc else {}, sort_keys=True),
             "overlap": self.cfg.overlap, "min_tissue": self.cfg.min_tissue, "tissue_method": self.cfg.tissue_method,
             "read_level": plan.level, "read_size": plan.read_size,
             "mpp_override": -1.0 if task.mpp_override is None else float(task.mpp_override),
@@ -299,8 +303,9 @@ def run(cfg: PreprocessConfig) -> RunResult:
     result = RunResult()
     extract = "extract" in cfg.stage_set
     if extract:
-        # unknown names / bad overrides fail before any slide work
-        resolve_spec(cfg.encoder, cfg.encoder_kwargs_dict, cfg.mean, cfg.std, cfg.input_size)
+        # unknown names / bad overrides fail before any slide work; tiles off the published recipe are warned about
+        check_recipe(resolve_spec(cfg.encoder, cfg.encoder_kwargs_dict, cfg.mean, cfg.std, cfg.input_size),
+                     cfg.patch_size, cfg.target_mpp)
         if cfg.weights is None:
             build_encoder(cfg.encoder, None)  # raises the clear "needs --weights" error
     fp = settings_fingerprint(cfg, _weights_sha(cfg))

@@ -14,6 +14,7 @@ from wsi_ncmi.data.bags import BagError, validate_bag
 
 from .config import PreprocessConfig
 from .encoders import resolve_device, resolve_spec
+from .presets import kwargs_to_json
 from .readers import (
     IMAGE_EXTENSIONS,
     PLAUSIBLE_MPP,
@@ -53,7 +54,11 @@ def tissue_params(cfg: PreprocessConfig) -> TissueParams:
 
 
 def _compute_precision(cfg: PreprocessConfig) -> str:
-    return cfg.precision if resolve_device(cfg.device).type == "cuda" else "fp32"
+    if resolve_device(cfg.device).type != "cuda":
+        return "fp32"
+    if cfg.precision:
+        return cfg.precision
+    return resolve_spec(cfg.encoder, cfg.encoder_kwargs_dict, cfg.mean, cfg.std, cfg.input_size).precision
 
 
 def tiling_fingerprint(cfg: PreprocessConfig) -> dict[str, Any]:
@@ -69,13 +74,15 @@ def tiling_fingerprint(cfg: PreprocessConfig) -> dict[str, Any]:
 
 
 def _encoder_settings(cfg: PreprocessConfig) -> dict[str, Any]:
-    """The encoder's effective model kwargs and preprocessing (preset / timm defaults + overrides)."""
+    """The encoder's effective model kwargs and every preprocessing choice (preset, pooling, mean/std,
+    input size, resize + crop, interpolation), after preset / timm defaults and overrides. Callables in the
+    kwargs (e.g. ``timm.layers.SwiGLUPacked``) are recorded by their dotted names."""
     if "extract" not in cfg.stage_set:  # no encoder is built: record what was asked
-        return {"encoder_kwargs": cfg.encoder_kwargs_dict, "mean": cfg.mean, "std": cfg.std,
+        return {"encoder_kwargs": kwargs_to_json(cfg.encoder_kwargs_dict), "mean": cfg.mean, "std": cfg.std,
                 "input_size": cfg.input_size}
     spec = resolve_spec(cfg.encoder, cfg.encoder_kwargs_dict, cfg.mean, cfg.std, cfg.input_size)
-    return {"encoder_kwargs": json.loads(json.dumps(spec.kwargs, sort_keys=True)), "mean": list(spec.mean),
-            "std": list(spec.std), "input_size": spec.input_size}
+    return {"encoder_kwargs": json.loads(json.dumps(kwargs_to_json(spec.kwargs), sort_keys=True)),
+            **spec.preprocessing()}
 
 
 def settings_fingerprint(cfg: PreprocessConfig, weights_sha256: str) -> dict[str, Any]:
