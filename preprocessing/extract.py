@@ -28,7 +28,8 @@ this one (the main loop: encoder, bag and manifest writing, lock release, recove
   counted as bad when they fail). A slide that cannot be opened gets status ``unreadable``; the run goes on.
 * Features stay on the device (in the stored dtype) until the slide's ``end``: no per-batch host sync.
 * A slide that is (re)processed and ends ``error``/``unreadable``/``mpp_missing``/``no_tissue`` has its
-  previous bag moved from ``bags/`` to ``stale/<slide_id>.h5`` (logged, noted in the manifest message),
+  previous bag moved from ``bags/`` to ``stale/<slide_id>.h5`` (``stale/<slide_id>.<UTC time>.h5`` when one is
+  there already: a retired bag is never overwritten; logged, noted in the manifest message),
   so a bag made with other settings never stays where training reads bags.
 * ``--stages seg,tile`` writes ``coords/<id>.h5`` (tile grid, tissue fractions, reading plan, tiling
   settings); a later ``--stages extract`` run reuses it when the tiling settings, mpp and source file
@@ -161,12 +162,12 @@ class _Writer:
         return status
 
     def _retire_bag(self, task: SlideTask, status: str) -> Path | None:
-        """Move ``bags/<id>.h5`` (made earlier, with other settings or another file) to ``stale/<id>.h5``."""
+        """Move ``bags/<id>.h5`` (made earlier, with other settings or another file) to ``stale/<id>.h5``, or
+        to ``stale/<id>.<UTC time>.h5`` when an earlier retired bag is there already (never overwritten)."""
         bag = self.out / BAGS_DIR / f"{task.slide_id}.h5"
         if not bag.is_file():
             return None
-        dst = self.out / STALE_DIR / bag.name
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst = _free_name(self.out / STALE_DIR, task.slide_id, ".h5")
         os.replace(bag, dst)
         log.warning("%s: ended %s; its previous bag no longer matches the slide and was moved to %s",
                     task.slide_id, status, dst)
@@ -247,6 +248,20 @@ class _Writer:
                 for k, v in attrs.items():
                     if v is not None:
                         f.attrs[k] = v
+
+
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/<stem><suffix>``, or ``folder/<stem>.<UTC time>[-k]<suffix>`` when that is taken: a path no
+    file has, so moving a file there never overwrites one (the caller holds the slide's lock)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / f"{stem}{suffix}"
+    if not os.path.lexists(dst):
+        return dst
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    k = 0
+    while os.path.lexists(dst := folder / f"{stem}.{stamp}{f'-{k}' if k else ''}{suffix}"):
+        k += 1
+    return dst
 
 
 def _identity(msg: dict[str, Any]) -> dict[str, Any]:

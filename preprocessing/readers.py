@@ -438,18 +438,40 @@ def slide_id_of(path: str | Path) -> str:
     return Path(path).stem
 
 
+def _walk_error(e: OSError) -> None:
+    log.warning("%s: cannot search this folder: %s", e.filename, e.strerror or e)
+
+
 def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
-    """All slide files under ``root`` (recursive), sorted by path. Raises if two share a slide id."""
+    """All slide files under ``root`` (recursive, following folder links; a folder reached twice, e.g. by a
+    link cycle, is searched once and the link is logged), sorted by path. Raises if two share a slide id."""
     root = Path(root)
     if not root.is_dir():
         raise SlideError(f"--input {root}: not a directory")
     exts = {e.lower() for e in extensions}
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen_dirs: dict[tuple[int, int], Path] = {}  # (device, inode) of every folder walked: cuts link cycles
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=_walk_error):
+        here = Path(dirpath)
+        try:
+            st = here.stat()
+        except OSError as e:  # vanished meanwhile
+            _walk_error(e)
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:  # reached again through a link
+            first = seen_dirs[(st.st_dev, st.st_ino)]
+            log.warning("%s: not searched again: this folder link leads to %s, searched already (a loop or a "
+                        "second link to the same folder)", here, first)
+            dirnames[:] = []
+            continue
+        seen_dirs[(st.st_dev, st.st_ino)] = here
         dirnames.sort()
         # MIRAX keeps its tiles in a folder named like the .mrxs file; never descend into those
-        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / (d + ".mrxs")).is_file()]
-        found += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in exts]
+        dirnames[:] = [d for d in dirnames if not (here / (d + ".mrxs")).is_file()]
+        for d in dirnames:
+            if (here / d).is_symlink():
+                log.info("%s: following folder link to %s", here / d, os.path.realpath(here / d))
+        found += [here / f for f in filenames if Path(f).suffix.lower() in exts]
     found.sort()
     seen: dict[str, Path] = {}
     for p in found:
