@@ -105,9 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     print(result.summary())
     if result.locked:
         print(f"{len(result.locked)} slide(s) were being processed by another process")
+    if result.missing_source:
+        gone = result.missing_source
+        print(f"wsi-preprocess: warning: {len(gone)} slide(s) of {cfg.output}/manifest.csv have no source file any "
+              f"more ({', '.join(gone[:5])}{', ...' if len(gone) > 5 else ''}); marked missing_source, bags kept",
+              file=sys.stderr)
     failed = result.failed()
     if result.stopped:
         print(f"wsi-preprocess: {result.stopped}", file=sys.stderr)
+    for sid in failed[:5]:  # the first problems, each naming its file; all of them are in the manifest
+        print(f"wsi-preprocess: {sid}: {result.statuses[sid]}: {result.messages.get(sid, '')}", file=sys.stderr)
     if failed:
         print(f"wsi-preprocess: {len(failed)} slide(s) failed ({', '.join(failed[:5])}"
               f"{', ...' if len(failed) > 5 else ''}); see {cfg.output}/manifest.csv", file=sys.stderr)

@@ -18,6 +18,7 @@ from .encoders import resolve_device, resolve_spec
 from .readers import (
     IMAGE_EXTENSIONS,
     PLAUSIBLE_MPP,
+    SLIDE_EXTENSIONS,
     SlideError,
     find_slides,
     plausible_mpp,
@@ -208,15 +209,20 @@ def plan_slides(cfg: PreprocessConfig) -> list[SlideTask]:
     Plain images (png/jpg) are slides only when ``--mpp-csv`` has their mpp or ``--slides`` lists them;
     others are ignored with a warning (so stray pictures in a slide folder do not fail the run).
     """
-    paths = find_slides(cfg.input)
     wanted = _read_slide_list(cfg.slides)
     mpps = _read_mpp_csv(cfg.mpp_csv)
+    paths = find_slides(cfg.input)
+    if not paths:
+        raise SlideError(f"--input {cfg.input}: no slides found in this folder (searched recursively for "
+                         f"{', '.join(SLIDE_EXTENSIONS)}); check the path")
     if wanted is not None:
         missing = wanted - {slide_id_of(p) for p in paths}
         if missing:
             log.warning("--slides lists %d slide(s) not found under %s: %s", len(missing), cfg.input,
                         sorted(missing)[:5])
         paths = [p for p in paths if slide_id_of(p) in wanted]
+        if not paths:
+            raise SlideError(f"--slides {cfg.slides}: none of its {len(wanted)} slide(s) is in {cfg.input}")
     else:  # a png/jpg in a slide folder is a slide only when the user gave its mpp
         images = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and slide_id_of(p) not in mpps]
         if images:
@@ -224,6 +230,9 @@ def plan_slides(cfg: PreprocessConfig) -> list[SlideTask]:
                         "mpp there, or when --slides lists it): %s", len(images), ", ".join(p.name for p in images[:5]))
             skip = set(images)
             paths = [p for p in paths if p not in skip]
+            if not paths:
+                raise SlideError(f"--input {cfg.input}: no slides found in this folder, only plain images; give "
+                                 "their mpp with --mpp-csv to process them as slides")
     i, n = cfg.shard_index
     paths = [p for k, p in enumerate(paths) if k % n == i]
     return [SlideTask(k, slide_id_of(p), p, mpps.get(slide_id_of(p))) for k, p in enumerate(paths)]

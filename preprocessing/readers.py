@@ -411,6 +411,19 @@ IMAGE_EXTENSIONS = tuple(ext for ext, cls in READERS.items() if cls is ImageRead
 FALLBACK_READERS: dict[str, type[SlideReader]] = {".tif": TiffImageReader, ".tiff": TiffImageReader}
 
 
+def _check_readable(path: Path) -> None:
+    """Raise a clear error when this process may not read ``path`` (OpenSlide would only say "Unsupported or
+    missing image file")."""
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except PermissionError:
+        raise UnreadableSlideError(f"{path}: permission denied: this user cannot read the file; make it readable "
+                                   "(e.g. chmod a+r) or run as a user who can") from None
+    except OSError as e:
+        raise UnreadableSlideError(f"{path}: cannot read the file: {e.strerror or e}") from None
+
+
 def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
     """Open ``path`` with the reader registered for its extension; ``mpp`` overrides the file's."""
     path = Path(path)
@@ -419,6 +432,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
         raise SlideError(f"{path}: no reader for extension {path.suffix!r}; known: {', '.join(SLIDE_EXTENSIONS)}")
     if not path.is_file():
         raise UnreadableSlideError(f"{path}: no such file")
+    _check_readable(path)
     try:
         return cls(path, mpp=mpp)
     except UnreadableSlideError as first:

@@ -109,3 +109,172 @@ def test_second_failed_redo_keeps_both_stale_bags(tmp_path, tissue, capsys, capl
     msg = read_manifest(out / "manifest.csv")["s"]["message"]
     assert f"stale/{newest.name}" in msg and f"stale/{newest.name}" in caplog.text
     assert _snapshot(tmp_path, out) == before
+
+
+# ------------------------------------------------------------------------ unclear messages / tracebacks
+@pytest.mark.parametrize("content, expect", [
+    pytest.param(b"slide_id,mpp\na,nan\n", ["'nan'", "finite", "line 2"], marks=pytest.mark.fault(kind="traceback"),
+                 id="nan"),
+    pytest.param(b"slide_id,mpp\na,inf\n", ["'inf'", "finite", "line 2"], marks=pytest.mark.fault(kind="unclear"),
+                 id="inf"),
+    pytest.param(b"slide_id,mpp\nb,0.5\na\n", ["line 3", "no mpp value"], marks=pytest.mark.fault(kind="traceback"),
+                 id="row-without-mpp"),
+    pytest.param("slide_id,mpp\na,0.5\n".encode("utf-16"), ["not UTF-8", "UTF-8 CSV"],
+                 marks=pytest.mark.fault(kind="unclear"), id="utf16"),
+])
+def test_bad_mpp_csv_values_name_the_file_and_line(tmp_path, tissue, capsys, content, expect):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _slide(inp, tissue, name="a.tif", mpp=None)
+    csv = tmp_path / "mpp.csv"
+    csv.write_bytes(content)
+    before = _snapshot(tmp_path, out)
+    rc, _, err = _cli(["--input", inp, "--output", out, "--mpp-csv", csv, *SEG_TILE], capsys)
+    line = err.strip().splitlines()[-1]
+    assert rc == 1 and "Traceback" not in err
+    assert line.startswith(f"wsi-preprocess: error: --mpp-csv {csv}:") and all(e in line for e in expect), line
+    assert not out.exists() and _snapshot(tmp_path, out) == before
+
+
+def test_excel_bom_in_mpp_csv_is_accepted(tmp_path, tissue, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _slide(inp, tissue, name="a.tif", mpp=None)
+    csv = tmp_path / "mpp.csv"
+    csv.write_bytes("slide_id,mpp\r\na,0.5\r\n".encode("utf-8-sig"))
+    assert _cli(["--input", inp, "--output", out, "--mpp-csv", csv, *SEG_TILE], capsys)[0] == 0
+    assert read_manifest(out / "manifest.csv")["a"]["status"] == "ok"
+
+
+@pytest.mark.fault(kind="traceback")
+@pytest.mark.parametrize("flag", ["--mpp-csv", "--slides"])
+def test_missing_csv_file_is_named(tmp_path, tissue, capsys, flag):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _slide(inp, tissue)
+    missing = tmp_path / "nope.csv"
+    before = _snapshot(tmp_path, out)
+    rc, _, err = _cli(["--input", inp, "--output", out, flag, missing, *SEG_TILE], capsys)
+    assert rc == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"wsi-preprocess: error: {flag} {missing}: no such file"
+    assert not out.exists() and _snapshot(tmp_path, out) == before
+
+
+@pytest.mark.fault(kind="traceback")
+def test_output_that_is_a_file_is_refused(tmp_path, tissue, capsys):
+    inp, out = tmp_path / "in", tmp_path / "results.csv"
+    _slide(inp, tissue)
+    out.write_text("precious,results\n")
+    before = _snapshot(tmp_path, tmp_path / "-")  # everything, the file included
+    rc, _, err = _cli(["--input", inp, "--output", out, *SEG_TILE], capsys)
+    assert rc == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert str(out) in line and "not a folder" in line
+    assert _snapshot(tmp_path, tmp_path / "-") == before and out.read_text() == "precious,results\n"
+
+
+@pytest.mark.fault(kind="unclear")
+def test_permission_denied_on_a_slide_says_so(tmp_path, tissue, capsys, monkeypatch):
+    from preprocessing import readers
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _slide(inp, tissue, name="good.svs")
+    locked = _slide(inp, tissue, name="secret.svs")
+    if os.geteuid() == 0:  # root reads everything: make the OS answer as it would for another user
+        real_open = open
+
+        def denying_open(path, *a, **kw):
+            if Path(path) == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *a, **kw)
+
+        monkeypatch.setattr(readers, "open", denying_open, raising=False)
+    else:
+        locked.chmod(0)
+    before = _snapshot(tmp_path, out)
+    rc, _, err = _cli(["--input", inp, "--output", out, *SEG_TILE], capsys)
+    rows = read_manifest(out / "manifest.csv")
+    assert rc == 3 and rows["good"]["status"] == "ok" and rows["secret"]["status"] == "unreadable"
+    assert str(locked) in rows["secret"]["message"] and "permission denied" in rows["secret"]["message"]
+    assert "Unsupported" not in rows["secret"]["message"]
+    assert any(str(locked) in ln and "permission denied" in ln for ln in err.splitlines())
+    assert _snapshot(tmp_path, out) == before
+
+
+@pytest.mark.fault(kind="unclear")
+def test_input_folder_without_slides_is_an_error(tmp_path, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    (inp / "sub").mkdir(parents=True)
+    (inp / "sub" / "notes.txt").write_text("no slides here")
+    before = _snapshot(tmp_path, out)
+    rc, outtxt, err = _cli(["--input", inp, "--output", out, *SEG_TILE], capsys)
+    assert rc == 1 and "total" not in outtxt
+    line = err.strip().splitlines()[-1]
+    assert str(inp) in line and "no slides found" in line
+    assert not out.exists() and _snapshot(tmp_path, out) == before
+
+
+@pytest.mark.fault(kind="unclear")
+def test_empty_lock_file_does_not_block_the_slide(tmp_path, tissue, capsys, caplog):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _slide(inp, tissue)
+    lock = out / "locks" / "s.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_bytes(b"")  # a process killed between creating its lock and writing its pid
+    os.utime(lock, (lock.stat().st_atime - 60, lock.stat().st_mtime - 60))
+    before = _snapshot(tmp_path, out)
+    rc, outtxt, _ = _cli(["--input", inp, "--output", out, *SEG_TILE], capsys)  # --lock-timeout: 6 h default
+    assert rc == 0 and read_manifest(out / "manifest.csv")["s"]["status"] == "ok"
+    assert "another process" not in outtxt
+    assert f"broke stale lock {lock}" in caplog.text and "no owner" in caplog.text
+    assert not lock.exists() and _snapshot(tmp_path, out) == before
+
+
+def test_fresh_lock_of_a_live_owner_still_blocks(tmp_path, tissue, capsys):
+    """The other side of the stale-lock rule: a lock of a running process is respected."""
+    import json
+
+    from preprocessing.locks import HOST
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _slide(inp, tissue)
+    (out / "locks").mkdir(parents=True)
+    (out / "locks" / "s.lock").write_text(json.dumps({"pid": os.getppid(), "host": HOST, "time": 1e18}))
+    rc, outtxt, _ = _cli(["--input", inp, "--output", out, *SEG_TILE], capsys)
+    assert rc == 0 and "1 slide(s) were being processed by another process" in outtxt
+
+
+@pytest.mark.fault(kind="unclear")
+def test_outputs_respect_the_umask(tmp_path, tissue, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _slide(inp, tissue)
+    old = os.umask(0o002)
+    try:
+        rc, _, _ = _cli(["--input", inp, "--output", out, *SEG_TILE], capsys)
+    finally:
+        os.umask(old)
+    assert rc == 0
+    for f in (out / "manifest.csv", out / "thumbnails" / "s.png", out / "coords" / "s.h5"):
+        assert f.stat().st_mode & 0o777 == 0o664, (f, oct(f.stat().st_mode))
+
+
+@pytest.mark.fault(kind="silent_wrong")
+def test_slide_deleted_from_input_is_marked_missing_source(tmp_path, tissue, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _slide(inp, tissue, name="keep.svs")
+    gone = _slide(inp, tissue, name="gone.svs")
+    base = ["--input", inp, "--output", out, *EXTRACT]
+    assert _cli(base, capsys)[0] == 0
+    bag = (out / "bags" / "gone.h5").read_bytes()
+    saved = tmp_path / "saved.svs"
+    gone.rename(saved)
+    before = _snapshot(tmp_path, out)
+    rc, _, err = _cli(base, capsys)
+    assert rc == 0
+    rows = read_manifest(out / "manifest.csv")
+    assert rows["keep"]["status"] == "ok" and rows["gone"]["status"] == "missing_source"
+    assert str(gone) in rows["gone"]["message"] and "bags/gone.h5 is kept" in rows["gone"]["message"]
+    line = err.strip().splitlines()[-1]
+    assert "gone" in line and "missing_source" in line and "manifest.csv" in line
+    assert (out / "bags" / "gone.h5").read_bytes() == bag  # the earlier result is kept
+    assert _snapshot(tmp_path, out) == before
+    saved.rename(gone)  # the file is back, unchanged: its bag fits again and the row is ok again
+    assert _cli(base, capsys)[0] == 0
+    assert read_manifest(out / "manifest.csv")["gone"]["status"] == "ok"
