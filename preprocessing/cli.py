@@ -44,6 +44,9 @@ _HELP = {
     "tissue_threshold": "saturation threshold (0-255) for --tissue-method fixed; floor for otsu (default 8)",
     "seg_mpp": "µm/px of the thumbnail tissue is segmented on (default 8)",
     "mpp_tolerance": "allowed relative difference between tile pixel size and --target-mpp (default 0.05)",
+    "max_side_px": "refuse slides whose level 0 is wider or taller than this (default 500000; a corrupt or "
+                   "hostile header)",
+    "max_gigapixels": "refuse slides whose level 0 has more pixels than this many billion (default 100)",
     "stages": "comma list of seg,tile,extract; 'seg,tile' writes coords/<id>.h5 and thumbnails, a later "
               "'extract' run reuses those coords when the tiling settings and slide file are unchanged",
     "overwrite": "redo slides even if their bag is up to date",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -105,13 +106,21 @@ class SlideReader(ABC):
     def level_mpp(self, level: int) -> float | None:
         return None if self.mpp is None else self.mpp * self.level_downsamples[level]
 
+    def region_is_empty(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> bool:
+        """True when the file holds no image data for this region (never-written tiles of a sparse TIFF),
+        which reads as white: the thumbnail skips it without decoding. False when unknown."""
+        return False
+
     def read_level_scaled(self, downsample: float, block: int = 2048) -> tuple[np.ndarray, float, np.ndarray]:
         """The whole slide at ~``downsample`` (level-0 px per output px), read block by block.
 
-        Returns ``(rgb [h, w, 3] uint8, exact downsample, failed [h, w] bool)``. Uses the coarsest level not coarser than the
-        request, so memory stays bounded by the output size plus one block. A block that fails to decode
-        is retried in 256-px pieces; pieces that still fail are left white and marked in ``failed`` (the
-        pipeline still tries the tiles there, so they are counted as bad, never dropped silently).
+        Returns ``(rgb [h, w, 3] uint8, exact downsample, failed [h, w] bool)``. Uses the coarsest level not
+        coarser than the request. Memory stays bounded by the output size plus one block whatever the level's
+        declared size: a level up to 4096² px is read whole and resized once; a larger one block by block, each
+        block resized into its place in the output (progress is logged). Regions without image data (sparse
+        tiles) are white without being read. A block that fails to decode is retried in 256-px pieces; pieces
+        that still fail are left white and marked in ``failed`` (the pipeline still tries the tiles there, so
+        they are counted as bad, never dropped silently).
         """
         downs = self.level_downsamples
         level = max((i for i, d in enumerate(downs) if d <= downsample * 1.001), default=0)
@@ -123,42 +132,66 @@ class SlideReader(ABC):
         out = np.full((out_h, out_w, 3), 255, np.uint8)
         bad = np.zeros((out_h, out_w), bool)
         sx, sy = out_w / lw, out_h / lh
-        failed = 0
+        if full is None:  # every block must cover at least ~2 output pixels each way
+            block = max(block, int(np.ceil(2 / min(sx, sy))))
+        n_blocks = -(-lw // block) * -(-lh // block)
+        report = full is None and n_blocks >= 64  # progress every 10%
+        next_pct = 10
+        if report:
+            log.info("%s: reading the segmentation thumbnail from level %d (%d x %d px) in %d blocks",
+                     self.path, level, lw, lh, n_blocks)
+        failed, done, t0 = 0, 0, time.monotonic()
         for y in range(0, lh, block):
             hh = min(block, lh - y)
-            strip = full[y:y + hh] if full is not None else np.full((hh, lw, 3), 255, np.uint8)
+            oy0, oy1 = round(y * sy), round((y + hh) * sy)
             for x in range(0, lw, block):
                 ww = min(block, lw - x)
-                for bx, by, bw, bh in self._read_block(strip, x, y, ww, hh, level, ds):
-                    failed += 1
-                    bad[int(by * sy):int(np.ceil((by + bh) * sy)), int(bx * sx):int(np.ceil((bx + bw) * sx))] = True
-            if full is None:
-                oy0, oy1 = round(y * out_h / lh), round((y + hh) * out_h / lh)
-                if oy1 > oy0:
-                    out[oy0:oy1] = cv2.resize(strip, (out_w, oy1 - oy0), interpolation=cv2.INTER_AREA)
+                buf = full[y:y + hh, x:x + ww] if full is not None else None
+                if self.region_is_empty((round(x * ds), round(y * ds)), level, (ww, hh)):
+                    pass  # white already
+                else:
+                    if buf is None:
+                        buf = np.full((hh, ww, 3), 255, np.uint8)
+                    for bx, by, bw, bh in self._read_block(buf, x, y, level, ds):
+                        failed += 1
+                        bad[int(by * sy):int(np.ceil((by + bh) * sy)),
+                            int(bx * sx):int(np.ceil((bx + bw) * sx))] = True
+                    if full is None:
+                        ox0, ox1 = round(x * sx), round((x + ww) * sx)
+                        if ox1 > ox0 and oy1 > oy0:
+                            out[oy0:oy1, ox0:ox1] = cv2.resize(buf, (ox1 - ox0, oy1 - oy0),
+                                                               interpolation=cv2.INTER_AREA)
+                done += 1
+                if report and 100 * done // n_blocks >= next_pct and done < n_blocks:
+                    pct = 100 * done // n_blocks
+                    log.info("%s: thumbnail %d%% (%d/%d blocks, %.0f s)", self.path, pct, done, n_blocks,
+                             time.monotonic() - t0)
+                    next_pct = pct // 10 * 10 + 10
         if full is not None:
             out = cv2.resize(full, (out_w, out_h), interpolation=cv2.INTER_AREA)
         if failed:
             log.warning("%s: %d thumbnail piece(s) failed to decode and count as glass", self.path, failed)
         return out, w0 / out_w, bad
 
-    def _read_block(self, strip: np.ndarray, x: int, y: int, ww: int, hh: int, level: int, ds: float,
+    def _read_block(self, buf: np.ndarray, x: int, y: int, level: int, ds: float,
                     piece: int = 256) -> list[tuple[int, int, int, int]]:
-        """Fill ``strip[:, x:x+ww]``; returns the (x, y, w, h) level pieces that failed to decode."""
+        """Fill ``buf`` [hh, ww, 3] with the level region at (x, y); returns the (x, y, w, h) level pieces
+        that failed to decode."""
+        hh, ww = buf.shape[:2]
         try:
-            strip[:, x:x + ww] = self.read_region((round(x * ds), round(y * ds)), level, (ww, hh))
+            buf[:] = self.read_region((round(x * ds), round(y * ds)), level, (ww, hh))
             return []
         except TileReadError:
             pass
         failed: list[tuple[int, int, int, int]] = []
         for py in range(0, hh, piece):
-            for px in range(x, x + ww, piece):
-                pw, ph = min(piece, x + ww - px), min(piece, hh - py)
+            for px in range(0, ww, piece):
+                pw, ph = min(piece, ww - px), min(piece, hh - py)
                 try:
-                    strip[py:py + ph, px:px + pw] = self.read_region(
-                        (round(px * ds), round((y + py) * ds)), level, (pw, ph))
+                    buf[py:py + ph, px:px + pw] = self.read_region(
+                        (round((x + px) * ds), round((y + py) * ds)), level, (pw, ph))
                 except TileReadError:
-                    failed.append((px, y + py, pw, ph))
+                    failed.append((x + px, y + py, pw, ph))
         return failed
 
     def __enter__(self) -> SlideReader:
@@ -288,6 +321,9 @@ class OpenSlideReader(SlideReader):
     @property
     def level_downsamples(self) -> tuple[float, ...]:
         return self._downs
+
+    def region_is_empty(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> bool:
+        return self._fast is not None and self._fast.is_empty(location, level, size)
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         if self._fast is not None:

@@ -278,3 +278,47 @@ def test_slide_deleted_from_input_is_marked_missing_source(tmp_path, tissue, cap
     saved.rename(gone)  # the file is back, unchanged: its bag fits again and the row is ok again
     assert _cli(base, capsys)[0] == 0
     assert read_manifest(out / "manifest.csv")["gone"]["status"] == "ok"
+
+
+# ------------------------------------------------------------------------ bounded memory on hostile files
+@pytest.mark.fault(kind="memory")
+def test_header_declaring_a_huge_slide_is_refused_or_read_in_bounded_memory(tmp_path, tissue, capsys, caplog):
+    import logging
+    import time
+    import tracemalloc
+
+    from _images import write_header_only_tiff
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _slide(inp, tissue, name="good.svs")
+    base = ["--input", inp, "--output", out, *SEG_TILE]
+    assert _cli(base, capsys)[0] == 0
+    thumb = (out / "thumbnails" / "good.png").read_bytes()
+    # 1,000,000 px wide: a few MB of header; reading it used to allocate width x 2048 x 3 bytes at once (6 GB)
+    huge = write_header_only_tiff(inp / "huge.svs", 1_000_000, 1_000)
+    assert huge.stat().st_size < 200_000
+    before = _snapshot(tmp_path, out)
+    t0 = time.monotonic()
+    rc, _, err = _cli(base, capsys)
+    assert rc == 3 and time.monotonic() - t0 < 20
+    row = read_manifest(out / "manifest.csv")["huge"]
+    assert row["status"] == "error" and str(huge) in row["message"] and "1000000 x 1000 px" in row["message"]
+    assert "--max-side-px 500000" in row["message"]
+    assert any(str(huge) in ln and "--max-side-px" in ln for ln in err.splitlines())
+    assert (out / "thumbnails" / "good.png").read_bytes() == thumb  # the earlier result is kept
+    assert _snapshot(tmp_path, out) == before
+    # the limit is a flag; above it the file is read block by block: memory bounded by the thumbnail
+    tracemalloc.start()
+    try:
+        t0 = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="preprocessing"):
+            rc, _, _ = _cli([*base, "--max-side-px", "2000000"], capsys)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rc == 0 and read_manifest(out / "manifest.csv")["huge"]["status"] == "no_tissue"
+    assert time.monotonic() - t0 < 30
+    assert peak < 150e6, f"peak {peak / 1e6:.0f} MB"
+    assert f"{huge}: reading the segmentation thumbnail from level 0 (1000000 x 1000 px)" in caplog.text
+    assert "thumbnail 50%" in caplog.text  # progress is logged
+    assert (out / "thumbnails" / "good.png").read_bytes() == thumb
