@@ -360,15 +360,44 @@ class OpenSlideReader(SlideReader):
         self._slide.close()
 
 
+# plain images are decoded whole into memory: 3 bytes per pixel (OpenCV refuses more than this by default)
+MAX_DECODE_PIXELS = 1 << 30
+
+
+def _declared_image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) a PNG or TIFF header declares, read without decoding; None when unknown."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        if head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return int(page.imagewidth), int(page.imagelength)
+    except Exception as e:  # noqa: BLE001 - only a pre-check: the decoder reports a broken file
+        log.debug("%s: image size not known before decoding: %s", path, e)
+    return None
+
+
 class ImageReader(SlideReader):
     """Plain images (png, jpg, ...): one level, no embedded mpp (it must come from ``--mpp-csv``)."""
 
     def __init__(self, path: str | Path, mpp: float | None = None):
         self.path = Path(path)
+        size = _declared_image_size(self.path)
+        if size is not None and size[0] * size[1] > MAX_DECODE_PIXELS:
+            raise UnreadableSlideError(
+                f"{self.path}: declares {size[0]} x {size[1]} px, too large to decode whole as a plain image "
+                f"(limit {MAX_DECODE_PIXELS} px, about {3 * MAX_DECODE_PIXELS / 2**30:.0f} GiB of RGB); convert it "
+                "to a tiled pyramidal TIFF (e.g. vips tiffsave --tile --pyramid)")
         bgr = cv2.imread(str(self.path), cv2.IMREAD_COLOR)
         if bgr is None:
-            raise UnreadableSlideError(f"{self.path}: cannot decode the image")
-        self._rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            raise UnreadableSlideError(f"{self.path}: cannot decode the image (corrupt, or larger than OpenCV's "
+                                       "decoding limit)")
+        self._rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)  # in place: no second full-size copy
         self.mpp = float(mpp) if mpp is not None else None
         self.mpp_rejected = ""
         self.magnification = None

@@ -322,3 +322,25 @@ def test_header_declaring_a_huge_slide_is_refused_or_read_in_bounded_memory(tmp_
     assert f"{huge}: reading the segmentation thumbnail from level 0 (1000000 x 1000 px)" in caplog.text
     assert "thumbnail 50%" in caplog.text  # progress is logged
     assert (out / "thumbnails" / "good.png").read_bytes() == thumb
+
+
+@pytest.mark.fault(kind="unclear")  # OpenCV refused it too, as "cannot decode the image"
+def test_plain_image_declaring_a_huge_size_is_refused_before_decoding(tmp_path, tissue, capsys):
+    import struct
+    import zlib
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _slide(inp, tissue, name="good.svs")
+    ihdr = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 2, 0, 0, 0)  # 40000² RGB: 4.8 GB once decoded
+    png = inp / "photo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+                    + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+    csv = tmp_path / "mpp.csv"
+    csv.write_text("slide_id,mpp\nphoto,0.5\n")
+    before = _snapshot(tmp_path, out)
+    rc, _, err = _cli(["--input", inp, "--output", out, "--mpp-csv", csv, *SEG_TILE], capsys)
+    rows = read_manifest(out / "manifest.csv")
+    assert rc == 3 and rows["good"]["status"] == "ok" and rows["photo"]["status"] == "unreadable"
+    assert str(png) in rows["photo"]["message"] and "40000 x 40000 px, too large" in rows["photo"]["message"]
+    assert any(str(png) in ln and "too large to decode" in ln for ln in err.splitlines())
+    assert _snapshot(tmp_path, out) == before
