@@ -5,7 +5,7 @@ flags given on the command line override the YAML.
 
 Exit codes: 0 every slide ok / no_tissue / skipped; 3 at least one slide ended error, unreadable or
 mpp_missing (the summary is printed first; details in OUT/manifest.csv); 2 invalid flags or config;
-1 the run could not start (e.g. missing weights, bad --mpp-csv).
+1 the run could not start (e.g. missing weights, bad --mpp-csv, no slides in --input, --output not a folder).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ _HELP = {
 
 _EPILOG = """exit codes:
   0  every slide ended ok, no_tissue or skipped (up to date / locked by another process)
-  1  the run could not start (missing or bad weights, bad --mpp-csv / --slides file, ...)
+  1  the run could not start (missing or bad weights, bad --mpp-csv / --slides file, no slides found
+     in --input, --output not a folder, ...)
   2  invalid flags or config file
   3  at least one slide ended error, unreadable or mpp_missing (see OUT/manifest.csv)"""
 
