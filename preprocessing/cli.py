@@ -5,7 +5,7 @@ flags given on the command line override the YAML.
 
 Exit codes: 0 every slide ok / no_tissue / skipped; 3 at least one slide ended error, unreadable or
 mpp_missing (the summary is printed first; details in OUT/manifest.csv); 2 invalid flags or config;
-1 the run could not start (e.g. missing weights, bad --mpp-csv).
+1 the run could not start (e.g. missing weights, bad --mpp-csv, no slides in --input, --output not a folder).
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ _HELP = {
     "tissue_threshold": "saturation threshold (0-255) for --tissue-method fixed; floor for otsu (default 8)",
     "seg_mpp": "µm/px of the thumbnail tissue is segmented on (default 8)",
     "mpp_tolerance": "allowed relative difference between tile pixel size and --target-mpp (default 0.05)",
+    "max_side_px": "refuse slides whose level 0 is wider or taller than this (default 500000; a corrupt or "
+                   "hostile header)",
+    "max_gigapixels": "refuse slides whose level 0 has more pixels than this many billion (default 100)",
     "stages": "comma list of seg,tile,extract; 'seg,tile' writes coords/<id>.h5 and thumbnails, a later "
               "'extract' run reuses those coords when the tiling settings and slide file are unchanged",
     "overwrite": "redo slides even if their bag is up to date",
@@ -55,7 +58,8 @@ _HELP = {
 
 _EPILOG = """exit codes:
   0  every slide ended ok, no_tissue or skipped (up to date / locked by another process)
-  1  the run could not start (missing or bad weights, bad --mpp-csv / --slides file, ...)
+  1  the run could not start (missing or bad weights, bad --mpp-csv / --slides file, no slides found
+     in --input, --output not a folder, ...)
   2  invalid flags or config file
   3  at least one slide ended error, unreadable or mpp_missing (see OUT/manifest.csv)"""
 
@@ -146,9 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     print(result.summary())
     if result.locked:
         print(f"{len(result.locked)} slide(s) were being processed by another process")
+    if result.missing_source:
+        gone = result.missing_source
+        print(f"wsi-preprocess: warning: {len(gone)} slide(s) of {cfg.output}/manifest.csv have no source file any "
+              f"more ({', '.join(gone[:5])}{', ...' if len(gone) > 5 else ''}); marked missing_source, bags kept",
+              file=sys.stderr)
     failed = result.failed()
     if result.stopped:
         print(f"wsi-preprocess: {result.stopped}", file=sys.stderr)
+    for sid in failed[:5]:  # the first problems, each naming its file; all of them are in the manifest
+        print(f"wsi-preprocess: {sid}: {result.statuses[sid]}: {result.messages.get(sid, '')}", file=sys.stderr)
     if failed:
         print(f"wsi-preprocess: {len(failed)} slide(s) failed ({', '.join(failed[:5])}"
               f"{', ...' if len(failed) > 5 else ''}); see {cfg.output}/manifest.csv", file=sys.stderr)

@@ -45,6 +45,8 @@ class PreprocessConfig:
     tissue_threshold: int = 8
     seg_mpp: float = 8.0
     mpp_tolerance: float = 0.05
+    max_side_px: int = 500_000  # slides declaring a larger level 0 (width or height) are refused
+    max_gigapixels: float = 100.0  # ... or a larger level-0 area (1e9 px)
     mpp_csv: str | None = None
     slides: str | None = None
     shard: str = "0/1"
@@ -93,6 +95,9 @@ class PreprocessConfig:
             raise ConfigError(f"--overlap must be in [0, patch_size), got {self.overlap}")
         if not 0 <= self.min_tissue <= 1:
             raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
+        if self.max_side_px < 1 or not self.max_gigapixels > 0:
+            raise ConfigError(f"--max-side-px and --max-gigapixels must be > 0 ({self.max_side_px}, "
+                              f"{self.max_gigapixels})")
         if self.batch_size < 1 or self.workers < 0:
             raise ConfigError(f"--batch-size must be >= 1 and --workers >= 0 ({self.batch_size}, {self.workers})")
         if self.precision is not None and self.precision not in ("bf16", "fp16", "fp32"):

@@ -28,7 +28,8 @@ this one (the main loop: encoder, bag and manifest writing, lock release, recove
   counted as bad when they fail). A slide that cannot be opened gets status ``unreadable``; the run goes on.
 * Features stay on the device (in the stored dtype) until the slide's ``end``: no per-batch host sync.
 * A slide that is (re)processed and ends ``error``/``unreadable``/``mpp_missing``/``no_tissue`` has its
-  previous bag moved from ``bags/`` to ``stale/<slide_id>.h5`` (logged, noted in the manifest message),
+  previous bag moved from ``bags/`` to ``stale/<slide_id>.h5`` (``stale/<slide_id>.<UTC time>.h5`` when one is
+  there already: a retired bag is never overwritten; logged, noted in the manifest message),
   so a bag made with other settings never stays where training reads bags.
 * ``--stages seg,tile`` writes ``coords/<id>.h5`` (tile grid, tissue fractions, reading plan, tiling
   settings); a later ``--stages extract`` run reuses it when the tiling settings, mpp and source file
@@ -66,7 +67,7 @@ from wsi_ncmi.data.bags import write_bag
 from .config import PreprocessConfig
 from .encoders import RANDOM, Encoder, build_encoder, check_recipe, resolve_spec, sha256_file
 from .locks import HOST, release_lock
-from .manifest import Manifest, atomic_path, summary_table
+from .manifest import MISSING_SOURCE, Manifest, atomic_path, summary_table
 from .plan import (
     BAGS_DIR,
     COORDS_DIR,
@@ -103,6 +104,8 @@ class RunResult:
     statuses: dict[str, str] = field(default_factory=dict)  # slide_id -> status
     written: list[str] = field(default_factory=list)  # bags written by this process
     locked: list[str] = field(default_factory=list)  # slides another process was working on
+    missing_source: list[str] = field(default_factory=list)  # manifest rows whose slide file is gone
+    messages: dict[str, str] = field(default_factory=dict)  # slide_id -> manifest message (when not empty)
     stopped: str = ""  # why the run stopped before the end (--fail-fast), "" when it did not
 
     def summary(self) -> str:
@@ -157,17 +160,19 @@ class _Writer:
                "seconds": f"{time.time() - msg['t0']:.2f}", "message": message}
         self.manifest.update(row, keep_ok=bool(msg.get("done")))
         self.result.statuses[task.slide_id] = status
+        if message:
+            self.result.messages[task.slide_id] = message
         (log.info if status in ("ok", "skipped") else log.warning)(
             "%s: %s %s", task.slide_id, status, message or f"({n} tiles, {nbad} bad)")
         return status
 
     def _retire_bag(self, task: SlideTask, status: str) -> Path | None:
-        """Move ``bags/<id>.h5`` (made earlier, with other settings or another file) to ``stale/<id>.h5``."""
+        """Move ``bags/<id>.h5`` (made earlier, with other settings or another file) to ``stale/<id>.h5``, or
+        to ``stale/<id>.<UTC time>.h5`` when an earlier retired bag is there already (never overwritten)."""
         bag = self.out / BAGS_DIR / f"{task.slide_id}.h5"
         if not bag.is_file():
             return None
-        dst = self.out / STALE_DIR / bag.name
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst = _free_name(self.out / STALE_DIR, task.slide_id, ".h5")
         os.replace(bag, dst)
         log.warning("%s: ended %s; its previous bag no longer matches the slide and was moved to %s",
                     task.slide_id, status, dst)
@@ -253,6 +258,47 @@ class _Writer:
                         f.attrs[k] = v
 
 
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/<stem><suffix>``, or ``folder/<stem>.<UTC time>[-k]<suffix>`` when that is taken: a path no
+    file has, so moving a file there never overwrites one (the caller holds the slide's lock)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / f"{stem}{suffix}"
+    if not os.path.lexists(dst):
+        return dst
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    k = 0
+    while os.path.lexists(dst := folder / f"{stem}.{stamp}{f'-{k}' if k else ''}{suffix}"):
+        k += 1
+    return dst
+
+
+def _mark_missing_sources(manifest: Manifest, planned: set[str], input_dir: str) -> list[str]:
+    """Rows of slides under ``input_dir`` that this run did not find and whose file no longer exists become
+    ``missing_source`` (their bags are left where they are); returns their slide ids. Rows of other input
+    folders (several runs can share one output folder) are left alone."""
+    root = os.path.abspath(input_dir)
+
+    def gone_from_input(path: str) -> bool:
+        p = os.path.abspath(path)
+        return os.path.commonpath([p, root]) == root and not os.path.lexists(p)
+
+    gone = [row for sid, row in manifest.rows().items()
+            if sid not in planned and row.get("status") != MISSING_SOURCE and row.get("path")
+            and gone_from_input(row["path"])]
+    if not gone:
+        return []
+    marked = []
+    for row in gone:
+        was = row.get("status", "")
+        kept = f"; its bag {BAGS_DIR}/{row['slide_id']}.h5 is kept" if was == "ok" else ""
+        marked.append({**row, "status": MISSING_SOURCE,
+                       "message": f"{row['path']}: the slide file is gone (deleted or moved); status was {was}{kept}"})
+        log.warning("%s: the slide file %s is gone (deleted or moved); marked %s in %s",
+                    row["slide_id"], row["path"], MISSING_SOURCE, manifest.path)
+    manifest.update_many(marked)
+    return [r["slide_id"] for r in gone]
+
+
 def _identity(msg: dict[str, Any]) -> dict[str, Any]:
     return msg  # no default_convert: numpy arrays and plans travel as they are
 
@@ -298,8 +344,14 @@ def run(cfg: PreprocessConfig) -> RunResult:
     """Process every pending slide of ``cfg``; returns statuses (also in ``OUT/manifest.csv``)."""
     cfg.validate()
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = plan_slides(cfg)
+    if out.exists() and not out.is_dir():
+        raise SlideError(f"--output {out}: exists and is not a folder; give a folder path (it is created if "
+                         "needed)")
+    tasks = plan_slides(cfg)  # reads --input, --slides and --mpp-csv: their errors come before any output
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SlideError(f"--output {out}: cannot create the folder: {e.strerror or e}") from None
     result = RunResult()
     extract = "extract" in cfg.stage_set
     if extract:
@@ -310,6 +362,7 @@ def run(cfg: PreprocessConfig) -> RunResult:
             build_encoder(cfg.encoder, None)  # raises the clear "needs --weights" error
     fp = settings_fingerprint(cfg, _weights_sha(cfg))
     manifest = Manifest(out / "manifest.csv")
+    result.missing_source = _mark_missing_sources(manifest, {t.slide_id for t in tasks}, cfg.input)
     pending: list[SlideTask] = []
     for t in tasks:
         why = "overwrite requested" if cfg.overwrite else (

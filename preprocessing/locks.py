@@ -1,8 +1,10 @@
 """Per-slide lock files so several processes (or machines on a shared disk) can share one output folder.
 
 A lock is a file created with ``O_CREAT | O_EXCL`` holding ``{"pid", "host", "time"}`` of the owning
-(main) process. A lock is stale, and is broken, when its owner is on this host and no longer runs, or
-when it is older than ``timeout_s`` (owners on other hosts cannot be probed). Breaking renames the file
+(main) process. A lock is stale, and is broken, when its owner is on this host and no longer runs, when
+it names no owner (empty or garbage, e.g. left by a process killed between creating and writing it) and
+is older than ``OWNERLESS_GRACE_S``, or when it is older than ``timeout_s`` (owners on other hosts cannot
+be probed). Breaking renames the file
 to a unique name first (atomic), so two processes cannot both break and then both acquire it.
 """
 
@@ -22,6 +24,9 @@ log = logging.getLogger(__name__)
 __all__ = ["LockInfo", "try_lock", "release_lock", "read_lock", "is_stale", "file_lock", "HOST"]
 
 HOST = socket.gethostname()
+# an owner writes its record right after creating the lock: a lock still without one after this long is
+# left over from a crash
+OWNERLESS_GRACE_S = 10.0
 
 
 class LockInfo(dict):
@@ -33,9 +38,9 @@ def read_lock(path: str | Path) -> LockInfo | None:
         return LockInfo(json.loads(Path(path).read_text()))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):  # half-written or garbage: treat as an anonymous lock of unknown age
+    except (OSError, ValueError, TypeError):  # empty, half-written or garbage: a lock without an owner record
         try:
-            return LockInfo(pid=-1, host="?", time=Path(path).stat().st_mtime)
+            return LockInfo(pid=-1, host="?", time=Path(path).stat().st_mtime, ownerless=True)
         except FileNotFoundError:
             return None
 
@@ -52,10 +57,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _has_owner(info: LockInfo) -> bool:
+    """Whether ``info`` names an owner process (a positive pid and a host)."""
+    if info.get("ownerless"):
+        return False
+    try:
+        return int(info.get("pid", -1)) > 0 and bool(info.get("host"))
+    except (TypeError, ValueError):
+        return False
+
+
 def is_stale(info: LockInfo, timeout_s: float) -> bool:
-    age = time.time() - float(info.get("time", 0))
+    try:
+        age = time.time() - float(info.get("time", 0))
+    except (TypeError, ValueError):
+        age = float("inf")
     if age > timeout_s:
         return True
+    if not _has_owner(info):
+        return age > OWNERLESS_GRACE_S
     return info.get("host") == HOST and not _pid_alive(int(info.get("pid", -1)))
 
 
@@ -83,7 +103,11 @@ def try_lock(path: str | Path, timeout_s: float = 6 * 3600, owner_pid: int | Non
                 with contextlib.suppress(OSError):
                     os.rename(grave, path)
                 return False
-            log.warning("broke stale lock %s (pid %s on %s)", path, info.get("pid"), info.get("host"))
+            if _has_owner(info):
+                log.warning("broke stale lock %s (pid %s on %s)", path, info.get("pid"), info.get("host"))
+            else:
+                log.warning("broke stale lock %s: it names no owner process (empty or unreadable, left by a "
+                            "crashed process)", path)
             with contextlib.suppress(OSError):
                 os.unlink(grave)
             continue

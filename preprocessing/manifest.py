@@ -5,17 +5,20 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from wsi_ncmi.data.atomic import atomic_output as atomic_path
 
 from .locks import file_lock
 
-__all__ = ["STATUSES", "COLUMNS", "Manifest", "read_manifest", "summary_table", "atomic_path",
-           "atomic_write_bytes"]
+__all__ = ["STATUSES", "ROW_STATUSES", "MISSING_SOURCE", "COLUMNS", "Manifest", "read_manifest", "summary_table",
+           "atomic_path", "atomic_write_bytes"]
 
-STATUSES = ("ok", "no_tissue", "mpp_missing", "unreadable", "error", "skipped")
+STATUSES = ("ok", "no_tissue", "mpp_missing", "unreadable", "error", "skipped")  # outcomes of a run
+# a row whose slide file was deleted or moved after it was processed (set by a later run)
+MISSING_SOURCE = "missing_source"
+ROW_STATUSES = (*STATUSES, MISSING_SOURCE)
 COLUMNS = ("slide_id", "path", "status", "n_tiles", "bad_tiles", "mpp", "effective_mpp", "seconds", "message")
 
 
@@ -43,15 +46,26 @@ class Manifest:
         self.lock = self.path.with_name(self.path.name + ".lock")
 
     def update(self, row: Mapping[str, object], keep_ok: bool = False) -> None:
-        """Write ``row`` (missing columns empty). ``keep_ok``: leave an existing ``ok`` row untouched."""
-        if row.get("status") not in STATUSES:
-            raise ValueError(f"manifest status must be one of {STATUSES}, got {row.get('status')!r}")
-        clean = {c: "" if row.get(c) is None else str(row.get(c)) for c in COLUMNS}
+        """Write ``row`` (missing columns empty). ``keep_ok``: leave an existing ``ok`` row untouched (and put
+        back ``ok`` on a ``missing_source`` row whose file is at its path again)."""
+        self.update_many([row], keep_ok=keep_ok)
+
+    def update_many(self, new_rows: Iterable[Mapping[str, object]], keep_ok: bool = False) -> None:
+        """:meth:`update` for several rows with one rewrite of the file."""
+        cleaned = []
+        for row in new_rows:
+            if row.get("status") not in ROW_STATUSES:
+                raise ValueError(f"manifest status must be one of {ROW_STATUSES}, got {row.get('status')!r}")
+            cleaned.append({c: "" if row.get(c) is None else str(row.get(c)) for c in COLUMNS})
         with file_lock(self.lock):
             rows = read_manifest(self.path)
-            if keep_ok and rows.get(clean["slide_id"], {}).get("status") == "ok":
-                return
-            rows[clean["slide_id"]] = clean
+            for clean in cleaned:
+                old = rows.get(clean["slide_id"], {})
+                if keep_ok and old.get("status") == "ok":
+                    continue
+                if keep_ok and old.get("status") == MISSING_SOURCE and old.get("path") == clean["path"]:
+                    clean = {**old, "status": "ok", "message": ""}  # the file is back and its bag still fits
+                rows[clean["slide_id"]] = clean
             buf = io.StringIO()
             w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
             w.writeheader()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from .presets import kwargs_to_json
 from .readers import (
     IMAGE_EXTENSIONS,
     PLAUSIBLE_MPP,
+    SLIDE_EXTENSIONS,
     SlideError,
     find_slides,
     plausible_mpp,
@@ -142,37 +144,70 @@ def bag_mismatch(path: Path, fingerprint: dict[str, Any], task: SlideTask) -> st
     return json_diff(attrs.get("settings_json"), fingerprint, "settings") or source_mismatch(attrs, task)
 
 
+def _read_csv(path: str, flag: str) -> tuple[list[str], list[dict[str, str | None]]]:
+    """Header and rows of a CSV given by ``flag``; clear errors naming the file (missing, not text, ...).
+
+    UTF-8 with or without a byte-order mark (as Excel writes it) is accepted."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+    except FileNotFoundError:
+        raise SlideError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise SlideError(f"{flag} {path}: is a folder, expected a CSV file") from None
+    except PermissionError:
+        raise SlideError(f"{flag} {path}: permission denied; make the file readable") from None
+    except UnicodeDecodeError as e:
+        raise SlideError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as a UTF-8 "
+                         "CSV (e.g. 'CSV UTF-8' in a spreadsheet program)") from None
+    except (OSError, csv.Error) as e:
+        raise SlideError(f"{flag} {path}: cannot read the CSV: {e}") from None
+
+
 def _read_mpp_csv(path: str | None) -> dict[str, float]:
+    """``{slide_id: mpp}`` of ``--mpp-csv``. Rows repeating a slide with the same value are fine; a slide
+    given two different values is an error (which one is right cannot be known)."""
     if not path:
         return {}
+    header, rows = _read_csv(path, "--mpp-csv")
+    if not {"slide_id", "mpp"} <= set(header):
+        raise SlideError(f"--mpp-csv {path}: needs columns slide_id,mpp (has {header})")
     out: dict[str, float] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"slide_id", "mpp"} <= set(reader.fieldnames):
-            raise SlideError(f"--mpp-csv {path}: needs columns slide_id,mpp (has {reader.fieldnames})")
-        for row in reader:
-            try:
-                v = float(row["mpp"])
-            except ValueError:
-                raise SlideError(f"--mpp-csv {path}: bad mpp {row['mpp']!r} for {row['slide_id']}") from None
-            if v <= 0:
-                raise SlideError(f"--mpp-csv {path}: mpp must be > 0 for {row['slide_id']}")
-            if not plausible_mpp(v):
-                log.warning("--mpp-csv %s: mpp %g for %s is outside the usual %s µm/px; used as given",
-                            path, v, row["slide_id"], PLAUSIBLE_MPP)
-            out[row["slide_id"].strip()] = v
+    line_of: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        sid, raw = (row.get("slide_id") or "").strip(), row.get("mpp")
+        if not sid:
+            raise SlideError(f"--mpp-csv {path}: line {line} has no slide_id")
+        if raw is None or not raw.strip():
+            raise SlideError(f"--mpp-csv {path}: line {line} ({sid}) has no mpp value; expected slide_id,mpp")
+        try:
+            v = float(raw)
+        except ValueError:
+            raise SlideError(f"--mpp-csv {path}: bad mpp {raw!r} for {sid} (line {line})") from None
+        if not math.isfinite(v) or v <= 0:
+            raise SlideError(f"--mpp-csv {path}: mpp must be a finite number > 0 for {sid} (line {line}), "
+                             f"got {raw.strip()!r}")
+        if sid in out:
+            if out[sid] != v:
+                raise SlideError(f"--mpp-csv {path}: slide {sid!r} has two different mpp values, {out[sid]:g} "
+                                 f"(line {line_of[sid]}) and {v:g} (line {line}); keep one row per slide")
+            continue
+        if not plausible_mpp(v):
+            log.warning("--mpp-csv %s: mpp %g for %s is outside the usual %s µm/px; used as given",
+                        path, v, sid, PLAUSIBLE_MPP)
+        out[sid], line_of[sid] = v, line
     return out
 
 
 def _read_slide_list(path: str | None) -> set[str] | None:
     if not path:
         return None
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        col = next((c for c in ("slide_id", "path", "slide") if c in (reader.fieldnames or [])), None)
-        if col is None:
-            raise SlideError(f"--slides {path}: needs a slide_id (or path) column")
-        return {slide_id_of(r[col].strip()) if col == "path" else r[col].strip() for r in reader}
+    header, rows = _read_csv(path, "--slides")
+    col = next((c for c in ("slide_id", "path", "slide") if c in header), None)
+    if col is None:
+        raise SlideError(f"--slides {path}: needs a slide_id (or path) column (has {header})")
+    return {slide_id_of(v) if col == "path" else v for r in rows if (v := (r.get(col) or "").strip())}
 
 
 def plan_slides(cfg: PreprocessConfig) -> list[SlideTask]:
@@ -181,15 +216,20 @@ def plan_slides(cfg: PreprocessConfig) -> list[SlideTask]:
     Plain images (png/jpg) are slides only when ``--mpp-csv`` has their mpp or ``--slides`` lists them;
     others are ignored with a warning (so stray pictures in a slide folder do not fail the run).
     """
-    paths = find_slides(cfg.input)
     wanted = _read_slide_list(cfg.slides)
     mpps = _read_mpp_csv(cfg.mpp_csv)
+    paths = find_slides(cfg.input)
+    if not paths:
+        raise SlideError(f"--input {cfg.input}: no slides found in this folder (searched recursively for "
+                         f"{', '.join(SLIDE_EXTENSIONS)}); check the path")
     if wanted is not None:
         missing = wanted - {slide_id_of(p) for p in paths}
         if missing:
             log.warning("--slides lists %d slide(s) not found under %s: %s", len(missing), cfg.input,
                         sorted(missing)[:5])
         paths = [p for p in paths if slide_id_of(p) in wanted]
+        if not paths:
+            raise SlideError(f"--slides {cfg.slides}: none of its {len(wanted)} slide(s) is in {cfg.input}")
     else:  # a png/jpg in a slide folder is a slide only when the user gave its mpp
         images = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS and slide_id_of(p) not in mpps]
         if images:
@@ -197,6 +237,9 @@ def plan_slides(cfg: PreprocessConfig) -> list[SlideTask]:
                         "mpp there, or when --slides lists it): %s", len(images), ", ".join(p.name for p in images[:5]))
             skip = set(images)
             paths = [p for p in paths if p not in skip]
+            if not paths:
+                raise SlideError(f"--input {cfg.input}: no slides found in this folder, only plain images; give "
+                                 "their mpp with --mpp-csv to process them as slides")
     i, n = cfg.shard_index
     paths = [p for k, p in enumerate(paths) if k % n == i]
     return [SlideTask(k, slide_id_of(p), p, mpps.get(slide_id_of(p))) for k, p in enumerate(paths)]

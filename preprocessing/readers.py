@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -105,13 +106,21 @@ class SlideReader(ABC):
     def level_mpp(self, level: int) -> float | None:
         return None if self.mpp is None else self.mpp * self.level_downsamples[level]
 
+    def region_is_empty(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> bool:
+        """True when the file holds no image data for this region (never-written tiles of a sparse TIFF),
+        which reads as white: the thumbnail skips it without decoding. False when unknown."""
+        return False
+
     def read_level_scaled(self, downsample: float, block: int = 2048) -> tuple[np.ndarray, float, np.ndarray]:
         """The whole slide at ~``downsample`` (level-0 px per output px), read block by block.
 
-        Returns ``(rgb [h, w, 3] uint8, exact downsample, failed [h, w] bool)``. Uses the coarsest level not coarser than the
-        request, so memory stays bounded by the output size plus one block. A block that fails to decode
-        is retried in 256-px pieces; pieces that still fail are left white and marked in ``failed`` (the
-        pipeline still tries the tiles there, so they are counted as bad, never dropped silently).
+        Returns ``(rgb [h, w, 3] uint8, exact downsample, failed [h, w] bool)``. Uses the coarsest level not
+        coarser than the request. Memory stays bounded by the output size plus one block whatever the level's
+        declared size: a level up to 4096² px is read whole and resized once; a larger one block by block, each
+        block resized into its place in the output (progress is logged). Regions without image data (sparse
+        tiles) are white without being read. A block that fails to decode is retried in 256-px pieces; pieces
+        that still fail are left white and marked in ``failed`` (the pipeline still tries the tiles there, so
+        they are counted as bad, never dropped silently).
         """
         downs = self.level_downsamples
         level = max((i for i, d in enumerate(downs) if d <= downsample * 1.001), default=0)
@@ -123,42 +132,66 @@ class SlideReader(ABC):
         out = np.full((out_h, out_w, 3), 255, np.uint8)
         bad = np.zeros((out_h, out_w), bool)
         sx, sy = out_w / lw, out_h / lh
-        failed = 0
+        if full is None:  # every block must cover at least ~2 output pixels each way
+            block = max(block, int(np.ceil(2 / min(sx, sy))))
+        n_blocks = -(-lw // block) * -(-lh // block)
+        report = full is None and n_blocks >= 64  # progress every 10%
+        next_pct = 10
+        if report:
+            log.info("%s: reading the segmentation thumbnail from level %d (%d x %d px) in %d blocks",
+                     self.path, level, lw, lh, n_blocks)
+        failed, done, t0 = 0, 0, time.monotonic()
         for y in range(0, lh, block):
             hh = min(block, lh - y)
-            strip = full[y:y + hh] if full is not None else np.full((hh, lw, 3), 255, np.uint8)
+            oy0, oy1 = round(y * sy), round((y + hh) * sy)
             for x in range(0, lw, block):
                 ww = min(block, lw - x)
-                for bx, by, bw, bh in self._read_block(strip, x, y, ww, hh, level, ds):
-                    failed += 1
-                    bad[int(by * sy):int(np.ceil((by + bh) * sy)), int(bx * sx):int(np.ceil((bx + bw) * sx))] = True
-            if full is None:
-                oy0, oy1 = round(y * out_h / lh), round((y + hh) * out_h / lh)
-                if oy1 > oy0:
-                    out[oy0:oy1] = cv2.resize(strip, (out_w, oy1 - oy0), interpolation=cv2.INTER_AREA)
+                buf = full[y:y + hh, x:x + ww] if full is not None else None
+                if self.region_is_empty((round(x * ds), round(y * ds)), level, (ww, hh)):
+                    pass  # white already
+                else:
+                    if buf is None:
+                        buf = np.full((hh, ww, 3), 255, np.uint8)
+                    for bx, by, bw, bh in self._read_block(buf, x, y, level, ds):
+                        failed += 1
+                        bad[int(by * sy):int(np.ceil((by + bh) * sy)),
+                            int(bx * sx):int(np.ceil((bx + bw) * sx))] = True
+                    if full is None:
+                        ox0, ox1 = round(x * sx), round((x + ww) * sx)
+                        if ox1 > ox0 and oy1 > oy0:
+                            out[oy0:oy1, ox0:ox1] = cv2.resize(buf, (ox1 - ox0, oy1 - oy0),
+                                                               interpolation=cv2.INTER_AREA)
+                done += 1
+                if report and 100 * done // n_blocks >= next_pct and done < n_blocks:
+                    pct = 100 * done // n_blocks
+                    log.info("%s: thumbnail %d%% (%d/%d blocks, %.0f s)", self.path, pct, done, n_blocks,
+                             time.monotonic() - t0)
+                    next_pct = pct // 10 * 10 + 10
         if full is not None:
             out = cv2.resize(full, (out_w, out_h), interpolation=cv2.INTER_AREA)
         if failed:
             log.warning("%s: %d thumbnail piece(s) failed to decode and count as glass", self.path, failed)
         return out, w0 / out_w, bad
 
-    def _read_block(self, strip: np.ndarray, x: int, y: int, ww: int, hh: int, level: int, ds: float,
+    def _read_block(self, buf: np.ndarray, x: int, y: int, level: int, ds: float,
                     piece: int = 256) -> list[tuple[int, int, int, int]]:
-        """Fill ``strip[:, x:x+ww]``; returns the (x, y, w, h) level pieces that failed to decode."""
+        """Fill ``buf`` [hh, ww, 3] with the level region at (x, y); returns the (x, y, w, h) level pieces
+        that failed to decode."""
+        hh, ww = buf.shape[:2]
         try:
-            strip[:, x:x + ww] = self.read_region((round(x * ds), round(y * ds)), level, (ww, hh))
+            buf[:] = self.read_region((round(x * ds), round(y * ds)), level, (ww, hh))
             return []
         except TileReadError:
             pass
         failed: list[tuple[int, int, int, int]] = []
         for py in range(0, hh, piece):
-            for px in range(x, x + ww, piece):
-                pw, ph = min(piece, x + ww - px), min(piece, hh - py)
+            for px in range(0, ww, piece):
+                pw, ph = min(piece, ww - px), min(piece, hh - py)
                 try:
-                    strip[py:py + ph, px:px + pw] = self.read_region(
-                        (round(px * ds), round((y + py) * ds)), level, (pw, ph))
+                    buf[py:py + ph, px:px + pw] = self.read_region(
+                        (round((x + px) * ds), round((y + py) * ds)), level, (pw, ph))
                 except TileReadError:
-                    failed.append((px, y + py, pw, ph))
+                    failed.append((x + px, y + py, pw, ph))
         return failed
 
     def __enter__(self) -> SlideReader:
@@ -289,6 +322,9 @@ class OpenSlideReader(SlideReader):
     def level_downsamples(self) -> tuple[float, ...]:
         return self._downs
 
+    def region_is_empty(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> bool:
+        return self._fast is not None and self._fast.is_empty(location, level, size)
+
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         if self._fast is not None:
             try:
@@ -324,15 +360,44 @@ class OpenSlideReader(SlideReader):
         self._slide.close()
 
 
+# plain images are decoded whole into memory: 3 bytes per pixel (OpenCV refuses more than this by default)
+MAX_DECODE_PIXELS = 1 << 30
+
+
+def _declared_image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) a PNG or TIFF header declares, read without decoding; None when unknown."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        if head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return int(page.imagewidth), int(page.imagelength)
+    except Exception as e:  # noqa: BLE001 - only a pre-check: the decoder reports a broken file
+        log.debug("%s: image size not known before decoding: %s", path, e)
+    return None
+
+
 class ImageReader(SlideReader):
     """Plain images (png, jpg, ...): one level, no embedded mpp (it must come from ``--mpp-csv``)."""
 
     def __init__(self, path: str | Path, mpp: float | None = None):
         self.path = Path(path)
+        size = _declared_image_size(self.path)
+        if size is not None and size[0] * size[1] > MAX_DECODE_PIXELS:
+            raise UnreadableSlideError(
+                f"{self.path}: declares {size[0]} x {size[1]} px, too large to decode whole as a plain image "
+                f"(limit {MAX_DECODE_PIXELS} px, about {3 * MAX_DECODE_PIXELS / 2**30:.0f} GiB of RGB); convert it "
+                "to a tiled pyramidal TIFF (e.g. vips tiffsave --tile --pyramid)")
         bgr = cv2.imread(str(self.path), cv2.IMREAD_COLOR)
         if bgr is None:
-            raise UnreadableSlideError(f"{self.path}: cannot decode the image")
-        self._rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            raise UnreadableSlideError(f"{self.path}: cannot decode the image (corrupt, or larger than OpenCV's "
+                                       "decoding limit)")
+        self._rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)  # in place: no second full-size copy
         self.mpp = float(mpp) if mpp is not None else None
         self.mpp_rejected = ""
         self.magnification = None
@@ -411,6 +476,19 @@ IMAGE_EXTENSIONS = tuple(ext for ext, cls in READERS.items() if cls is ImageRead
 FALLBACK_READERS: dict[str, type[SlideReader]] = {".tif": TiffImageReader, ".tiff": TiffImageReader}
 
 
+def _check_readable(path: Path) -> None:
+    """Raise a clear error when this process may not read ``path`` (OpenSlide would only say "Unsupported or
+    missing image file")."""
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except PermissionError:
+        raise UnreadableSlideError(f"{path}: permission denied: this user cannot read the file; make it readable "
+                                   "(e.g. chmod a+r) or run as a user who can") from None
+    except OSError as e:
+        raise UnreadableSlideError(f"{path}: cannot read the file: {e.strerror or e}") from None
+
+
 def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
     """Open ``path`` with the reader registered for its extension; ``mpp`` overrides the file's."""
     path = Path(path)
@@ -419,6 +497,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
         raise SlideError(f"{path}: no reader for extension {path.suffix!r}; known: {', '.join(SLIDE_EXTENSIONS)}")
     if not path.is_file():
         raise UnreadableSlideError(f"{path}: no such file")
+    _check_readable(path)
     try:
         return cls(path, mpp=mpp)
     except UnreadableSlideError as first:
@@ -438,18 +517,40 @@ def slide_id_of(path: str | Path) -> str:
     return Path(path).stem
 
 
+def _walk_error(e: OSError) -> None:
+    log.warning("%s: cannot search this folder: %s", e.filename, e.strerror or e)
+
+
 def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
-    """All slide files under ``root`` (recursive), sorted by path. Raises if two share a slide id."""
+    """All slide files under ``root`` (recursive, following folder links; a folder reached twice, e.g. by a
+    link cycle, is searched once and the link is logged), sorted by path. Raises if two share a slide id."""
     root = Path(root)
     if not root.is_dir():
         raise SlideError(f"--input {root}: not a directory")
     exts = {e.lower() for e in extensions}
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen_dirs: dict[tuple[int, int], Path] = {}  # (device, inode) of every folder walked: cuts link cycles
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=_walk_error):
+        here = Path(dirpath)
+        try:
+            st = here.stat()
+        except OSError as e:  # vanished meanwhile
+            _walk_error(e)
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:  # reached again through a link
+            first = seen_dirs[(st.st_dev, st.st_ino)]
+            log.warning("%s: not searched again: this folder link leads to %s, searched already (a loop or a "
+                        "second link to the same folder)", here, first)
+            dirnames[:] = []
+            continue
+        seen_dirs[(st.st_dev, st.st_ino)] = here
         dirnames.sort()
         # MIRAX keeps its tiles in a folder named like the .mrxs file; never descend into those
-        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / (d + ".mrxs")).is_file()]
-        found += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in exts]
+        dirnames[:] = [d for d in dirnames if not (here / (d + ".mrxs")).is_file()]
+        for d in dirnames:
+            if (here / d).is_symlink():
+                log.info("%s: following folder link to %s", here / d, os.path.realpath(here / d))
+        found += [here / f for f in filenames if Path(f).suffix.lower() in exts]
     found.sort()
     seen: dict[str, Path] = {}
     for p in found:

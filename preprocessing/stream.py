@@ -57,6 +57,18 @@ def read_tile(reader: Any, xy: tuple[int, int], plan: TilePlan) -> np.ndarray:
     return cv2.resize(region, (plan.patch_size, plan.patch_size), interpolation=interp)
 
 
+def size_refusal(dimensions: tuple[int, int], cfg: PreprocessConfig) -> str:
+    """Why a slide of level-0 ``dimensions`` (w, h) is refused under ``--max-side-px`` / ``--max-gigapixels``,
+    or "" when it is not (a header can declare any size; reading it would take hours)."""
+    w, h = int(dimensions[0]), int(dimensions[1])
+    gpx = w * h / 1e9
+    if max(w, h) <= cfg.max_side_px and gpx <= cfg.max_gigapixels:
+        return ""
+    return (f"level 0 declares {w} x {h} px ({gpx:.3g} gigapixels), beyond the limits --max-side-px "
+            f"{cfg.max_side_px} / --max-gigapixels {cfg.max_gigapixels:g}: a corrupt or hostile header; if the "
+            "slide is real, raise the limit")
+
+
 class SlideStream(IterableDataset):
     """Messages for the main loop: ``{"kind": "tiles", ...}`` batches, then one ``{"kind": "end", ...}``."""
 
@@ -124,6 +136,10 @@ class SlideStream(IterableDataset):
         try:
             geo = {"width": reader.dimensions[0], "height": reader.dimensions[1], "mpp": reader.mpp,
                    "magnification": reader.magnification}
+            too_big = size_refusal(reader.dimensions, cfg)
+            if too_big:
+                yield self._end(task, "error", f"{task.path}: {too_big}", t0=t0, geo=geo)
+                return
             if reader.mpp is None:
                 rejected = getattr(reader, "mpp_rejected", "")
                 yield self._end(task, "mpp_missing", f"{task.path}: the slide has no pixel size (mpp)"

@@ -44,6 +44,17 @@ class _Level:
         self.cols = -(-self.w // self.tw)
         self.offsets, self.counts = page.dataoffsets, page.databytecounts
         self.tables = page.jpegtables
+        self._empty: np.ndarray | None = None  # [rows, cols] bool, built on first use
+
+    def empty_tiles(self) -> np.ndarray:
+        """[rows, cols] bool: tiles never written (byte count 0, a sparse TIFF); OpenSlide draws them transparent."""
+        if self._empty is None:
+            counts = np.asarray(self.counts, np.int64)
+            rows = -(-self.h // self.th)
+            if counts.size < rows * self.cols:  # malformed: treat missing entries as present (decode decides)
+                counts = np.concatenate([counts, np.ones(rows * self.cols - counts.size, np.int64)])
+            self._empty = (counts[:rows * self.cols] == 0).reshape(rows, self.cols)
+        return self._empty
 
 
 def _usable(page) -> bool:
@@ -134,6 +145,22 @@ class TiffLevels:
                 bx, by = min(x1, gx + lv.tw), min(y1, gy + lv.th)
                 out[ay - y:by - y, ax - x:bx - x] = tile[ay - gy:by - gy, ax - gx:bx - gx]
         return out
+
+    def is_empty(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> bool:
+        """True when every tile the region covers has no data (reads as white, as in OpenSlide); False when
+        unknown (a level without a matching page, a region OpenSlide would interpolate)."""
+        lv = self._levels.get(level)
+        if lv is None:
+            return False
+        ds = self._downs[level]
+        fx, fy = location[0] / ds, location[1] / ds
+        x, y = round(fx), round(fy)
+        if abs(fx - x) > 1e-6 or abs(fy - y) > 1e-6:
+            return False
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + int(size[0]), lv.w), min(y + int(size[1]), lv.h)
+        if x1 <= x0 or y1 <= y0:
+            return True
+        return bool(lv.empty_tiles()[y0 // lv.th:(y1 - 1) // lv.th + 1, x0 // lv.tw:(x1 - 1) // lv.tw + 1].all())
 
     def close(self) -> None:
         self._cache.clear()

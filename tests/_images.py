@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["preprocess_config", "write_imagefolder"]
+__all__ = ["preprocess_config", "write_imagefolder", "write_header_only_tiff"]
 
 
 def write_imagefolder(root: Path, classes: Sequence[str] = ("ant", "bee", "cow"), per_class: int = 3,
@@ -33,3 +34,34 @@ def preprocess_config(inp: Path, out: Path, **kw: Any) -> Any:
                 min_tissue=0.5)
     base.update(kw)
     return PreprocessConfig(**base)
+
+
+def write_header_only_tiff(path: Path, width: int, height: int, mpp: float = 0.25, tile: int = 256) -> Path:
+    """A tiled Aperio-style TIFF that declares ``width`` x ``height`` RGB px but holds no pixel data (every tile
+    offset and byte count is 0, a sparse TIFF): a few bytes per tile, however large the declared size.
+    OpenSlide opens it (vendor aperio, the given mpp) and reads its regions as transparent."""
+    n = -(-width // tile) * -(-height // tile)
+    desc = (f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) RAW/RGB"
+            f"|AppMag = 40|MPP = {mpp}").encode() + b"\0"
+    n_tags = 13
+    data_at = 8 + 2 + n_tags * 12 + 4  # header, then one IFD, then the values that do not fit in a tag
+    blobs: list[bytes] = []
+
+    def place(blob: bytes) -> int:
+        offset = data_at + sum(len(b) for b in blobs)
+        blobs.append(blob + b"\0" * (len(blob) % 2))
+        return offset
+
+    bits, text = place(struct.pack("<3H", 8, 8, 8)), place(desc)
+    offsets, counts = place(bytes(4 * n)), place(bytes(4 * n))
+    SHORT, ASCII, LONG = 3, 2, 4
+    tags = [(256, LONG, 1, width), (257, LONG, 1, height), (258, SHORT, 3, bits), (259, SHORT, 1, 1),
+            (262, SHORT, 1, 2), (270, ASCII, len(desc), text), (277, SHORT, 1, 3), (284, SHORT, 1, 1),
+            (322, LONG, 1, tile), (323, LONG, 1, tile), (324, LONG, n, offsets), (325, LONG, n, counts),
+            (339, SHORT, 1, 1)]
+    ifd = struct.pack("<H", n_tags) + b"".join(
+        struct.pack("<HHIHH", t, k, c, v, 0) if k == SHORT and c == 1 else struct.pack("<HHII", t, k, c, v)
+        for t, k, c, v in tags) + struct.pack("<I", 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"II*\0" + struct.pack("<I", 8) + ifd + b"".join(blobs))
+    return path

@@ -66,7 +66,10 @@ def test_mpp_missing_and_no_tissue_redo_retire_the_bag(tmp_path, tissue):
     assert run(cfg).statuses == {"n": "ok"} and (out / "bags" / "n.h5").is_file()
     assert run(replace(cfg, tissue_threshold=255)).statuses == {"n": "no_tissue"}  # nothing counts as tissue
     assert not (out / "bags" / "n.h5").exists()
-    assert "stale/n.h5" in read_manifest(out / "manifest.csv")["n"]["message"]
+    # the first retired bag stays in stale/n.h5; the second gets a timestamped name beside it
+    second = [p.name for p in (out / "stale").glob("n.*.h5")]
+    assert len(second) == 1 and (out / "stale" / "n.h5").is_file()
+    assert f"stale/{second[0]}" in read_manifest(out / "manifest.csv")["n"]["message"]
 
 
 # ------------------------------------------------------------------------------ 3. stage reuse

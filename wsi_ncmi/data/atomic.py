@@ -7,12 +7,27 @@ previous version of the target, if any, is left as it was.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["atomic_output", "atomic_write_text"]
+
+
+def _new_temp(path: Path) -> Path:
+    """Create an empty, unique ``.<name>.<random>.tmp`` beside ``path``, with the mode a plain ``open`` would
+    give it (0o666 less the umask). ``tempfile.mkstemp`` would create it 0o600 and the finished file would
+    keep that mode, unreadable to the group whatever the user's umask."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
 
 @contextmanager
@@ -21,9 +36,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     fsync'ed and renamed to ``path``, on an exception it is deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_temp(path)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
