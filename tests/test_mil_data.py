@@ -179,7 +179,9 @@ def _epoch_items(dm: MILDataModule, epoch: int) -> dict[str, torch.Tensor]:
 def test_training_draws_do_not_depend_on_workers(data) -> None:
     bags, csv, _ = data
     kw = {"max_instances": 4, "instance_dropout": 0.3, "pin_memory": False, "seed": 3}
-    serial, workers = MILDataModule(str(bags), str(csv), **kw), MILDataModule(str(bags), str(csv), num_workers=2, **kw)
+    # serial reads from the (default, auto) RAM cache; the workers read the files: same draws either way
+    serial = MILDataModule(str(bags), str(csv), **kw)
+    workers = MILDataModule(str(bags), str(csv), num_workers=2, cache="none", **kw)
     assert not workers.dataloader("train").persistent_workers  # each epoch's workers see the new epoch
     assert workers.dataloader("val").persistent_workers
     for epoch in (0, 1):
@@ -248,3 +250,69 @@ def test_datamodule_signature_is_cli_friendly() -> None:
     parser.add_class_arguments(MILDataModule, "data")
     cfg = parser.parse_args(["--data.bags_dir=b", "--data.split_csv=s.csv", "--data.label_map={\"a\": 1}"])
     assert cfg.data.batch_size == 1 and cfg.data.label_map == {"a": 1}
+
+
+# ------------------------------------------------------------------------------------------- bag cache
+def test_ram_cache_serves_the_same_items_from_memory(data) -> None:
+    bags, csv, _ = data
+    kw = {"max_instances": 4, "instance_dropout": 0.3, "pin_memory": False, "seed": 3}
+    cached = MILDataModule(str(bags), str(csv), cache="ram", num_workers=3, **kw)
+    disk = MILDataModule(str(bags), str(csv), cache="none", num_workers=0, **kw)
+    loader = cached.dataloader("train")
+    assert loader.num_workers == 0 and cached.dataset("train").features_cache is not None
+    assert disk.dataset("train").features_cache is None
+    for epoch in (0, 1):  # training draws (subset + dropout) are the same function of (seed, epoch, index)
+        a, b = _epoch_items(cached, epoch), _epoch_items(disk, epoch)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float16 for k in a)
+    for s in ("s00", "s01"):  # once cached, the files are not needed any more
+        (bags / f"{s}.h5").unlink()
+    assert len(_epoch_items(cached, 2)) == 7
+
+
+def test_float32_bags_are_cached_as_float16(tmp_path: Path) -> None:
+    from wsi_ncmi.data.cache import BagCache
+
+    small = np.full((3, 2), 0.5, np.float32)
+    large = np.full((3, 2), 1e6, np.float32)  # beyond float16: kept as float32
+    write_bag(tmp_path / "a.h5", small, np.zeros((3, 2), int), {})
+    write_bag(tmp_path / "b.h5", large, np.zeros((3, 2), int), {})
+    cache = BagCache([tmp_path / "a.h5", tmp_path / "b.h5"], progress=False)
+    assert cache[0].dtype == torch.float16 and cache[1].dtype == torch.float32
+    assert cache.nbytes == 3 * 2 * 2 + 3 * 2 * 4
+
+
+def test_explicit_ram_cache_that_does_not_fit_fails_before_training(data, monkeypatch) -> None:
+    import wsi_ncmi.data.cache as cache_mod
+
+    bags, csv, _ = data
+    monkeypatch.setattr(cache_mod, "available_memory", lambda device: 1000)  # bytes
+    with pytest.raises(MILDataError, match=r"cache=ram needs .* GiB .* budget is .* available on cpu"):
+        MILDataModule(str(bags), str(csv), cache="ram", pin_memory=False).setup("fit")
+    dm = MILDataModule(str(bags), str(csv), cache="auto", pin_memory=False)
+    dm.setup("fit")  # auto falls back to reading from disk, with workers
+    assert dm.dataset("train").features_cache is None
+    assert dm.dataloader("train").num_workers == min(4, __import__("os").cpu_count() or 1)
+
+
+def test_cache_checks_each_bag_once_and_names_a_bad_one(data) -> None:
+    bags, csv, _ = data
+    feats = np.ones((4, D), np.float32)
+    feats[2, 1] = np.nan
+    write_bag(bags / "s03.h5", feats, np.zeros((4, 2), int), {}, check_values=False)
+    dm = MILDataModule(str(bags), str(csv), cache="ram", pin_memory=False)
+    with pytest.raises(MILDataError, match=r"s03\.h5: 1 of 4 instances have NaN or inf"):
+        dm.setup("fit")
+
+
+def test_a_bag_changed_after_caching_is_not_reread(data, caplog) -> None:
+    bags, csv, _ = data
+    dm = MILDataModule(str(bags), str(csv), cache="ram", pin_memory=False)
+    dm.setup("fit")
+    before = dm.dataset("train")[0]["features"].clone()
+    write_bag(bags / "s00.h5", np.zeros((2, D), np.float16), np.zeros((2, 2), int), {})
+    with caplog.at_level("WARNING"):
+        dm.set_epoch(1)
+        dm.set_epoch(2)  # warned once
+    assert torch.equal(dm.dataset("train")[0]["features"], before)
+    hits = [r for r in caplog.records if "s00.h5 changed on disk" in r.getMessage()]
+    assert len(hits) == 1 and "keeps using the cached copy" in hits[0].getMessage()

@@ -13,9 +13,11 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsi_ncmi.data.bags import BagError, list_bags, read_bag, read_features, read_header
+from wsi_ncmi.data.cache import CACHE_MODES, BagCache, CacheError, bags_nbytes, resolve_cache_mode
 from wsi_ncmi.data.splits import SPLITS, load_split, select_fold
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,9 @@ class BagDataset(Dataset):
     larger bag and ``instance_dropout`` drops each instance with that probability (at least one is kept).
     Both draws are a pure function of ``(seed, epoch, index)`` (``set_epoch``), so they do not depend on the
     number of DataLoader workers, on earlier reads, or on whether the run was resumed from a checkpoint.
-    ``cache`` keeps the stored features in RAM (per process: each DataLoader worker has its own copy).
+    ``cache=True`` reads every bag of the split once into a :class:`~wsi_ncmi.data.cache.BagCache` (float16,
+    values checked once, file named on error) and serves items from memory; :meth:`use_cache` attaches a cache
+    built elsewhere (e.g. on an accelerator). Cached items are tensors on the cache's device.
     """
 
     def __init__(
@@ -103,7 +107,15 @@ class BagDataset(Dataset):
         self.seed = seed
         self.train = (split == "train") if train is None else train
         self.epoch = 0
-        self._cache: dict[int, np.ndarray] = {}
+        self.features_cache: BagCache | None = None
+        if cache:
+            self.use_cache(BagCache(self.paths, desc=f"caching {split} bags"))
+
+    def use_cache(self, cache: BagCache) -> None:
+        """Serve features from ``cache`` (built over exactly ``self.paths``, in order) from now on."""
+        if [str(p) for p in cache.paths] != [str(p) for p in self.paths]:
+            raise MILDataError(f"{self.where}: the cache holds other bags than split {self.split!r}")
+        self.features_cache = cache
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -117,13 +129,10 @@ class BagDataset(Dataset):
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([int(self.seed), self.epoch, int(index)])
 
-    def _features(self, index: int) -> np.ndarray:
-        if self.cache and index in self._cache:
-            return self._cache[index]
-        arr = read_features(self.paths[index])  # [N, D] stored dtype
-        if self.cache:
-            self._cache[index] = arr
-        return arr
+    def _features(self, index: int) -> Tensor:
+        if self.features_cache is not None:
+            return self.features_cache[index]  # [N, D] float16, on the cache's device
+        return torch.from_numpy(read_features(self.paths[index]))  # [N, D] stored dtype
 
     def _subset(self, index: int, n: int) -> np.ndarray | None:
         """Row indices to keep in training, or None for all."""
@@ -143,8 +152,10 @@ class BagDataset(Dataset):
         if feats.ndim != 2 or feats.shape[0] == 0:
             raise BagError(f"{self.paths[index]}: features have shape {feats.shape}, expected [N>0, D]")
         keep = self._subset(index, feats.shape[0])
+        if keep is not None:
+            feats = feats[torch.as_tensor(keep, device=feats.device)]
         item: dict[str, Any] = {
-            "features": torch.from_numpy(np.ascontiguousarray(feats if keep is None else feats[keep])),  # stored dtype
+            "features": feats,  # [N', D] stored dtype
             "label": self.labels[index],
             "slide_id": self.slide_ids[index],
         }
@@ -207,12 +218,13 @@ def collate_bags(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
     if b == 1:
         out["features"] = items[0]["features"].unsqueeze(0)  # [1, N, D]
-        out["mask"] = torch.ones(1, n, dtype=torch.bool)  # [1, N]
+        out["mask"] = torch.ones(1, n, dtype=torch.bool, device=out["features"].device)  # [1, N]
     else:
         dtypes = {it["features"].dtype for it in items}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        feats = torch.zeros(b, n, d, dtype=dtype)  # [B, N, D]
-        mask = torch.zeros(b, n, dtype=torch.bool)  # [B, N]
+        device = items[0]["features"].device  # cached bags may already live on the accelerator
+        feats = torch.zeros(b, n, d, dtype=dtype, device=device)  # [B, N, D]
+        mask = torch.zeros(b, n, dtype=torch.bool, device=device)  # [B, N]
         for i, it in enumerate(items):
             feats[i, : sizes[i]] = it["features"]
             mask[i, : sizes[i]] = True
@@ -236,11 +248,18 @@ class MILDataModule(L.LightningDataModule):
         bags_dir: folder of ``<slide_id>.h5`` bags.
         split_csv: split table (``slide_id, patient_id, label, split[, fold, label_name]``).
         batch_size: bags per batch (>1 pads and masks).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes; None (default) = automatic: 0 when the bags are cached
+            (workers would only copy memory), else min(4, CPUs). A cached split always uses 0.
         balanced_sampler: draw training bags with probability 1 / (count of their class).
         max_instances: training-time random subset size for large bags (None: all instances).
         instance_dropout: training-time probability of dropping each instance.
-        cache: keep features in RAM after the first read.
+        cache: ``auto`` (default), ``none``, ``ram`` or ``device``. ``ram`` reads every bag of the splits in use
+            once (float16, progress bar, total size logged, values checked once) and serves them from host
+            memory; ``device`` keeps them on the trainer's accelerator; ``auto`` picks ``device`` / ``ram``
+            when the splits fit ``cache_budget`` and ``none`` (read from disk on every access) otherwise.
+            An explicit ``ram`` / ``device`` that does not fit fails before training with the needed and
+            available sizes. ``True`` / ``False`` mean ``ram`` / ``none``.
+        cache_budget: fraction of the currently available memory (host or accelerator) the cache may use.
         pin_memory: pin host memory (only when CUDA is available).
         label_map: remap labels (keys: label_name or integer label, values: new integer label).
         num_classes: number of classes (default: from the table's labels).
@@ -253,11 +272,12 @@ class MILDataModule(L.LightningDataModule):
         bags_dir: str,
         split_csv: str,
         batch_size: int = 1,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         balanced_sampler: bool = False,
         max_instances: int | None = None,
         instance_dropout: float = 0.0,
-        cache: bool = False,
+        cache: str | bool = "auto",
+        cache_budget: float = 0.5,
         pin_memory: bool = True,
         label_map: dict[str, int] | None = None,
         num_classes: int | None = None,
@@ -275,7 +295,14 @@ class MILDataModule(L.LightningDataModule):
         self.balanced_sampler = balanced_sampler
         self.max_instances = max_instances
         self.instance_dropout = instance_dropout
-        self.cache = cache
+        self.cache = {True: "ram", False: "none"}.get(cache, cache) if isinstance(cache, bool) else str(cache)
+        if self.cache not in CACHE_MODES:
+            raise MILDataError(f"{split_csv}: cache must be one of {CACHE_MODES}, got {cache!r}")
+        self.cache_budget = float(cache_budget)
+        #: where ``device`` / ``auto`` caches live: the trainer's root device once ``setup`` ran, else set by
+        #: callers that evaluate without a trainer
+        self.cache_device = torch.device("cpu")
+        self._cache_mode: str | None = None  # resolved mode (none / ram / device) once decided
         self.pin_memory = pin_memory
         self.label_map = dict(label_map) if label_map else None
         self.fold = fold
@@ -336,28 +363,72 @@ class MILDataModule(L.LightningDataModule):
         self._dims_checked = True
 
     def dataset(self, split: str) -> BagDataset:
+        """The :class:`BagDataset` of one split (``all``: every row), built once, cached per ``cache``."""
         if split not in self._datasets:
             if split != "all" and not (self.table["split"] == split).any():
                 raise MILDataError(f"{self.split_csv}: split {split!r} is empty (sizes: {self.split_sizes()})")
-            self._datasets[split] = BagDataset(
+            ds = BagDataset(
                 self.table, self.bags_dir, split, max_instances=self.max_instances,
-                instance_dropout=self.instance_dropout, cache=self.cache, seed=self.seed,
+                instance_dropout=self.instance_dropout, seed=self.seed,
             )
-            self._datasets[split].where = self.split_csv
-            self._datasets[split].set_epoch(self.epoch)
+            ds.where = self.split_csv
+            ds.set_epoch(self.epoch)
+            if self._cache_mode is None:  # used without setup(): decide for every split of the table at once
+                self._resolve_cache([s for s in SPLITS if (self.table["split"] == s).any()])
+            if self._cache_mode != "none":
+                device = self.cache_device if self._cache_mode == "device" else torch.device("cpu")
+                try:
+                    ds.use_cache(BagCache(ds.paths, device=device, in_dim=self.in_dim,
+                                          desc=f"caching {split} bags ({self._cache_mode})"))
+                except BagError as exc:
+                    raise MILDataError(f"{self.split_csv}: {exc}") from exc
+            self._datasets[split] = ds
         return self._datasets[split]
+
+    def _resolve_cache(self, splits: Sequence[str]) -> str:
+        """Decide ``none`` / ``ram`` / ``device`` once, for the bags of ``splits`` together."""
+        if self._cache_mode is None:
+            if self.cache == "none":
+                self._cache_mode = "none"
+            else:
+                ids = self.table.loc[self.table["split"].isin(list(splits)), "slide_id"]
+                needed = bags_nbytes([self._bags[s] for s in ids])
+                try:
+                    self._cache_mode = resolve_cache_mode(self.cache, needed, self.cache_device, self.cache_budget,
+                                                          self.split_csv)
+                except CacheError as exc:
+                    raise MILDataError(str(exc)) from exc
+                log.info("bag cache: %s (%s needed for splits %s, cache=%s)", self._cache_mode,
+                         f"{needed / 2**30:.2f} GiB", "/".join(splits), self.cache)
+        return self._cache_mode
 
     def setup(self, stage: str | None = None) -> None:
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        splits = needed.get(stage or "fit", ("train", "val"))
         self.check_dims()
-        for split in needed.get(stage or "fit", ("train", "val")):
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and self._cache_mode is None:
+            self.cache_device = trainer.strategy.root_device
+        self._resolve_cache([s for s in splits if (self.table["split"] == s).any()])
+        for split in splits:
             self.dataset(split)
+
+    def num_workers_for(self, ds: BagDataset) -> int:
+        """DataLoader workers for ``ds``: 0 when it is cached, else ``num_workers`` or min(4, CPUs)."""
+        if ds.features_cache is not None:
+            if self.num_workers:
+                log.info("%s: bags are cached; DataLoader workers %d -> 0", self.split_csv, self.num_workers)
+                self.num_workers = 0
+            return 0
+        return self.num_workers if self.num_workers is not None else min(4, os.cpu_count() or 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Set the training epoch of every dataset and balanced sampler built here (and those built later)."""
         self.epoch = int(epoch)
         for ds in self._datasets.values():
             ds.set_epoch(self.epoch)
+            if ds.features_cache is not None:
+                ds.features_cache.changed_on_disk()  # warns once per changed bag; the cached copy stays in use
         for sampler in list(self._samplers):
             sampler.set_epoch(self.epoch)
 
@@ -376,15 +447,17 @@ class MILDataModule(L.LightningDataModule):
         """
         ds = self.dataset(split)
         sampler = self._sampler(ds) if balanced else None
+        workers = self.num_workers_for(ds)
+        on_host = ds.features_cache is None or ds.features_cache.device.type == "cpu"
         return DataLoader(
             ds,
             batch_size=self.batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=workers,
             collate_fn=collate_bags,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0 and not ds.train,
+            pin_memory=self.pin_memory and on_host and torch.cuda.is_available(),
+            persistent_workers=workers > 0 and not ds.train,
         )
 
     def train_dataloader(self) -> DataLoader:
