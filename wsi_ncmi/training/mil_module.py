@@ -169,6 +169,7 @@ class MILModule(pl.LightningModule):
             self.register_buffer("xi_momentum", torch.zeros_like(self.ncmi_loss.xi))  # [C*K, D]
         self._eval_outputs: list[dict[str, Tensor]] = []
         self._train_p: CentroidAccumulator | None = None  # class sums of p over this epoch's training bags
+        self._train_sums: tuple[list[str], Tensor, int] | None = None  # (term names, Σ value·B [K], Σ B) this epoch
 
     # ------------------------------------------------------------------------------- checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -298,11 +299,33 @@ class MILModule(pl.LightningModule):
         if self.ncmi_loss is not None and self.ncmi_loss.last_log_probs is not None:
             self._accumulate_train_p(self.ncmi_loss.last_log_probs, batch["label"].long())
         bs = int(batch["label"].shape[0])
-        sync = self.trainer.world_size > 1
-        for key, value in named.items():
-            self.log(f"train/{key}", value.detach().float(), on_step=True, on_epoch=True, batch_size=bs,
-                     sync_dist=sync, prog_bar=key == "loss")
+        self._add_train_terms(named, bs)
+        if (self.global_step + 1) % max(1, int(self.trainer.log_every_n_steps)) == 0:
+            # step values only every log_every_n_steps (the epoch means come from on-device sums, one sync)
+            self.log_dict({f"train/{k}_step": v.detach().float() for k, v in named.items()}, on_step=True,
+                          on_epoch=False, batch_size=bs)
+            self.log("train/loss", named["loss"].detach().float(), on_step=True, on_epoch=False, batch_size=bs,
+                     prog_bar=True, logger=False)
         return named["loss"]
+
+    def _add_train_terms(self, named: dict[str, Tensor], batch_size: int) -> None:
+        """Sum every loss term × batch size on the device (no host sync); logged as epoch means."""
+        values = torch.stack([v.detach().float() for v in named.values()]) * batch_size  # [K]
+        if self._train_sums is None or self._train_sums[0] != list(named):
+            self._train_sums = (list(named), torch.zeros_like(values), 0)
+        keys, sums, count = self._train_sums
+        self._train_sums = (keys, sums + values, count + batch_size)
+
+    def _log_train_epoch_means(self) -> None:
+        if self._train_sums is None:
+            return
+        keys, sums, count = self._train_sums
+        self._train_sums = None
+        totals = self._sum_over_ranks(torch.cat([sums, sums.new_tensor([float(count)])]))  # [K + 1]
+        means = totals[:-1] / totals[-1].clamp_min(1.0)
+        for key, value in zip(keys, means.tolist()):
+            self.log(f"train/{key}_epoch", value, on_step=False, on_epoch=True)
+            self.log(f"train/{key}", value, on_step=False, on_epoch=True, logger=False, prog_bar=key == "loss")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._manual_xi:
@@ -353,12 +376,14 @@ class MILModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._train_p = None
+        self._train_sums = None
         # training draws (instance subsets/dropout, balanced bag order) follow (seed, epoch): exact resume
         dm = getattr(self.trainer, "datamodule", None)
         if isinstance(dm, MILDataModule):
             dm.set_epoch(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
+        self._log_train_epoch_means()
         opt = self.optimizers()
         if not isinstance(opt, list):
             self.log("train/lr", float(opt.param_groups[0]["lr"]))
