@@ -14,7 +14,10 @@ resolved config), ``checkpoints/best.ckpt`` (best ``--checkpoint.monitor``, defa
 and ``checkpoints/last.ckpt`` (after every validation, see :class:`LastCheckpoint`). ``--ckpt_path last`` (or the file) resumes exactly, RNG states included.
 
 Before anything is built the split table is checked against the bags folder (missing bags, mixed
-feature dims, labels vs ``data.num_classes``); errors are printed and the command returns 2.
+feature dims, labels vs ``data.num_classes``, a patient in two splits unless ``--allow_patient_leak true``,
+which is then recorded in ``config.yaml``) and the checkpoint of ``--ckpt_path`` (``last`` resolved to the
+newest ``last*.ckpt``) is read with ``weights_only=True``; Lightning then loads it with ``weights_only=True``
+too (``--weights_only false`` is refused). Errors are printed as one line and the command returns 2.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from wsi_ncmi.commands.errors import one_line
 from wsi_ncmi.data import BagError, MILDataModule, SplitError
 from wsi_ncmi.data.mil import MILDataError
-from wsi_ncmi.models.base import MILConfigError
+from wsi_ncmi.models.base import MILConfigError, MILInputError
 from wsi_ncmi.training import (
     ConfigComposeError,
     LastCheckpoint,
@@ -40,9 +44,11 @@ from wsi_ncmi.training import (
     RunCSVLogger,
     TrainingConfigError,
     TrimLogOnFitStart,
+    check_patient_leak,
     expand_config_args,
     preflight_check,
 )
+from wsi_ncmi.training.checkpoint import CheckpointError, read_checkpoint, resolve_ckpt_path
 
 __all__ = ["MILCLI", "main_fit", "main_test", "main_validate", "run_cli"]
 
@@ -57,13 +63,15 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "checkpoint.enable_version_counter": False,
 }
 _USER_ERRORS = (PreflightError, SplitError, BagError, MILDataError, MILConfigError, TrainingConfigError,
-                ConfigComposeError)
+                ConfigComposeError, CheckpointError, MILInputError)
+_LEAK_FLAG = "--allow_patient_leak true"
 
 
 class MILCLI(LightningCLI):
     """LightningCLI with data → model links, a stable run-folder layout and pre-flight checks."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        self._checked_ckpts: set[Path] = set()
         super().__init__(
             MILModule,
             MILDataModule,
@@ -80,6 +88,8 @@ class MILCLI(LightningCLI):
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.add_argument("--preflight", type=bool, default=True,
                             help="check the split table against the bags folder before building anything")
+        parser.add_argument("--allow_patient_leak", type=bool, default=False,
+                            help="accept a split table with a patient in two splits (recorded in config.yaml)")
 
     def _cfg(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -93,7 +103,11 @@ class MILCLI(LightningCLI):
         report = None
         if cfg.preflight:
             report = preflight_check(data.bags_dir, data.split_csv, num_classes=data.num_classes, fold=data.fold,
-                                     check_labels=not data.label_map)
+                                     check_labels=not data.label_map, allow_patient_leak=cfg.allow_patient_leak,
+                                     leak_flag=_LEAK_FLAG)
+        else:
+            check_patient_leak(data.split_csv, fold=data.fold, allow=cfg.allow_patient_leak, flag=_LEAK_FLAG)
+        self._check_ckpt_path(cfg)
         if data.num_classes is None:
             # make the inferred class count explicit: the datamodule would save num_classes=None in its hparams,
             # and Lightning refuses to log model and data hparams that disagree
@@ -101,6 +115,35 @@ class MILCLI(LightningCLI):
                 data.num_classes = max(int(v) for v in data.label_map.values()) + 1
             elif report is not None:
                 data.num_classes = report.num_labels
+
+    def _read_ckpt(self, path: Path) -> None:
+        if path not in self._checked_ckpts:
+            read_checkpoint(path)
+            self._checked_ckpts.add(path)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyper-parameters of a --ckpt_path file before anything else: check it first
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if path and str(path) not in ("last", "best", "hpc") and Path(path).is_file():
+            self._read_ckpt(Path(path))
+        super()._parse_ckpt_path()
+
+    def _check_ckpt_path(self, cfg: Any) -> None:
+        """Refuse ``--weights_only false``; read the checkpoint Lightning is about to load with ``weights_only``
+        first, so a malicious, truncated or foreign file ends with one line naming it (and runs no code)."""
+        if cfg.get("weights_only") is False:
+            raise CheckpointError(f"--weights_only false: refused for --ckpt_path {cfg.get('ckpt_path')}; "
+                                  "checkpoints are only read with weights_only=True (unpickling can run code)")
+        path = resolve_ckpt_path(cfg.get("ckpt_path"), [cfg.checkpoint.dirpath])
+        if path is not None:
+            self._read_ckpt(path)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "ckpt_path" in kwargs:
+            kwargs["weights_only"] = True  # explicit: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only changes the default
+        return kwargs
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self._cfg()
@@ -133,7 +176,7 @@ def _main(subcommand: str, argv: list[str] | None) -> int:
     try:
         run_cli(subcommand, argv)
     except _USER_ERRORS as exc:
-        print(f"wsi-ncmi {subcommand}: error: {exc}", file=sys.stderr)
+        print(f"wsi-ncmi {subcommand}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 
