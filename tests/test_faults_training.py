@@ -170,6 +170,20 @@ def test_resume_from_a_malicious_last_ckpt_runs_no_code(workdir, tmp_path, capsy
     assert main_test(_cli_args(bags, split, tmp_path / "t", "--ckpt_path", str(good), "--weights_only",
                                "false")) == 2
     assert "weights_only" in _error_line(capsys.readouterr().err, "test")
+    # a good last.ckpt resumes, and every torch.load on the way (ours and Lightning's) is weights_only=True
+    import shutil
+
+    shutil.copy(good, last)
+    real_load, flags = torch.load, []
+
+    def spy(*args, **kwargs):
+        flags.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    assert main_fit(_cli_args(bags, split, run, "--ckpt_path", "last", "--trainer.max_epochs", "2")) == 0
+    assert len(flags) >= 2 and all(f is True for f in flags), flags
+    assert not marker.exists()
 
 
 @pytest.mark.fault(kind="traceback")
@@ -269,4 +283,110 @@ def test_evaluate_names_bags_with_nan_features_or_another_dim(workdir, tmp_path,
     assert main(args) == 2
     line = _error_line(capsys.readouterr().err, "evaluate")
     assert str(odd) in line and "NaN or inf" in line
+    assert _snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------- heatmaps
+def _slide_rgb(h: int = 512, w: int = 768) -> np.ndarray:
+    rgb = np.full((h, w, 3), 235, np.uint8)
+    rgb[100:300, 200:500] = (150, 60, 140)
+    return rgb
+
+
+def _bag_for(slide: Path, bag: Path, slide_mpp: float | None = 0.5, slide_id: str | None = None) -> Path:
+    """A bag as ``wsi-preprocess`` writes it for ``slide``: 128-px level-0 tiles over the slide, provenance attrs."""
+    from preprocessing.readers import open_slide
+
+    with open_slide(slide, mpp=slide_mpp) as r:
+        w0, h0 = r.dimensions
+    coords = np.array([[x, y] for y in range(0, h0 - 127, 128) for x in range(0, w0 - 127, 128)], np.int64)
+    feats = np.random.default_rng(0).standard_normal((len(coords), DIM)).astype(np.float16)
+    attrs = {"slide_id": slide_id or slide.stem, "source_path": str(slide), "source_size": slide.stat().st_size}
+    if slide_mpp is not None:
+        attrs.update(slide_mpp=slide_mpp, target_mpp=slide_mpp, effective_mpp=slide_mpp)
+    return write_bag(bag, feats, coords, attrs,
+                     coords_attrs={"patch_size": 128, "patch_level": 0, "patch_size_level0": 128})
+
+
+def _heatmap(ckpt: Path, slide: Path, bag: Path, out: Path, *extra: str) -> int:
+    from wsi_ncmi.commands.heatmap_cli import main
+
+    return main(["--ckpt", str(ckpt), "--slide", str(slide), "--bag", str(bag), "--out", str(out), *extra])
+
+
+@pytest.mark.fault(kind="silent_wrong")
+def test_heatmap_refuses_another_slides_bag(trained, tmp_path, capsys) -> None:
+    from preprocessing.synthetic import write_svs
+
+    ckpt = trained[2] / "checkpoints" / "best.ckpt"
+    a = write_svs(tmp_path / "a.svs", _slide_rgb(), mpp=0.5, downsamples=(1, 4))
+    b = write_svs(tmp_path / "b.svs", _slide_rgb(640, 896), mpp=0.5, downsamples=(1, 4))
+    bag_b = _bag_for(b, tmp_path / "b.h5")
+    out = tmp_path / "hm" / "a.png"
+    before = _snapshot(tmp_path)
+    assert _heatmap(ckpt, a, bag_b, out) == 2
+    line = _error_line(capsys.readouterr().err, "heatmap")
+    assert str(bag_b) in line and str(a) in line and "'b'" in line and "--allow-slide-mismatch" in line
+    assert "tiles lie outside" in line and "bytes" in line
+    assert _snapshot(tmp_path) == before and not out.parent.exists()
+    # a CLAM-style bag (no provenance attributes) named like the slide is still checked by its tile geometry
+    bag_nameless = write_bag(tmp_path / "a.h5", np.ones((2, DIM), np.float32), np.array([[0, 0], [800, 600]]),
+                             coords_attrs={"patch_size_level0": 128})
+    assert _heatmap(ckpt, a, bag_nameless, out) == 2
+    assert "1 of 2 tiles lie outside" in _error_line(capsys.readouterr().err, "heatmap")
+    # the override draws it anyway; the slide's own bag needs none
+    assert _heatmap(ckpt, a, bag_b, out, "--allow-slide-mismatch") == 0 and out.is_file()
+    assert _heatmap(ckpt, b, bag_b, tmp_path / "hm" / "b.png") == 0
+
+
+@pytest.mark.fault(kind="unclear")
+def test_heatmap_mpp_of_a_slide_whose_mpp_came_from_the_mpp_csv(trained, tmp_path, capsys) -> None:
+    from preprocessing.synthetic import write_svs
+
+    ckpt = trained[2] / "checkpoints" / "best.ckpt"
+    slide = write_svs(tmp_path / "nompp.tif", _slide_rgb(), mpp=None, downsamples=(1, 4))  # no mpp in the file
+    bag = _bag_for(slide, tmp_path / "nompp.h5", slide_mpp=0.5)  # extracted with --mpp-csv nompp,0.5
+    assert _heatmap(ckpt, slide, bag, tmp_path / "out.png", "--mpp", "4") == 0
+    assert "thumbnail 96x64 px, downsample 8, 4 um/px)" in capsys.readouterr().out
+    # a bag without a recorded mpp: the slide has none either -> one line naming the slide
+    plain = _bag_for(slide, tmp_path / "plain" / "nompp.h5", slide_mpp=None)
+    before = _snapshot(tmp_path)
+    assert _heatmap(ckpt, slide, plain, tmp_path / "out2.png", "--mpp", "4") == 2
+    line = _error_line(capsys.readouterr().err, "heatmap")
+    assert str(slide) in line and "no pixel size" in line and "--level" in line
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.fault(kind="unclear")
+def test_heatmap_of_a_plain_stripped_tiff(trained, tmp_path, capsys) -> None:
+    import tifffile
+
+    ckpt = trained[2] / "checkpoints" / "best.ckpt"
+    slide = tmp_path / "strip.tif"
+    tifffile.imwrite(slide, _slide_rgb(), photometric="rgb", resolution=(1e4 / 0.5, 1e4 / 0.5),
+                     resolutionunit="CENTIMETER")  # not tiled: OpenSlide refuses it, preprocessing reads it whole
+    bag = _bag_for(slide, tmp_path / "strip.h5", slide_mpp=0.5)
+    out = tmp_path / "strip.png"
+    assert _heatmap(ckpt, slide, bag, out, "--mpp", "2", "--csv") == 0
+    text = capsys.readouterr().out
+    assert "thumbnail 192x128 px, downsample 4, 2 um/px)" in text and out.is_file()
+    assert out.with_suffix(".tiles.csv").is_file()
+
+
+@pytest.mark.fault(kind="silent_wrong")
+def test_heatmap_of_a_72_dpi_tiff_uses_the_bags_mpp_not_the_files(trained, tmp_path, capsys) -> None:
+    from preprocessing.synthetic import write_svs
+
+    ckpt = trained[2] / "checkpoints" / "best.ckpt"
+    # with the file's 352.8 um/px (72 dpi), --mpp 8 drew a 16928x11285 px upsampled picture, silently
+    slide = write_svs(tmp_path / "dpi.tif", _slide_rgb(256, 384), mpp=352.8, vendor="generic", downsamples=(1,))
+    bag = _bag_for(slide, tmp_path / "dpi.h5", slide_mpp=0.5)  # preprocessing rejected 352.8; mpp came from the CSV
+    assert _heatmap(ckpt, slide, bag, tmp_path / "dpi.png", "--mpp", "8") == 0
+    assert "thumbnail 24x16 px, downsample 16, 8 um/px)" in capsys.readouterr().out
+    # without a recorded mpp the implausible file value is rejected, as preprocessing does, and named
+    plain = _bag_for(slide, tmp_path / "plain" / "dpi.h5", slide_mpp=None)
+    before = _snapshot(tmp_path)
+    assert _heatmap(ckpt, slide, plain, tmp_path / "dpi2.png", "--mpp", "4") == 2
+    line = _error_line(capsys.readouterr().err, "heatmap")
+    assert str(slide) in line and "rejected 352.8" in line
     assert _snapshot(tmp_path) == before
