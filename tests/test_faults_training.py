@@ -187,6 +187,23 @@ def test_resume_from_a_malicious_last_ckpt_runs_no_code(workdir, tmp_path, capsy
 
 
 @pytest.mark.fault(kind="traceback")
+def test_natural_track_resume_runs_no_code_either(tmp_path, capsys, monkeypatch) -> None:
+    from wsi_ncmi.commands.natural_cli import main
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "pwned"
+    evil = _malicious_checkpoint(tmp_path / "last.ckpt", marker)
+    before = _snapshot(tmp_path)
+    argv = ["fit", "--data.dataset", "digits", "--data.image_size", "16", "--data.num_workers", "0",
+            "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--ckpt_path", str(evil)]
+    assert main(argv) == 2
+    line = _error_line(capsys.readouterr().err, "natural fit")
+    assert str(evil) in line and not marker.exists() and _snapshot(tmp_path) == before
+
+
+@pytest.mark.fault(kind="traceback")
 def test_evaluate_and_heatmap_refuse_a_malicious_checkpoint_in_one_line(workdir, tmp_path, capsys,
                                                                        monkeypatch) -> None:
     from wsi_ncmi.commands import evaluate_cli, heatmap_cli

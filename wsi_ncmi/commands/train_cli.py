@@ -48,7 +48,7 @@ from wsi_ncmi.training import (
     expand_config_args,
     preflight_check,
 )
-from wsi_ncmi.training.checkpoint import CheckpointError, read_checkpoint, resolve_ckpt_path
+from wsi_ncmi.training.checkpoint import CheckpointError, WeightsOnlyCLI
 
 __all__ = ["MILCLI", "main_fit", "main_test", "main_validate", "run_cli"]
 
@@ -67,11 +67,10 @@ _USER_ERRORS = (PreflightError, SplitError, BagError, MILDataError, MILConfigErr
 _LEAK_FLAG = "--allow_patient_leak true"
 
 
-class MILCLI(LightningCLI):
+class MILCLI(WeightsOnlyCLI, LightningCLI):
     """LightningCLI with data → model links, a stable run-folder layout and pre-flight checks."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        self._checked_ckpts: set[Path] = set()
         super().__init__(
             MILModule,
             MILDataModule,
@@ -107,7 +106,8 @@ class MILCLI(LightningCLI):
                                      leak_flag=_LEAK_FLAG)
         else:
             check_patient_leak(data.split_csv, fold=data.fold, allow=cfg.allow_patient_leak, flag=_LEAK_FLAG)
-        self._check_ckpt_path(cfg)
+        # before the trainer exists: a bad --ckpt_path (`last` = checkpoints/last*.ckpt) ends the run here
+        self.check_ckpt_args(cfg.get("ckpt_path"), cfg.get("weights_only"), [cfg.checkpoint.dirpath])
         if data.num_classes is None:
             # make the inferred class count explicit: the datamodule would save num_classes=None in its hparams,
             # and Lightning refuses to log model and data hparams that disagree
@@ -115,35 +115,6 @@ class MILCLI(LightningCLI):
                 data.num_classes = max(int(v) for v in data.label_map.values()) + 1
             elif report is not None:
                 data.num_classes = report.num_labels
-
-    def _read_ckpt(self, path: Path) -> None:
-        if path not in self._checked_ckpts:
-            read_checkpoint(path)
-            self._checked_ckpts.add(path)
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyper-parameters of a --ckpt_path file before anything else: check it first
-        sub = self.config.get("subcommand")
-        path = self.config[sub].get("ckpt_path") if sub else None
-        if path and str(path) not in ("last", "best", "hpc") and Path(path).is_file():
-            self._read_ckpt(Path(path))
-        super()._parse_ckpt_path()
-
-    def _check_ckpt_path(self, cfg: Any) -> None:
-        """Refuse ``--weights_only false``; read the checkpoint Lightning is about to load with ``weights_only``
-        first, so a malicious, truncated or foreign file ends with one line naming it (and runs no code)."""
-        if cfg.get("weights_only") is False:
-            raise CheckpointError(f"--weights_only false: refused for --ckpt_path {cfg.get('ckpt_path')}; "
-                                  "checkpoints are only read with weights_only=True (unpickling can run code)")
-        path = resolve_ckpt_path(cfg.get("ckpt_path"), [cfg.checkpoint.dirpath])
-        if path is not None:
-            self._read_ckpt(path)
-
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if "ckpt_path" in kwargs:
-            kwargs["weights_only"] = True  # explicit: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only changes the default
-        return kwargs
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self._cfg()

@@ -4,7 +4,7 @@
 """
 
 from .callbacks import LastCheckpoint, RNGStateCheckpoint, capture_rng_state, restore_rng_state
-from .checkpoint import CheckpointError, read_checkpoint, resolve_ckpt_path
+from .checkpoint import CheckpointError, WeightsOnlyCLI, read_checkpoint, resolve_ckpt_path
 from .compose import ConfigComposeError, compose_config, expand_config_args
 from .mil_module import CENTROID_OPTIMIZERS, OBJECTIVES, MILModule, TrainingConfigError
 from .optim import OPTIMIZERS, SCHEDULES, OptimConfigError, build_optimizer, build_scheduler
@@ -27,6 +27,7 @@ __all__ = [
     "RunCSVLogger",
     "TrimLogOnFitStart",
     "TrainingConfigError",
+    "WeightsOnlyCLI",
     "build_optimizer",
     "build_scheduler",
     "capture_rng_state",

@@ -12,6 +12,11 @@ need a full unpickle, and could run code doing so, is refused before anything el
 
 ``resolve_ckpt_path(ckpt_path, dirs)`` turns Lightning's ``"last"`` into the newest ``last*.ckpt`` in ``dirs``
 (as Lightning does), so the file can be checked before ``Trainer.fit(ckpt_path="last")`` opens it.
+
+:class:`WeightsOnlyCLI` is the mixin both LightningCLIs (``wsi-ncmi fit|validate|test`` and ``wsi-ncmi natural
+...``) put in front of ``LightningCLI``: the ``--ckpt_path`` file goes through ``read_checkpoint`` before
+LightningCLI reads its hyper-parameters and before the trainer loads it, the trainer is always called with
+``weights_only=True`` and ``--weights_only false`` is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointError", "read_checkpoint", "resolve_ckpt_path"]
+__all__ = ["CheckpointError", "WeightsOnlyCLI", "read_checkpoint", "resolve_ckpt_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,3 +90,49 @@ def resolve_ckpt_path(ckpt_path: str | Path | None, dirs: Iterable[str | Path | 
     if str(ckpt_path) in ("best", "hpc") or str(ckpt_path).startswith("registry"):
         return None
     return Path(ckpt_path)
+
+
+class WeightsOnlyCLI:
+    """Mixin for a ``LightningCLI`` subclass (``class MyCLI(WeightsOnlyCLI, LightningCLI)``): every checkpoint the
+    CLI hands to Lightning is read here first with ``weights_only=True`` and Lightning is told ``weights_only=True``
+    (an explicit value: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` only changes torch's default)."""
+
+    _checked_ckpts: set[Path]
+
+    def read_ckpt_once(self, path: str | Path) -> None:
+        """:func:`read_checkpoint` of ``path`` unless this CLI checked it already."""
+        checked = self.__dict__.setdefault("_checked_ckpts", set())
+        path = Path(path)
+        if path not in checked:
+            read_checkpoint(path)
+            checked.add(path)
+
+    def checkpoint_dirs(self) -> list[str | Path | None]:
+        """Where ``--ckpt_path last`` is looked up: the trainer's ``ModelCheckpoint`` folders (when set)."""
+        trainer = getattr(self, "trainer", None)
+        return [getattr(cb, "dirpath", None) for cb in getattr(trainer, "checkpoint_callbacks", [])]
+
+    def check_ckpt_args(self, ckpt_path: Any, weights_only: Any, dirs: Iterable[str | Path | None]) -> None:
+        """Refuse ``weights_only=False``; read the file ``ckpt_path`` names (``last`` resolved in ``dirs``)."""
+        if weights_only is False:
+            raise CheckpointError(f"--weights_only false: refused for --ckpt_path {ckpt_path}; checkpoints are "
+                                  "only read with weights_only=True (unpickling can run code)")
+        path = resolve_ckpt_path(ckpt_path, dirs)
+        if path is not None:
+            self.read_ckpt_once(path)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyper-parameters of a --ckpt_path file before anything is built: check it first
+        config = self.config  # type: ignore[attr-defined]
+        sub = config.get("subcommand")
+        path = config[sub].get("ckpt_path") if sub else None
+        if path and Path(path).is_file():
+            self.read_ckpt_once(path)
+        super()._parse_ckpt_path()  # type: ignore[misc]
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)  # type: ignore[misc]
+        if "ckpt_path" in kwargs or "weights_only" in kwargs:
+            self.check_ckpt_args(kwargs.get("ckpt_path"), kwargs.get("weights_only"), self.checkpoint_dirs())
+            kwargs["weights_only"] = True
+        return kwargs
