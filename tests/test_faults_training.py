@@ -243,7 +243,7 @@ def test_a_pickle_renamed_safetensors_is_named_in_one_line(workdir, tmp_path, ca
     assert _snapshot(tmp_path) == before
 
 
-@pytest.mark.fault(kind="unclear")
+@pytest.mark.fault(kind="traceback")
 def test_a_truncated_last_ckpt_is_named_and_kept(workdir, tmp_path, capsys) -> None:
     from wsi_ncmi.commands.train_cli import main_fit
 
