@@ -23,6 +23,8 @@ CASES = {
                      "--device", "cpu", "--no-amp", "--warmup", "0", "--repeats", "1", "--threads", "1"],
     "extract": ["--tiles", "40", "--tiles-per-slide", "20", "--slide-mpp", "0.5", "--encoders", "--batch-size", "16",
                 "--workers", "0", "--device", "cpu"],
+    # two quick cases of the fault suite (the whole suite takes about a minute)
+    "faults": ["-k", "natural_track or killed_writer"],
 }
 
 
@@ -33,6 +35,8 @@ def test_bench_script_runs_on_cpu(script: str, tmp_path: Path) -> None:
         args += ["--out", str(tmp_path / "aggregators.md")]
     if script == "bag_io":
         args += ["--out", str(tmp_path / "bags")]
+    if script == "faults":
+        args += ["--out", str(tmp_path / "faults.md")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -23,6 +23,12 @@ above works) and writes ``summary.json``, ``summary.csv`` and ``summary.md`` int
 
 Data options not given on the command line (``label_map``, ``num_classes``, ``fold`` and, when omitted,
 ``bags_dir`` / ``split_csv``) are taken from the checkpoint's datamodule hyper-parameters.
+
+Before anything is written the checkpoint is read with ``weights_only=True`` (a malicious, truncated or
+foreign file is refused in one line) and the split table is checked against the bags folder as ``fit`` does
+(missing bags, bags whose feature dim differs from the model's, a patient in two splits unless
+``--allow-patient-leak``, recorded in ``report.json`` as ``allow_patient_leak`` / ``patient_leaks``). Bags with
+NaN/inf features are named when they are read.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-csv", default=None,
                    help="training metrics.csv for the curves (default: searched under the checkpoint's run folder)")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
+    p.add_argument("--allow-patient-leak", action="store_true",
+                   help="evaluate a split table with a patient in two splits (recorded in report.json)")
     return p
 
 
@@ -92,10 +100,9 @@ def _echo(text: str, err: bool = False) -> None:
 
 
 def _load_module(ckpt: Path, device: str) -> Any:
+    """The ``MILModule`` of ``ckpt`` (call :func:`_read_checkpoint` first: it refuses unsafe files in one line)."""
     from wsi_ncmi.training import MILModule
 
-    if not ckpt.is_file():
-        raise EvaluateArgumentError(f"--ckpt {ckpt}: no such file")
     module = MILModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
     module.eval()
     return module.to(device)
@@ -103,9 +110,11 @@ def _load_module(ckpt: Path, device: str) -> Any:
 
 def _read_checkpoint(ckpt: Path) -> dict[str, Any]:
     """The checkpoint's dictionary (``weights_only``), read once for what the module does not carry."""
-    import torch
+    from wsi_ncmi.training.checkpoint import read_checkpoint
 
-    return torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    if not ckpt.is_file():
+        raise EvaluateArgumentError(f"--ckpt {ckpt}: no such file")
+    return read_checkpoint(ckpt)
 
 
 def _datamodule_hparams(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,8 +155,11 @@ def _find_metrics_csv(ckpt: Path) -> Path | None:
     return hits[-1] if hits else None
 
 
-def _build_data(args: argparse.Namespace, state: Mapping[str, Any], num_classes: int) -> Any:
+def _build_data(args: argparse.Namespace, state: Mapping[str, Any], num_classes: int, in_dim: int) -> Any:
+    """The datamodule of the evaluated split, after the pre-flight check of ``fit`` (with the model's
+    ``in_dim``); the accepted patient leaks are stored on it as ``patient_leaks``."""
     from wsi_ncmi.data import MILDataModule
+    from wsi_ncmi.training.preflight import preflight_check
 
     hp = _datamodule_hparams(state)
     bags_dir = args.bags_dir or hp.get("bags_dir")
@@ -157,6 +169,9 @@ def _build_data(args: argparse.Namespace, state: Mapping[str, Any], num_classes:
             "--data.bags_dir and --data.split_csv are required (the checkpoint does not record them)"
         )
     fold = args.fold if args.fold is not None else hp.get("fold")
+    check = preflight_check(bags_dir, split_csv, num_classes=num_classes, in_dim=in_dim, fold=fold,
+                            check_labels=not hp.get("label_map"), allow_patient_leak=args.allow_patient_leak,
+                            leak_flag="--allow-patient-leak")
     dm = MILDataModule(
         bags_dir=str(bags_dir),
         split_csv=str(split_csv),
@@ -171,6 +186,7 @@ def _build_data(args: argparse.Namespace, state: Mapping[str, Any], num_classes:
         raise EvaluateArgumentError(
             f"--data.split_csv {split_csv}: {dm.num_classes} classes, the checkpoint has {num_classes}"
         )
+    dm.patient_leaks = check.patient_leaks
     return dm
 
 
@@ -216,11 +232,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise EvaluateArgumentError(f"--device {args.device}: CUDA is not available")
     if len(set(args.seeds)) != len(args.seeds):
         raise EvaluateArgumentError(f"--seeds {args.seeds}: seeds must be distinct")
+    state = _read_checkpoint(ckpt)
     module = _load_module(ckpt, args.device)
     hp = dict(module.hparams)
     num_classes = int(hp["num_classes"])
-    state = _read_checkpoint(ckpt)
-    dm = _build_data(args, state, num_classes)
+    dm = _build_data(args, state, num_classes, module.model.in_dim)
     if dm.in_dim != module.model.in_dim:
         raise EvaluateArgumentError(
             f"--data.bags_dir {dm.bags_dir}: bags have D={dm.in_dim}, the checkpoint's model expects {module.model.in_dim}"
@@ -231,7 +247,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _save_embeddings(out / "embeddings.npz", splits)
-    extra: dict[str, Any] = {"checkpoint": str(ckpt), "loss": hp.get("loss") if module.objective == "head" else "ncmi"}
+    extra: dict[str, Any] = {"checkpoint": str(ckpt), "loss": hp.get("loss") if module.objective == "head" else "ncmi",
+                             "allow_patient_leak": bool(args.allow_patient_leak),
+                             "patient_leaks": list(dm.patient_leaks)}
     if module.ncmi_loss is not None:
         nl = module.ncmi_loss
         extra.update(centroid_update=nl.centroid_update, tau=nl.tau, ncmi_variant=nl.variant)
@@ -269,9 +287,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.evaluation.probe import ProbeError
     from wsi_ncmi.evaluation.report import ReportError
     from wsi_ncmi.models import MILInputError
+    from wsi_ncmi.training.checkpoint import CheckpointError
+    from wsi_ncmi.training.preflight import PreflightError
 
     return (EvaluateArgumentError, BagError, SplitError, MILDataError, EmbedError, ProbeError, ReportError,
-            MILInputError)
+            MILInputError, CheckpointError, PreflightError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _evaluate(args)
     except _user_errors() as err:
-        _echo(f"wsi-ncmi evaluate: error: {err}", err=True)
+        from wsi_ncmi.commands.errors import one_line
+
+        _echo(f"wsi-ncmi evaluate: error: {one_line(err)}", err=True)
         return 2
 
 

@@ -52,7 +52,9 @@ def resolve_device(name: str) -> str:
 def _make_cli_class() -> type:
     from lightning.pytorch.cli import LightningCLI
 
-    class _NaturalCLI(LightningCLI):
+    from wsi_ncmi.training.checkpoint import WeightsOnlyCLI
+
+    class _NaturalCLI(WeightsOnlyCLI, LightningCLI):  # --ckpt_path files are read with weights_only=True only
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
@@ -99,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigComposeError as err:
         print(f"wsi-ncmi natural: {err}", file=sys.stderr)
         return 2
-    NaturalCLI(args)
+    from wsi_ncmi.training.checkpoint import CheckpointError
+
+    try:
+        NaturalCLI(args)
+    except CheckpointError as err:
+        print(f"wsi-ncmi natural {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -14,7 +14,10 @@ resolved config), ``checkpoints/best.ckpt`` (best ``--checkpoint.monitor``, defa
 and ``checkpoints/last.ckpt`` (after every validation, see :class:`LastCheckpoint`). ``--ckpt_path last`` (or the file) resumes exactly, RNG states included.
 
 Before anything is built the split table is checked against the bags folder (missing bags, mixed
-feature dims, labels vs ``data.num_classes``); errors are printed and the command returns 2.
+feature dims, labels vs ``data.num_classes``, a patient in two splits unless ``--allow_patient_leak true``,
+which is then recorded in ``config.yaml``) and the checkpoint of ``--ckpt_path`` (``last`` resolved to the
+newest ``last*.ckpt``) is read with ``weights_only=True``; Lightning then loads it with ``weights_only=True``
+too (``--weights_only false`` is refused). Errors are printed as one line and the command returns 2.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from wsi_ncmi.commands.errors import one_line
 from wsi_ncmi.data import BagError, MILDataModule, SplitError
 from wsi_ncmi.data.mil import MILDataError
-from wsi_ncmi.models.base import MILConfigError
+from wsi_ncmi.models.base import MILConfigError, MILInputError
 from wsi_ncmi.training import (
     ConfigComposeError,
     LastCheckpoint,
@@ -40,9 +44,11 @@ from wsi_ncmi.training import (
     RunCSVLogger,
     TrainingConfigError,
     TrimLogOnFitStart,
+    check_patient_leak,
     expand_config_args,
     preflight_check,
 )
+from wsi_ncmi.training.checkpoint import CheckpointError, WeightsOnlyCLI
 
 __all__ = ["MILCLI", "main_fit", "main_test", "main_validate", "run_cli"]
 
@@ -57,10 +63,11 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "checkpoint.enable_version_counter": False,
 }
 _USER_ERRORS = (PreflightError, SplitError, BagError, MILDataError, MILConfigError, TrainingConfigError,
-                ConfigComposeError)
+                ConfigComposeError, CheckpointError, MILInputError)
+_LEAK_FLAG = "--allow_patient_leak true"
 
 
-class MILCLI(LightningCLI):
+class MILCLI(WeightsOnlyCLI, LightningCLI):
     """LightningCLI with data → model links, a stable run-folder layout and pre-flight checks."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
@@ -80,6 +87,8 @@ class MILCLI(LightningCLI):
         parser.set_defaults(CHECKPOINT_DEFAULTS)
         parser.add_argument("--preflight", type=bool, default=True,
                             help="check the split table against the bags folder before building anything")
+        parser.add_argument("--allow_patient_leak", type=bool, default=False,
+                            help="accept a split table with a patient in two splits (recorded in config.yaml)")
 
     def _cfg(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -93,7 +102,12 @@ class MILCLI(LightningCLI):
         report = None
         if cfg.preflight:
             report = preflight_check(data.bags_dir, data.split_csv, num_classes=data.num_classes, fold=data.fold,
-                                     check_labels=not data.label_map)
+                                     check_labels=not data.label_map, allow_patient_leak=cfg.allow_patient_leak,
+                                     leak_flag=_LEAK_FLAG)
+        else:
+            check_patient_leak(data.split_csv, fold=data.fold, allow=cfg.allow_patient_leak, flag=_LEAK_FLAG)
+        # before the trainer exists: a bad --ckpt_path (`last` = checkpoints/last*.ckpt) ends the run here
+        self.check_ckpt_args(cfg.get("ckpt_path"), cfg.get("weights_only"), [cfg.checkpoint.dirpath])
         if data.num_classes is None:
             # make the inferred class count explicit: the datamodule would save num_classes=None in its hparams,
             # and Lightning refuses to log model and data hparams that disagree
@@ -133,7 +147,7 @@ def _main(subcommand: str, argv: list[str] | None) -> int:
     try:
         run_cli(subcommand, argv)
     except _USER_ERRORS as exc:
-        print(f"wsi-ncmi {subcommand}: error: {exc}", file=sys.stderr)
+        print(f"wsi-ncmi {subcommand}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "write_bag": "bags",
     "read_bag": "bags",
     "read_features": "bags",
+    "check_finite_features": "bags",
     "read_header": "bags",
     "inspect_bag": "bags",
     "validate_bag": "bags",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,8 +371,33 @@ def read_bag(path: str | os.PathLike, lazy: bool = False) -> Bag:
     return Bag(path, slide_id, features, coords, tissue, attrs, coords_attrs, fmt)
 
 
-def read_features(path: str | os.PathLike) -> np.ndarray:
-    """Just the features [N, D] in their stored dtype: the fast path of the data loader."""
+def _all_finite(arr: np.ndarray) -> bool:
+    torch = sys.modules.get("torch")  # never imported here; used when the caller has it (the data loader)
+    if arr.dtype == np.float16 and torch is not None:
+        # numpy has no vectorised float16 isfinite (~10x slower than this); min/max propagate NaN and show ±inf
+        lo, hi = torch.aminmax(torch.from_numpy(np.ascontiguousarray(arr)))
+        return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    return bool(np.isfinite(arr).all())
+
+
+def check_finite_features(path: str | os.PathLike, features: np.ndarray) -> None:
+    """Raise :class:`BagError` naming ``path`` (and the rows) when ``features`` [N, D] hold NaN or inf.
+
+    Costs about half a read from the page cache (20000 x 1024 float16: ~2 ms with torch loaded)."""
+    arr = np.asarray(features)
+    if arr.size == 0 or arr.dtype.kind != "f" or _all_finite(arr):
+        return
+    rows = np.nonzero(~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1))[0]
+    raise BagError(f"{path}: features contain NaN or inf in {len(rows)} row(s) (first at row {int(rows[0])}); "
+                   "re-extract the slide (wsi-preprocess --overwrite) or drop it from the split table")
+
+
+def read_features(path: str | os.PathLike, check_values: bool = True) -> np.ndarray:
+    """Just the features [N, D] in their stored dtype: the fast path of the data loader.
+
+    ``check_values``: a bag with NaN/inf features raises :class:`BagError` naming the file and the rows
+    (:func:`check_finite_features`), instead of a model error without the bag's name later.
+    """
     path = Path(path)
     try:
         with _open(path) as f:
@@ -381,11 +407,13 @@ def read_features(path: str | os.PathLike) -> np.ndarray:
                 out[...] = ds[0]
             elif shape[0]:
                 ds.read_direct(out)
-            return out
     except BagError:
         raise
     except (OSError, KeyError, RuntimeError, ValueError) as exc:
         raise BagError(f"{path}: cannot read features (truncated or corrupt?): {exc}") from exc
+    if check_values:
+        check_finite_features(path, out)
+    return out
 
 
 def read_header(path: str | os.PathLike) -> tuple[int, int, np.dtype]:

@@ -153,7 +153,8 @@ def _counts_by_split(df: pd.DataFrame) -> dict[str, dict[int, int]]:
     return out
 
 
-def _patient_leaks(df: pd.DataFrame) -> list[str]:
+def patient_leaks(df: pd.DataFrame) -> list[str]:
+    """One line per patient found in more than one split (per fold): ``"patient 'p7' is in ['train', 'val']"``."""
     leaks = []
     groups = df.groupby("fold") if "fold" in df.columns else [(None, df)]
     for fold, sub in groups:
@@ -198,7 +199,7 @@ def validate_split(
     else:
         source, df = "split table", _check_table(table, "split table")
     report = SplitReport(source=source, n_rows=len(df), counts=_counts_by_split(df))
-    report.errors += [f"patient leak: {m}" for m in _patient_leaks(df)]
+    report.errors += [f"patient leak: {m}" for m in patient_leaks(df)]
     labels = sorted(int(v) for v in df["label"].unique())
     c = num_classes if num_classes is not None else labels[-1] + 1
     out_of_range = [v for v in labels if v >= c]

@@ -5,7 +5,9 @@ Pieces, each usable alone:
 * :func:`attention_scores` runs a trained aggregator on one bag and returns its own instance scores
   (ABMIL's gated-attention softmax, TransMIL's class-token attention, ...: whatever the model puts in
   ``MILOutput.attention``).
-* :func:`read_thumbnail` reads a slide overview with OpenSlide at a chosen mpp, level or size.
+* :func:`read_thumbnail` reads a slide overview with OpenSlide at a chosen mpp, level or size (the
+  ``wsi-ncmi heatmap`` command reads it instead through preprocessing's slide readers and mpp rules, and
+  passes it to :func:`slide_heatmap` as ``thumbnail``).
 * :func:`normalize_scores` maps raw scores to [0, 1] per slide (``"rank"``, ``"minmax"`` or ``"none"``).
 * :func:`overlay_heatmap` paints the tile squares into the thumbnail (pure numpy, returns the image).
 * :func:`render_heatmap` adds a colour bar and a title and writes a PNG.
@@ -44,6 +46,7 @@ __all__ = [
     "SlideHeatmap",
     "attention_scores",
     "bag_patch_size_level0",
+    "check_thumbnail_size",
     "normalize_scores",
     "overlay_heatmap",
     "read_thumbnail",
@@ -187,9 +190,13 @@ def read_thumbnail(
 _MAX_THUMB_PIXELS = 16384 * 16384
 
 
-def _check_size(path: Path, w: int, h: int) -> None:
+def check_thumbnail_size(path: str | Path, w: int, h: int) -> None:
+    """Refuse a thumbnail of more than 16384² pixels (names the slide and the size)."""
     if w * h > _MAX_THUMB_PIXELS:
         raise HeatmapError(f"read_thumbnail: {path} at this resolution is {w}x{h} px; choose a coarser mpp/level")
+
+
+_check_size = check_thumbnail_size
 
 
 # ---------------------------------------------------------------------------------------- overlay
@@ -407,22 +414,29 @@ def slide_heatmap(
     alpha: float = 0.5,
     normalize: str = "rank",
     title: str | None = None,
+    thumbnail: tuple[np.ndarray, float] | None = None,
 ) -> SlideHeatmap:
     """Attention of ``model`` on the bag at ``bag_path`` painted over ``slide_path``'s thumbnail.
 
-    The thumbnail is chosen by ``thumb_mpp`` / ``level`` / ``max_side`` as in :func:`read_thumbnail`.
-    CSV / GeoJSON tile tables are written when their paths are given.
+    The thumbnail is ``thumbnail`` = ``(rgb [h, w, 3] uint8, level-0 px per thumbnail px)`` when given (read
+    by the caller, e.g. through preprocessing's readers), else read by :func:`read_thumbnail` as chosen by
+    ``thumb_mpp`` / ``level`` / ``max_side``. CSV / GeoJSON tile tables are written when their paths are given.
+    A bag with NaN/inf features raises ``BagError`` naming it.
     """
-    from wsi_ncmi.data.bags import read_bag
+    from wsi_ncmi.data.bags import check_finite_features, read_bag
 
     bag = read_bag(bag_path)
     in_dim = getattr(model, "in_dim", None)
     feats = np.asarray(bag.features)  # [N, D]
     if in_dim is not None and feats.shape[1] != in_dim:
         raise HeatmapError(f"{bag_path}: features have dim {feats.shape[1]} but the model expects {in_dim}")
+    check_finite_features(bag_path, feats)
     ps0 = bag_patch_size_level0(bag)
     scores = attention_scores(model, feats, device)  # [N]
-    thumb, ds = read_thumbnail(slide_path, mpp=thumb_mpp, level=level, max_side=max_side)
+    if thumbnail is None:
+        thumb, ds = read_thumbnail(slide_path, mpp=thumb_mpp, level=level, max_side=max_side)
+    else:
+        thumb, ds = thumbnail
     if title is None:
         title = f"{bag.slide_id}: attention ({normalize}-normalised, {len(scores)} tiles)"
     render_heatmap(thumb, ds, bag.coords, ps0, scores, out_png, cmap=cmap, alpha=alpha, title=title,

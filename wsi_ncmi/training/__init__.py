@@ -4,10 +4,11 @@
 """
 
 from .callbacks import LastCheckpoint, RNGStateCheckpoint, capture_rng_state, restore_rng_state
+from .checkpoint import CheckpointError, WeightsOnlyCLI, read_checkpoint, resolve_ckpt_path
 from .compose import ConfigComposeError, compose_config, expand_config_args
 from .mil_module import CENTROID_OPTIMIZERS, OBJECTIVES, MILModule, TrainingConfigError
 from .optim import OPTIMIZERS, SCHEDULES, OptimConfigError, build_optimizer, build_scheduler
-from .preflight import PreflightError, preflight_check
+from .preflight import PreflightError, check_patient_leak, preflight_check
 from .run_log import RunCSVLogger, TrimLogOnFitStart, trim_metrics_csv
 from .val_metrics import epoch_metrics
 
@@ -16,6 +17,7 @@ __all__ = [
     "OBJECTIVES",
     "OPTIMIZERS",
     "SCHEDULES",
+    "CheckpointError",
     "ConfigComposeError",
     "MILModule",
     "OptimConfigError",
@@ -25,13 +27,17 @@ __all__ = [
     "RunCSVLogger",
     "TrimLogOnFitStart",
     "TrainingConfigError",
+    "WeightsOnlyCLI",
     "build_optimizer",
     "build_scheduler",
     "capture_rng_state",
+    "check_patient_leak",
     "epoch_metrics",
     "compose_config",
     "expand_config_args",
     "preflight_check",
+    "read_checkpoint",
+    "resolve_ckpt_path",
     "restore_rng_state",
     "trim_metrics_csv",
 ]

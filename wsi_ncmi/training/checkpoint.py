@@ -1,0 +1,138 @@
+"""Reading checkpoint files safely: the one gate every ``.ckpt`` passes before Lightning or a module sees it.
+
+``read_checkpoint(path)`` loads with ``torch.load(weights_only=True)`` (explicitly: an explicit ``True`` also
+holds when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` is set, which only changes the default), so a file that would
+need a full unpickle, and could run code doing so, is refused before anything else reads it. Every failure is a
+:class:`CheckpointError` with one line naming the file and the problem:
+
+* objects other than tensors / plain containers (``GLOBAL posix.system``...): refused, never unpickled;
+* a truncated or corrupt file (torch's zip reader or ``OSError`` without the file name);
+* a file of another kind (a plain pickle, a safetensors file, or a pickle renamed ``.safetensors``);
+* a dictionary without ``state_dict``: not a Lightning checkpoint.
+
+``resolve_ckpt_path(ckpt_path, dirs)`` turns Lightning's ``"last"`` into the newest ``last*.ckpt`` in ``dirs``
+(as Lightning does), so the file can be checked before ``Trainer.fit(ckpt_path="last")`` opens it.
+
+:class:`WeightsOnlyCLI` is the mixin both LightningCLIs (``wsi-ncmi fit|validate|test`` and ``wsi-ncmi natural
+...``) put in front of ``LightningCLI``: the ``--ckpt_path`` file goes through ``read_checkpoint`` before
+LightningCLI reads its hyper-parameters and before the trainer loads it, the trainer is always called with
+``weights_only=True`` and ``--weights_only false`` is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CheckpointError", "WeightsOnlyCLI", "read_checkpoint", "resolve_ckpt_path"]
+
+logger = logging.getLogger(__name__)
+
+_FIT_HINT = "use a .ckpt written by `wsi-ncmi fit`"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used; the message (one line) names the file and the problem."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def read_checkpoint(path: str | Path, require_state_dict: bool = True) -> dict[str, Any]:
+    """The checkpoint dictionary of ``path``, read with ``torch.load(weights_only=True)`` on the CPU.
+
+    Raises :class:`CheckpointError` (one line naming ``path``) for a missing, malicious, truncated or foreign
+    file, and (``require_state_dict``) for a dictionary without ``state_dict``.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found or "Weights only load failed" in str(err):
+            what = f"a Python object ({found.group(1)})" if found else "Python objects"
+            raise CheckpointError(
+                f"{path}: refused: the file holds {what} that only a full unpickle could rebuild, which can run code; "
+                f"checkpoints are read with weights_only=True only; {_FIT_HINT}"
+            ) from None
+        raise CheckpointError(f"{path}: not a torch checkpoint ({_first_line(err)}); {_FIT_HINT}") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(err)}); {_FIT_HINT}, "
+                              f"e.g. checkpoints/best.ckpt or an earlier copy") from None
+    except Exception as err:  # noqa: BLE001 - safetensors' own error type and other readers' failures
+        raise CheckpointError(f"{path}: not a torch checkpoint ({_first_line(err)}); {_FIT_HINT}") from None
+    if require_state_dict and not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)):
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict); {_FIT_HINT}")
+    return obj
+
+
+def resolve_ckpt_path(ckpt_path: str | Path | None, dirs: Iterable[str | Path | None]) -> Path | None:
+    """The file ``ckpt_path`` names: a path as given; ``"last"``: the newest ``last*.ckpt`` in ``dirs`` (None
+    when there is none, like Lightning, which then starts from scratch); ``"best"`` / ``"hpc"`` / registry names
+    are resolved by Lightning (None here; it still loads them with ``weights_only=True``)."""
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "last":
+        found = [p for d in dirs if d is not None and Path(d).is_dir()
+                 for p in Path(d).iterdir() if p.suffix == ".ckpt" and re.match(r"^last(-\d+)?$", p.stem)]
+        return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    if str(ckpt_path) in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+        return None
+    return Path(ckpt_path)
+
+
+class WeightsOnlyCLI:
+    """Mixin for a ``LightningCLI`` subclass (``class MyCLI(WeightsOnlyCLI, LightningCLI)``): every checkpoint the
+    CLI hands to Lightning is read here first with ``weights_only=True`` and Lightning is told ``weights_only=True``
+    (an explicit value: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` only changes torch's default)."""
+
+    _checked_ckpts: set[Path]
+
+    def read_ckpt_once(self, path: str | Path) -> None:
+        """:func:`read_checkpoint` of ``path`` unless this CLI checked it already."""
+        checked = self.__dict__.setdefault("_checked_ckpts", set())
+        path = Path(path)
+        if path not in checked:
+            read_checkpoint(path)
+            checked.add(path)
+
+    def checkpoint_dirs(self) -> list[str | Path | None]:
+        """Where ``--ckpt_path last`` is looked up: the trainer's ``ModelCheckpoint`` folders (when set)."""
+        trainer = getattr(self, "trainer", None)
+        return [getattr(cb, "dirpath", None) for cb in getattr(trainer, "checkpoint_callbacks", [])]
+
+    def check_ckpt_args(self, ckpt_path: Any, weights_only: Any, dirs: Iterable[str | Path | None]) -> None:
+        """Refuse ``weights_only=False``; read the file ``ckpt_path`` names (``last`` resolved in ``dirs``)."""
+        if weights_only is False:
+            raise CheckpointError(f"--weights_only false: refused for --ckpt_path {ckpt_path}; checkpoints are "
+                                  "only read with weights_only=True (unpickling can run code)")
+        path = resolve_ckpt_path(ckpt_path, dirs)
+        if path is not None:
+            self.read_ckpt_once(path)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyper-parameters of a --ckpt_path file before anything is built: check it first
+        config = self.config  # type: ignore[attr-defined]
+        sub = config.get("subcommand")
+        path = config[sub].get("ckpt_path") if sub else None
+        if path and Path(path).is_file():
+            self.read_ckpt_once(path)
+        super()._parse_ckpt_path()  # type: ignore[misc]
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)  # type: ignore[misc]
+        if "ckpt_path" in kwargs or "weights_only" in kwargs:
+            self.check_ckpt_args(kwargs.get("ckpt_path"), kwargs.get("weights_only"), self.checkpoint_dirs())
+            kwargs["weights_only"] = True
+        return kwargs
