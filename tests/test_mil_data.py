@@ -300,7 +300,7 @@ def test_cache_checks_each_bag_once_and_names_a_bad_one(data) -> None:
     feats[2, 1] = np.nan
     write_bag(bags / "s03.h5", feats, np.zeros((4, 2), int), {}, check_values=False)
     dm = MILDataModule(str(bags), str(csv), cache="ram", pin_memory=False)
-    with pytest.raises(MILDataError, match=r"s03\.h5: 1 of 4 instances have NaN or inf"):
+    with pytest.raises(MILDataError, match=r"s03\.h5: features contain NaN or inf in 1 row"):
         dm.setup("fit")
 
 
