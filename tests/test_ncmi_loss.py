@@ -55,6 +55,14 @@ def reference(features, target, xi, num_classes, k, tau, variant, center):
                         gamma = gamma + sep(i, v)
             gamma = gamma / (b * (num_classes - 1))
         return cmi / gamma, cmi, gamma
+    if variant == "harmonic":  # per sample: a_i times the mean over other classes v of 1 / R_i^v
+        losses, cmis, gammas = [], [], []
+        for i in range(b):
+            inv = sum(1.0 / sep(i, v) for v in range(num_classes) if v != labels[i]) / (num_classes - 1)
+            losses.append(own(i) * inv)
+            cmis.append(own(i))
+            gammas.append(1.0 / inv)  # harmonic mean of the separations
+        return sum(losses) / b, sum(cmis) / b, sum(gammas) / b
     ratios, cmis, gammas = [], [], []
     for i in range(b):
         g = sum(sep(i, v) for v in range(num_classes) if v != labels[i]) / num_classes
@@ -85,7 +93,7 @@ def _make(case, variant, seed=0):
     return loss, feats, torch.tensor(labels)
 
 
-@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("variant", ["paper", "official", "harmonic"])
 @pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}C{c[1]}D{c[2]}K{c[3]}" for c in CASES])
 def test_loss_and_gradients_match_reference(case, variant):
     loss_mod, feats, target = _make(case, variant)
@@ -138,7 +146,7 @@ def test_init_d_lt_c_is_seeded_and_scaled():
     assert torch.linalg.matrix_rank(a) == 4
 
 
-@pytest.mark.parametrize("variant,k", [("paper", 1), ("official", 1), ("paper", 2)])
+@pytest.mark.parametrize("variant,k", [("paper", 1), ("official", 1), ("paper", 2), ("harmonic", 2)])
 def test_gradcheck_small(variant, k):
     torch.manual_seed(5)
     loss_mod = NCMILoss(3, 4, tau=0.8, variant=variant, centroids_per_class=k).double().eval()
@@ -155,7 +163,7 @@ def test_gradcheck_small(variant, k):
     assert torch.autograd.gradcheck(fn, (feats, xi))
 
 
-@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("variant", ["paper", "official", "harmonic"])
 def test_zero_rows_and_huge_features_are_finite(variant):
     loss_mod = NCMILoss(4, 6, variant=variant)
     zeros = torch.zeros(5, 6, requires_grad=True)
@@ -354,3 +362,27 @@ def test_last_log_probs_is_the_forward_simplex_point() -> None:
     loss(f, y)  # training mode: the center is updated before it is used
     assert loss.last_log_probs is not None and not loss.last_log_probs.requires_grad
     assert torch.allclose(loss.last_log_probs, loss.log_probs(f), atol=1e-6)
+
+
+def test_harmonic_separation_is_not_fooled_by_one_far_class():
+    """The MIL failure of the arithmetic Γ (docs/ncmi_mil.md): a misclassified sample (nearest centroid: class
+    1) that is far from class 2 gets a *lower* paper-variant loss than a correctly classified one, so training
+    has no reason to fix it. The harmonic separation ranks the two the right way round."""
+    xi = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0]])
+    right = torch.tensor([[-0.29, -0.61, -0.43, 0.73]])  # class 0, nearest centroid class 0
+    wrong = torch.tensor([[0.69, 2.24, -0.27, -0.03]])  # class 0, nearest centroid class 1
+    target = torch.tensor([0])
+    loss = {}
+    for variant in ("paper", "official", "harmonic"):
+        m = NCMILoss(3, 4, tau=0.25, variant=variant, use_centering=False, centroid_update="frozen")
+        with torch.no_grad():
+            m.xi.copy_(xi)
+        if variant == "paper":
+            log_q = m.centroid_log_probs()
+            for f, expected in ((right, 0), (wrong, 1)):
+                log_p = m.log_probs(f)
+                kls = (log_p.exp() * log_p).sum(1, keepdim=True) - log_p.exp() @ log_q.T
+                assert int(kls.argmin()) == expected
+        loss[variant] = (float(m(right, target)["loss"]), float(m(wrong, target)["loss"]))
+    assert loss["paper"][1] < loss["paper"][0] and loss["official"][1] < loss["official"][0], loss
+    assert loss["harmonic"][1] > 1.5 * loss["harmonic"][0], loss

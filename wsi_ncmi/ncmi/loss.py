@@ -18,10 +18,17 @@ Per sample:
     where n_v is the count of class v in the batch. A batch holding one class only has no pair of
     different-class samples, so the n_v-weighted Γ is 0; it then falls back to
     Γ = (1/B) Σ_i (1/(C-1)) Σ_{v≠y_i} R_i^v (every non-target class weighted equally).
+``variant="harmonic"`` (per-sample; our MIL adaptation, docs/ncmi_mil.md):
+    loss = (1/B) Σ_i a_i · (1/(C-1)) Σ_{v≠y_i} 1 / R_i^v,
+    i.e. a_i over the *harmonic* mean of the separations R_i^v. The arithmetic Γ above is dominated by the
+    farthest class, so a sample sitting on a wrong class's centroid still gets a small loss when a third class
+    is far away; the harmonic mean is dominated by the nearest other class, so every confusion costs. For
+    C = 2 it equals the per-sample ratio a_i / R_i. Reported: ``cmi`` = mean_i a_i, ``gamma`` = mean_i of the
+    harmonic separation. No batch-level pair counting: one bag per step is as well defined as a large batch.
 ``variant="official"`` (per-sample ratio, as the public CIFAR-100 code):
     g_i = (1/C) Σ_{v≠y_i} R_i^v,  r_i = (a_i + 1e-10) / g_i,  loss = mean_i r_i;
     the reported ``cmi`` / ``gamma`` are mean_i a_i and mean_i g_i.
-Both denominators are clamped at 1e-12 (only reachable if every other-class centroid equals p_i).
+Denominators (and each R_i^v of ``harmonic``) are clamped at 1e-12 (only reachable if every other-class centroid equals p_i).
 
 Centroid modes (``centroid_update``):
 * ``"sgd"`` (default, paper Alg. 1): ξ is a trainable Parameter receiving the gradient of this loss;
@@ -58,7 +65,7 @@ __all__ = ["NCMILoss", "VARIANTS", "CENTROID_UPDATES", "init_centroids"]
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("paper", "official")
+VARIANTS = ("paper", "official", "harmonic")
 CENTROID_UPDATES = ("sgd", "frozen", "ema")
 _OFFICIAL_EPS = 1e-10
 _DENOM_MIN = 1e-12
@@ -267,6 +274,11 @@ class NCMILoss(nn.Module):
             gamma_uniform = (other * r_class).sum() / (b * (c - 1))
             gamma = torch.where(weights.sum() > 0, gamma_pairs, gamma_uniform)
             loss = cmi / gamma.clamp_min(_DENOM_MIN)
+        elif self.variant == "harmonic":
+            inv = other / r_class.clamp_min(_DENOM_MIN)  # [B, C]  1 / R_i^v for v ≠ y_i, 0 for v = y_i
+            h = inv.sum(dim=1) / (c - 1)  # [B]  1 / (harmonic mean of R_i^v over v ≠ y_i)
+            loss = (a * h).mean()
+            cmi, gamma = a.mean(), (1.0 / h).mean()
         else:
             g = (other * r_class).sum(dim=1) / c  # [B]
             loss = ((a + _OFFICIAL_EPS) / g.clamp_min(_DENOM_MIN)).mean()
