@@ -17,6 +17,7 @@ LEAVES = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_")
 DATASETS = ("camelyon17", "bracs")
 AGGREGATORS = ("abmil", "transmil", "aem", "asmil")
 OBJECTIVES = ("ce", "ncmi")
+OBJECTIVE_KIND = {"ce": "head", "ncmi": "ncmi", "ncmi_paper": "ncmi"}
 
 
 def test_config_matrix_is_complete():
@@ -33,11 +34,13 @@ def test_config_matrix_is_complete():
 @pytest.mark.parametrize("leaf", LEAVES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_config_values(leaf):
     cfg = compose_config(leaf)
-    dataset, (agg, obj) = leaf.parent.name, leaf.stem.split("_")
+    dataset, (agg, obj) = leaf.parent.name, leaf.stem.split("_", 1)
     m = cfg["model"]
-    assert m["model"] == agg and m["objective"] == {"ce": "head", "ncmi": "ncmi"}[obj]
+    assert m["model"] == agg and m["objective"] == OBJECTIVE_KIND[obj]
     assert m["optimizer"] == "adamw" and m["weight_decay"] == 1e-5 and m["scheduler"] == "cosine"
-    assert m["lr"] == (2e-4 if agg == "transmil" else 1e-4)
+    own_lr = 2e-4 if agg == "transmil" else 1e-4  # the aggregators' own recipes (NCMI.md §5)
+    # our NCMI recipe trains ABMIL / AEM at 3e-4 (docs/ncmi_mil.md); the paper's literal recipe keeps own_lr
+    assert m["lr"] == (3e-4 if obj == "ncmi" and agg in ("abmil", "aem") else own_lr)
     assert cfg["trainer"]["max_epochs"] == 50 and cfg["data"]["batch_size"] == 1
     assert cfg["trainer"]["gradient_clip_val"] == (5.0 if agg == "asmil" else None)
     assert cfg["data"]["num_classes"] == {"camelyon17": 4, "bracs": 3}[dataset]
@@ -45,8 +48,9 @@ def test_config_values(leaf):
     assert (ROOT / cfg["data"]["split_csv"]).is_file(), "the default split table must be one we ship"
     if agg == "aem":
         assert m["model_kwargs"]["aem_lambda"] == 0.1
-    if obj == "ncmi":
+    if obj.startswith("ncmi"):
         assert m["ncmi_kwargs"]["centroid_update"] == "sgd" and m["ncmi_kwargs"]["tau"] == 0.5
+        assert m["ncmi_kwargs"]["variant"] == ("paper" if obj == "ncmi_paper" else "harmonic")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,7 @@ def test_every_config_runs_one_step(leaf, tiny_sets, tmp_path):
     cli = run_cli("fit", args)
     module = cli.model
     assert module.hparams.in_dim == 16 and module.num_classes == n_cls  # linked from the data
-    assert module.objective == ("ncmi" if leaf.stem.endswith("ncmi") else "head")
+    assert module.objective == OBJECTIVE_KIND[leaf.stem.split("_", 1)[1]]
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
