@@ -1,0 +1,175 @@
+"""CE vs NCMI on witness-instance MIL tasks that can tell the objectives apart (issue #13).
+
+    python bench/mil_benchmark.py                                  # 3 tasks × {abmil, aem} × {CE, NCMI} × 3 seeds
+    python bench/mil_benchmark.py --jobs 2 --out bench/results/mil_benchmark.md
+    python bench/mil_benchmark.py --tasks digits4 --models abmil --seeds 0 --epochs 2 --bags 40   # smoke
+
+Tasks (``bench/mil_tasks.py``): real H&E textures encoded by the packaged MobileNetV2 with a 1-5 % tumour
+share (2 and 4 classes), and a 4-class witness task on scikit-learn's real handwritten digits (1-4 %).
+
+Every run is the product's own path, in-process: ``wsi-ncmi fit`` with the shipped configs
+(``configs/mil/base.yaml`` + ``_model_<aggregator>.yaml`` + ``_objective_{ce,ncmi}.yaml``; only the epoch
+count, the seed and the data paths are overridden), bags served from the RAM cache, then
+``wsi-ncmi evaluate`` on the best checkpoint (val macro-F1 + macro-AUC): test macro-F1 / macro-AUC of the CE
+head, of the linear probe on the CE embedding (CE-LP), of the linear probe on the NCMI embedding (NCMI-LP)
+and of the nearest-centroid protocol (NCMI-CC). Mean ± std over seeds (the training seed; each task's bags
+are one fixed draw). ``--jobs`` runs that many trainings in parallel processes, one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from mil_tasks import TASKS, build_task, load_pools  # noqa: E402
+
+CONFIGS = ROOT / "configs" / "mil"
+OBJECTIVES = {"ce": "_objective_ce.yaml", "ncmi": "_objective_ncmi.yaml"}
+PROTOCOLS = [("ce", "head", "CE head"), ("ce", "lp", "CE-LP"), ("ncmi", "lp", "NCMI-LP"), ("ncmi", "cc", "NCMI-CC")]
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "wsi_ncmi", "preprocessing"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_one(job: dict) -> dict:
+    """Fit one aggregator × objective × seed through `wsi-ncmi fit`, evaluate it; return its test metrics."""
+    import torch
+
+    _quiet()
+    torch.set_num_threads(job["threads"])
+    from wsi_ncmi.commands.evaluate_cli import main as evaluate_main
+    from wsi_ncmi.commands.train_cli import run_cli
+
+    run = Path(job["run_dir"])
+    args = ["-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / f"_model_{job['model']}.yaml"),
+            "-c", str(CONFIGS / OBJECTIVES[job["objective"]]),
+            "--data.bags_dir", job["bags"], "--data.split_csv", job["split"], "--data.num_classes", str(job["classes"]),
+            "--data.cache", "ram", "--seed_everything", str(job["seed"]),
+            "--trainer.max_epochs", str(job["epochs"]), "--trainer.default_root_dir", str(run),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        run_cli("fit", args)
+        fit_s = time.perf_counter() - t0
+        rc = evaluate_main(["--ckpt", str(run / "checkpoints" / "best.ckpt"), "--out", str(run / "eval"),
+                            "--dataset", job["task"], "--no-plots"])
+    if rc != 0:
+        raise RuntimeError(f"evaluate failed for {job}")
+    report = json.loads((run / "eval" / "report.json").read_text())
+    metrics = {proto: {k: report["metrics"][proto]["test"][k] for k in ("macro_f1", "macro_auc")}
+               for proto in report["metrics"]}
+    return {**{k: job[k] for k in ("task", "model", "objective", "seed")}, "metrics": metrics, "fit_s": fit_s,
+            "total_s": time.perf_counter() - t0}
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "—"
+
+
+def table(results: list[dict], tasks: list[str], models: list[str]) -> list[str]:
+    lines = ["| task | aggregator | protocol | test macro-F1 | test macro-AUC | seeds |", "|---|---|---|---|---|---|"]
+    for task in tasks:
+        for model in models:
+            for objective, proto, label in PROTOCOLS:
+                rows = [r for r in results if (r["task"], r["model"], r["objective"]) == (task, model, objective)
+                        and proto in r["metrics"]]
+                f1 = [r["metrics"][proto]["macro_f1"] for r in rows]
+                auc = [r["metrics"][proto]["macro_auc"] for r in rows if r["metrics"][proto]["macro_auc"] is not None]
+                lines.append(f"| {task} | {model} | {label} | {_fmt(f1)} | {_fmt(auc)} | {len(rows)} |")
+    return lines
+
+
+def verdict(results: list[dict], tasks: list[str], models: list[str], tol: float = 0.01) -> list[str]:
+    """The acceptance rule of issue #13 per task × aggregator: NCMI-LP ≥ CE head − tol (F1 and AUC), std ≤ 2×."""
+    out = []
+    for task in tasks:
+        for model in models:
+            def vals(objective: str, proto: str, key: str) -> list[float]:
+                return [r["metrics"][proto][key] for r in results
+                        if (r["task"], r["model"], r["objective"]) == (task, model, objective) and proto in r["metrics"]]
+            checks = []
+            for key in ("macro_f1", "macro_auc"):
+                ce, nc = vals("ce", "head", key), vals("ncmi", "lp", key)
+                if not ce or not nc:
+                    continue
+                ok_mean = np.mean(nc) >= np.mean(ce) - tol
+                ok_std = np.std(nc) <= 2 * np.std(ce) + 1e-9
+                checks.append(f"{key}: NCMI-LP {np.mean(nc):.3f} vs CE {np.mean(ce):.3f} "
+                              f"({'ok' if ok_mean else 'LOSES'}), std {np.std(nc):.3f} vs {np.std(ce):.3f} "
+                              f"({'ok' if ok_std else 'too noisy'})")
+            out.append(f"- {task} / {model}: " + "; ".join(checks))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--models", nargs="+", default=["abmil", "aem"])
+    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--bags", type=int, default=400, help="bags per task (train/val/test = 60/20/20 %%)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel training processes (one thread each)")
+    p.add_argument("--work", default=str(ROOT / "bench" / "out" / "mil_benchmark"), help="bags and runs (ignored folder)")
+    p.add_argument("--out", default=None, help="write the markdown report here")
+    args = p.parse_args(argv)
+    _quiet()
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    pools = load_pools(work)
+    data = {t: build_task(t, work, pools, n_bags=args.bags) for t in args.tasks}
+    prep_s = time.perf_counter() - t0
+    jobs = [{"task": t, "model": m, "objective": o, "seed": s, "epochs": args.epochs, "threads": 1,
+             "bags": str(data[t][0]), "split": str(data[t][1]), "classes": data[t][2],
+             "run_dir": str(work / "runs" / f"{t}_{m}_{o}_s{s}")}
+            for t in args.tasks for m in args.models for s in args.seeds for o in args.objectives]
+    results = []
+    if args.jobs > 1:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            for r in pool.map(run_one, jobs):
+                results.append(r)
+                print(f"  {r['task']} {r['model']} {r['objective']} seed {r['seed']}: "
+                      f"{ {k: round(v['macro_auc'] or 0, 3) for k, v in r['metrics'].items()} } {r['total_s']:.0f}s",
+                      flush=True)
+    else:
+        for job in jobs:
+            results.append(run_one(job))
+    wall = time.perf_counter() - t0
+    import torch
+
+    head = [f"# MIL benchmark: CE vs NCMI on witness tasks (`bench/mil_benchmark.py`)", "",
+            f"torch {torch.__version__}, {os.cpu_count()} CPUs, --jobs {args.jobs}; epochs {args.epochs}, "
+            f"{args.bags} bags per task, seeds {args.seeds}; wall {wall / 60:.1f} min "
+            f"(data {prep_s:.0f} s, trainings {sum(r['total_s'] for r in results) / 60:.1f} CPU-min)", ""]
+    lines = head + table(results, args.tasks, args.models) + ["", "Acceptance (issue #13: NCMI-LP ≥ CE head − 0.01, "
+                                                               "seed std ≤ 2× CE's):", ""]
+    lines += verdict(results, args.tasks, args.models)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
