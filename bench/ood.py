@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--demo-out", default=None, help="a finished `wsi-ncmi demo --out` folder with OOD extras")
     p.add_argument("--demo-epochs", type=int, default=12)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="also write the markdown here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

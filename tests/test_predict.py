@@ -163,7 +163,7 @@ def _evaluate(trained, objective: str, out: Path) -> Path:
 def test_predict_without_and_with_labels(trained, tmp_path: Path, capsys) -> None:
     from wsi_ncmi.commands.predict_cli import main as predict_main
 
-    cal = _evaluate(trained, "ncmi", tmp_path / "eval")
+    cal = _evaluate(trained, "ncmi", trained["ncmi"].parent.parent / "eval")  # under the run folder
     split = pd.read_csv(trained["split"])
     test = split[split["split"] == "test"]
     new = tmp_path / "new_bags"  # "next month's slides": the test bags and the OOD bags, unlabelled
@@ -195,10 +195,11 @@ def test_predict_without_and_with_labels(trained, tmp_path: Path, capsys) -> Non
     test[["slide_id", "label"]].to_csv(lst, index=False)
     out2 = tmp_path / "pred_labelled"
     assert predict_main(["--ckpt", str(trained["ncmi"]), "--bags", str(trained["bags"]), "--slides", str(lst),
-                         "--out", str(out2), "--calibration", str(cal)]) == 0
+                         "--out", str(out2)]) == 0  # default calibration: the one made from this checkpoint
     df2 = pd.read_csv(out2 / "predictions.csv")
     assert list(df2["slide_id"]) == list(test["slide_id"]) and list(df2["label"]) == list(test["label"])
     meta2 = json.loads((out2 / "predict.json").read_text())
+    assert meta2["calibration"] == str(cal) and meta2["threshold"] is not None
     assert meta2["metrics"]["accuracy"] == pytest.approx((df2["label"] == df2["prediction"]).mean())
     assert "## Against the given labels" in (out2 / "summary.md").read_text()
 
