@@ -24,7 +24,7 @@ Extras (not in ``labels.csv``, listed in ``extras.csv`` with the manifest status
   and kept out of the split; the demo only renders a heatmap on it);
 * ``extra_no_mpp.tif``: a generic tiled TIFF without any resolution, expected status ``mpp_missing``;
 * ``extra_truncated.svs``: half of a valid slide's bytes, expected status ``unreadable``;
-* ``ood_ihc_<k>.svs`` (3, or 2 with ``quick``; ≤ 1400 px): **out-of-distribution** slides whose tissue is the IHC
+* ``ood_ihc_<k>.svs`` (3, or 2 with ``quick``; ≤ 2000 px): **out-of-distribution** slides whose tissue is the IHC
   texture alone, unlabelled; the demo shows `wsi-ncmi predict`'s OOD flag on them.
 
 Rebuilding is skipped when ``cohort.json`` holds the same recipe hash and the files exist.
@@ -350,7 +350,7 @@ def _build_ood_slides(slides: Path, textures: dict[str, np.ndarray], seed: int, 
 
     ihc = {name: textures[DISTRACTOR_TEXTURE] for name in NORMAL_TEXTURES}  # islands painted with IHC only
     rows = []
-    side = min(1024 if quick else 1400, max_side)
+    side = min(1600 if quick else 2000, max_side)
     for k in range(N_OOD_QUICK if quick else N_OOD):
         sid = f"{OOD_PREFIX}{k}"
         dst = slides / f"{sid}.svs"

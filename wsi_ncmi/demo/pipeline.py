@@ -383,6 +383,7 @@ def _ood_markdown(table: pd.DataFrame) -> str:
                   f"{_num(part['auroc_vs_test'].iloc[0])})", "",
                   "flagged: " + "; ".join(f"{k} {int(v['sum'])}/{int(v['count'])}" for k, v in by_kind.iterrows()), ""]
         show = part[part["kind"] != "test (in distribution)"][["slide_id", "kind", "prediction", "ood_score", "ood_flag"]]
+        show = show.assign(ood_score=show["ood_score"].map(lambda v: f"{v:.4g}"))  # KL scores can be ~1e-4
         lines += _md_table(show)
         lines.append("")
     return "\n".join(lines)
