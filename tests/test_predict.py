@@ -215,6 +215,16 @@ def test_predict_ce_run_without_calibration_warns_and_does_not_flag(trained, tmp
     assert any("no calibration" in r.getMessage() for r in caplog.records)
 
 
+def test_predict_refuses_a_calibration_of_another_checkpoint(trained, tmp_path: Path, capsys) -> None:
+    from wsi_ncmi.commands.predict_cli import main as predict_main
+
+    cal = _evaluate(trained, "head", tmp_path / "eval_head")
+    rc = predict_main(["--ckpt", str(trained["ncmi"]), "--bags", str(trained["ood"]), "--out", str(tmp_path / "p"),
+                       "--calibration", str(cal)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "another checkpoint" in err and str(cal) in err
+
+
 def test_predict_refuses_a_bag_from_another_encoder(trained, tmp_path: Path, capsys) -> None:
     from wsi_ncmi.commands.predict_cli import main as predict_main
 

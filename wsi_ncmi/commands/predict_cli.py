@@ -130,10 +130,14 @@ def _predict(args: argparse.Namespace) -> int:
         logger.warning("no calibration.json for %s: OOD scores are written without a flag "
                        "(run `wsi-ncmi evaluate` and pass --calibration)", ckpt)
     elif calibration.checkpoint_sha256 and args.calibration:
-        from wsi_ncmi.evaluation.ood import sha256_of
+        from wsi_ncmi.evaluation.ood import OODError, sha256_of
 
         if calibration.checkpoint_sha256 != sha256_of(ckpt):
-            logger.warning("%s was made from another checkpoint (%s)", cal_path, calibration.checkpoint)
+            msg = f"--calibration {cal_path} was made from another checkpoint ({calibration.checkpoint}), not {ckpt}"
+            if not args.allow_mismatch:
+                raise OODError(msg + "; its thresholds do not apply (--allow-mismatch to use it anyway)")
+            logger.warning("%s (--allow-mismatch)", msg)
+            mismatches = {**mismatches, "(calibration)": [msg]}
 
     module = MILModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True).eval().to(args.device)
     class_names = list((recorded or {}).get("class_names") or []) or [str(i) for i in range(module.num_classes)]

@@ -63,7 +63,7 @@ class PredictError(ValueError):
 # ------------------------------------------------------------------------------------------ inputs
 def read_slide_list(csv: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     """A ``--slides`` CSV: a ``slide_id`` column (or a ``path`` column, resolved under ``base_dir`` when
-    relative; the slide id is the file name without its extension) and an optional ``label`` column.
+    relative; the slide id is the file name without its last extension) and an optional ``label`` column.
     Returns ``slide_id[, path][, label]`` as strings."""
     p = Path(csv)
     if not p.is_file():
@@ -78,7 +78,7 @@ def read_slide_list(csv: str | os.PathLike, base_dir: str | os.PathLike | None =
         base = Path(base_dir) if base_dir is not None else p.parent
         df["path"] = [str(x if Path(x).is_absolute() else base / x) for x in df["path"]]
         if "slide_id" not in df.columns:
-            df["slide_id"] = [Path(x).name.split(".")[0] for x in df["path"]]
+            df["slide_id"] = [Path(x).stem for x in df["path"]]  # as wsi-preprocess names slides
     df["slide_id"] = df["slide_id"].str.strip()
     if (df["slide_id"] == "").any():
         raise PredictError(f"--slides {p}: empty slide_id in row(s) {list(np.flatnonzero(df['slide_id'] == '') + 2)}")
