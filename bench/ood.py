@@ -103,7 +103,7 @@ def fit(bags: Path, split: Path, objective: str, seed: int, epochs: int, lr: flo
 
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = MILDataModule(str(bags), str(split), num_workers=0, pin_memory=False, balanced_sampler=balanced,
-                       seed=seed)
+                       seed=seed, cache=True)
     module = MILModule(model="abmil", model_kwargs=model_kwargs, in_dim=dm.in_dim, num_classes=dm.num_classes,
                        objective=objective, lr=lr)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

@@ -341,8 +341,7 @@ def _stage_ood(cfg: DemoConfig, res: DemoResult, runs: list[str]) -> str:
     test = split.loc[split["split"] == "test", "slide_id"].tolist()
     extra = ["cmu_small_region"] if (_bags_dir(cfg) / "cmu_small_region.h5").is_file() else []
     listing = cfg.out / "predict" / "slides.csv"
-    listing.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"slide_id": test + ood + extra}).to_csv(listing, index=False)
+    atomic_write_text(listing, pd.DataFrame({"slide_id": test + ood + extra}).to_csv(index=False))
     rows = []
     for run in runs:
         out = cfg.out / "predict" / run
