@@ -143,6 +143,8 @@ def datamodule_provenance(dm: Any) -> dict[str, Any] | None:
         return cached
     table, bags_dir = getattr(dm, "table", None), getattr(dm, "bags_dir", None)
     if table is None or bags_dir is None or "slide_id" not in getattr(table, "columns", ()):
+        logger.warning("%s has no bags table (table / bags_dir): the checkpoint records no training-bag provenance",
+                       type(dm).__name__)
         return None
     paths = [Path(bags_dir) / f"{sid}.h5" for sid in table["slide_id"].astype(str)]
     try:
