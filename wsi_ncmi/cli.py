@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "test": ("wsi_ncmi.commands.train_cli", "main_test", "run the test split of a checkpoint"),
     "evaluate": ("wsi_ncmi.commands.evaluate_cli", "main", "freeze a trained aggregator; LP / CC / head metrics + report"),
     "report": ("wsi_ncmi.commands.evaluate_cli", "main_report", "aggregate several evaluated runs into mean ± std"),
+    "predict": ("wsi_ncmi.commands.predict_cli", "main", "predict on new slides or bags, with an out-of-distribution flag"),
     "heatmap": ("wsi_ncmi.commands.heatmap_cli", "main", "render attention heatmaps over a slide thumbnail"),
     "bags": ("wsi_ncmi.commands.bags_cli", "main", "inspect / validate a folder of HDF5 bags"),
     "splits": ("wsi_ncmi.commands.splits_cli", "main", "make / validate split tables"),

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
     p.add_argument("--allow-patient-leak", action="store_true",
                    help="evaluate a split table with a patient in two splits (recorded in report.json)")
+    p.add_argument("--ood-bags", default=None,
+                   help="folder of out-of-distribution bags: AUROC / FPR@95TPR of each OOD score against the test "
+                        "split (report.json `ood`, report.md)")
     return p
 
 
@@ -257,6 +260,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.metrics_csv and not metrics_csv.is_file():
         raise EvaluateArgumentError(f"--metrics-csv {metrics_csv}: no such file")
 
+    _ood_calibration(args, module, splits, state, num_classes, dm.class_names, ckpt, out, extra)
+
     train_seed = _training_seed(state, ckpt)
     multi = len(args.seeds) > 1
     for seed in args.seeds:
@@ -280,10 +285,34 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ood_calibration(args: argparse.Namespace, module: Any, splits: Mapping[str, Any], state: Mapping[str, Any],
+                     num_classes: int, class_names: list[str], ckpt: Path, out: Path, extra: dict[str, Any]) -> None:
+    """``calibration.json`` (OOD thresholds at 95 % TPR on val) and, with ``--ood-bags``, ``extra["ood"]``."""
+    from wsi_ncmi.data.provenance import CHECKPOINT_KEY
+    from wsi_ncmi.evaluation.ood import CALIBRATION_JSON, evaluate_ood
+    from wsi_ncmi.evaluation.predict import check_bags, embed_bags, select_bags
+
+    ood = None
+    if args.ood_bags:
+        bags = select_bags(args.ood_bags)
+        check_bags(bags, state, str(ckpt), allow_mismatch=CHECKPOINT_KEY not in state)
+        ood = embed_bags(module.model, bags, ncmi_loss=module.ncmi_loss, device=args.device)
+    calibration, block = evaluate_ood(splits, module.ncmi_loss, num_classes, class_names, ckpt, ood,
+                                      str(args.ood_bags or ""))
+    calibration.write(out / CALIBRATION_JSON)
+    _echo(f"OOD calibration ({calibration.default_score} default, 95 % TPR on val) → {out / CALIBRATION_JSON}")
+    if block is not None:
+        extra["ood"] = block
+        _echo("OOD vs test: " + ", ".join(f"{k} AUROC {v['auroc']:.3f}" for k, v in block["scores"].items()))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.data import BagError, SplitError
     from wsi_ncmi.data.mil import MILDataError
+    from wsi_ncmi.data.provenance import ProvenanceError
     from wsi_ncmi.evaluation.embed import EmbedError
+    from wsi_ncmi.evaluation.ood import OODError
+    from wsi_ncmi.evaluation.predict import PredictError
     from wsi_ncmi.evaluation.probe import ProbeError
     from wsi_ncmi.evaluation.report import ReportError
     from wsi_ncmi.models import MILInputError
@@ -291,7 +320,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.training.preflight import PreflightError
 
     return (EvaluateArgumentError, BagError, SplitError, MILDataError, EmbedError, ProbeError, ReportError,
-            MILInputError, CheckpointError, PreflightError)
+            MILInputError, CheckpointError, PreflightError, OODError, ProvenanceError, PredictError)
 
 
 def main(argv: list[str] | None = None) -> int:

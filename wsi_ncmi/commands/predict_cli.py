@@ -1,0 +1,184 @@
+"""`wsi-ncmi predict`: a trained checkpoint on new (unlabelled) slides, with an out-of-distribution flag.
+
+    wsi-ncmi predict --ckpt runs/abmil_ncmi/checkpoints/best.ckpt --bags new_bags/ --out pred/
+    wsi-ncmi predict --ckpt CKPT --slides-dir new_slides/ --weights uni.bin --out pred/ --heatmaps
+
+``--bags``: every bag of the folder (or those of ``--slides``), each checked against what the checkpoint was
+trained on before anything runs. ``--slides-dir``: ``wsi-preprocess`` with the checkpoint's recorded
+settings into ``OUT/features/`` (resumable: finished slides are skipped), then the same. Writes
+``OUT/predictions.csv``, ``OUT/summary.md``, ``OUT/predict.json`` (and ``OUT/heatmaps/`` with ``--heatmaps``);
+see :mod:`wsi_ncmi.evaluation.predict` and :mod:`wsi_ncmi.evaluation.ood`.
+
+Exit codes: 0 done; 2 a user error (message on stderr); 3 preprocessing left some slides failed (the others
+are predicted; see ``OUT/features/manifest.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+def _echo(text: str, err: bool = False) -> None:
+    (sys.stderr if err else sys.stdout).write(text + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from wsi_ncmi.evaluation.ood import OOD_SCORERS
+
+    p = argparse.ArgumentParser(prog="wsi-ncmi predict", description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="MILModule checkpoint (best.ckpt / last.ckpt)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bags", help="folder of <slide_id>.h5 bags")
+    src.add_argument("--slides-dir", help="folder of slides, preprocessed with the checkpoint's settings first")
+    p.add_argument("--weights", help="encoder weight file (with --slides-dir; must be the one the training bags "
+                                     "were made with)")
+    p.add_argument("--slides", help="CSV with slide_id (or path) [+ label]: only these slides")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--heatmaps", action="store_true", help="attention heatmaps of the slides whose file is found")
+    p.add_argument("--calibration", help="calibration.json of `wsi-ncmi evaluate` (default: one made from this "
+                                         "checkpoint under its run folder, else none and a warning)")
+    p.add_argument("--ood-score", choices=sorted(OOD_SCORERS), help="OOD score (default: the calibration's)")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="predict on bags that differ from the training bags (recorded in the output)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (aggregator and encoder)")
+    p.add_argument("--workers", type=int, default=0, help="slide reader processes of the preprocessing")
+    p.add_argument("--batch-size", type=int, default=64, help="encoder batch size of the preprocessing")
+    return p
+
+
+def _preprocess(args: argparse.Namespace, recorded: dict[str, Any] | None, out: Path) -> tuple[Path, dict, int]:
+    """Run ``wsi-preprocess`` with the recorded settings; returns (bags folder, run info, exit code)."""
+    from preprocessing.extract import run
+    from preprocessing.replay import check_weights, config_from_settings
+    from wsi_ncmi.data.provenance import ProvenanceError
+
+    settings = (recorded or {}).get("settings")
+    if not settings:
+        raise ProvenanceError(f"--ckpt {args.ckpt}: the checkpoint records no preprocessing settings (its bags were "
+                              "not made by wsi-preprocess, or with mixed settings); preprocess the slides yourself "
+                              "and use --bags")
+    if not args.weights:
+        raise ProvenanceError("--slides-dir needs --weights (the encoder weight file of the training bags)")
+    if not args.allow_mismatch:
+        check_weights(args.weights, settings.get("weights_sha256"))
+    cfg = config_from_settings(settings, input=args.slides_dir, output=str(out / "features"), weights=args.weights,
+                               device=args.device, workers=args.workers, batch_size=args.batch_size,
+                               slides=args.slides, progress=False)
+    result = run(cfg)
+    failed = result.failed()
+    if failed:
+        _echo(f"wsi-ncmi predict: {len(failed)} slide(s) failed preprocessing ({', '.join(failed[:5])}); "
+              f"see {out / 'features' / 'manifest.csv'}", err=True)
+    info = {"slides_dir": str(args.slides_dir), "features": str(out / "features"),
+            "statuses": dict(result.statuses)}
+    return out / "features" / "bags", info, 3 if failed else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from wsi_ncmi.data.bags import list_bags
+    from wsi_ncmi.data.provenance import CHECKPOINT_KEY
+    from wsi_ncmi.evaluation.ood import Calibration, find_calibration
+    from wsi_ncmi.evaluation.predict import (
+        PredictError,
+        check_bags,
+        predict_bags,
+        read_slide_list,
+        select_bags,
+        write_heatmaps,
+        write_prediction,
+    )
+    from wsi_ncmi.training import MILModule
+
+    ckpt, out = Path(args.ckpt), Path(args.out)
+    if not ckpt.is_file():
+        raise PredictError(f"--ckpt {ckpt}: no such file")
+    if args.weights and not args.slides_dir:
+        raise PredictError("--weights is only used with --slides-dir")
+    state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    recorded = state.get(CHECKPOINT_KEY)
+    base = args.slides_dir if args.slides_dir else args.bags
+    slides = read_slide_list(args.slides, base) if args.slides else None
+    rc, pre = 0, None
+    if args.slides_dir:
+        if not Path(args.slides_dir).is_dir():
+            raise PredictError(f"--slides-dir {args.slides_dir}: no such folder")
+        bags_dir, pre, rc = _preprocess(args, recorded, out)
+        done = list_bags(bags_dir) if bags_dir.is_dir() else {}
+        wanted = list(slides["slide_id"]) if slides is not None else [s for s, st in pre["statuses"].items()
+                                                                     if st in ("ok", "skipped")]
+        bags = {s: done[s] for s in wanted if s in done}
+        if not bags:
+            raise PredictError(f"--slides-dir {args.slides_dir}: no slide gave a bag (see {bags_dir.parent}/manifest.csv)")
+    else:
+        bags_dir = Path(args.bags)
+        bags = select_bags(bags_dir, slides)
+    mismatches = check_bags(bags, state, str(ckpt), allow_mismatch=args.allow_mismatch)
+
+    cal_path = Path(args.calibration) if args.calibration else find_calibration(ckpt)
+    calibration = Calibration.read(cal_path) if cal_path else None
+    if calibration is None:
+        logger.warning("no calibration.json for %s: OOD scores are written without a flag "
+                       "(run `wsi-ncmi evaluate` and pass --calibration)", ckpt)
+    elif calibration.checkpoint_sha256 and args.calibration:
+        from wsi_ncmi.evaluation.ood import OODError, sha256_of
+
+        if calibration.checkpoint_sha256 != sha256_of(ckpt):
+            msg = f"--calibration {cal_path} was made from another checkpoint ({calibration.checkpoint}), not {ckpt}"
+            if not args.allow_mismatch:
+                raise OODError(msg + "; its thresholds do not apply (--allow-mismatch to use it anyway)")
+            logger.warning("%s (--allow-mismatch)", msg)
+            mismatches = {**mismatches, "(calibration)": [msg]}
+
+    module = MILModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True).eval().to(args.device)
+    class_names = list((recorded or {}).get("class_names") or []) or [str(i) for i in range(module.num_classes)]
+    labels = None
+    if slides is not None and "label" in slides.columns:
+        lab = slides.set_index("slide_id")["label"]
+        labels = [lab[s] for s in bags]
+    pred = predict_bags(module.model, bags, class_names, ncmi_loss=module.ncmi_loss, calibration=calibration,
+                        score=args.ood_score, labels=labels, device=args.device, labels_source=str(args.slides))
+    meta: dict[str, Any] = {"checkpoint": str(ckpt), "bags_dir": str(bags_dir), "calibration": str(cal_path or ""),
+                            "allow_mismatch": bool(args.allow_mismatch), "mismatches": mismatches,
+                            "objective": module.objective, "preprocessed": pre}
+    if args.heatmaps:
+        meta["heatmaps"] = write_heatmaps(module.model, bags, out / "heatmaps", slides_dir=args.slides_dir,
+                                          device=args.device)
+    paths = write_prediction(out, pred, meta)
+    flags = pred.table["ood_flag"]
+    n_flag = "no calibration" if pred.threshold is None else f"{int(flags.fillna(False).astype(bool).sum())} flagged OOD"
+    _echo(f"{len(pred.table)} slides predicted ({n_flag}; score {pred.score_name}) → {paths['predictions']}")
+    _echo(paths["summary"].read_text(encoding="utf-8"))
+    return rc
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from preprocessing.config import ConfigError
+    from preprocessing.replay import ReplayError
+    from wsi_ncmi.data.bags import BagError
+    from wsi_ncmi.data.provenance import ProvenanceError
+    from wsi_ncmi.evaluation.embed import EmbedError
+    from wsi_ncmi.evaluation.ood import OODError
+    from wsi_ncmi.evaluation.predict import PredictError
+    from wsi_ncmi.models import MILInputError
+
+    return (PredictError, ProvenanceError, ReplayError, ConfigError, BagError, OODError, EmbedError, MILInputError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`wsi-ncmi predict ...`; 0 on success, 2 on a user error, 3 when some slides failed preprocessing."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _predict(args)
+    except _user_errors() as err:
+        _echo(f"wsi-ncmi predict: error: {err}", err=True)
+        return 2

@@ -1,0 +1,342 @@
+"""Predict with a trained (frozen) aggregator on new bags, with an out-of-distribution flag per slide.
+
+The library side of ``wsi-ncmi predict``: choose the bags (:func:`select_bags`), check them against what the
+checkpoint was trained on (:func:`check_bags`, :mod:`wsi_ncmi.data.provenance`), embed them and score them
+(:func:`predict_bags`), write ``predictions.csv`` / ``summary.md`` / ``predict.json`` (:func:`write_prediction`)
+and attention heatmaps where the slide file is at hand (:func:`write_heatmaps`).
+
+``predictions.csv``: ``slide_id, [label,] prediction, prob_<class>…, ood_score, ood_flag, [kl_<class>…],
+ood_<score>…``. ``prediction`` is the class name; the probabilities are the run's own class scores
+(softmax of the head for CE runs, softmax(−KL(p ‖ q^v)) with the learned centroids ξ for NCMI runs).
+``ood_score`` is the run's OOD score (:mod:`wsi_ncmi.evaluation.ood`; the calibration's default unless
+another is asked for), ``ood_flag`` is ``ood_score > threshold`` (empty without a calibration), ``kl_<class>``
+(NCMI runs) is KL(p ‖ centroid of that class) for the centroids of the OOD score (so ``ood_score`` = the
+smallest ``kl_``), and ``ood_<score>`` columns hold every score the run has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from wsi_ncmi.data.atomic import atomic_write_text
+from wsi_ncmi.data.bags import BagError, list_bags, read_features
+from wsi_ncmi.data.provenance import CHECKPOINT_KEY, ProvenanceError, bag_mismatches, bag_provenance
+from wsi_ncmi.models import MILAggregator
+from wsi_ncmi.ncmi import NCMILoss
+
+from .embed import embed_split
+from .ood import OOD_SCORERS, Calibration, OODError, ScoreInputs, compute_scores, score_inputs
+
+__all__ = [
+    "PredictError",
+    "Prediction",
+    "check_bags",
+    "predict_bags",
+    "read_slide_list",
+    "select_bags",
+    "slide_file",
+    "write_heatmaps",
+    "write_prediction",
+]
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_CSV, SUMMARY_MD, PREDICT_JSON = "predictions.csv", "summary.md", "predict.json"
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".png", ".jpg", ".jpeg")
+
+
+class PredictError(ValueError):
+    """Prediction cannot run (no bags, unknown slide, bad slide list, …); the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def read_slide_list(csv: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """A ``--slides`` CSV: a ``slide_id`` column (or a ``path`` column, resolved under ``base_dir`` when
+    relative; the slide id is the file name without its last extension) and an optional ``label`` column.
+    Returns ``slide_id[, path][, label]`` as strings."""
+    p = Path(csv)
+    if not p.is_file():
+        raise PredictError(f"--slides {p}: no such file")
+    try:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise PredictError(f"--slides {p}: not a readable CSV: {exc}") from exc
+    if "slide_id" not in df.columns and "path" not in df.columns:
+        raise PredictError(f"--slides {p}: needs a 'slide_id' or 'path' column, has {list(df.columns)}")
+    if "path" in df.columns:
+        base = Path(base_dir) if base_dir is not None else p.parent
+        df["path"] = [str(x if Path(x).is_absolute() else base / x) for x in df["path"]]
+        if "slide_id" not in df.columns:
+            df["slide_id"] = [Path(x).stem for x in df["path"]]  # as wsi-preprocess names slides
+    df["slide_id"] = df["slide_id"].str.strip()
+    if (df["slide_id"] == "").any():
+        raise PredictError(f"--slides {p}: empty slide_id in row(s) {list(np.flatnonzero(df['slide_id'] == '') + 2)}")
+    dup = sorted(df.loc[df["slide_id"].duplicated(), "slide_id"].unique())
+    if dup:
+        raise PredictError(f"--slides {p}: duplicated slide_id {dup[:5]}")
+    return df[[c for c in ("slide_id", "path", "label") if c in df.columns]].reset_index(drop=True)
+
+
+def select_bags(bags_dir: str | os.PathLike, slides: pd.DataFrame | None = None) -> dict[str, Path]:
+    """``{slide_id: bag path}``: every bag in ``bags_dir``, or the listed ones (all must exist)."""
+    bags = list_bags(bags_dir)  # BagError names the folder when it does not exist
+    if slides is not None:
+        missing = [s for s in slides["slide_id"] if s not in bags]
+        if missing:
+            raise PredictError(f"{bags_dir}: no bag for {len(missing)} listed slide(s): {missing[:5]}")
+        bags = {s: bags[s] for s in slides["slide_id"]}
+    if not bags:
+        raise PredictError(f"{bags_dir}: no *.h5 bag to predict on")
+    return bags
+
+
+def check_bags(bags: Mapping[str, Path], checkpoint: Mapping[str, Any], ckpt_name: str,
+               allow_mismatch: bool = False) -> dict[str, list[str]]:
+    """Compare every bag with the training bags recorded in ``checkpoint`` (its dict) before anything runs.
+
+    Returns ``{slide_id: [mismatch, …]}`` (only the mismatching slides; with ``allow_mismatch``), or raises
+    :class:`ProvenanceError` naming the first bad bags, both sides of each difference and the checkpoint.
+    A checkpoint without a record (trained before it existed) is refused unless ``allow_mismatch``.
+    """
+    recorded = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(recorded, Mapping):
+        msg = (f"{ckpt_name}: the checkpoint records no training-bag provenance (trained before `wsi-ncmi "
+               "predict` existed, or without a datamodule), so the bags cannot be checked against it")
+        if not allow_mismatch:
+            raise ProvenanceError(msg + "; pass --allow-mismatch to predict anyway")
+        logger.warning("%s (--allow-mismatch)", msg)
+        return {sid: ["checkpoint records no provenance"] for sid in bags}
+    bad: dict[str, list[str]] = {}
+    for sid, path in bags.items():
+        why = bag_mismatches(bag_provenance(path), recorded)
+        if why:
+            bad[sid] = why
+    if bad and not allow_mismatch:
+        shown = "; ".join(f"{bags[s]}: {', '.join(w)}" for s, w in list(bad.items())[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ProvenanceError(f"{len(bad)} bag(s) do not match what {ckpt_name} was trained on: {shown}{more}. "
+                              "Re-extract them with the training settings (`--slides-dir`), or pass "
+                              "--allow-mismatch to predict anyway (recorded in the output)")
+    for sid, why in bad.items():
+        logger.warning("%s: %s (--allow-mismatch)", bags[sid], "; ".join(why))
+    return bad
+
+
+# --------------------------------------------------------------------------------------- predicting
+def _batches(bags: Mapping[str, Path]) -> Iterator[dict[str, Any]]:
+    for sid, path in bags.items():
+        x = torch.from_numpy(read_features(path))[None]  # [1, N, D] stored dtype
+        yield {"features": x, "mask": None, "label": torch.tensor([-1]), "slide_id": [sid]}
+
+
+@dataclass
+class Prediction:
+    """Per-slide predictions and OOD scores (``table`` is ``predictions.csv``)."""
+
+    table: pd.DataFrame
+    class_names: list[str]
+    score_name: str
+    threshold: float | None
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # every available score [N]
+    metrics: dict[str, Any] | None = None  # classification metrics when labels were given
+
+
+def _labels(values: Sequence[str], class_names: Sequence[str], where: str) -> np.ndarray:
+    names = [str(c) for c in class_names]
+    out = []
+    for v in values:
+        v = str(v).strip()
+        if v in names:
+            out.append(names.index(v))
+        elif v.lstrip("-").isdigit() and 0 <= int(v) < len(names):
+            out.append(int(v))
+        else:
+            raise PredictError(f"{where}: label {v!r} is neither a class name {names} nor 0..{len(names) - 1}")
+    return np.asarray(out, dtype=np.int64)
+
+
+def predict_bags(
+    model: MILAggregator,
+    bags: Mapping[str, Path],
+    class_names: Sequence[str],
+    ncmi_loss: NCMILoss | None = None,
+    calibration: Calibration | None = None,
+    score: str | None = None,
+    labels: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    labels_source: str = "--slides",
+) -> Prediction:
+    """Embed ``bags`` with the frozen ``model`` and predict (module docstring). ``score`` overrides the
+    calibration's default OOD score (without a calibration: ``ncmi_xi`` for NCMI runs, ``msp`` otherwise)."""
+    names = [str(c) for c in class_names]
+    emb = embed_split(model, _batches(bags), device=device, ncmi_loss=ncmi_loss)
+    means = calibration.class_means_array() if calibration is not None else None
+    if means is not None and ncmi_loss is None:
+        raise OODError("the calibration holds NCMI class means but the checkpoint is not an NCMI run: "
+                       "was it made from another checkpoint?")
+    inputs = score_inputs(logits=emb.logits, log_probs=emb.log_probs, ncmi_loss=ncmi_loss, class_means=means)
+    if inputs.logits is None or inputs.logits.shape[1] != len(names):
+        raise PredictError(f"the model gives {None if inputs.logits is None else inputs.logits.shape[1]} class "
+                           f"scores but {len(names)} class names are known ({names})")
+    scores = compute_scores(inputs)
+    name = score or (calibration.default_score if calibration is not None else
+                     ("ncmi_xi" if ncmi_loss is not None else "msp"))
+    if name not in scores:
+        raise OODError(f"OOD score {name!r} is not available for this run (available: {sorted(scores)})")
+    threshold = None
+    if calibration is not None:
+        if name not in calibration.thresholds:
+            raise OODError(f"the calibration has no threshold for {name!r} (has {sorted(calibration.thresholds)})")
+        threshold = float(calibration.thresholds[name])
+    z = inputs.logits - inputs.logits.max(axis=1, keepdims=True)
+    proba = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # [N, C]
+    table = pd.DataFrame({"slide_id": emb.slide_ids})
+    y = None
+    if labels is not None:
+        y = _labels(labels, names, labels_source)
+        table["label"] = [names[i] for i in y]
+    table["prediction"] = [names[i] for i in proba.argmax(axis=1)]
+    for c, n in enumerate(names):
+        table[f"prob_{n}"] = proba[:, c]
+    table["ood_score"] = scores[name]
+    table["ood_flag"] = pd.array([bool(s > threshold) for s in scores[name]] if threshold is not None
+                                 else [pd.NA] * len(table), dtype="boolean")
+    kl = _kl_table(inputs, name)
+    if kl is not None:
+        for c, n in enumerate(names):
+            table[f"kl_{n}"] = kl[:, c]
+    for other, s in scores.items():
+        table[f"ood_{other}"] = s
+    metrics = None
+    if y is not None:
+        from wsi_ncmi.metrics import classification_metrics
+
+        metrics = classification_metrics(y, proba, len(names))
+    return Prediction(table, names, name, threshold, scores, metrics)
+
+
+def _kl_table(inputs: ScoreInputs, score: str) -> np.ndarray | None:
+    if inputs.kl_xi is None:
+        return None
+    return inputs.kl_means if score == "ncmi_means" and inputs.kl_means is not None else inputs.kl_xi
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _fmt(v: Any) -> str:
+    return "—" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+
+def summary_markdown(pred: Prediction, meta: Mapping[str, Any]) -> str:
+    """``summary.md``: counts per class, the OOD score and threshold, flagged slides, mismatches, metrics."""
+    t = pred.table
+    lines = ["# Predictions", "",
+             f"- checkpoint: `{meta.get('checkpoint')}`", f"- bags: `{meta.get('bags_dir')}` ({len(t)} slides)"]
+    if meta.get("preprocessed"):
+        lines.append(f"- preprocessed from `{meta['preprocessed']['slides_dir']}` with the checkpoint's recorded "
+                     "settings")
+    desc = OOD_SCORERS[pred.score_name].description
+    if pred.threshold is None:
+        lines.append(f"- OOD score: `{pred.score_name}` ({desc}); **no calibration**: scores only, no flag "
+                     "(run `wsi-ncmi evaluate` on the checkpoint and pass its `calibration.json`)")
+    else:
+        lines.append(f"- OOD score: `{pred.score_name}` ({desc}); threshold {pred.threshold:.4g} from "
+                     f"`{meta.get('calibration')}` (keeps ≥ 95 % of validation slides); flag = score > threshold")
+    lines += ["", "## Predicted classes", "", "| class | slides | flagged OOD |", "|---|---|---|"]
+    flags = t["ood_flag"].fillna(False).astype(bool)
+    for n in pred.class_names:
+        sel = t["prediction"] == n
+        lines.append(f"| {n} | {int(sel.sum())} | {int((sel & flags).sum())} |")
+    lines += ["", f"## Flagged slides ({int(flags.sum())}): do not trust these predictions", ""]
+    if flags.any():
+        lines += ["| slide | prediction | ood_score |", "|---|---|---|"]
+        for r in t[flags].sort_values("ood_score", ascending=False).itertuples():
+            lines.append(f"| {r.slide_id} | {r.prediction} | {r.ood_score:.4g} |")
+    else:
+        lines.append("none" if pred.threshold is not None else "not computed (no calibration)")
+    mism = meta.get("mismatches") or {}
+    if mism:
+        lines += ["", f"## Provenance mismatches ({len(mism)} slides, allowed with --allow-mismatch)", ""]
+        lines += [f"- {sid}: {'; '.join(w)}" for sid, w in mism.items()]
+    if pred.metrics is not None:
+        m = pred.metrics
+        lines += ["", "## Against the given labels", "",
+                  f"macro-F1 {_fmt(m['macro_f1'])}, macro-AUC {_fmt(m['macro_auc'])}, accuracy {_fmt(m['accuracy'])}"]
+    hm = meta.get("heatmaps") or {}
+    if hm:
+        lines += ["", "## Heatmaps", ""]
+        lines += [f"- {sid}: {v}" for sid, v in hm.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_prediction(out_dir: str | os.PathLike, pred: Prediction, meta: Mapping[str, Any]) -> dict[str, Path]:
+    """Write ``predictions.csv``, ``summary.md`` and ``predict.json`` (settings, calibration, mismatches)."""
+    out = Path(out_dir)
+    paths = {"predictions": out / PREDICTIONS_CSV, "summary": out / SUMMARY_MD, "json": out / PREDICT_JSON}
+    atomic_write_text(paths["predictions"], pred.table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(paths["summary"], summary_markdown(pred, meta))
+    flags = pred.table["ood_flag"].fillna(False).astype(bool)
+    doc = {**meta, "ood_score": pred.score_name, "threshold": pred.threshold, "n_slides": len(pred.table),
+           "n_flagged": int(flags.sum()) if pred.threshold is not None else None,
+           "counts": {n: int((pred.table["prediction"] == n).sum()) for n in pred.class_names},
+           "metrics": pred.metrics, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_text(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
+    logger.info("wrote %d predictions to %s", len(pred.table), out)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------- heatmaps
+def slide_file(bag_path: Path, slides_dir: str | os.PathLike | None = None) -> Path | None:
+    """The slide a bag was made from: ``slides_dir/<slide_id>.<ext>`` (searched recursively) or the bag's
+    recorded ``source_path`` when that file still exists; None otherwise."""
+    from wsi_ncmi.data.bags import inspect_bag
+
+    info = inspect_bag(bag_path)
+    sid = info["slide_id"]
+    if slides_dir is not None:
+        hits = sorted(p for p in Path(slides_dir).rglob(f"{sid}.*") if p.suffix.lower() in SLIDE_EXTENSIONS)
+        if hits:
+            return hits[0]
+    src = info["attrs"].get("source_path")
+    return Path(src) if src and Path(src).is_file() else None
+
+
+def write_heatmaps(model: MILAggregator, bags: Mapping[str, Path], out_dir: str | os.PathLike,
+                   slides_dir: str | os.PathLike | None = None, device: str = "cpu",
+                   max_side: int = 1024) -> dict[str, str]:
+    """Attention heatmaps ``out_dir/<slide_id>.png`` for the slides whose file is available.
+    Returns ``{slide_id: png path or why it was skipped}``."""
+    from .heatmap import HeatmapError, slide_heatmap
+
+    done: dict[str, str] = {}
+    for sid, bag in bags.items():
+        slide = slide_file(bag, slides_dir)
+        if slide is None:
+            done[sid] = "skipped: slide file not found"
+            continue
+        png = Path(out_dir) / f"{sid}.png"
+        try:
+            slide_heatmap(model, bag, slide, png, max_side=max_side, device=device,
+                          csv_path=png.with_suffix(".tiles.csv"), title=f"{sid}: attention rank")
+        except (HeatmapError, BagError, OSError) as exc:
+            done[sid] = f"skipped: {exc}"
+            logger.warning("heatmap of %s skipped: %s", sid, exc)
+            continue
+        done[sid] = str(png)
+    return done
+
+
+def embed_bags(model: MILAggregator, bags: Mapping[str, Path], ncmi_loss: NCMILoss | None = None,
+               device: str | torch.device = "cpu") -> Any:
+    """``EmbeddedSplit`` of unlabelled bags (labels -1), e.g. the OOD bags of ``wsi-ncmi evaluate --ood-bags``."""
+    return embed_split(model, _batches(bags), device=device, ncmi_loss=ncmi_loss)
