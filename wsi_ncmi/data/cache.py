@@ -140,7 +140,8 @@ class BagCache:
         if progress and self.paths:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(self.paths, desc=desc, unit="bag", leave=False)
+            # disable=None: a bar on a terminal, nothing in logs / pipes (the size is logged either way)
+            iterator = tqdm(self.paths, desc=desc, unit="bag", leave=False, disable=None)
         for path in iterator:
             signature = _signature(path)
             arr = _checked(path, read_features(path, check_values=True), in_dim)
