@@ -100,15 +100,16 @@ def table(results: list[dict], tasks: list[str], models: list[str]) -> list[str]
 
 def verdict(results: list[dict], tasks: list[str], models: list[str], tol: float = 0.01) -> list[str]:
     """The acceptance rule of issue #13 per task × aggregator: NCMI-LP ≥ CE head − tol (F1 and AUC), std ≤ 2×."""
+    def vals(task: str, model: str, objective: str, proto: str, key: str) -> list[float]:
+        return [r["metrics"][proto][key] for r in results
+                if (r["task"], r["model"], r["objective"]) == (task, model, objective) and proto in r["metrics"]]
+
     out = []
     for task in tasks:
         for model in models:
-            def vals(objective: str, proto: str, key: str) -> list[float]:
-                return [r["metrics"][proto][key] for r in results
-                        if (r["task"], r["model"], r["objective"]) == (task, model, objective) and proto in r["metrics"]]
             checks = []
             for key in ("macro_f1", "macro_auc"):
-                ce, nc = vals("ce", "head", key), vals("ncmi", "lp", key)
+                ce, nc = vals(task, model, "ce", "head", key), vals(task, model, "ncmi", "lp", key)
                 if not ce or not nc:
                     continue
                 ok_mean = np.mean(nc) >= np.mean(ce) - tol
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     work = Path(args.work)
     t0 = time.perf_counter()
-    pools = load_pools(work)
+    pools = load_pools(work, args.tasks)
     data = {t: build_task(t, work, pools, n_bags=args.bags) for t in args.tasks}
     prep_s = time.perf_counter() - t0
     jobs = [{"task": t, "model": m, "objective": o, "seed": s, "epochs": args.epochs, "threads": 1,
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     import torch
 
-    head = [f"# MIL benchmark: CE vs NCMI on witness tasks (`bench/mil_benchmark.py`)", "",
+    head = ["# MIL benchmark: CE vs NCMI on witness tasks (`bench/mil_benchmark.py`)", "",
             f"torch {torch.__version__}, {os.cpu_count()} CPUs, --jobs {args.jobs}; epochs {args.epochs}, "
             f"{args.bags} bags per task, seeds {args.seeds}; wall {wall / 60:.1f} min "
             f"(data {prep_s:.0f} s, trainings {sum(r['total_s'] for r in results) / 60:.1f} CPU-min)", ""]

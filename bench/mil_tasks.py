@@ -13,7 +13,7 @@ Three tasks, each a cohort of bags written as ordinary wsi_ncmi bags + a split t
   digits through a fixed random ReLU feature map (256-d). A bag of class k ≥ 1 holds 1-4 % instances of
   witness digit k (1, 7 or 9) among 100-400 instances of the other digits; class 0 holds none. 4 classes.
 
-Every tile/digit pool is encoded once and kept in ``<out>/pools.npz`` (recipe-hashed). Splits are
+Every tile/digit pool is encoded once and kept in ``<out>/pools_<group>.npz``. Splits are
 stratified: 240 train / 80 val / 80 test bags (``n_bags`` scales them), one patient per bag.
 """
 
@@ -123,19 +123,35 @@ def _digit_pools() -> dict[str, np.ndarray]:
     return {"digit_other": f[~np.isin(y, witness)], **{f"digit_{d}": f[y == d] for d in witness}}
 
 
-def load_pools(out: Path) -> dict[str, np.ndarray]:
-    """Every pool of instance features (name -> [n, D] float32), built once and kept in ``out/pools.npz``."""
-    path = out / "pools.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            if int(z["_version"]) == POOL_VERSION:
-                return {k: z[k] for k in z.files if not k.startswith("_")}
-    log.info("encoding the tile pools with the packaged MobileNetV2 (once; kept in %s)", path)
-    pools = {**_texture_pools(np.random.default_rng(0)), **_digit_pools()}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("pools.tmp.npz")
-    np.savez(tmp, _version=np.int64(POOL_VERSION), **pools)
-    tmp.replace(path)
+_POOL_GROUPS: dict[str, Callable[[], dict[str, np.ndarray]]] = {
+    "textures": lambda: _texture_pools(np.random.default_rng(0)),
+    "digits": _digit_pools,
+}
+
+
+def load_pools(out: Path, tasks: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The instance-feature pools the ``tasks`` need (name -> [n, D] float32), each group built once and kept in
+    ``out/pools_<group>.npz`` (the texture group runs the packaged MobileNetV2 over ~1,200 tiles)."""
+    needed = {p for t in (tasks or list(TASKS)) for p in TASKS[t].pools}
+    pools: dict[str, np.ndarray] = {}
+    for group, build in _POOL_GROUPS.items():
+        if group == "textures" and not needed & {"normal", "tiatoolbox_target", "skimage_ihc", "cmu_region"}:
+            continue
+        if group == "digits" and not any(p.startswith("digit_") for p in needed):
+            continue
+        path = out / f"pools_{group}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                if int(z["_version"]) == POOL_VERSION:
+                    pools.update({k: z[k] for k in z.files if not k.startswith("_")})
+                    continue
+        log.info("building the %s pool (once; kept in %s)", group, path)
+        built = build()
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"pools_{group}.tmp.npz")
+        np.savez(tmp, _version=np.int64(POOL_VERSION), **built)
+        tmp.replace(path)
+        pools.update(built)
     return pools
 
 

@@ -17,6 +17,10 @@ CASES = {
     "ncmi_loss": ["--device", "cpu", "--repeats", "1", "--warmup", "0", "--sizes", "8x3x6"],
     "aggregators": ["--device", "cpu", "--n", "16", "--infer-n", "32", "--dim", "16", "--repeats", "1",
                     "--warmup", "0", "--threads", "1"],
+    "training --fit": ["--fit", "--bags", "4", "--val-bags", "4", "--instances", "8", "--dim", "16",
+                       "--fit-epochs", "1", "2", "--models", "abmil", "--threads", "1"],
+    "mil_benchmark": ["--tasks", "digits4", "--models", "abmil", "--seeds", "0", "--epochs", "1", "--bags", "20",
+                      "--jobs", "1"],
     "training": ["--bags", "3", "--instances", "8", "--dim", "16", "--epochs", "1", "--precision", "32-true",
                  "--models", "abmil", "--threads", "1"],
     "natural_step": ["--model", "resnet18", "--batch", "4", "--size", "32", "--classes", "5", "--cifar-stem",
@@ -39,8 +43,10 @@ def test_bench_script_runs_on_cpu(script: str, tmp_path: Path) -> None:
         args += ["--out", str(tmp_path / "bags")]
     if script == "faults":
         args += ["--out", str(tmp_path / "faults.md")]
+    if script == "mil_benchmark":
+        args += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "mil_benchmark.md")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script.split()[0]}.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     marker = "/CE" if script == "natural_step" else "|"  # its ratio table / a markdown table
