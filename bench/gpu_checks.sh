@@ -4,6 +4,7 @@
 #
 #   CHECKS="tests ncmi aggregators natural" bench/gpu_checks.sh    # <= 7.5 min
 #   CHECKS="training extract" bench/gpu_checks.sh                  # <= 4.5 min
+#   CHECKS="fitplain milbench" bench/gpu_checks.sh                 # <= 9 min
 #
 # from the repository root. Results land in ${OUT:-bench/out/gpu}/ as text files, to be copied into
 # bench/results/*.md with the date and the card.
@@ -43,6 +44,12 @@ run aggregators 150 "$PY" bench/aggregators.py --device cuda --n 1000 10000 5000
     --repeats 5 --warmup 2 --out "$OUT_DIR/aggregators.md"
 # Training epochs CE vs NCMI per aggregator (goal NCMI/CE <= 1.05); 60 bags keeps it inside the budget.
 run training 120 "$PY" bench/training.py --bags 60 --instances 8000 --dim 1024 --epochs 1
+# wsi-ncmi fit (bags cached on the GPU, data.cache auto) vs a plain loop, N = 10k, 400 bags, bf16 (#14: fit / plain
+# >= 1.0, ABMIL >= 2,000 bags/s); 100 val bags, epochs 1 and 2 so start-up cancels.
+run fitplain 240 "$PY" bench/training.py --fit --bags 400 --val-bags 100 --instances 10000 --dim 1024 \
+    --models abmil --fit-epochs 1 2 --precision bf16-mixed
+# CE vs NCMI on the witness benchmark (#13), short GPU confirmation of the CPU table.
+run milbench 300 "$PY" bench/mil_benchmark.py --jobs 1 --tasks digits4 --models abmil aem
 # ResNet-50 bs256 224² bf16 step: CE vs NCMI vs focal vs SupCon (goal NCMI/CE <= 1.02).
 run natural 90 "$PY" bench/natural_step.py --device cuda --repeats 10
 # Preprocessing pipeline vs the bare-encoder ceiling (goals: >= 85% ViT-B/L, >= 70% resnet50_trunc).

@@ -121,7 +121,8 @@ def _plain_epochs(model: str, objective: str, bags, labels, n_train: int, epochs
     for _ in range(epochs):
         module.train()
         for i in torch.randperm(n_train, generator=gen).tolist():
-            named, _ = module._objective({"features": data[i][None], "mask": None, "label": y[i:i + 1]})
+            with _autocast(device, args.precision):
+                named, _ = module._objective({"features": data[i][None], "mask": None, "label": y[i:i + 1]})
             opt.zero_grad(set_to_none=True)
             named["loss"].backward()
             if module._manual_xi:
@@ -130,7 +131,7 @@ def _plain_epochs(model: str, objective: str, bags, labels, n_train: int, epochs
             sched.step()
             module.model.on_after_optimizer_step()
         module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(device, args.precision):
             scores = torch.cat([module(data[i][None]) for i in range(n_train, len(data))]).float().cpu().numpy()
         truth = labels[n_train:].numpy()
         if len(set(truth.tolist())) == args.classes:
