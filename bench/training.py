@@ -115,7 +115,7 @@ def _plain_epochs(model: str, objective: str, bags, labels, n_train: int, epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     if module.ncmi_loss is not None:
         with torch.no_grad():
-            module.ncmi_loss.center.update(torch.stack([module.embed(data[i][None]).squeeze(0) for i in range(16)]).mean(0, keepdim=True))
+            module.ncmi_loss.center.update(torch.stack([module.embed(data[i][None]).squeeze(0) for i in range(min(16, n_train))]).mean(0, keepdim=True))
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     for _ in range(epochs):

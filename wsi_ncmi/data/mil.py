@@ -295,7 +295,8 @@ class MILDataModule(L.LightningDataModule):
         self.balanced_sampler = balanced_sampler
         self.max_instances = max_instances
         self.instance_dropout = instance_dropout
-        self.cache = {True: "ram", False: "none"}.get(cache, cache) if isinstance(cache, bool) else str(cache)
+        flags = {"true": "ram", "false": "none"}  # a boolean, also as the CLI spells it
+        self.cache = flags[str(cache).lower()] if str(cache).lower() in flags else str(cache)
         if self.cache not in CACHE_MODES:
             raise MILDataError(f"{split_csv}: cache must be one of {CACHE_MODES}, got {cache!r}")
         self.cache_budget = float(cache_budget)

@@ -246,7 +246,7 @@ def _fit_args(cfg: DemoConfig, run: str) -> list[str]:
         "model.lr": cfg.lr,
         "data.bags_dir": _bags_dir(cfg),
         "data.split_csv": cfg.out / "split.csv",
-        "data.cache": True,
+        "data.cache": "ram",
         "data.pin_memory": False,
         "data.balanced_sampler": True,
         **RUNS[run],
