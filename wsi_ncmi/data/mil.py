@@ -401,6 +401,9 @@ class MILDataModule(L.LightningDataModule):
                     raise MILDataError(str(exc)) from exc
                 log.info("bag cache: %s (%s needed for splits %s, cache=%s)", self._cache_mode,
                          f"{needed / 2**30:.2f} GiB", "/".join(splits), self.cache)
+                if self._cache_mode != "none" and self.num_workers:
+                    log.info("%s: bags are cached; num_workers=%d is not used (cached splits load in the main "
+                             "process)", self.split_csv, self.num_workers)
         return self._cache_mode
 
     def setup(self, stage: str | None = None) -> None:
@@ -417,9 +420,6 @@ class MILDataModule(L.LightningDataModule):
     def num_workers_for(self, ds: BagDataset) -> int:
         """DataLoader workers for ``ds``: 0 when it is cached, else ``num_workers`` or min(4, CPUs)."""
         if ds.features_cache is not None:
-            if self.num_workers:
-                log.info("%s: bags are cached; DataLoader workers %d -> 0", self.split_csv, self.num_workers)
-                self.num_workers = 0
             return 0
         return self.num_workers if self.num_workers is not None else min(4, os.cpu_count() or 1)
 
