@@ -50,6 +50,16 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def shipped_fit_args(model: str, objective: str, bags: str, split: str, classes: int, epochs: int,
+                     root: str | Path) -> list[str]:
+    """`wsi-ncmi fit` arguments: the shipped base + model + objective configs, only data, epochs and run folder
+    overridden (shared with ``bench/training.py --fit``)."""
+    return ["-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / f"_model_{model}.yaml"),
+            "-c", str(CONFIGS / OBJECTIVES[objective]), "--data.bags_dir", bags, "--data.split_csv", split,
+            "--data.num_classes", str(classes), "--trainer.max_epochs", str(epochs),
+            "--trainer.default_root_dir", str(root), "--trainer.enable_model_summary", "false"]
+
+
 def run_one(job: dict) -> dict:
     """Fit one aggregator × objective × seed through `wsi-ncmi fit`, evaluate it; return its test metrics."""
     import torch
@@ -60,12 +70,9 @@ def run_one(job: dict) -> dict:
     from wsi_ncmi.commands.train_cli import run_cli
 
     run = Path(job["run_dir"])
-    args = ["-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / f"_model_{job['model']}.yaml"),
-            "-c", str(CONFIGS / OBJECTIVES[job["objective"]]),
-            "--data.bags_dir", job["bags"], "--data.split_csv", job["split"], "--data.num_classes", str(job["classes"]),
-            "--data.cache", "ram", "--seed_everything", str(job["seed"]),
-            "--trainer.max_epochs", str(job["epochs"]), "--trainer.default_root_dir", str(run),
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    args = shipped_fit_args(job["model"], job["objective"], job["bags"], job["split"], job["classes"],
+                            job["epochs"], run)
+    args += ["--data.cache", "ram", "--seed_everything", str(job["seed"]), "--trainer.enable_progress_bar", "false"]
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         run_cli("fit", args)

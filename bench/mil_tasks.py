@@ -19,7 +19,6 @@ stratified: 240 train / 80 val / 80 test bags (``n_bags`` scales them), one pati
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -175,7 +174,10 @@ def build_task(name: str, out: Path, pools: dict[str, np.ndarray], n_bags: int =
 
     Skipped when the folder holds the same recipe (hash in ``recipe.json``).
     """
+    import pandas as pd
+
     from wsi_ncmi.data.bags import write_bag as _write
+    from wsi_ncmi.data.splits import write_split
 
     write = write_bag or _write
     spec = TASKS[name]
@@ -205,11 +207,6 @@ def build_task(name: str, out: Path, pools: dict[str, np.ndarray], n_bags: int =
         write(bags_dir / f"{sid}.h5", feats.astype(np.float16), coords,
               {"slide_id": sid, "encoder": "mobilenet_v2_tv" if name.startswith("texture") else "digits-relu256"})
         rows.append({"slide_id": sid, "patient_id": f"patient_{sid}", "label": y, "split": split})
-    tmp = split_csv.with_name("split.csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["slide_id", "patient_id", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(split_csv)
+    write_split(pd.DataFrame(rows), split_csv)
     stamp.write_text(json.dumps({"hash": digest, "recipe": recipe}, indent=1))
     return bags_dir, split_csv, classes

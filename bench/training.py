@@ -85,19 +85,18 @@ def run_one(model: str, objective: str, bags: list[torch.Tensor], labels: torch.
 
 # ------------------------------------------------------------------------------------ fit vs plain loop
 def _write_bags(root, bags, labels, n_train: int) -> tuple[str, str]:
-    import csv
+    import pandas as pd
 
     from wsi_ncmi.data.bags import write_bag
+    from wsi_ncmi.data.splits import write_split
 
-    for i, x in enumerate(bags):
+    rows = []
+    for i, (x, y) in enumerate(zip(bags, labels.tolist())):
         feats = x[0].cpu().half().numpy()
         write_bag(root / f"b{i:04d}.h5", feats, np.zeros((feats.shape[0], 2), np.int64), {})
-    split = root / "split.csv"
-    with split.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "patient_id", "label", "split"])
-        for i, y in enumerate(labels.tolist()):
-            w.writerow([f"b{i:04d}", f"p{i:04d}", y, "train" if i < n_train else "val"])
+        rows.append({"slide_id": f"b{i:04d}", "patient_id": f"p{i:04d}", "label": y,
+                     "split": "train" if i < n_train else "val"})
+    split = write_split(pd.DataFrame(rows), root / "split.csv")
     return str(root), str(split)
 
 
@@ -145,18 +144,16 @@ def _fit_seconds(model: str, objective: str, bags_dir: str, split: str, epochs: 
     import contextlib
     import io
     import logging
-    from pathlib import Path
+
+    from mil_benchmark import shipped_fit_args
 
     from wsi_ncmi.commands.train_cli import run_cli
 
-    configs = Path(__file__).resolve().parents[1] / "configs" / "mil"
     for name in ("lightning", "lightning.pytorch", "wsi_ncmi"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    cli_args = ["-c", str(configs / "base.yaml"), "-c", str(configs / f"_model_{model}.yaml"),
-                "-c", str(configs / f"_objective_{objective}.yaml"), "--data.bags_dir", bags_dir,
-                "--data.split_csv", split, "--data.num_classes", str(args.classes), "--model.lr", str(args.lr),
-                "--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", str(root / f"{model}_{objective}_{epochs}"),
-                "--trainer.precision", args.precision, "--trainer.enable_model_summary", "false"]
+    cli_args = shipped_fit_args(model, objective, bags_dir, split, args.classes, epochs,
+                                root / f"{model}_{objective}_{epochs}")
+    cli_args += ["--model.lr", str(args.lr), "--trainer.precision", args.precision]
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         run_cli("fit", cli_args)
