@@ -122,8 +122,10 @@ class TiffLevels:
             self._cache.popitem(last=False)
         return tile
 
-    def read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray | None:
-        """[h, w, 3] uint8 of the region (level-0 ``location``, ``size`` at ``level``), or None to fall back."""
+    def _window(self, location: tuple[int, int], level: int,
+                size: tuple[int, int]) -> tuple[_Level, int, int, tuple[int, int, int, int]] | None:
+        """(level, x, y, (x0, y0, x1, y1)): the region's level-pixel origin and its part inside the level, or
+        None when the level has no matching page or OpenSlide would interpolate (a non-integer origin)."""
         lv = self._levels.get(level)
         if lv is None:
             return None
@@ -132,9 +134,15 @@ class TiffLevels:
         x, y = round(fx), round(fy)
         if abs(fx - x) > 1e-6 or abs(fy - y) > 1e-6:  # OpenSlide would interpolate: let it
             return None
-        w, h = int(size[0]), int(size[1])
-        out = np.full((h, w, 3), 255, np.uint8)
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lv.w), min(y + h, lv.h)
+        return lv, x, y, (max(x, 0), max(y, 0), min(x + int(size[0]), lv.w), min(y + int(size[1]), lv.h))
+
+    def read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray | None:
+        """[h, w, 3] uint8 of the region (level-0 ``location``, ``size`` at ``level``), or None to fall back."""
+        win = self._window(location, level, size)
+        if win is None:
+            return None
+        lv, x, y, (x0, y0, x1, y1) = win
+        out = np.full((int(size[1]), int(size[0]), 3), 255, np.uint8)
         if x1 <= x0 or y1 <= y0:
             return out
         for ty in range(y0 // lv.th, (y1 - 1) // lv.th + 1):
@@ -149,15 +157,10 @@ class TiffLevels:
     def is_empty(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> bool:
         """True when every tile the region covers has no data (reads as white, as in OpenSlide); False when
         unknown (a level without a matching page, a region OpenSlide would interpolate)."""
-        lv = self._levels.get(level)
-        if lv is None:
+        win = self._window(location, level, size)
+        if win is None:
             return False
-        ds = self._downs[level]
-        fx, fy = location[0] / ds, location[1] / ds
-        x, y = round(fx), round(fy)
-        if abs(fx - x) > 1e-6 or abs(fy - y) > 1e-6:
-            return False
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + int(size[0]), lv.w), min(y + int(size[1]), lv.h)
+        lv, _, _, (x0, y0, x1, y1) = win
         if x1 <= x0 or y1 <= y0:
             return True
         return bool(lv.empty_tiles()[y0 // lv.th:(y1 - 1) // lv.th + 1, x0 // lv.tw:(x1 - 1) // lv.tw + 1].all())
