@@ -227,6 +227,26 @@ def test_evaluate_and_heatmap_refuse_a_malicious_checkpoint_in_one_line(workdir,
 
 
 @pytest.mark.fault(kind="traceback")
+def test_predict_refuses_a_malicious_or_truncated_checkpoint_in_one_line(workdir, tmp_path, capsys,
+                                                                          monkeypatch) -> None:
+    from wsi_ncmi.commands.predict_cli import main
+
+    bags, _, run = workdir
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned"
+    evil = _malicious_checkpoint(tmp_path / "evil.ckpt", marker)
+    half = tmp_path / "half.ckpt"
+    data = (run / "checkpoints" / "best.ckpt").read_bytes()
+    half.write_bytes(data[: len(data) // 2])
+    before = _snapshot(tmp_path)
+    for ckpt, says in ((evil, "weights_only"), (half, "truncated or corrupt")):
+        assert main(["--ckpt", str(ckpt), "--bags", str(bags), "--out", str(tmp_path / "pred")]) == 2
+        line = _error_line(capsys.readouterr().err, "predict")
+        assert str(ckpt) in line and says in line
+    assert not marker.exists() and _snapshot(tmp_path) == before
+
+
+@pytest.mark.fault(kind="traceback")
 def test_a_pickle_renamed_safetensors_is_named_in_one_line(workdir, tmp_path, capsys) -> None:
     import pickle
 

@@ -83,7 +83,6 @@ def _preprocess(args: argparse.Namespace, recorded: dict[str, Any] | None, out: 
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import torch
 
     from wsi_ncmi.data.bags import list_bags
     from wsi_ncmi.data.provenance import CHECKPOINT_KEY
@@ -98,13 +97,14 @@ def _predict(args: argparse.Namespace) -> int:
         write_prediction,
     )
     from wsi_ncmi.training import MILModule
+    from wsi_ncmi.training.checkpoint import read_checkpoint
 
     ckpt, out = Path(args.ckpt), Path(args.out)
     if not ckpt.is_file():
         raise PredictError(f"--ckpt {ckpt}: no such file")
     if args.weights and not args.slides_dir:
         raise PredictError("--weights is only used with --slides-dir")
-    state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    state = read_checkpoint(ckpt)  # weights_only; a malicious / truncated / foreign file is one CheckpointError line
     recorded = state.get(CHECKPOINT_KEY)
     base = args.slides_dir if args.slides_dir else args.bags
     slides = read_slide_list(args.slides, base) if args.slides else None
@@ -170,8 +170,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.evaluation.ood import OODError
     from wsi_ncmi.evaluation.predict import PredictError
     from wsi_ncmi.models import MILInputError
+    from wsi_ncmi.training.checkpoint import CheckpointError
 
-    return (PredictError, ProvenanceError, ReplayError, ConfigError, BagError, OODError, EmbedError, MILInputError)
+    return (PredictError, ProvenanceError, ReplayError, ConfigError, BagError, OODError, EmbedError, MILInputError,
+            CheckpointError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,5 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _predict(args)
     except _user_errors() as err:
-        _echo(f"wsi-ncmi predict: error: {err}", err=True)
+        from wsi_ncmi.commands.errors import one_line
+
+        _echo(f"wsi-ncmi predict: error: {one_line(err)}", err=True)
         return 2
