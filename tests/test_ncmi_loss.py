@@ -386,3 +386,28 @@ def test_harmonic_separation_is_not_fooled_by_one_far_class():
         loss[variant] = (float(m(right, target)["loss"]), float(m(wrong, target)["loss"]))
     assert loss["paper"][1] < loss["paper"][0] and loss["official"][1] < loss["official"][0], loss
     assert loss["harmonic"][1] > 1.5 * loss["harmonic"][0], loss
+
+
+def test_init_centroids_from_means_points_each_centroid_at_its_class():
+    torch.manual_seed(0)
+    c, d, k = 3, 6, 2
+    loss = NCMILoss(c, d, centroids_per_class=k, centroid_update="frozen")
+    before = loss.xi.detach().clone()
+    means = torch.zeros(c, d)
+    means[0, 3], means[1, 4] = 1.0, 1.0  # class 2 absent
+    present = torch.tensor([True, True, False])
+    loss.init_centroids_from_means(means, present)
+    xi = loss.xi.detach()
+    centred = means[:2] - means[:2].mean(0)
+    for v in range(2):
+        for j in range(k):
+            row = xi[v * k + j]
+            assert abs(float(row.norm()) - 10.0) < 1e-4
+            cos = float(torch.nn.functional.cosine_similarity(row, centred[v], dim=0))
+            assert cos > (0.999 if j == 0 else 0.5), (v, j, cos)
+    assert not torch.equal(xi[0], xi[1])  # the extra centroid of a class is distinct
+    assert torch.equal(xi[4:], before[4:])  # the absent class keeps its rows
+    with pytest.raises(ValueError, match="at least two classes"):
+        loss.init_centroids_from_means(means, torch.tensor([True, False, False]))
+    with pytest.raises(ValueError, match=r"expected means \[3, 6\]"):
+        loss.init_centroids_from_means(means[:2], present)

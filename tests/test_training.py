@@ -365,3 +365,34 @@ def test_centroid_sgd_step_skips_a_non_finite_gradient():
     module._centroid_sgd_step()
     assert torch.allclose(module.xi_momentum, 0.9 * mom + g)
     assert torch.allclose(xi.detach(), before - 0.5 * (0.9 * mom + g))
+
+
+class _XiAtFirstStep(lightning.Callback):
+    """ξ and the center as the first training step sees them, and the embeddings of every training bag then."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx or hasattr(self, "xi"):
+            return
+        self.xi = pl_module.ncmi_loss.xi.detach().clone()
+        dm = trainer.datamodule
+        ds = dm.dataset("train")
+        emb = torch.cat([pl_module.embed(ds[i]["features"][None]) for i in range(len(ds))])
+        self.z = pl_module.ncmi_loss.normalized(emb)
+        self.y = torch.as_tensor(ds.labels)
+
+
+def test_centroid_init_class_means_sets_xi_before_the_first_step(bags, tmp_path):
+    trace = _XiAtFirstStep()
+    lightning.seed_everything(0)
+    dm = MILDataModule(str(bags[0]), str(bags[1]), num_workers=0, pin_memory=False)
+    module = MILModule(model="abmil", in_dim=dm.in_dim, num_classes=dm.num_classes, objective="ncmi", lr=3e-3,
+                       centroid_init="class_means")
+    trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, enable_checkpointing=False, callbacks=[trace],
+                                default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    means = torch.stack([trace.z[trace.y == c].mean(0) for c in range(2)])  # [C, E]
+    expected = 10.0 * torch.nn.functional.normalize(means - means.mean(0), dim=1)
+    torch.testing.assert_close(trace.xi, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TrainingConfigError, match="centroid_init must be one of"):
+        MILModule(objective="ncmi", centroid_init="kmeans")

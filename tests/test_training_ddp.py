@@ -40,7 +40,7 @@ def _module(dm: MILDataModule, objective: str) -> MILModule:
     ncmi_kwargs = {"center_momentum": 0.9} if objective == "ncmi" else None  # a fast EMA shows divergence
     return MILModule(model="abmil", in_dim=dm.in_dim,
                      num_classes=dm.num_classes, objective=objective, lr=3e-3, ncmi_kwargs=ncmi_kwargs,
-                     center_init_batches=2)
+                     center_init_batches=2, centroid_init="class_means" if objective == "ncmi" else "public")
 
 
 class _CenterTrace(lightning.Callback):

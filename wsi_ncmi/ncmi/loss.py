@@ -45,6 +45,8 @@ Init of ξ [C·K, D]:
   centroids ξ_{v,k≥1} = 10·e_v + 1e-6 + ε, ε ~ N(0, I) (torch's global RNG), so they start near
   their class direction but distinct.
 * D < C: every row is an independent Gaussian direction scaled to norm 10 (torch's global RNG).
+* Data-driven, after construction: :meth:`NCMILoss.init_centroids_from_means` puts each row in the direction
+  of its class mean of the training features (MILModule's ``centroid_init="class_means"``).
 
 ``use_nsf=False`` replaces NSF by softmax for p and q (ablation, paper Table V);
 ``use_centering=False`` skips the feature center. Computation runs in float32 (or float64 when the
@@ -230,6 +232,33 @@ class NCMILoss(nn.Module):
         self._check_features(features)
         with torch.autocast(device_type=features.device.type, enabled=False):
             return self._log_simplex(self._scaled(features, update_center=False))
+
+    @torch.no_grad()
+    def init_centroids_from_means(self, means: Tensor, present: Tensor, scale: float = 10.0) -> None:
+        """Set ξ from class means of the training features, instead of the data-blind axis init.
+
+        ``means`` [C, D]: per class, the mean of :meth:`normalized` (centred, L2-normalised) training features;
+        ``present`` [C] bool: classes that had samples. Row v becomes ``scale · (m_v − m̄) / ‖m_v − m̄‖``
+        (m̄ = mean over present classes): each centroid starts in the direction that already separates its
+        class, at the public init's magnitude. Extra centroids (K > 1) add Gaussian noise of about half the
+        longest direction's length before normalising, so they are distinct. Absent classes keep their current rows. Uses torch's global RNG.
+        """
+        c, k, d = self.num_classes, self.centroids_per_class, self.embed_dim
+        if tuple(means.shape) != (c, d) or tuple(present.shape) != (c,):
+            raise NCMIError(f"init_centroids_from_means: expected means [{c}, {d}] and present [{c}], "
+                            f"got {tuple(means.shape)} and {tuple(present.shape)}")
+        if int(present.sum()) < 2:
+            raise NCMIError("init_centroids_from_means: needs the means of at least two classes")
+        means = means.to(self.xi.device, self.xi.dtype)
+        present = present.to(self.xi.device)
+        direction = means - means[present].mean(dim=0, keepdim=True)  # [C, D]
+        rows = direction.repeat_interleave(k, dim=0)  # [C*K, D]
+        if k > 1:
+            noise = torch.randn(c, k - 1, d).to(rows) * (direction.norm(dim=1).max() / (2 * d**0.5))
+            rows.view(c, k, d)[:, 1:] += noise
+        new = scale * F.normalize(rows, dim=1)
+        keep = present.repeat_interleave(k)[:, None]  # [C*K, 1]
+        self.xi.copy_(torch.where(keep, new, self.xi))
 
     def centroid_log_probs(self) -> Tensor:
         """ln q [C·K, D]: log of each centroid's point on the simplex (rows class-major, v·K + k)."""

@@ -14,8 +14,11 @@ Objectives (``objective``):
   split) is computed by ``wsi_ncmi.evaluation`` after training.
 
 Before the first training step of a fresh NCMI run the feature center is set to the mean raw embedding of
-``center_init_batches`` training batches (see :meth:`MILModule._init_center` for why); 0 keeps the
-first-batch initialisation of ``FeatureCenter``.
+``center_init_batches`` training batches (see :meth:`MILModule._init_from_training_bags` for why); 0 keeps the
+first-batch initialisation of ``FeatureCenter``. ``centroid_init="class_means"`` also sets ξ from the class means
+of the centred, L2-normalised embeddings of the whole training split (:meth:`NCMILoss.init_centroids_from_means`;
+one no-grad pass over the training bags, the same pass as the center's); ``"public"`` keeps the public code's
+axis init. On DDP the sums behind both are all-reduced.
 
 The model's weighted auxiliary losses (AEM entropy, ASMIL alignment) are added to the objective in both cases.
 
@@ -76,12 +79,13 @@ from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
 from .optim import build_optimizer, build_scheduler
 from .val_metrics import epoch_metrics
 
-__all__ = ["OBJECTIVES", "CENTROID_OPTIMIZERS", "MILModule", "TrainingConfigError"]
+__all__ = ["OBJECTIVES", "CENTROID_OPTIMIZERS", "CENTROID_INITS", "MILModule", "TrainingConfigError"]
 
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("head", "ncmi")
 CENTROID_OPTIMIZERS = ("sgd", "group")
+CENTROID_INITS = ("public", "class_means")
 
 
 class TrainingConfigError(ValueError):
@@ -116,6 +120,7 @@ class MILModule(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         class_weights: list[float] | str | None = None,
         center_init_batches: int = 16,
+        centroid_init: str = "public",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -125,6 +130,8 @@ class MILModule(pl.LightningModule):
             raise TrainingConfigError(
                 f"MILModule: centroid_optimizer must be one of {CENTROID_OPTIMIZERS}, got {centroid_optimizer!r}"
             )
+        if centroid_init not in CENTROID_INITS:
+            raise TrainingConfigError(f"MILModule: centroid_init must be one of {CENTROID_INITS}, got {centroid_init!r}")
         if num_classes < 2:
             raise TrainingConfigError(f"MILModule: num_classes must be >= 2, got {num_classes}")
         if isinstance(class_weights, str) and class_weights != "balanced":
@@ -188,15 +195,21 @@ class MILModule(pl.LightningModule):
     # ------------------------------------------------------------------------------- center warm-up
     def on_train_start(self) -> None:
         loss = self.ncmi_loss
-        if loss is None or not loss.use_centering or bool(loss.center.initialized):
+        if loss is None:
             return
-        n = int(self.hparams.center_init_batches)
-        if n > 0:
-            self._init_center(n)
+        n_center = int(self.hparams.center_init_batches)
+        if not loss.use_centering or bool(loss.center.initialized):
+            n_center = 0
+        # a resumed run (global_step > 0) has its ξ from the checkpoint
+        class_means = self.hparams.centroid_init == "class_means" and self.global_step == 0
+        if n_center > 0 or class_means:
+            self._init_from_training_bags(n_center, class_means)
 
     @torch.no_grad()
-    def _init_center(self, n_batches: int) -> None:
-        """c = mean raw embedding of the first ``n_batches`` training batches (eval mode, no grad).
+    def _init_from_training_bags(self, n_center: int, class_means: bool) -> None:
+        """One no-grad pass (eval mode) over training batches: c = mean raw embedding of the first ``n_center``
+        batches; with ``class_means`` (the whole split is read) ξ from the class means of the centred,
+        L2-normalised embeddings.
 
         With one bag per batch, initialising c from the first training batch makes z = f − c exactly 0 for that
         bag, whose L2 normalisation then back-propagates a ~1e12 gradient that wrecks Adam's second-moment
@@ -205,16 +218,32 @@ class MILModule(pl.LightningModule):
         assert self.ncmi_loss is not None
         dm = getattr(self.trainer, "datamodule", None)
         loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
-        embs = []
+        embs, labels, center_rows = [], [], 0
         for i, batch in enumerate(loader):
-            if i >= n_batches:
+            if i >= n_center and not class_means:
                 break
             batch = self.transfer_batch_to_device(batch, self.device, 0)
-            embs.append(self.embed(batch["features"], batch.get("mask")).float())
-        if embs:
-            mean, n = self._global_mean(torch.cat(embs))  # [E], bags on all ranks
+            embs.append(self.embed(batch["features"], batch.get("mask")).float())  # [B, E]
+            labels.append(batch["label"].long())
+            if i < n_center:
+                center_rows += embs[-1].shape[0]
+        if not embs:
+            return
+        emb = torch.cat(embs)  # [N, E]
+        if center_rows:
+            mean, n = self._global_mean(emb[:center_rows])  # [E], bags on all ranks
             self.ncmi_loss.center.update(mean[None])  # first update initialises c = mean
             logger.info("NCMI feature center initialised from %d training bags", n)
+        if class_means:
+            z = self.ncmi_loss.normalized(emb)  # [N, E], with the center just set
+            y = torch.cat(labels)
+            sums = torch.zeros(self.num_classes, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, y, z)
+            counts = torch.bincount(y, minlength=self.num_classes).to(z.dtype)  # [C]
+            total = self._sum_over_ranks(torch.cat([sums, counts[:, None]], dim=1))  # [C, E + 1]
+            counts = total[:, -1]
+            self.ncmi_loss.init_centroids_from_means(total[:, :-1] / counts.clamp_min(1.0)[:, None], counts > 0)
+            logger.info("NCMI centroids ξ initialised from the class means of %d training bags (per class %s)",
+                        int(counts.sum()), counts.long().tolist())
 
     @torch.no_grad()
     def _global_mean(self, f: Tensor) -> tuple[Tensor, int]:
