@@ -1,15 +1,15 @@
 """CE vs NCMI on witness-instance MIL tasks that can tell the objectives apart (issue #13).
 
-    python bench/mil_benchmark.py                                  # 3 tasks × {abmil, aem} × {CE, NCMI} × 3 seeds
+    python bench/mil_benchmark.py                                  # 3 tasks × {abmil, aem} × {CE, NCMI} × 3 seeds, ~20 min
     python bench/mil_benchmark.py --jobs 2 --out bench/results/mil_benchmark.md
     python bench/mil_benchmark.py --tasks digits4 --models abmil --seeds 0 --epochs 2 --bags 40   # smoke
 
 Tasks (``bench/mil_tasks.py``): real H&E textures encoded by the packaged MobileNetV2 with a 1-5 % tumour
 share (2 and 4 classes), and a 4-class witness task on scikit-learn's real handwritten digits (1-4 %).
 
-Every run is the product's own path, in-process: ``wsi-ncmi fit`` with the shipped configs
-(``configs/mil/base.yaml`` + ``_model_<aggregator>.yaml`` + ``_objective_{ce,ncmi}.yaml``; only the epoch
-count, the seed and the data paths are overridden), bags served from the RAM cache, then
+Every run is the product's own path, in-process: ``wsi-ncmi fit`` with the shipped leaf configs
+(``configs/mil/camelyon17/<aggregator>_{ce,ncmi}.yaml``; only the epoch count, the seed, the class count and the
+data paths are overridden), bags served from the RAM cache, then
 ``wsi-ncmi evaluate`` on the best checkpoint (val macro-F1 + macro-AUC): test macro-F1 / macro-AUC of the CE
 head, of the linear probe on the CE embedding (CE-LP), of the linear probe on the NCMI embedding (NCMI-LP)
 and of the nearest-centroid protocol (NCMI-CC). Mean ± std over seeds (the training seed; each task's bags
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from mil_tasks import TASKS, build_task, load_pools  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "mil"
-OBJECTIVES = {"ce": "_objective_ce.yaml", "ncmi": "_objective_ncmi.yaml"}
+OBJECTIVES = ("ce", "ncmi")
 PROTOCOLS = [("ce", "head", "CE head"), ("ce", "lp", "CE-LP"), ("ncmi", "lp", "NCMI-LP"), ("ncmi", "cc", "NCMI-CC")]
 
 
@@ -52,10 +52,11 @@ def _quiet() -> None:
 
 def shipped_fit_args(model: str, objective: str, bags: str, split: str, classes: int, epochs: int,
                      root: str | Path) -> list[str]:
-    """`wsi-ncmi fit` arguments: the shipped base + model + objective configs, only data, epochs and run folder
-    overridden (shared with ``bench/training.py --fit``)."""
-    return ["-c", str(CONFIGS / "base.yaml"), "-c", str(CONFIGS / f"_model_{model}.yaml"),
-            "-c", str(CONFIGS / OBJECTIVES[objective]), "--data.bags_dir", bags, "--data.split_csv", split,
+    """`wsi-ncmi fit` arguments: the shipped leaf config ``configs/mil/camelyon17/<model>_<objective>.yaml``
+    (base + model + objective + that leaf's own keys), only data, epochs and run folder overridden (shared with
+    ``bench/training.py --fit``)."""
+    return ["-c", str(CONFIGS / "camelyon17" / f"{model}_{objective}.yaml"),
+            "--data.bags_dir", bags, "--data.split_csv", split,
             "--data.num_classes", str(classes), "--trainer.max_epochs", str(epochs),
             "--trainer.default_root_dir", str(root), "--trainer.enable_model_summary", "false"]
 
@@ -134,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["abmil", "aem"])
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--bags", type=int, default=400, help="bags per task (train/val/test = 60/20/20 %%)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: each task's own)")
+    p.add_argument("--bags", type=int, default=None,
+                   help="bags per task, train/val/test = 60/20/20 %% (default: each task's own)")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes (one thread each)")
     p.add_argument("--work", default=str(ROOT / "bench" / "out" / "mil_benchmark"), help="bags and runs (ignored folder)")
     p.add_argument("--out", default=None, help="write the markdown report here")
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     pools = load_pools(work, args.tasks)
     data = {t: build_task(t, work, pools, n_bags=args.bags) for t in args.tasks}
     prep_s = time.perf_counter() - t0
-    jobs = [{"task": t, "model": m, "objective": o, "seed": s, "epochs": args.epochs, "threads": 1,
+    jobs = [{"task": t, "model": m, "objective": o, "seed": s, "epochs": args.epochs or TASKS[t].epochs, "threads": 1,
              "bags": str(data[t][0]), "split": str(data[t][1]), "classes": data[t][2],
              "run_dir": str(work / "runs" / f"{t}_{m}_{o}_s{s}")}
             for t in args.tasks for m in args.models for s in args.seeds for o in args.objectives]
@@ -165,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     head = ["# MIL benchmark: CE vs NCMI on witness tasks (`bench/mil_benchmark.py`)", "",
-            f"torch {torch.__version__}, {os.cpu_count()} CPUs, --jobs {args.jobs}; epochs {args.epochs}, "
-            f"{args.bags} bags per task, seeds {args.seeds}; wall {wall / 60:.1f} min "
+            f"torch {torch.__version__}, {os.cpu_count()} CPUs, --jobs {args.jobs}; "
+            + ", ".join(f"{t}: {args.bags or TASKS[t].n_bags} bags, {args.epochs or TASKS[t].epochs} epochs"
+                        for t in args.tasks)
+            + f"; seeds {args.seeds}; wall {wall / 60:.1f} min "
             f"(data {prep_s:.0f} s, trainings {sum(r['total_s'] for r in results) / 60:.1f} CPU-min)", ""]
     lines = head + table(results, args.tasks, args.models) + ["", "Acceptance (issue #13: NCMI-LP ≥ CE head − 0.01, "
                                                                "seed std ≤ 2× CE's):", ""]
