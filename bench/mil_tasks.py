@@ -128,9 +128,11 @@ def _digit_pools() -> dict[str, np.ndarray]:
     return {"digit_other": f[~np.isin(y, witness)], **{f"digit_{d}": f[y == d] for d in witness}}
 
 
-_POOL_GROUPS: dict[str, Callable[[], dict[str, np.ndarray]]] = {
-    "textures": lambda: _texture_pools(np.random.default_rng(0)),
-    "digits": _digit_pools,
+# group -> (the pools it makes, its builder); each group is built and stored as a whole
+_POOL_GROUPS: dict[str, tuple[tuple[str, ...], Callable[[], dict[str, np.ndarray]]]] = {
+    "textures": (("normal", "tiatoolbox_target", "skimage_ihc", "cmu_region"),
+                 lambda: _texture_pools(np.random.default_rng(0))),
+    "digits": (("digit_other", "digit_1", "digit_7", "digit_9"), _digit_pools),
 }
 
 
@@ -139,10 +141,8 @@ def load_pools(out: Path, tasks: list[str] | None = None) -> dict[str, np.ndarra
     ``out/pools_<group>.npz`` (the texture group runs the packaged MobileNetV2 over ~1,200 tiles)."""
     needed = {p for t in (tasks or list(TASKS)) for p in TASKS[t].pools}
     pools: dict[str, np.ndarray] = {}
-    for group, build in _POOL_GROUPS.items():
-        if group == "textures" and not needed & {"normal", "tiatoolbox_target", "skimage_ihc", "cmu_region"}:
-            continue
-        if group == "digits" and not any(p.startswith("digit_") for p in needed):
+    for group, (names, build) in _POOL_GROUPS.items():
+        if not needed & set(names):
             continue
         path = out / f"pools_{group}.npz"
         if path.is_file():
@@ -174,18 +174,18 @@ def _split_of(labels: np.ndarray, n_val: int, n_test: int, rng: np.random.Genera
     return split.tolist()
 
 
-def build_task(name: str, out: Path, pools: dict[str, np.ndarray], n_bags: int | None = None, seed: int = 0,
-               write_bag: Callable | None = None) -> tuple[Path, Path, int]:
+def build_task(name: str, out: Path, pools: dict[str, np.ndarray], n_bags: int | None = None,
+               seed: int = 0) -> tuple[Path, Path, int]:
     """Write task ``name``'s bags into ``out/<name>/bags`` and its split table; return (bags, split, classes).
 
     Skipped when the folder holds the same recipe (hash in ``recipe.json``).
     """
     import pandas as pd
 
-    from wsi_ncmi.data.bags import write_bag as _write
+    from wsi_ncmi.data.atomic import atomic_write_text
+    from wsi_ncmi.data.bags import write_bag
     from wsi_ncmi.data.splits import write_split
 
-    write = write_bag or _write
     spec = TASKS[name]
     n_bags = n_bags or spec.n_bags
     root = out / name
@@ -211,9 +211,9 @@ def build_task(name: str, out: Path, pools: dict[str, np.ndarray], n_bags: int |
             feats[rng.choice(n, size=k, replace=False)] = witness[rng.integers(0, len(witness), k)]
         sid = f"{name}_{i:04d}"
         coords = np.stack([np.arange(n) * TILE, np.zeros(n)], axis=1).astype(np.int64)
-        write(bags_dir / f"{sid}.h5", feats.astype(np.float16), coords,
+        write_bag(bags_dir / f"{sid}.h5", feats.astype(np.float16), coords,
               {"slide_id": sid, "encoder": "mobilenet_v2_tv" if name.startswith("texture") else "digits-relu256"})
         rows.append({"slide_id": sid, "patient_id": f"patient_{sid}", "label": y, "split": split})
     write_split(pd.DataFrame(rows), split_csv)
-    stamp.write_text(json.dumps({"hash": digest, "recipe": recipe}, indent=1))
+    atomic_write_text(stamp, json.dumps({"hash": digest, "recipe": recipe}, indent=1))
     return bags_dir, split_csv, classes
