@@ -234,3 +234,10 @@ def test_tiny_ncmi_terms_keep_significant_digits() -> None:
     assert _fmt(2.5e-05, ".4g") == "2.5e-05" and _fmt(None, ".4g") == "n/a" and _fmt(float("inf"), ".4g") == "n/a"
     assert _pm({"mean": 2.5e-05, "std": None}, ".3g") == "2.5e-05 (n=1)"  # not "0.000"
     assert _pm({"mean": 0.5, "std": 0.25}) == "0.500 ± 0.250"
+
+
+def test_markdown_table_is_the_one_table_writer() -> None:
+    from wsi_ncmi.data.markdown import markdown_table
+
+    assert markdown_table(["a", "b"], [[1, "x"], [2.5, None]]) == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | None |"]
+    assert markdown_table(["only"], []) == ["| only |", "|---|"]

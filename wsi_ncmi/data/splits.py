@@ -22,6 +22,7 @@ import pandas as pd
 
 from wsi_ncmi.data.atomic import atomic_output
 from wsi_ncmi.data.bags import list_bags
+from wsi_ncmi.data.markdown import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -503,15 +504,14 @@ def summary_markdown(table: pd.DataFrame) -> str:
         names = df.drop_duplicates("label").set_index("label")["label_name"].to_dict()
     labels = sorted(int(v) for v in df["label"].unique())
     header = ["split", *[f"{k} {names.get(k, '')}".strip() for k in labels], "slides", "patients"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for split in [*SPLITS, "all"]:
         sub = df if split == "all" else df[df["split"] == split]
         if len(sub) == 0:
             continue
         counts = sub["label"].value_counts()
-        row = [split, *[str(int(counts.get(k, 0))) for k in labels], str(len(sub)), str(sub["patient_id"].nunique())]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append([split, *[int(counts.get(k, 0)) for k in labels], len(sub), sub["patient_id"].nunique()])
+    return "\n".join(markdown_table(header, rows))
 
 
 PROTOCOL_EXPECTED: dict[str, dict[str, Any]] = {

@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 
 from wsi_ncmi.data.atomic import atomic_write_text
+from wsi_ncmi.data.markdown import markdown_table
 from wsi_ncmi.metrics import SCALAR_METRICS, classification_metrics
 from wsi_ncmi.ncmi import ncmi_metric
 
@@ -389,12 +390,6 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:{spec}}"
 
 
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
-
-
 def _paper_note(dataset: str, model: str, num_classes: int | None) -> list[str]:
     rows = paper_rows(dataset, model, num_classes)
     if rows is None:
@@ -409,7 +404,7 @@ def _paper_note(dataset: str, model: str, num_classes: int | None) -> list[str]:
         "\"+NCMI-LP\" = NCMI training + linear probe, compared with our `lp` protocol of an NCMI run):",
         "",
     ]
-    lines += _md_table(
+    lines += markdown_table(
         ["paper row", "macro-F1", "macro-AUC"],
         [[ROW_LABELS[r], _fmt(v["macro_f1"]), _fmt(v["macro_auc"])] for r, v in rows.items()],
     )
@@ -462,11 +457,11 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 _fmt(paper["macro_auc"]) if paper else "—",
             ]
         )
-    lines += _md_table(
+    lines += markdown_table(
         ["protocol", "macro-F1", "macro-AUC", "accuracy", "balanced acc.", "paper macro-F1", "paper macro-AUC"], rows
     )
     lines += ["", *_paper_note(ds, model, c), "", "## All splits", ""]
-    lines += _md_table(
+    lines += markdown_table(
         ["protocol", "split", "macro-F1", "macro-AUC", "accuracy", "balanced acc."],
         [
             [proto, split, *(_fmt(m[k]) for k in SCALAR_METRICS)]
@@ -475,13 +470,13 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         ],
     )
     lines += ["", "## Per-class F1 (test)", ""]
-    lines += _md_table(
+    lines += markdown_table(
         ["protocol", *names],
         [[p, *(_fmt(v) for v in ps["test"]["per_class_f1"])] for p, ps in report["metrics"].items() if "test" in ps],
     )
     if report["ncmi"]:
         lines += ["", f"## Dataset-level NCMI (source: {report.get('ncmi_source', 'n/a')})", ""]
-        lines += _md_table(
+        lines += markdown_table(
             ["split", "CMI", "Γ", "NCMI"],
             [[s, *(_fmt(b[k], ".4g") for k in NCMI_KEYS)] for s, b in report["ncmi"].items()],
         )
@@ -493,7 +488,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         if "test" not in per_split:
             continue
         lines += ["", f"## Confusion matrix, {proto}, test (rows = true, columns = predicted)", ""]
-        lines += _md_table(["true \\ pred", *names], [[n, *r] for n, r in zip(names, per_split["test"]["confusion"])])
+        lines += markdown_table(["true \\ pred", *names], [[n, *r] for n, r in zip(names, per_split["test"]["confusion"])])
     return "\n".join(lines) + "\n"
 
 
@@ -599,7 +594,7 @@ def _summary_markdown(summary: Mapping[str, Any]) -> str:
                     _fmt(paper["macro_auc"]) if paper else "—",
                 ]
             )
-        lines += _md_table(
+        lines += markdown_table(
             ["protocol", "macro-F1", "macro-AUC", "accuracy", "balanced acc.", "paper macro-F1", "paper macro-AUC"],
             rows,
         )
