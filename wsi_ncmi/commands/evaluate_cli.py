@@ -228,7 +228,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from wsi_ncmi.evaluation.paper import detect_dataset
     from wsi_ncmi.evaluation.plots import write_report_plots, write_run_plots
     from wsi_ncmi.evaluation.probe import DEFAULT_CS
-    from wsi_ncmi.evaluation.report import SPLITS, evaluate_run, write_report
+    from wsi_ncmi.evaluation.protocols import evaluate_run
+    from wsi_ncmi.evaluation.report import write_report
+    from wsi_ncmi.evaluation.report_schema import SPLITS
 
     ckpt = Path(args.ckpt)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -314,7 +316,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.evaluation.ood import OODError
     from wsi_ncmi.evaluation.predict import PredictError
     from wsi_ncmi.evaluation.probe import ProbeError
-    from wsi_ncmi.evaluation.report import ReportError
+    from wsi_ncmi.evaluation.report_schema import ReportError
     from wsi_ncmi.models import MILInputError
     from wsi_ncmi.training.checkpoint import CheckpointError
     from wsi_ncmi.training.preflight import PreflightError
@@ -337,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def main_report(argv: list[str] | None = None) -> int:
     """`wsi-ncmi report RUNS... --out DIR`; returns 0 on success, 2 on a user error."""
-    from wsi_ncmi.evaluation.report import ReportError, aggregate_reports
+    from wsi_ncmi.evaluation.report_schema import ReportError
+    from wsi_ncmi.evaluation.summary import aggregate_reports
 
     args = build_report_parser().parse_args(argv)
     try:
