@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
+from wsi_ncmi.data.official import detect_dataset
 from wsi_ncmi.evaluation.embed import EmbeddedSplit, center_and_normalize
-from wsi_ncmi.evaluation.paper import PAPER_TABLE_III, detect_dataset, paper_for_protocol
+from wsi_ncmi.evaluation.paper import PAPER_TABLE_III, paper_for_protocol
 from wsi_ncmi.evaluation.protocols import PROTOCOLS, evaluate_run
 from wsi_ncmi.evaluation.report import read_report, write_report
 from wsi_ncmi.evaluation.report_schema import (

@@ -224,8 +224,8 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from wsi_ncmi.data.official import detect_dataset
     from wsi_ncmi.evaluation.embed import embed_splits
-    from wsi_ncmi.evaluation.paper import detect_dataset
     from wsi_ncmi.evaluation.plots import write_report_plots, write_run_plots
     from wsi_ncmi.evaluation.probe import DEFAULT_CS
     from wsi_ncmi.evaluation.protocols import evaluate_run

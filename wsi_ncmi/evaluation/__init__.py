@@ -47,7 +47,6 @@ _EXPORTS: dict[str, str] = {
     "write_plots": "plots",
     # paper
     "PAPER_TABLE_III": "paper",
-    "detect_dataset": "paper",
     "paper_for_protocol": "paper",
 }
 
