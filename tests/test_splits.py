@@ -18,12 +18,12 @@ from wsi_ncmi.data.official import (
     official_tables,
     readme_sections,
 )
+from wsi_ncmi.data.split_check import validate_split
 from wsi_ncmi.data.splits import (
     SplitError,
     load_split,
     make_split,
     summary_markdown,
-    validate_split,
     write_split,
 )
 
@@ -170,7 +170,7 @@ def test_validate_split_detects_problems(tmp_path: Path) -> None:
     bags = tmp_path / "bags"
     write_bag(bags / "a.h5", np.zeros((1, 2), np.float32), np.zeros((1, 2), int), {})
     report = validate_split(_small_table(), bags_dir=bags)
-    assert report.ok and report.missing_bags == ["b", "c", "d"] and "3 slide(s) have no bag" in report.warnings[0]
+    assert report.ok and report.missing_bags == ["b", "c", "d"] and "3 of 4 slides in split table have no bag" in report.warnings[0]
     with pytest.raises(SplitError, match="no bag"):
         validate_split(_small_table(), bags_dir=bags, strict=True)
     bad = validate_split(_small_table(), expected_counts={"train": 3, "all": {0: 2, 1: 1}})

@@ -162,7 +162,7 @@ def _build_data(args: argparse.Namespace, state: Mapping[str, Any], num_classes:
     """The datamodule of the evaluated split, after the pre-flight check of ``fit`` (with the model's
     ``in_dim``); the accepted patient leaks are stored on it as ``patient_leaks``."""
     from wsi_ncmi.data import MILDataModule
-    from wsi_ncmi.training.preflight import preflight_check
+    from wsi_ncmi.data.split_check import preflight_check
 
     hp = _datamodule_hparams(state)
     bags_dir = args.bags_dir or hp.get("bags_dir")
@@ -312,6 +312,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.data import BagError, SplitError
     from wsi_ncmi.data.mil import MILDataError
     from wsi_ncmi.data.provenance import ProvenanceError
+    from wsi_ncmi.data.split_check import PreflightError
     from wsi_ncmi.evaluation.embed import EmbedError
     from wsi_ncmi.evaluation.ood import OODError
     from wsi_ncmi.evaluation.predict import PredictError
@@ -319,7 +320,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.evaluation.report_schema import ReportError
     from wsi_ncmi.models import MILInputError
     from wsi_ncmi.training.checkpoint import CheckpointError
-    from wsi_ncmi.training.preflight import PreflightError
 
     return (EvaluateArgumentError, BagError, SplitError, MILDataError, EmbedError, ProbeError, ReportError,
             MILInputError, CheckpointError, PreflightError, OODError, ProvenanceError, PredictError)

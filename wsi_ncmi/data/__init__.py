@@ -28,11 +28,16 @@ _EXPORTS: dict[str, str] = {
     # splits
     "SplitError": "splits",
     "load_split": "splits",
-    "validate_split": "splits",
     "make_split": "splits",
     "write_split": "splits",
     "select_fold": "splits",
-    "SplitReport": "splits",
+    # split_check (split table + bags folder)
+    "SplitReport": "split_check",
+    "validate_split": "split_check",
+    "SplitBags": "split_check",
+    "resolve_split_bags": "split_check",
+    "preflight_check": "split_check",
+    "PreflightError": "split_check",
     # official protocols
     "OFFICIAL_PROTOCOLS": "official",
     "detect_dataset": "official",

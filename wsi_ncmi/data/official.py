@@ -27,12 +27,12 @@ from typing import Any
 import pandas as pd
 
 from wsi_ncmi.data.atomic import atomic_write_text
+from wsi_ncmi.data.split_check import validate_split
 from wsi_ncmi.data.splits import (
     SplitError,
     check_table,
     make_split,
     summary_markdown,
-    validate_split,
     write_split,
 )
 

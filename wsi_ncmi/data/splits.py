@@ -3,8 +3,9 @@
 Columns: ``slide_id, patient_id, label, split`` (split in train/val/test) and optionally ``center``,
 ``fold`` and ``label_name``. A k-fold table repeats every slide once per fold; ``(fold, slide_id)`` is unique.
 
-This module loads and validates such tables and generates new ones (grouped, stratified, seeded:
-``make_split``). The official protocols shipped in ``splits/`` (CAMELYON-17, BRACS) are built from it in
+This module loads and checks such tables (columns, types, uniqueness: ``load_split``, ``check_table``) and
+generates new ones (grouped, stratified, seeded: ``make_split``). Checking a table against its protocol and its
+bags folder is :mod:`wsi_ncmi.data.split_check`. The official protocols shipped in ``splits/`` (CAMELYON-17, BRACS) are built from it in
 :mod:`wsi_ncmi.data.official`.
 """
 
@@ -14,7 +15,6 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 
 from wsi_ncmi.data.atomic import atomic_output
-from wsi_ncmi.data.bags import list_bags
 from wsi_ncmi.data.markdown import markdown_table
 
 log = logging.getLogger(__name__)
@@ -128,33 +127,7 @@ def select_fold(table: pd.DataFrame, fold: int | None, where: str = "split table
     return table[table["fold"] == fold].reset_index(drop=True)
 
 
-# -------------------------------------------------------------------------------------------- validate
-@dataclass
-class SplitReport:
-    """What ``validate_split`` found. ``errors`` make a table unusable; ``warnings`` deserve a look."""
-
-    source: str
-    n_rows: int
-    counts: dict[str, dict[int, int]] = field(default_factory=dict)  # "[fold<f>/]split" -> label -> n
-    missing_bags: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-
-def _counts_by_split(df: pd.DataFrame) -> dict[str, dict[int, int]]:
-    out: dict[str, dict[int, int]] = {}
-    has_fold = "fold" in df.columns and df["fold"].nunique() > 1
-    for keys, sub in df.groupby(["fold", "split"] if has_fold else ["split"], sort=True):
-        keys = keys if isinstance(keys, tuple) else (keys,)
-        name = f"fold{keys[0]}/{keys[1]}" if has_fold else str(keys[0])
-        out[name] = {int(k): int(v) for k, v in sub["label"].value_counts().sort_index().items()}
-    return out
-
-
+# ----------------------------------------------------------------------------------------------- inspect
 def patient_leaks(df: pd.DataFrame) -> list[str]:
     """One line per patient found in more than one split (per fold): ``"patient 'p7' is in ['train', 'val']"``."""
     leaks = []
@@ -165,67 +138,6 @@ def patient_leaks(df: pd.DataFrame) -> list[str]:
             splits = sorted(sub.loc[sub["patient_id"] == patient, "split"].unique())
             leaks.append(f"patient {patient!r} is in {splits}" + (f" (fold {fold})" if fold is not None else ""))
     return leaks
-
-
-def _expected_mismatches(counts: dict[str, dict[int, int]], df: pd.DataFrame,
-                         expected: Mapping[str, Any]) -> list[str]:
-    out = []
-    for key, want in expected.items():
-        have = ({int(k): int(v) for k, v in df["label"].value_counts().items()} if key == "all"
-                else counts.get(str(key), {}))
-        if isinstance(want, Mapping):
-            want_d = {int(k): int(v) for k, v in want.items()}
-            have_d = {k: have.get(k, 0) for k in sorted(set(want_d) | set(have))}
-            if have_d != {k: want_d.get(k, 0) for k in have_d}:
-                out.append(f"{key}: label counts {have_d} != expected {want_d}")
-        elif sum(have.values()) != int(want):
-            out.append(f"{key}: {sum(have.values())} slides != expected {int(want)}")
-    return out
-
-
-def validate_split(
-    table: pd.DataFrame | str | os.PathLike,
-    bags_dir: str | os.PathLike | None = None,
-    num_classes: int | None = None,
-    expected_counts: Mapping[str, Any] | None = None,
-    strict: bool = False,
-) -> SplitReport:
-    """Check a split table against its protocol and (optionally) a folder of bags.
-
-    Always errors: a patient in two splits (of one fold), labels outside 0..C-1. Missing bags and counts
-    that differ from ``expected_counts`` ({split|"all": n or {label: n}}) are warnings, errors with
-    ``strict``. With ``strict`` any error raises ``SplitError``; otherwise the report lists them.
-    """
-    if isinstance(table, (str, os.PathLike)):
-        source, df = str(table), load_split(table)
-    else:
-        source, df = "split table", check_table(table, "split table")
-    report = SplitReport(source=source, n_rows=len(df), counts=_counts_by_split(df))
-    report.errors += [f"patient leak: {m}" for m in patient_leaks(df)]
-    labels = sorted(int(v) for v in df["label"].unique())
-    c = num_classes if num_classes is not None else labels[-1] + 1
-    out_of_range = [v for v in labels if v >= c]
-    if out_of_range:
-        report.errors.append(f"labels {out_of_range} outside 0..{c - 1} (num_classes={c})")
-    train_labels = set(df.loc[df["split"] == "train", "label"].astype(int))
-    absent = [k for k in range(c) if k not in train_labels]
-    if train_labels and absent:
-        report.warnings.append(f"classes {absent} have no training slide")
-    soft: list[str] = []
-    if bags_dir is not None:
-        have = set(list_bags(bags_dir))
-        report.missing_bags = sorted(set(df["slide_id"]) - have)
-        if report.missing_bags:
-            shown = ", ".join(report.missing_bags[:20]) + (" ..." if len(report.missing_bags) > 20 else "")
-            soft.append(f"{len(report.missing_bags)} slide(s) have no bag in {bags_dir}: {shown}")
-    if expected_counts:
-        soft += _expected_mismatches(report.counts, df, expected_counts)
-    (report.errors if strict else report.warnings).extend(soft)
-    for w in report.warnings:
-        log.warning("%s: %s", source, w)
-    if strict and report.errors:
-        raise SplitError(f"{source}: " + "; ".join(report.errors))
-    return report
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
