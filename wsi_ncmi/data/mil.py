@@ -1,4 +1,9 @@
-"""MIL data: a dataset of bags named by a split table, a padding collate with a mask, a Lightning datamodule."""
+"""MIL data: a dataset of bags named by a split table, a padding collate with a mask, a Lightning datamodule.
+
+One concept, the path from one split table's bags to padded batches (dataset, its epoch-seeded sampler, its
+collate and the datamodule that wires them); slightly over the ~450-line guideline on purpose. Resolving the
+split against the bags folder is :mod:`wsi_ncmi.data.split_check`; the in-memory cache is :mod:`wsi_ncmi.data.cache`.
+"""
 
 from __future__ import annotations
 
