@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from wsi_ncmi.data.splits import write_official
+from wsi_ncmi.data.official import write_official
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = HERE.parent.parent / "shared" / "reference"

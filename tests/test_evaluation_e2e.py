@@ -12,7 +12,8 @@ import torch
 from _synthetic import make_witness_bags
 
 from wsi_ncmi.evaluation.embed import EmbedError, embed_split, embed_splits
-from wsi_ncmi.evaluation.report import evaluate_run, read_report, write_report
+from wsi_ncmi.evaluation.protocols import evaluate_run
+from wsi_ncmi.evaluation.report import read_report, write_report
 from wsi_ncmi.models import create_model
 from wsi_ncmi.ncmi import NCMILoss
 

@@ -18,7 +18,7 @@ from wsi_ncmi.evaluation.plots import (
     project_2d,
     write_plots,
 )
-from wsi_ncmi.evaluation.report import evaluate_run
+from wsi_ncmi.evaluation.protocols import evaluate_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ["benign", "atypical", "malignant"]

@@ -12,18 +12,18 @@ import pandas as pd
 import pytest
 import torch
 
+from wsi_ncmi.data.official import detect_dataset
 from wsi_ncmi.evaluation.embed import EmbeddedSplit, center_and_normalize
-from wsi_ncmi.evaluation.paper import PAPER_TABLE_III, detect_dataset, paper_for_protocol
-from wsi_ncmi.evaluation.report import (
+from wsi_ncmi.evaluation.paper import PAPER_TABLE_III, paper_for_protocol
+from wsi_ncmi.evaluation.protocols import PROTOCOLS, evaluate_run
+from wsi_ncmi.evaluation.report import read_report, write_report
+from wsi_ncmi.evaluation.report_schema import (
+    REPORT_PROTOCOLS,
     ReportError,
     ReportSchemaError,
-    aggregate_reports,
-    evaluate_run,
-    find_reports,
-    read_report,
     validate_report,
-    write_report,
 )
+from wsi_ncmi.evaluation.summary import aggregate_reports, find_reports
 from wsi_ncmi.ncmi import NCMILoss
 
 C = 4
@@ -229,8 +229,20 @@ def test_find_reports_errors(tmp_path: Path) -> None:
 
 
 def test_tiny_ncmi_terms_keep_significant_digits() -> None:
-    from wsi_ncmi.evaluation.report import _fmt, _pm
+    from wsi_ncmi.evaluation.report import format_number as _fmt
+    from wsi_ncmi.evaluation.summary import _pm
 
     assert _fmt(2.5e-05, ".4g") == "2.5e-05" and _fmt(None, ".4g") == "n/a" and _fmt(float("inf"), ".4g") == "n/a"
     assert _pm({"mean": 2.5e-05, "std": None}, ".3g") == "2.5e-05 (n=1)"  # not "0.000"
     assert _pm({"mean": 0.5, "std": 0.25}) == "0.500 ± 0.250"
+
+
+def test_markdown_table_is_the_one_table_writer() -> None:
+    from wsi_ncmi.data.markdown import markdown_table
+
+    assert markdown_table(["a", "b"], [[1, "x"], [2.5, None]]) == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | None |"]
+    assert markdown_table(["only"], []) == ["| only |", "|---|"]
+
+
+def test_report_schema_knows_every_registered_protocol() -> None:
+    assert tuple(PROTOCOLS) == REPORT_PROTOCOLS

@@ -10,15 +10,20 @@ import pytest
 
 from wsi_ncmi.commands import splits_cli
 from wsi_ncmi.data.bags import write_bag
-from wsi_ncmi.data.splits import (
+from wsi_ncmi.data.official import (
     BRACS_3CLASS,
+    OFFICIAL_PROTOCOLS,
+    detect_dataset,
+    official_expected,
+    official_tables,
+    readme_sections,
+)
+from wsi_ncmi.data.split_check import validate_split
+from wsi_ncmi.data.splits import (
     SplitError,
     load_split,
     make_split,
-    official_tables,
-    readme_sections,
     summary_markdown,
-    validate_split,
     write_split,
 )
 
@@ -89,6 +94,18 @@ def test_readme_tables_match_the_csvs() -> None:
         assert sections[str(path.relative_to(SPLITS_DIR))] == summary_markdown(load_split(path)), path
 
 
+
+def test_official_protocols_know_their_names_counts_and_paths() -> None:
+    """One registry: every shipped table belongs to exactly one protocol, which detect_dataset names from its
+    path and whose expected counts the table meets."""
+    listed = [name for p in OFFICIAL_PROTOCOLS.values() for name in p.paths]
+    assert sorted(listed) == sorted(str(p.relative_to(SPLITS_DIR)) for p in SHIPPED)
+    for proto in OFFICIAL_PROTOCOLS.values():
+        for name in proto.paths:
+            assert detect_dataset(SPLITS_DIR / name) == proto.name
+            assert official_expected(name) is proto.expected
+            validate_split(SPLITS_DIR / name, expected_counts=proto.expected, strict=True)
+
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference not present")
 def test_shipped_tables_are_what_the_generator_produces() -> None:
     tables = official_tables(REFERENCE / "camelyon17_slides.csv", REFERENCE / "bracs_slides.csv")
@@ -153,7 +170,7 @@ def test_validate_split_detects_problems(tmp_path: Path) -> None:
     bags = tmp_path / "bags"
     write_bag(bags / "a.h5", np.zeros((1, 2), np.float32), np.zeros((1, 2), int), {})
     report = validate_split(_small_table(), bags_dir=bags)
-    assert report.ok and report.missing_bags == ["b", "c", "d"] and "3 slide(s) have no bag" in report.warnings[0]
+    assert report.ok and report.missing_bags == ["b", "c", "d"] and "3 of 4 slides in split table have no bag" in report.warnings[0]
     with pytest.raises(SplitError, match="no bag"):
         validate_split(_small_table(), bags_dir=bags, strict=True)
     bad = validate_split(_small_table(), expected_counts={"train": 3, "all": {0: 2, 1: 1}})

@@ -13,13 +13,12 @@ import torch
 from _synthetic import make_witness_bags
 
 from wsi_ncmi.data import MILDataModule, write_bag
+from wsi_ncmi.data.split_check import PreflightError, preflight_check
 from wsi_ncmi.training import (
     MILModule,
-    PreflightError,
     TrainingConfigError,
     build_scheduler,
     epoch_metrics,
-    preflight_check,
 )
 
 DIM = 32
@@ -278,6 +277,43 @@ def test_preflight_errors_before_training(tmp_path, capsys):
     with pytest.raises(PreflightError, match=r"classes \[3\] have no slide in the train split"):
         preflight_check(other, split3, num_classes=4)
 
+
+
+def test_fit_setup_lists_the_bags_folder_once_and_reads_each_header_once(bags, tmp_path, monkeypatch):
+    """One owner of "split table + bags folder": the pre-flight check resolves the split, the datamodule and its
+    datasets take the resolved paths (no second listing, no second header read, whatever module asks)."""
+    import sys
+
+    from wsi_ncmi.commands.train_cli import MILCLI
+    from wsi_ncmi.data import bags as bags_mod
+    from wsi_ncmi.data.provenance import datamodule_provenance
+
+    calls = {"list_bags": [], "read_header": []}
+
+    def counting(name):
+        real = getattr(bags_mod, name)
+
+        def wrapper(path, *a, **k):
+            calls[name].append(str(path))
+            return real(path, *a, **k)
+
+        return real, wrapper
+
+    for name in calls:
+        real, wrapper = counting(name)
+        for mod in [m for n, m in sys.modules.items() if n.startswith("wsi_ncmi") and m is not None]:
+            if getattr(mod, name, None) is real:
+                monkeypatch.setattr(mod, name, wrapper)
+    cli = MILCLI(args=_cli_args(*bags, tmp_path / "run", "--data.cache", "auto"), run=False)
+    dm = cli.datamodule
+    dm.setup("fit")
+    next(iter(dm.train_dataloader()))
+    next(iter(dm.val_dataloader()))
+    dm.dataset("test")
+    assert datamodule_provenance(dm) is not None
+    n_slides = len(dm.table)
+    assert calls["list_bags"] == [str(bags[0])]
+    assert len(calls["read_header"]) == n_slides == len(set(calls["read_header"]))
 
 # --------------------------------------------------------------------------------- schedule / metrics
 def test_cosine_schedule_with_warmup():

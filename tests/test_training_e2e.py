@@ -20,7 +20,8 @@ import torch
 from _synthetic import make_witness_bags
 
 from wsi_ncmi.data import MILDataModule
-from wsi_ncmi.evaluation.report import read_report, validate_report
+from wsi_ncmi.evaluation.report import read_report
+from wsi_ncmi.evaluation.report_schema import validate_report
 from wsi_ncmi.training import MILModule
 
 DIM, C = 16, 2

@@ -162,7 +162,7 @@ def _build_data(args: argparse.Namespace, state: Mapping[str, Any], num_classes:
     """The datamodule of the evaluated split, after the pre-flight check of ``fit`` (with the model's
     ``in_dim``); the accepted patient leaks are stored on it as ``patient_leaks``."""
     from wsi_ncmi.data import MILDataModule
-    from wsi_ncmi.training.preflight import preflight_check
+    from wsi_ncmi.data.split_check import preflight_check
 
     hp = _datamodule_hparams(state)
     bags_dir = args.bags_dir or hp.get("bags_dir")
@@ -224,11 +224,13 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from wsi_ncmi.data.official import detect_dataset
     from wsi_ncmi.evaluation.embed import embed_splits
-    from wsi_ncmi.evaluation.paper import detect_dataset
     from wsi_ncmi.evaluation.plots import write_report_plots, write_run_plots
     from wsi_ncmi.evaluation.probe import DEFAULT_CS
-    from wsi_ncmi.evaluation.report import SPLITS, evaluate_run, write_report
+    from wsi_ncmi.evaluation.protocols import evaluate_run
+    from wsi_ncmi.evaluation.report import write_report
+    from wsi_ncmi.evaluation.report_schema import SPLITS
 
     ckpt = Path(args.ckpt)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -310,14 +312,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.data import BagError, SplitError
     from wsi_ncmi.data.mil import MILDataError
     from wsi_ncmi.data.provenance import ProvenanceError
+    from wsi_ncmi.data.split_check import PreflightError
     from wsi_ncmi.evaluation.embed import EmbedError
     from wsi_ncmi.evaluation.ood import OODError
     from wsi_ncmi.evaluation.predict import PredictError
     from wsi_ncmi.evaluation.probe import ProbeError
-    from wsi_ncmi.evaluation.report import ReportError
+    from wsi_ncmi.evaluation.report_schema import ReportError
     from wsi_ncmi.models import MILInputError
     from wsi_ncmi.training.checkpoint import CheckpointError
-    from wsi_ncmi.training.preflight import PreflightError
 
     return (EvaluateArgumentError, BagError, SplitError, MILDataError, EmbedError, ProbeError, ReportError,
             MILInputError, CheckpointError, PreflightError, OODError, ProvenanceError, PredictError)
@@ -337,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def main_report(argv: list[str] | None = None) -> int:
     """`wsi-ncmi report RUNS... --out DIR`; returns 0 on success, 2 on a user error."""
-    from wsi_ncmi.evaluation.report import ReportError, aggregate_reports
+    from wsi_ncmi.evaluation.report_schema import ReportError
+    from wsi_ncmi.evaluation.summary import aggregate_reports
 
     args = build_report_parser().parse_args(argv)
     try:

@@ -9,16 +9,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from wsi_ncmi.data.official import PROTOCOL_EXPECTED, official_tables, write_official
+from wsi_ncmi.data.split_check import validate_split
 from wsi_ncmi.data.splits import (
-    PROTOCOL_EXPECTED,
     STRATEGIES,
     SplitError,
     load_split,
     make_split,
-    official_tables,
     summary_markdown,
-    validate_split,
-    write_official,
     write_split,
 )
 

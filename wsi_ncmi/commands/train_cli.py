@@ -34,19 +34,17 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from wsi_ncmi.commands.errors import one_line
 from wsi_ncmi.data import BagError, MILDataModule, SplitError
 from wsi_ncmi.data.mil import MILDataError
+from wsi_ncmi.data.split_check import PreflightError, check_patient_leak, offer_split_bags, preflight_check
 from wsi_ncmi.models.base import MILConfigError, MILInputError
 from wsi_ncmi.training import (
     ConfigComposeError,
     LastCheckpoint,
     MILModule,
-    PreflightError,
     RNGStateCheckpoint,
     RunCSVLogger,
     TrainingConfigError,
     TrimLogOnFitStart,
-    check_patient_leak,
     expand_config_args,
-    preflight_check,
 )
 from wsi_ncmi.training.checkpoint import CheckpointError, WeightsOnlyCLI
 
@@ -106,6 +104,7 @@ class MILCLI(WeightsOnlyCLI, LightningCLI):
                                      leak_flag=_LEAK_FLAG)
         else:
             check_patient_leak(data.split_csv, fold=data.fold, allow=cfg.allow_patient_leak, flag=_LEAK_FLAG)
+        self._split_bags = report.resolved if report is not None else None
         # before the trainer exists: a bad --ckpt_path (`last` = checkpoints/last*.ckpt) ends the run here
         self.check_ckpt_args(cfg.get("ckpt_path"), cfg.get("weights_only"), [cfg.checkpoint.dirpath])
         if data.num_classes is None:
@@ -115,6 +114,11 @@ class MILCLI(WeightsOnlyCLI, LightningCLI):
                 data.num_classes = max(int(v) for v in data.label_map.values()) + 1
             elif report is not None:
                 data.num_classes = report.num_labels
+
+    def instantiate_classes(self) -> None:
+        # the datamodule takes the split the pre-flight check resolved: one folder listing, one read per header
+        with offer_split_bags(getattr(self, "_split_bags", None)):
+            super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self._cfg()

@@ -1,4 +1,5 @@
-"""Data layer: HDF5 bags (`bags`), split tables (`splits`) and the MIL dataset / datamodule (`mil`).
+"""Data layer: HDF5 bags (`bags`), split tables (`splits`), the official split protocols (`official`) and the MIL
+dataset / datamodule (`mil`).
 
 Names are re-exported lazily so that `import wsi_ncmi.data.bags` (used by preprocessing) does not pull in
 pandas, torch or Lightning.
@@ -27,16 +28,24 @@ _EXPORTS: dict[str, str] = {
     # splits
     "SplitError": "splits",
     "load_split": "splits",
-    "validate_split": "splits",
     "make_split": "splits",
     "write_split": "splits",
-    "camelyon17_splits": "splits",
-    "bracs_splits": "splits",
-    "camelyon17_loco": "splits",
-    "official_tables": "splits",
-    "write_official": "splits",
     "select_fold": "splits",
-    "SplitReport": "splits",
+    # split_check (split table + bags folder)
+    "SplitReport": "split_check",
+    "validate_split": "split_check",
+    "SplitBags": "split_check",
+    "resolve_split_bags": "split_check",
+    "preflight_check": "split_check",
+    "PreflightError": "split_check",
+    # official protocols
+    "OFFICIAL_PROTOCOLS": "official",
+    "detect_dataset": "official",
+    "camelyon17_splits": "official",
+    "bracs_splits": "official",
+    "camelyon17_loco": "official",
+    "official_tables": "official",
+    "write_official": "official",
     # mil
     "BagDataset": "mil",
     "collate_bags": "mil",

@@ -14,6 +14,10 @@ killed writer leaves a ``.tmp`` file and never a half-written ``.h5``.
 
 Readers also accept feature files written by CLAM (``features`` + ``coords``, no attributes) and TRIDENT
 (``features`` + ``coords`` with attributes on the datasets).
+
+This file holds one concept, the bag file format (write, read, inspect, validate and list bags of the schema
+above), and is longer than the ~450-line guideline on purpose: splitting the writer from its readers and
+validators would spread one schema over several files.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,8 @@ from torch import Tensor
 
 from wsi_ncmi.data.bags import BagError, read_features, read_header
 
-__all__ = ["CACHE_MODES", "BagCache", "CacheError", "available_memory", "bags_nbytes", "resolve_cache_mode"]
+__all__ = ["CACHE_MODES", "BagCache", "CacheError", "available_memory", "bags_nbytes", "headers_nbytes",
+           "resolve_cache_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,14 @@ def _cached_itemsize(dtype: np.dtype) -> int:
     return 2 if np.dtype(dtype).itemsize >= 2 else np.dtype(dtype).itemsize
 
 
+def headers_nbytes(headers: Iterable[tuple[int, int, np.dtype]]) -> int:
+    """Bytes the cache needs for bags with these headers ``(N, D, dtype)`` (float16 features)."""
+    return sum(n * d * _cached_itemsize(dtype) for n, d, dtype in headers)
+
+
 def bags_nbytes(paths: Sequence[str | os.PathLike]) -> int:
     """Bytes the cache needs for these bags (float16 features), from their headers only."""
-    total = 0
-    for p in paths:
-        n, d, dtype = read_header(p)
-        total += n * d * _cached_itemsize(dtype)
-    return total
+    return headers_nbytes(read_header(p) for p in paths)
 
 
 def available_memory(device: torch.device) -> int:

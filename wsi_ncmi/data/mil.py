@@ -1,4 +1,9 @@
-"""MIL data: a dataset of bags named by a split table, a padding collate with a mask, a Lightning datamodule."""
+"""MIL data: a dataset of bags named by a split table, a padding collate with a mask, a Lightning datamodule.
+
+One concept, the path from one split table's bags to padded batches (dataset, its epoch-seeded sampler, its
+collate and the datamodule that wires them); slightly over the ~450-line guideline on purpose. Resolving the
+split against the bags folder is :mod:`wsi_ncmi.data.split_check`; the in-memory cache is :mod:`wsi_ncmi.data.cache`.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from wsi_ncmi.data.bags import BagError, list_bags, read_bag, read_features, read_header
-from wsi_ncmi.data.cache import CACHE_MODES, BagCache, CacheError, bags_nbytes, resolve_cache_mode
+from wsi_ncmi.data.bags import BagError, read_bag, read_features
+from wsi_ncmi.data.cache import CACHE_MODES, BagCache, CacheError, headers_nbytes, resolve_cache_mode
+from wsi_ncmi.data.split_check import locate_bags, missing_bags_message, split_bags_for
 from wsi_ncmi.data.splits import SPLITS, load_split, select_fold
 
 log = logging.getLogger(__name__)
@@ -76,6 +82,7 @@ class BagDataset(Dataset):
         seed: int = 0,
         fold: int | None = None,
         train: bool | None = None,
+        bag_paths: Mapping[str, Path] | None = None,
     ) -> None:
         where = "split table" if isinstance(split_csv, pd.DataFrame) else str(split_csv)
         if split not in (*SPLITS, "all"):
@@ -92,11 +99,13 @@ class BagDataset(Dataset):
         self.where = where
         self.split = split
         self.bags_dir = Path(bags_dir)
-        bags = list_bags(self.bags_dir)
-        missing = [s for s in self.table["slide_id"] if s not in bags]
+        if bag_paths is None:
+            bags, missing = locate_bags(self.table["slide_id"], self.bags_dir)
+        else:
+            bags = bag_paths
+            missing = [s for s in self.table["slide_id"] if s not in bags]
         if missing:
-            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-            raise MILDataError(f"{where}: {len(missing)} slide(s) of split {split!r} have no bag in {bags_dir}: {shown}")
+            raise MILDataError(missing_bags_message(missing, len(self.table), f"{where} (split {split!r})", bags_dir))
         self.paths = [bags[s] for s in self.table["slide_id"]]
         self.labels = self.table["label"].astype(int).tolist()
         self.slide_ids = self.table["slide_id"].tolist()
@@ -308,8 +317,11 @@ class MILDataModule(L.LightningDataModule):
         self.label_map = dict(label_map) if label_map else None
         self.fold = fold
         self.seed = seed
-        table = select_fold(load_split(self.split_csv), fold, self.split_csv)
-        self.table = _apply_label_map(table, self.label_map, self.split_csv)
+        try:
+            resolved = split_bags_for(self.bags_dir, self.split_csv, fold)  # one listing, headers read on demand
+        except BagError as exc:
+            raise MILDataError(f"{self.split_csv}: {exc}") from exc
+        self.table = _apply_label_map(resolved.table, self.label_map, self.split_csv)
         max_label = int(self.table["label"].max())
         if num_classes is None:
             num_classes = max_label + 1
@@ -322,17 +334,12 @@ class MILDataModule(L.LightningDataModule):
         if initial is not None and "num_classes" in initial:
             initial["num_classes"] = self.num_classes
         self.class_names = self._class_names()
-        try:
-            bags = list_bags(self.bags_dir)
-        except BagError as exc:
-            raise MILDataError(f"{self.split_csv}: {exc}") from exc
-        missing = sorted(set(self.table["slide_id"]) - set(bags))
-        if missing:
-            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-            raise MILDataError(f"{self.split_csv}: {len(missing)} slide(s) have no bag in {self.bags_dir}: {shown}")
-        self._bags = bags
-        first = bags[str(self.table["slide_id"].iloc[0])]
-        self.in_dim = int(read_header(first)[1])
+        if resolved.missing:
+            raise MILDataError(resolved.missing_message())
+        self._resolved = resolved
+        #: slide id -> bag file of every slide of the table (resolved once, passed down to the datasets)
+        self.bag_paths = resolved.paths
+        self.in_dim = int(resolved.header(str(self.table["slide_id"].iloc[0]))[1])
         self._datasets: dict[str, BagDataset] = {}
         self._samplers: weakref.WeakSet[EpochWeightedSampler] = weakref.WeakSet()
         self.epoch = 0
@@ -352,11 +359,7 @@ class MILDataModule(L.LightningDataModule):
         """Every bag of the table has ``in_dim`` features (headers only)."""
         if self._dims_checked:
             return
-        odd = {}
-        for slide in self.table["slide_id"]:
-            d = read_header(self._bags[slide])[1]
-            if d != self.in_dim:
-                odd[slide] = d
+        odd = {slide: d for slide, d in self._resolved.dims().items() if d != self.in_dim}
         if odd:
             shown = ", ".join(f"{k} (D={v})" for k, v in list(odd.items())[:10])
             raise MILDataError(f"{self.split_csv}: bags have different feature dims; expected D={self.in_dim} "
@@ -370,7 +373,7 @@ class MILDataModule(L.LightningDataModule):
                 raise MILDataError(f"{self.split_csv}: split {split!r} is empty (sizes: {self.split_sizes()})")
             ds = BagDataset(
                 self.table, self.bags_dir, split, max_instances=self.max_instances,
-                instance_dropout=self.instance_dropout, seed=self.seed,
+                instance_dropout=self.instance_dropout, seed=self.seed, bag_paths=self.bag_paths,
             )
             ds.where = self.split_csv
             ds.set_epoch(self.epoch)
@@ -393,7 +396,7 @@ class MILDataModule(L.LightningDataModule):
                 self._cache_mode = "none"
             else:
                 ids = self.table.loc[self.table["split"].isin(list(splits)), "slide_id"]
-                needed = bags_nbytes([self._bags[s] for s in ids])
+                needed = headers_nbytes(self._resolved.header(s) for s in ids)
                 try:
                     self._cache_mode = resolve_cache_mode(self.cache, needed, self.cache_device, self.cache_budget,
                                                           self.split_csv)

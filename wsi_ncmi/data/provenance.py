@@ -146,7 +146,9 @@ def datamodule_provenance(dm: Any) -> dict[str, Any] | None:
         logger.warning("%s has no bags table (table / bags_dir): the checkpoint records no training-bag provenance",
                        type(dm).__name__)
         return None
-    paths = [Path(bags_dir) / f"{sid}.h5" for sid in table["slide_id"].astype(str)]
+    resolved = getattr(dm, "bag_paths", None)  # MILDataModule: the bag files it resolved (same <slide_id>.h5)
+    paths = [Path(resolved[sid]) if resolved and sid in resolved else Path(bags_dir) / f"{sid}.h5"
+             for sid in table["slide_id"].astype(str)]
     try:
         prov = training_provenance(
             paths, class_names=[str(c) for c in (getattr(dm, "class_names", None) or [])],

@@ -3,8 +3,10 @@
 Columns: ``slide_id, patient_id, label, split`` (split in train/val/test) and optionally ``center``,
 ``fold`` and ``label_name``. A k-fold table repeats every slide once per fold; ``(fold, slide_id)`` is unique.
 
-This module loads and validates such tables, generates new ones (grouped, stratified, seeded:
-``make_split``) and builds the official protocol tables shipped in ``splits/`` (CAMELYON-17, BRACS).
+This module loads and checks such tables (columns, types, uniqueness: ``load_split``, ``check_table``) and
+generates new ones (grouped, stratified, seeded: ``make_split``). Checking a table against its protocol and its
+bags folder is :mod:`wsi_ncmi.data.split_check`. The official protocols shipped in ``splits/`` (CAMELYON-17, BRACS) are built from it in
+:mod:`wsi_ncmi.data.official`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from wsi_ncmi.data.atomic import atomic_output
-from wsi_ncmi.data.bags import list_bags
+from wsi_ncmi.data.markdown import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _int_column(df: pd.DataFrame, col: str, where: str, allow_empty: bool = Fals
     return pd.Series(out, index=df.index, dtype="Int64" if allow_empty else "int64")
 
 
-def _check_table(df: pd.DataFrame, where: str) -> pd.DataFrame:
+def check_table(df: pd.DataFrame, where: str) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise SplitError(f"{where}: missing column(s) {missing}; a split table needs {list(REQUIRED_COLUMNS)}")
@@ -98,13 +99,13 @@ def load_split(csv: str | os.PathLike) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SplitError(f"{path}: not a readable CSV: {exc}") from exc
-    return _check_table(df, str(path))
+    return check_table(df, str(path))
 
 
 def write_split(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Check ``table`` and write it as CSV atomically (tmp file + ``os.replace``)."""
     path = Path(path)
-    df = _check_table(table, str(path))
+    df = check_table(table, str(path))
     with atomic_output(path) as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")
     return path
@@ -126,33 +127,7 @@ def select_fold(table: pd.DataFrame, fold: int | None, where: str = "split table
     return table[table["fold"] == fold].reset_index(drop=True)
 
 
-# -------------------------------------------------------------------------------------------- validate
-@dataclass
-class SplitReport:
-    """What ``validate_split`` found. ``errors`` make a table unusable; ``warnings`` deserve a look."""
-
-    source: str
-    n_rows: int
-    counts: dict[str, dict[int, int]] = field(default_factory=dict)  # "[fold<f>/]split" -> label -> n
-    missing_bags: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-
-def _counts_by_split(df: pd.DataFrame) -> dict[str, dict[int, int]]:
-    out: dict[str, dict[int, int]] = {}
-    has_fold = "fold" in df.columns and df["fold"].nunique() > 1
-    for keys, sub in df.groupby(["fold", "split"] if has_fold else ["split"], sort=True):
-        keys = keys if isinstance(keys, tuple) else (keys,)
-        name = f"fold{keys[0]}/{keys[1]}" if has_fold else str(keys[0])
-        out[name] = {int(k): int(v) for k, v in sub["label"].value_counts().sort_index().items()}
-    return out
-
-
+# ----------------------------------------------------------------------------------------------- inspect
 def patient_leaks(df: pd.DataFrame) -> list[str]:
     """One line per patient found in more than one split (per fold): ``"patient 'p7' is in ['train', 'val']"``."""
     leaks = []
@@ -165,65 +140,22 @@ def patient_leaks(df: pd.DataFrame) -> list[str]:
     return leaks
 
 
-def _expected_mismatches(counts: dict[str, dict[int, int]], df: pd.DataFrame,
-                         expected: Mapping[str, Any]) -> list[str]:
-    out = []
-    for key, want in expected.items():
-        have = ({int(k): int(v) for k, v in df["label"].value_counts().items()} if key == "all"
-                else counts.get(str(key), {}))
-        if isinstance(want, Mapping):
-            want_d = {int(k): int(v) for k, v in want.items()}
-            have_d = {k: have.get(k, 0) for k in sorted(set(want_d) | set(have))}
-            if have_d != {k: want_d.get(k, 0) for k in have_d}:
-                out.append(f"{key}: label counts {have_d} != expected {want_d}")
-        elif sum(have.values()) != int(want):
-            out.append(f"{key}: {sum(have.values())} slides != expected {int(want)}")
-    return out
-
-
-def validate_split(
-    table: pd.DataFrame | str | os.PathLike,
-    bags_dir: str | os.PathLike | None = None,
-    num_classes: int | None = None,
-    expected_counts: Mapping[str, Any] | None = None,
-    strict: bool = False,
-) -> SplitReport:
-    """Check a split table against its protocol and (optionally) a folder of bags.
-
-    Always errors: a patient in two splits (of one fold), labels outside 0..C-1. Missing bags and counts
-    that differ from ``expected_counts`` ({split|"all": n or {label: n}}) are warnings, errors with
-    ``strict``. With ``strict`` any error raises ``SplitError``; otherwise the report lists them.
-    """
-    if isinstance(table, (str, os.PathLike)):
-        source, df = str(table), load_split(table)
-    else:
-        source, df = "split table", _check_table(table, "split table")
-    report = SplitReport(source=source, n_rows=len(df), counts=_counts_by_split(df))
-    report.errors += [f"patient leak: {m}" for m in patient_leaks(df)]
+def summary_markdown(table: pd.DataFrame) -> str:
+    """A markdown table of slides (and patients) per split and label: the README's per-file summary."""
+    df = table
+    names = {}
+    if "label_name" in df.columns:
+        names = df.drop_duplicates("label").set_index("label")["label_name"].to_dict()
     labels = sorted(int(v) for v in df["label"].unique())
-    c = num_classes if num_classes is not None else labels[-1] + 1
-    out_of_range = [v for v in labels if v >= c]
-    if out_of_range:
-        report.errors.append(f"labels {out_of_range} outside 0..{c - 1} (num_classes={c})")
-    train_labels = set(df.loc[df["split"] == "train", "label"].astype(int))
-    absent = [k for k in range(c) if k not in train_labels]
-    if train_labels and absent:
-        report.warnings.append(f"classes {absent} have no training slide")
-    soft: list[str] = []
-    if bags_dir is not None:
-        have = set(list_bags(bags_dir))
-        report.missing_bags = sorted(set(df["slide_id"]) - have)
-        if report.missing_bags:
-            shown = ", ".join(report.missing_bags[:20]) + (" ..." if len(report.missing_bags) > 20 else "")
-            soft.append(f"{len(report.missing_bags)} slide(s) have no bag in {bags_dir}: {shown}")
-    if expected_counts:
-        soft += _expected_mismatches(report.counts, df, expected_counts)
-    (report.errors if strict else report.warnings).extend(soft)
-    for w in report.warnings:
-        log.warning("%s: %s", source, w)
-    if strict and report.errors:
-        raise SplitError(f"{source}: " + "; ".join(report.errors))
-    return report
+    header = ["split", *[f"{k} {names.get(k, '')}".strip() for k in labels], "slides", "patients"]
+    rows = []
+    for split in [*SPLITS, "all"]:
+        sub = df if split == "all" else df[df["split"] == split]
+        if len(sub) == 0:
+            continue
+        counts = sub["label"].value_counts()
+        rows.append([split, *[int(counts.get(k, 0)) for k in labels], len(sub), sub["patient_id"].nunique()])
+    return "\n".join(markdown_table(header, rows))
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -406,187 +338,4 @@ def make_split(
         raise SplitError(f"val + test = {val + test} leaves no training data")
     df = _prepare_labels(labels_df, group_by)
     out = _STRATEGIES[strategy](df, group_by, val, test, folds, seed, test_centers)
-    return _check_table(out, f"make_split({strategy})")
-
-
-# -------------------------------------------------------------------------------------- official protocols
-CAMELYON17_LABELS = ("negative", "itc", "micro", "macro")
-CAMELYON17_EXPECTED = {"all": {0: 318, 1: 36, 2: 59, 3: 87}, "test": 200}
-CAMELYON17_TEST_CENTERS = (3, 4)
-BRACS_SUBTYPES = ("N", "PB", "UDH", "FEA", "ADH", "DCIS", "IC")  # reference labels 0..6
-BRACS_3CLASS = {"N": 0, "PB": 0, "UDH": 0, "FEA": 1, "ADH": 1, "DCIS": 2, "IC": 2}
-BRACS_3CLASS_NAMES = ("benign", "atypical", "malignant")
-BRACS_GROUPS = {"BT": 0, "AT": 1, "MT": 2}
-BRACS_EXPECTED = {"train": 395, "val": 65, "test": 87}
-
-
-def _read_reference(path: str | os.PathLike, columns: Iterable[str]) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise SplitError(f"{path}: reference table not found")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise SplitError(f"{path}: missing column(s) {missing} (has {list(df.columns)})")
-    return df
-
-
-def camelyon17_labels(reference_csv: str | os.PathLike) -> pd.DataFrame:
-    """CAMELYON-17 labels with ``patient_id`` (``patient_XXX`` from ``patient_XXX_node_Y``) and ``center``."""
-    ref = _read_reference(reference_csv, ("slide_id", "label", "center"))
-    pid = ref["slide_id"].str.extract(r"^(patient_\d+)_node_\d+$")[0]
-    if pid.isna().any():
-        raise SplitError(f"{reference_csv}: slide {ref.loc[pid.isna(), 'slide_id'].iloc[0]!r} is not "
-                         "named patient_XXX_node_Y")
-    label = ref["label"].astype(int)
-    return pd.DataFrame({
-        "slide_id": ref["slide_id"], "patient_id": pid, "label": label,
-        "center": ref["center"].astype(int), "label_name": label.map(dict(enumerate(CAMELYON17_LABELS))),
-    })
-
-
-def camelyon17_splits(reference_csv: str | os.PathLike, seed: int = 0, val: float = 0.1) -> pd.DataFrame:
-    """AEM/ASMIL protocol: test = centers 3-4; ``val`` of the centers 0-2 patients (grouped, stratified)."""
-    return make_split(camelyon17_labels(reference_csv), "center", val=val, test=0.0, seed=seed,
-                      test_centers=CAMELYON17_TEST_CENTERS)
-
-
-def camelyon17_loco(reference_csv: str | os.PathLike, center: int, seed: int = 0,
-                    val: float = 0.1) -> pd.DataFrame:
-    """Leave-one-center-out: test = ``center``; train/val from the other four (grouped by patient)."""
-    return make_split(camelyon17_labels(reference_csv), "center", val=val, test=0.0, seed=seed,
-                      test_centers=[center])
-
-
-def bracs_splits(reference_csv: str | os.PathLike, classes: int = 3) -> pd.DataFrame:
-    """The official BRACS split (train/val/test as in the reference table) with 3 or 7 classes.
-
-    The reference table carries no patient identifiers, so ``patient_id`` is the slide id: the patient
-    grouping of the official split (made by the dataset's authors) is kept but cannot be checked here.
-    """
-    if classes not in (3, 7):
-        raise SplitError(f"BRACS has a 3-class and a 7-class task, not {classes}")
-    ref = _read_reference(reference_csv, ("slide_id", "split", "group", "subtype", "label"))
-    for i, row in enumerate(ref.itertuples(index=False)):
-        if row.subtype not in BRACS_3CLASS or BRACS_SUBTYPES.index(row.subtype) != int(row.label):
-            raise SplitError(f"{reference_csv} row {i + 2}: subtype {row.subtype!r} does not match label {row.label}")
-        if BRACS_GROUPS.get(row.group) != BRACS_3CLASS[row.subtype]:
-            raise SplitError(f"{reference_csv} row {i + 2}: group {row.group!r} disagrees with {row.subtype!r}")
-    if classes == 3:
-        label = ref["subtype"].map(BRACS_3CLASS).astype(int)
-        names = label.map(dict(enumerate(BRACS_3CLASS_NAMES)))
-    else:
-        label, names = ref["label"].astype(int), ref["subtype"]
-    out = pd.DataFrame({"slide_id": ref["slide_id"], "patient_id": ref["slide_id"], "label": label,
-                        "split": ref["split"], "label_name": names})
-    return _check_table(out, str(reference_csv))
-
-
-def official_tables(camelyon17_csv: str | os.PathLike, bracs_csv: str | os.PathLike,
-                    seeds: Iterable[int] = (0, 1, 2)) -> dict[str, pd.DataFrame]:
-    """Every shipped table, keyed by its path under ``splits/`` (e.g. ``camelyon17/seed0.csv``)."""
-    out: dict[str, pd.DataFrame] = {}
-    for s in seeds:
-        out[f"camelyon17/seed{s}.csv"] = camelyon17_splits(camelyon17_csv, seed=s)
-    for c in range(5):
-        out[f"camelyon17/loco_center{c}.csv"] = camelyon17_loco(camelyon17_csv, center=c, seed=0)
-    out["bracs/official_3class.csv"] = bracs_splits(bracs_csv, classes=3)
-    out["bracs/official_7class.csv"] = bracs_splits(bracs_csv, classes=7)
-    return out
-
-
-def summary_markdown(table: pd.DataFrame) -> str:
-    """A markdown table of slides (and patients) per split and label: the README's per-file summary."""
-    df = table
-    names = {}
-    if "label_name" in df.columns:
-        names = df.drop_duplicates("label").set_index("label")["label_name"].to_dict()
-    labels = sorted(int(v) for v in df["label"].unique())
-    header = ["split", *[f"{k} {names.get(k, '')}".strip() for k in labels], "slides", "patients"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for split in [*SPLITS, "all"]:
-        sub = df if split == "all" else df[df["split"] == split]
-        if len(sub) == 0:
-            continue
-        counts = sub["label"].value_counts()
-        row = [split, *[str(int(counts.get(k, 0))) for k in labels], str(len(sub)), str(sub["patient_id"].nunique())]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-PROTOCOL_EXPECTED: dict[str, dict[str, Any]] = {
-    "camelyon17": CAMELYON17_EXPECTED,
-    "camelyon17_loco": {"all": CAMELYON17_EXPECTED["all"], "test": 100},
-    "bracs": BRACS_EXPECTED,
-}
-
-
-def official_expected(name: str) -> dict[str, Any]:
-    """Expected counts of a shipped table, by its name under ``splits/`` (e.g. ``camelyon17/seed0.csv``)."""
-    if name.startswith("camelyon17/loco_"):
-        return PROTOCOL_EXPECTED["camelyon17_loco"]
-    return PROTOCOL_EXPECTED[name.split("/")[0]]
-
-_README_HEAD = """# Split tables
-
-Generated by `python splits/build_official.py` (or `wsi-ncmi splits official`) from `{c17}` and
-`{bracs}`; do not edit by hand. A test checks that every table below matches its CSV and, where
-`../shared/reference` exists, that the CSVs are what the generator produces.
-
-Columns: `slide_id, patient_id, label, split` (+ `center`, `label_name`). Load with
-`wsi_ncmi.data.splits.load_split`, check with `wsi-ncmi splits validate FILE --protocol NAME [--bags DIR]`.
-
-## CAMELYON-17 (`camelyon17/`)
-- Source: 500 labelled slides, labels 0 negative / 1 ITC / 2 micro / 3 macro, centers 0-4 (100 slides each).
-- `patient_id` is `patient_XXX` taken from the slide name `patient_XXX_node_Y` (5 slides per patient;
-  every patient belongs to one center).
-- `seed{{0,1,2}}.csv` (the AEM / ASMIL protocol, grouped): test = centers 3 and 4 (200 slides); train / val
-  from centers 0-2 with 10% of the *patients* in val, stratified by each patient's highest label, seeded.
-  Unlike the published protocol (val drawn per slide), no patient has slides on both sides.
-- `loco_center{{0..4}}.csv` (leave one center out, seed 0): test = that center; val = 10% of the other
-  centers' patients (grouped, stratified the same way).
-
-## BRACS (`bracs/`)
-- Source: the official split of the BRACS dataset, train 395 / val 65 / test 87 slides, as given in the
-  reference table (not re-drawn).
-- `official_7class.csv`: labels 0-6 = N, PB, UDH, FEA, ADH, DCIS, IC.
-- `official_3class.csv`: benign (N, PB, UDH) = 0, atypical (FEA, ADH) = 1, malignant (DCIS, IC) = 2; the
-  generator checks this agrees with the reference's `group` column (BT / AT / MT).
-- `patient_id`: the reference table has **no patient identifiers**, so `patient_id` is the slide id. The
-  official split was made per patient by the dataset's authors; that grouping is kept but cannot be
-  verified from our data, and the patient counts below are slide counts.
-
-## Counts per file
-"""
-
-
-def official_readme(tables: Mapping[str, pd.DataFrame], camelyon17_csv: str, bracs_csv: str) -> str:
-    """The README of ``splits/``: protocol notes and one count table per shipped file."""
-    parts = [_README_HEAD.format(c17=camelyon17_csv, bracs=bracs_csv)]
-    for name, table in tables.items():
-        parts.append(f"### `{name}`\n\n{summary_markdown(table)}\n")
-    return "\n".join(parts)
-
-
-def readme_sections(text: str) -> dict[str, str]:
-    """``{file name: its count table}`` parsed back from a README written by ``official_readme``."""
-    out = {}
-    for m in re.finditer(r"^### `([^`]+)`\n\n((?:\|.*\|\n?)+)", text, flags=re.M):
-        out[m.group(1)] = m.group(2).strip()
-    return out
-
-
-def write_official(out_dir: str | os.PathLike, camelyon17_csv: str | os.PathLike,
-                   bracs_csv: str | os.PathLike, source_names: tuple[str, str] | None = None) -> list[Path]:
-    """Write every official table and the README under ``out_dir`` (atomic writes); return the paths."""
-    out_dir = Path(out_dir)
-    tables = official_tables(camelyon17_csv, bracs_csv)
-    for name, table in tables.items():
-        validate_split(table, expected_counts=official_expected(name), strict=True)
-    written = [write_split(t, out_dir / name) for name, t in tables.items()]
-    c17_name, bracs_name = source_names or (str(camelyon17_csv), str(bracs_csv))
-    readme = out_dir / "README.md"
-    tmp = readme.with_name("README.md.tmp")
-    tmp.write_text(official_readme(tables, c17_name, bracs_name), encoding="utf-8")
-    os.replace(tmp, readme)
-    return [*written, readme]
+    return check_table(out, f"make_split({strategy})")

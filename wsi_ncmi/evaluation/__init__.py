@@ -1,5 +1,6 @@
 """Evaluation of frozen aggregators: embed a split (`embed`), linear probe and nearest centroid (`probe`),
-reports and their summary over runs (`report`), figures (`plots`) and the
+the protocols that evaluate a run (`protocols`), the report schema (`report_schema`), its files
+(`report`) and the summary over runs (`summary`), figures (`plots`) and the
 published numbers to compare with (`paper`). Heatmaps (`heatmap`) and the natural-image track
 (`image_eval`) live beside them.
 
@@ -24,16 +25,19 @@ _EXPORTS: dict[str, str] = {
     "LinearProbe": "probe",
     "DEFAULT_CS": "probe",
     "fit_centroid_classifier": "probe",
-    # report
-    "ReportError": "report",
-    "ReportSchemaError": "report",
-    "PROTOCOLS": "report",
-    "evaluate_run": "report",
-    "validate_report": "report",
+    # protocols (evaluate a run)
+    "PROTOCOLS": "protocols",
+    "evaluate_run": "protocols",
+    # report_schema
+    "ReportError": "report_schema",
+    "ReportSchemaError": "report_schema",
+    "validate_report": "report_schema",
+    # report (files)
     "write_report": "report",
     "read_report": "report",
-    "find_reports": "report",
-    "aggregate_reports": "report",
+    # summary over runs
+    "find_reports": "summary",
+    "aggregate_reports": "summary",
     # plots
     "PlotError": "plots",
     "plot_roc": "plots",
@@ -43,7 +47,6 @@ _EXPORTS: dict[str, str] = {
     "write_plots": "plots",
     # paper
     "PAPER_TABLE_III": "paper",
-    "detect_dataset": "paper",
     "paper_for_protocol": "paper",
 }
 

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from wsi_ncmi.data.atomic import atomic_write_text
+from wsi_ncmi.data.markdown import markdown_table
 from wsi_ncmi.ncmi import NCMILoss
 from wsi_ncmi.ncmi.centroids import class_centroids, kl_rows_to_centroids
 
@@ -381,11 +382,12 @@ def ood_markdown(block: Mapping[str, Any]) -> list[str]:
              f"from `{block['ood_bags']}`. AUROC: OOD = positive, higher score = more OOD; FPR@95TPR: share of OOD "
              "slides kept at the threshold that keeps 95 % of in-distribution slides (lower is better)."
              + (f" Default score of this run: `{block['default_score']}`." if block.get("default_score") else ""),
-             "", "| score | AUROC | FPR@95TPR | description |", "|---|---|---|---|"]
-    for name, m in block["scores"].items():
-        desc = OOD_SCORERS[name].description if name in OOD_SCORERS else ""
-        lines.append(f"| {name} | {m['auroc']:.3f} | {m[fpr_key]:.3f} | {desc} |")
-    return lines
+             ""]
+    rows = [
+        [name, f"{m['auroc']:.3f}", f"{m[fpr_key]:.3f}", OOD_SCORERS[name].description if name in OOD_SCORERS else ""]
+        for name, m in block["scores"].items()
+    ]
+    return lines + markdown_table(["score", "AUROC", "FPR@95TPR", "description"], rows)
 
 
 def evaluate_ood(

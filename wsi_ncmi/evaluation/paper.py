@@ -8,19 +8,15 @@ and BRACS (3-class task: benign / atypical / malignant, official split). Two row
 * ``"ncmi_lp"`` — NCMI training, then linear probing (our ``objective="ncmi"`` run, protocol ``"lp"``).
 
 The paper does not report the CC protocol or LP on CE-trained models for MIL, so those have no entry.
+Which dataset a split table belongs to is :func:`wsi_ncmi.data.official.detect_dataset`.
 """
 
 from __future__ import annotations
-
-import os
-import re
-from pathlib import Path
 
 __all__ = [
     "PAPER_TABLE_III",
     "PAPER_NUM_CLASSES",
     "ROW_LABELS",
-    "detect_dataset",
     "paper_row",
     "paper_for_protocol",
     "paper_rows",
@@ -49,37 +45,6 @@ PAPER_NUM_CLASSES = {"camelyon17": 4, "bracs": 3}
 _ROW_FOR = {("head", "head"): "baseline", ("ncmi", "lp"): "ncmi_lp"}
 
 ROW_LABELS = {"baseline": "baseline (head)", "ncmi_lp": "+NCMI-LP"}
-
-
-_DATASET_ALIASES = {
-    "camelyon17": ("camelyon17", "camelyon-17", "camelyon_17", "c17"),
-    "bracs": ("bracs",),
-}
-
-
-def detect_dataset(path: str | os.PathLike) -> str:
-    """Dataset name from a split-table path: ``"camelyon17"`` or ``"bracs"`` when a path component
-    (folder or file stem, case-insensitive) names it, else ``"unknown"``.
-
-    CAMELYON-17 leave-one-center-out tables (file stem starting with ``loco``, as ``splits/camelyon17/
-    loco_center<k>.csv``) are ``"camelyon17_loco"``: another protocol than the paper's Table III (test =
-    centers 3-4), so no paper numbers are shown beside them and they are not averaged with it.
-    """
-    name = _detect(path)
-    if name == "camelyon17" and Path(path).stem.lower().startswith("loco"):
-        return "camelyon17_loco"
-    return name
-
-
-def _detect(path: str | os.PathLike) -> str:
-    parts = [p.lower() for p in Path(path).parts]
-    parts[-1:] = [Path(parts[-1]).stem] if parts else []
-    for name, aliases in _DATASET_ALIASES.items():
-        for part in parts:
-            tokens = set(re.split(r"[^a-z0-9-]+", part)) | {part}
-            if any(a in tokens or part.startswith(a + "_") or part.startswith(a + "-") for a in aliases):
-                return name
-    return "unknown"
 
 
 def paper_rows(dataset: str, model: str, num_classes: int | None = None) -> dict[str, dict[str, float]] | None:

@@ -31,6 +31,7 @@ import torch
 
 from wsi_ncmi.data.atomic import atomic_write_text
 from wsi_ncmi.data.bags import BagError, list_bags, read_features
+from wsi_ncmi.data.markdown import markdown_table
 from wsi_ncmi.data.provenance import CHECKPOINT_KEY, ProvenanceError, bag_mismatches, bag_provenance
 from wsi_ncmi.models import MILAggregator
 from wsi_ncmi.ncmi import NCMILoss
@@ -252,16 +253,16 @@ def summary_markdown(pred: Prediction, meta: Mapping[str, Any]) -> str:
     else:
         lines.append(f"- OOD score: `{pred.score_name}` ({desc}); threshold {pred.threshold:.4g} from "
                      f"`{meta.get('calibration')}` (keeps ≥ 95 % of validation slides); flag = score > threshold")
-    lines += ["", "## Predicted classes", "", "| class | slides | flagged OOD |", "|---|---|---|"]
+    lines += ["", "## Predicted classes", ""]
     flags = t["ood_flag"].fillna(False).astype(bool)
-    for n in pred.class_names:
-        sel = t["prediction"] == n
-        lines.append(f"| {n} | {int(sel.sum())} | {int((sel & flags).sum())} |")
+    per_class = [(n, t["prediction"] == n) for n in pred.class_names]
+    lines += markdown_table(["class", "slides", "flagged OOD"],
+                            [[n, int(sel.sum()), int((sel & flags).sum())] for n, sel in per_class])
     lines += ["", f"## Flagged slides ({int(flags.sum())}): do not trust these predictions", ""]
     if flags.any():
-        lines += ["| slide | prediction | ood_score |", "|---|---|---|"]
-        for r in t[flags].sort_values("ood_score", ascending=False).itertuples():
-            lines.append(f"| {r.slide_id} | {r.prediction} | {r.ood_score:.4g} |")
+        flagged = t[flags].sort_values("ood_score", ascending=False).itertuples()
+        lines += markdown_table(["slide", "prediction", "ood_score"],
+                                [[r.slide_id, r.prediction, f"{r.ood_score:.4g}"] for r in flagged])
     else:
         lines.append("none" if pred.threshold is not None else "not computed (no calibration)")
     mism = meta.get("mismatches") or {}

@@ -8,7 +8,6 @@ from .checkpoint import CheckpointError, WeightsOnlyCLI, read_checkpoint, resolv
 from .compose import ConfigComposeError, compose_config, expand_config_args
 from .mil_module import CENTROID_OPTIMIZERS, OBJECTIVES, MILModule, TrainingConfigError
 from .optim import OPTIMIZERS, SCHEDULES, OptimConfigError, build_optimizer, build_scheduler
-from .preflight import PreflightError, check_patient_leak, preflight_check
 from .run_log import RunCSVLogger, TrimLogOnFitStart, trim_metrics_csv
 from .val_metrics import epoch_metrics
 
@@ -21,7 +20,6 @@ __all__ = [
     "ConfigComposeError",
     "MILModule",
     "OptimConfigError",
-    "PreflightError",
     "LastCheckpoint",
     "RNGStateCheckpoint",
     "RunCSVLogger",
@@ -31,11 +29,9 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "capture_rng_state",
-    "check_patient_leak",
     "epoch_metrics",
     "compose_config",
     "expand_config_args",
-    "preflight_check",
     "read_checkpoint",
     "resolve_ckpt_path",
     "restore_rng_state",
