@@ -127,7 +127,7 @@ def _lightning_ckpt(tmp_path: Path, objective: str, num_classes: int = 3) -> Pat
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from wsi_ncmi.training.image_module import ImageModule
+    from wsi_ncmi.natural.module import ImageModule
 
     L.seed_everything(0)
     module = ImageModule(backbone="resnet18", num_classes=num_classes, objective=objective, width=W,
@@ -157,7 +157,7 @@ def test_lightning_checkpoints_of_natural_fit_ce_and_ncmi(tmp_path: Path, capsys
     assert ncmi_row["arch"] == "resnet18" and ncmi_row["n"] == 9 and np.isfinite(ncmi_row["ncmi"])
     assert "different simplices" in (tmp_path / "out" / "ncmi_vs_top1.md").read_text()
     # the NCMI row is the ImageModule's own ξ-centroid prediction and its NSF probabilities
-    from wsi_ncmi.training.image_module import ImageModule
+    from wsi_ncmi.natural.module import ImageModule
 
     module = ImageModule.load_from_checkpoint(str(ncmi), map_location="cpu", weights_only=True).eval()
     from torchvision.datasets import ImageFolder

@@ -11,7 +11,7 @@ import pytest
 
 from wsi_ncmi.data.images import ImageDataModule
 from wsi_ncmi.evaluation.image_eval import LinearProbeConfig, evaluate_image_model
-from wsi_ncmi.training.image_module import ImageModule
+from wsi_ncmi.natural.module import ImageModule
 
 pytestmark = pytest.mark.slow
 

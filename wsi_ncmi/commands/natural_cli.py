@@ -64,7 +64,7 @@ def _make_cli_class() -> type:
 def NaturalCLI(args: list[str], run: bool = True) -> Any:  # noqa: N802 - factory named like the class
     """Build (and by default run) the LightningCLI of the image track on ``args``."""
     from wsi_ncmi.data.images import ImageDataModule
-    from wsi_ncmi.training.image_module import ImageModule
+    from wsi_ncmi.natural.module import ImageModule
 
     cls = _make_cli_class()
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -152,7 +152,7 @@ def _evaluate(argv: list[str]) -> int:
 
     from wsi_ncmi.data.images import ImageDataModule
     from wsi_ncmi.evaluation.image_eval import LinearProbeConfig, evaluate_image_model, write_json
-    from wsi_ncmi.training.image_module import ImageModule
+    from wsi_ncmi.natural.module import ImageModule
 
     args = _eval_parser().parse_args(argv)
     ckpt = Path(args.ckpt).expanduser()

@@ -168,7 +168,7 @@ class _LoadedModel:
 
 
 def _load_image_module(spec: WeightSpec, sd: dict[str, Any], hparams: dict[str, Any]) -> _LoadedModel:
-    from wsi_ncmi.training.image_module import ImageModule
+    from wsi_ncmi.natural.module import ImageModule
 
     if spec.arch and spec.arch != hparams["backbone"]:
         raise NCMIMetricError(f"{spec.path}: the checkpoint is a {hparams['backbone']}, not a {spec.arch}")
