@@ -101,7 +101,7 @@ def test_ncmi_metric_cli_on_tiny_imagefolder(tmp_path: Path, capsys) -> None:
     from safetensors.torch import save_file
 
     from wsi_ncmi.commands.ncmi_metric_cli import main_ncmi_metric
-    from wsi_ncmi.models.backbones import create_classifier
+    from wsi_ncmi.natural.backbones import create_classifier
 
     data = _write_imagefolder(tmp_path / "val")
     weights = []
@@ -134,7 +134,7 @@ def test_ncmi_metric_cli_rejects_class_count_mismatch(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from wsi_ncmi.commands.ncmi_metric_cli import main_ncmi_metric
-    from wsi_ncmi.models.backbones import create_classifier
+    from wsi_ncmi.natural.backbones import create_classifier
 
     data = _write_imagefolder(tmp_path / "val", per_class=1)
     path = tmp_path / "w.safetensors"

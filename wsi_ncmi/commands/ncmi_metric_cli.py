@@ -71,7 +71,7 @@ class WeightSpec:
 
 def parse_weight_spec(text: str, name: str | None = None) -> WeightSpec:
     """``"resnet50=/w/a.pth"`` -> arch resnet50; ``"/w/a.pth"`` -> no arch. ``name`` defaults to the file stem."""
-    from wsi_ncmi.models.backbones import BACKBONES
+    from wsi_ncmi.natural.backbones import BACKBONES
 
     arch, sep, rest = text.partition("=")
     if sep and arch in BACKBONES:
@@ -106,7 +106,7 @@ def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """
     import torch
 
-    from wsi_ncmi.models.backbones import BackboneError, read_weight_file, unwrap_state_dict
+    from wsi_ncmi.natural.backbones import BackboneError, read_weight_file, unwrap_state_dict
 
     try:
         raw = read_weight_file(path)
@@ -220,7 +220,7 @@ def _as_classifier_keys(sd: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def _load_classifier(spec: WeightSpec, sd: dict[str, Any], args: argparse.Namespace) -> _LoadedModel:
-    from wsi_ncmi.models.backbones import BackboneError, create_classifier
+    from wsi_ncmi.natural.backbones import BackboneError, create_classifier
 
     sd = _as_classifier_keys(sd, spec.path)
     if "fc.weight" not in sd:

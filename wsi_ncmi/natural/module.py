@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from wsi_ncmi.losses import create_loss
 from wsi_ncmi.metrics import topk_hits
-from wsi_ncmi.models.backbones import create_backbone
+from wsi_ncmi.natural.backbones import create_backbone
 from wsi_ncmi.ncmi import CentroidAccumulator, NCMIMetricAccumulator
 from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
 
