@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_ncmi.data.images import (
+from wsi_ncmi.natural.data import (
     CIFAR100,
     ImageDataError,
     ImageDataModule,

@@ -103,7 +103,7 @@ def test_per_file_architectures_prefixes_and_wrappers(tmp_path: Path, capsys) ->
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from wsi_ncmi.data.images import build_transform
+    from wsi_ncmi.natural.data import build_transform
 
     torch.manual_seed(2)
     model = create_classifier("resnet50", 3, width=W)
@@ -162,7 +162,7 @@ def test_lightning_checkpoints_of_natural_fit_ce_and_ncmi(tmp_path: Path, capsys
     module = ImageModule.load_from_checkpoint(str(ncmi), map_location="cpu", weights_only=True).eval()
     from torchvision.datasets import ImageFolder
 
-    from wsi_ncmi.data.images import build_transform
+    from wsi_ncmi.natural.data import build_transform
 
     ds = ImageFolder(str(data), transform=build_transform("imagenet", False, 16, 16))
     x = torch.stack([ds[i][0] for i in range(len(ds))])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 
-from wsi_ncmi.data.images import ImageDataModule
+from wsi_ncmi.natural.data import ImageDataModule
 from wsi_ncmi.evaluation.image_eval import LinearProbeConfig, evaluate_image_model
 from wsi_ncmi.natural.module import ImageModule
 

@@ -63,7 +63,7 @@ def _make_cli_class() -> type:
 
 def NaturalCLI(args: list[str], run: bool = True) -> Any:  # noqa: N802 - factory named like the class
     """Build (and by default run) the LightningCLI of the image track on ``args``."""
-    from wsi_ncmi.data.images import ImageDataModule
+    from wsi_ncmi.natural.data import ImageDataModule
     from wsi_ncmi.natural.module import ImageModule
 
     cls = _make_cli_class()
@@ -150,7 +150,7 @@ def _load_checkpoint_hparams(path: Path) -> dict[str, Any]:
 def _evaluate(argv: list[str]) -> int:
     import torch
 
-    from wsi_ncmi.data.images import ImageDataModule
+    from wsi_ncmi.natural.data import ImageDataModule
     from wsi_ncmi.evaluation.image_eval import LinearProbeConfig, evaluate_image_model, write_json
     from wsi_ncmi.natural.module import ImageModule
 

@@ -265,7 +265,7 @@ def _cifar_root(root: Path) -> bool:
 def _imagefolder_data(args: argparse.Namespace, root: Path) -> tuple[Any, int]:
     from torchvision.datasets import ImageFolder
 
-    from wsi_ncmi.data.images import build_transform
+    from wsi_ncmi.natural.data import build_transform
 
     size = args.image_size or 224
     try:
@@ -276,7 +276,7 @@ def _imagefolder_data(args: argparse.Namespace, root: Path) -> tuple[Any, int]:
 
 
 def _cifar_data(args: argparse.Namespace, root: Path) -> tuple[Any, int]:
-    from wsi_ncmi.data.images import CIFAR100, ImageDataError, build_transform
+    from wsi_ncmi.natural.data import CIFAR100, ImageDataError, build_transform
 
     tf = build_transform("cifar", False, 32, args.image_size or 32)
     try:
