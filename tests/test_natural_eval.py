@@ -12,7 +12,7 @@ import torch
 from _images import write_imagefolder
 from torch import nn
 
-from wsi_ncmi.evaluation.image_eval import (
+from wsi_ncmi.natural.evaluate import (
     LinearProbeConfig,
     cc_scores,
     evaluate_image_model,

@@ -21,7 +21,7 @@ from wsi_ncmi.commands.ncmi_metric_cli import (
     read_weights,
     strip_wrapper_prefixes,
 )
-from wsi_ncmi.evaluation.image_eval import classifier_ncmi, pearson_r
+from wsi_ncmi.natural.evaluate import classifier_ncmi, pearson_r
 from wsi_ncmi.natural.backbones import create_classifier
 
 W = 0.125  # tiny ResNets: stem width 8

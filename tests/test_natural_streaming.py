@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from wsi_ncmi.evaluation.image_eval import (
+from wsi_ncmi.natural.evaluate import (
     LinearProbeConfig,
     cc_scores,
     classifier_ncmi,

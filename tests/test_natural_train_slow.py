@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 
 from wsi_ncmi.natural.data import ImageDataModule
-from wsi_ncmi.evaluation.image_eval import LinearProbeConfig, evaluate_image_model
+from wsi_ncmi.natural.evaluate import LinearProbeConfig, evaluate_image_model
 from wsi_ncmi.natural.module import ImageModule
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@
   :mod:`wsi_ncmi.training.compose`, shared with the MIL configs); ``-c a.yaml -c b.yaml`` also works.
 * ``evaluate --ckpt CKPT [--data.* ...] [--out result.json]``: rebuild the datamodule from the
   checkpoint (``--data.*`` overrides, e.g. a moved ``--data.root``), then head / CC / LP top-1/top-5 and
-  the test split's CMI/Γ/NCMI, streamed (:func:`~wsi_ncmi.evaluation.image_eval.evaluate_image_model`;
+  the test split's CMI/Γ/NCMI, streamed (:func:`~wsi_ncmi.natural.evaluate.evaluate_image_model`;
   host memory N_train·D·4 bytes for LP, half with ``--lp-dtype float16``); writes a JSON.
 
 ``wsi-ncmi ncmi-metric`` (paper Figure 2) is :mod:`wsi_ncmi.commands.ncmi_metric_cli`.
@@ -151,7 +151,7 @@ def _evaluate(argv: list[str]) -> int:
     import torch
 
     from wsi_ncmi.natural.data import ImageDataModule
-    from wsi_ncmi.evaluation.image_eval import LinearProbeConfig, evaluate_image_model, write_json
+    from wsi_ncmi.natural.evaluate import LinearProbeConfig, evaluate_image_model, write_json
     from wsi_ncmi.natural.module import ImageModule
 
     args = _eval_parser().parse_args(argv)

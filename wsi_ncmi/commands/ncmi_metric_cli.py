@@ -373,7 +373,7 @@ def main_ncmi_metric(argv: list[str] | None = None) -> int:
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from wsi_ncmi.evaluation.image_eval import classifier_ncmi, pearson_r, plot_ncmi_vs_top1, write_json
+    from wsi_ncmi.natural.evaluate import classifier_ncmi, pearson_r, plot_ncmi_vs_top1, write_json
 
     args = _metric_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -1,7 +1,7 @@
 """Evaluation of frozen aggregators: embed a split (`embed`), linear probe and nearest centroid (`probe`),
 reports and their summary over runs (`report`), figures (`plots`) and the
-published numbers to compare with (`paper`). Heatmaps (`heatmap`) and the natural-image track
-(`image_eval`) live beside them.
+published numbers to compare with (`paper`). Heatmaps (`heatmap`) live beside them; the natural-image
+track's evaluation is :mod:`wsi_ncmi.natural.evaluate`.
 
 Names are re-exported lazily so that importing one submodule (e.g. ``wsi_ncmi.evaluation.heatmap``) does
 not pull in scikit-learn, pandas or matplotlib.
