@@ -21,8 +21,8 @@ from wsi_ncmi.commands.ncmi_metric_cli import (
     read_weights,
     strip_wrapper_prefixes,
 )
-from wsi_ncmi.natural.evaluate import classifier_ncmi, pearson_r
 from wsi_ncmi.natural.backbones import create_classifier
+from wsi_ncmi.natural.evaluate import classifier_ncmi, pearson_r
 
 W = 0.125  # tiny ResNets: stem width 8
 

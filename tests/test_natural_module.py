@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from wsi_ncmi.natural.module import ImageModule, ImageModuleError, lr_factor
 from wsi_ncmi.ncmi import ncmi_metric
 from wsi_ncmi.training.compose import compose_config
-from wsi_ncmi.natural.module import ImageModule, ImageModuleError, lr_factor
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs" / "natural").glob("*.yaml"))
 TINY = dict(backbone="resnet18", num_classes=4, width=0.125, channels_last=False)
