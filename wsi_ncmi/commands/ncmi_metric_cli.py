@@ -145,13 +145,9 @@ class _ImageModuleScorer:
         self.module = module
 
     def __call__(self, x: Any) -> Any:
-        from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
-
         m = self.module
-        probs = m.criterion.log_probs(m.forward_features(x)).exp()  # [B, D]
-        q = m.criterion.centroid_log_probs().exp().to(probs.dtype)  # [C*K, D]
-        kl = kl_rows_to_centroids(probs, q).view(probs.shape[0], m.num_classes, -1)  # [B, C, K]
-        return -kl.min(dim=2).values, probs
+        log_p = m.criterion.log_probs(m.forward_features(x))  # [B, D]
+        return -m.criterion.centroid_kl(log_p), log_p.exp()  # [B, C], [B, D]
 
     def eval(self) -> _ImageModuleScorer:
         self.module.eval()

@@ -218,15 +218,9 @@ class ImageModule(L.LightningModule):
         """Class scores [B, C]: head logits, or −KL to the running centroids q = NSF(ξ) for NCMI."""
         feat = self.forward_features(x)
         if self.is_ncmi:
-            return self._xi_scores(self.criterion.log_probs(feat).exp())
+            return self.criterion.class_scores(feat)
         assert self.head is not None
         return self.head(feat)
-
-    def _xi_scores(self, probs: Tensor) -> Tensor:
-        """−min_k KL(p ‖ q_{v,k}) [B, C] from the running centroids."""
-        q = self.criterion.centroid_log_probs().exp().to(probs.dtype)  # [C*K, D]
-        kl = kl_rows_to_centroids(probs, q)  # [B, C*K]
-        return -kl.view(probs.shape[0], self.num_classes, -1).min(dim=2).values
 
     # ------------------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:
@@ -296,8 +290,9 @@ class ImageModule(L.LightningModule):
         n = y.shape[0]
         if self.is_ncmi:
             out = self.criterion(feat, y)
-            probs = self.criterion.log_probs(feat).exp()  # [B, D]
-            xi_scores = self._xi_scores(probs)
+            log_p = self.criterion.log_probs(feat)  # [B, D]
+            probs = log_p.exp()
+            xi_scores = -self.criterion.centroid_kl(log_p)  # [B, C]
             self._log_topk("val/top_xi", xi_scores, y)
             main = xi_scores
             if self._val_centroids is not None:
