@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "NaturalCLI", "resolve_device"]
+__all__ = ["main", "NaturalCLI"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +38,6 @@ _DATA_OVERRIDES: dict[str, type] = {
     "limit_train": int,
     "limit_val": int,
 }
-
-
-def resolve_device(name: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; anything else unchanged."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _make_cli_class() -> type:
@@ -150,6 +141,7 @@ def _load_checkpoint_hparams(path: Path) -> dict[str, Any]:
 def _evaluate(argv: list[str]) -> int:
     import torch
 
+    from wsi_ncmi.data.weights import resolve_device
     from wsi_ncmi.natural.data import ImageDataModule
     from wsi_ncmi.natural.evaluate import LinearProbeConfig, evaluate_image_model, write_json
     from wsi_ncmi.natural.module import ImageModule

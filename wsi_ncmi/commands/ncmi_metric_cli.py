@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsi_ncmi.commands.natural_cli import resolve_device
 from wsi_ncmi.data.atomic import atomic_write_text
+from wsi_ncmi.data.weights import resolve_device, strip_prefixes
 
 __all__ = [
     "main_ncmi_metric",
@@ -87,14 +87,7 @@ def parse_weight_spec(text: str, name: str | None = None) -> WeightSpec:
 
 def strip_wrapper_prefixes(sd: dict[str, Any]) -> dict[str, Any]:
     """Remove ``module.`` (DDP), ``model.`` and ``_orig_mod.`` (torch.compile) while every key starts with one."""
-    changed = True
-    while changed and sd:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix) :]: v for k, v in sd.items()}
-                changed = True
-    return sd
+    return strip_prefixes(sd, _WRAPPER_PREFIXES, every_key=True)
 
 
 def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -106,10 +99,11 @@ def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """
     import torch
 
-    from wsi_ncmi.natural.backbones import BackboneError, read_weight_file, unwrap_state_dict
+    from wsi_ncmi.data.weights import unwrap_state_dict
+    from wsi_ncmi.natural.backbones import BackboneError, read_backbone_weights
 
     try:
-        raw = read_weight_file(path)
+        raw = read_backbone_weights(path)
     except BackboneError as err:
         raise NCMIMetricError(str(err)) from err
     hparams: dict[str, Any] | None = None
