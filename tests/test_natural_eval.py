@@ -17,9 +17,9 @@ from wsi_ncmi.natural.evaluate import (
     cc_scores,
     evaluate_image_model,
     fit_linear_probe,
-    pearson_r,
     topk_accuracy,
 )
+from wsi_ncmi.natural.metric import pearson_r
 
 
 def test_topk_accuracy_by_hand() -> None:

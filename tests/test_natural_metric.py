@@ -13,16 +13,17 @@ import torch
 from _images import write_imagefolder
 from safetensors.torch import save_file
 
-from wsi_ncmi.commands.ncmi_metric_cli import (
+from wsi_ncmi.commands.ncmi_metric_cli import main_ncmi_metric
+from wsi_ncmi.natural.backbones import create_classifier
+from wsi_ncmi.natural.evaluate import classifier_ncmi
+from wsi_ncmi.natural.metric import (
     NCMIMetricError,
     infer_resnet,
-    main_ncmi_metric,
     parse_weight_spec,
+    pearson_r,
     read_weights,
     strip_wrapper_prefixes,
 )
-from wsi_ncmi.natural.backbones import create_classifier
-from wsi_ncmi.natural.evaluate import classifier_ncmi, pearson_r
 
 W = 0.125  # tiny ResNets: stem width 8
 

@@ -1,4 +1,4 @@
-"""Evaluation of natural-image models: head, CC and LP top-1/top-5, dataset-level NCMI, Figure-2 study.
+"""Evaluation of natural-image models: head, CC and LP top-1/top-5, dataset-level NCMI.
 
 Protocols (NCMI.md §3):
 * ``head`` — the trained linear classifier (CE-family runs, the SupCon online probe).
@@ -35,7 +35,7 @@ training probabilities). Measured (CPU, D 512, C 100, N_train 80 000, peak RSS g
 These functions take the pieces of a model (backbone, optional head, optional NCMI loss module) so this
 layer does not depend on the training code. :func:`classifier_ncmi` measures a full classifier (top-1 of
 its own scores and the NCMI of its probabilities), used by ``wsi-ncmi ncmi-metric`` for the paper's
-Figure 2. :func:`extract_outputs` keeps the whole split in memory (small sets, debugging, tests).
+Figure 2 (the rest of that study is :mod:`wsi_ncmi.natural.metric`). :func:`extract_outputs` keeps the whole split in memory (small sets, debugging, tests).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsi_ncmi.data.atomic import atomic_output, atomic_write_text
+from wsi_ncmi.data.atomic import atomic_write_text
 from wsi_ncmi.metrics import topk_hits
 from wsi_ncmi.ncmi import CentroidAccumulator, NCMIMetricAccumulator, NearestCentroidClassifier
 from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
@@ -67,8 +67,6 @@ __all__ = [
     "fit_linear_probe",
     "evaluate_image_model",
     "classifier_ncmi",
-    "pearson_r",
-    "plot_ncmi_vs_top1",
     "write_json",
 ]
 
@@ -498,43 +496,6 @@ def classifier_ncmi(
     if metric is None:
         raise ValueError("classifier_ncmi: the loader yielded no batch")
     return {**counter.compute(), **metric.compute(), "n": counter.n}
-
-
-def pearson_r(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation of two equally long sequences (NaN for fewer than 2 points or zero variance)."""
-    if len(x) != len(y):
-        raise ValueError(f"pearson_r: lengths differ ({len(x)} vs {len(y)})")
-    if len(x) < 2:
-        return float("nan")
-    a = torch.tensor(x, dtype=torch.float64)
-    b = torch.tensor(y, dtype=torch.float64)
-    a, b = a - a.mean(), b - b.mean()
-    den = float(a.norm() * b.norm())
-    return float((a * b).sum()) / den if den > 0 else float("nan")
-
-
-def plot_ncmi_vs_top1(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
-    """Scatter of NCMI (x) vs top-1 (y), one labelled point per row (``name``, ``ncmi``, ``top1``); PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    xs = [float(r["ncmi"]) for r in rows]
-    ys = [100.0 * float(r["top1"]) for r in rows]
-    ax.scatter(xs, ys)
-    for r, x, y in zip(rows, xs, ys):
-        ax.annotate(str(r["name"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("NCMI of softmax outputs")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or f"NCMI vs top-1 (Pearson r = {pearson_r(xs, ys):.3f})")
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
