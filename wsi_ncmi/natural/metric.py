@@ -263,7 +263,8 @@ def _imagefolder_data(root: Path, split: str, image_size: int | None, crop_pct: 
 
 
 def _cifar_data(root: Path, split: str, image_size: int | None, crop_pct: float) -> tuple[Any, int]:
-    from wsi_ncmi.natural.data import CIFAR100, ImageDataError, build_transform
+    from wsi_ncmi.natural.data import build_transform
+    from wsi_ncmi.natural.datasets import CIFAR100, ImageDataError
 
     tf = build_transform("cifar", False, 32, image_size or 32)
     try:
