@@ -131,8 +131,8 @@ def _lightning_ckpt(tmp_path: Path, objective: str, num_classes: int = 3) -> Pat
     from wsi_ncmi.natural.module import ImageModule
 
     L.seed_everything(0)
-    module = ImageModule(backbone="resnet18", num_classes=num_classes, objective=objective, width=W,
-                         cifar_stem=True, channels_last=False, tau=1.0)  # fmt: skip
+    module = ImageModule(backbone="resnet18", num_classes=num_classes, objective="head" if objective == "ce" else objective,
+                         loss=objective, width=W, cifar_stem=True, channels_last=False, ncmi_kwargs={"tau": 1.0})  # fmt: skip
     x = torch.randn(12, 3, 16, 16)
     y = torch.arange(12) % num_classes
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,

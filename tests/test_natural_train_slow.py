@@ -21,7 +21,7 @@ def _fit(objective: str, epochs: int, **model_kw) -> tuple[ImageModule, ImageDat
     dm = ImageDataModule("digits", batch_size=64, num_workers=0, image_size=16)
     model = ImageModule(
         backbone="resnet18", num_classes=dm.num_classes, objective=objective, width=0.25, lr=0.1,
-        weight_decay=5e-4, schedule="cosine", channels_last=False, **model_kw,
+        weight_decay=5e-4, scheduler="cosine", channels_last=False, **model_kw,
     )  # fmt: skip
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -32,7 +32,7 @@ def _fit(objective: str, epochs: int, **model_kw) -> tuple[ImageModule, ImageDat
 
 
 def test_ce_resnet18_digits_reaches_90_percent() -> None:
-    model, dm = _fit("ce", epochs=5)
+    model, dm = _fit("head", epochs=5, loss="ce")
     res = evaluate_image_model(
         model.backbone, dm.train_eval_dataloader(), dm.val_dataloader(), 10, head=model.head, protocols=("head",)
     )
@@ -40,7 +40,7 @@ def test_ce_resnet18_digits_reaches_90_percent() -> None:
 
 
 def test_ncmi_resnet18_digits_reaches_90_percent_cc_and_lp() -> None:
-    model, dm = _fit("ncmi", epochs=NCMI_EPOCHS, tau=NCMI_TAU, center_momentum=0.99, centroid_lr=1.0)
+    model, dm = _fit("ncmi", epochs=NCMI_EPOCHS, ncmi_kwargs={"tau": NCMI_TAU, "center_momentum": 0.99}, centroid_lr=1.0)
     res = evaluate_image_model(
         model.backbone, dm.train_eval_dataloader(), dm.val_dataloader(), 10, ncmi=model.ncmi,
         protocols=("cc", "lp"), lp=LinearProbeConfig(epochs=30),
