@@ -12,14 +12,9 @@ import torch
 from _images import write_imagefolder
 from torch import nn
 
-from wsi_ncmi.natural.evaluate import (
-    LinearProbeConfig,
-    cc_scores,
-    evaluate_image_model,
-    fit_linear_probe,
-    topk_accuracy,
-)
+from wsi_ncmi.natural.evaluate import cc_scores, evaluate_image_model, topk_accuracy
 from wsi_ncmi.natural.metric import pearson_r
+from wsi_ncmi.natural.probe import LinearProbeConfig, fit_linear_probe
 
 
 def test_topk_accuracy_by_hand() -> None:

@@ -10,8 +10,9 @@ import lightning as L
 import pytest
 
 from wsi_ncmi.natural.data import ImageDataModule
-from wsi_ncmi.natural.evaluate import LinearProbeConfig, evaluate_image_model
+from wsi_ncmi.natural.evaluate import evaluate_image_model
 from wsi_ncmi.natural.module import ImageModule
+from wsi_ncmi.natural.probe import LinearProbeConfig
 
 pytestmark = pytest.mark.slow
 

@@ -117,7 +117,8 @@ def _eval_parser() -> argparse.ArgumentParser:
 def _evaluate(argv: list[str]) -> int:
     import torch
 
-    from wsi_ncmi.natural.evaluate import LinearProbeConfig, write_json
+    from wsi_ncmi.natural.evaluate import write_json
+    from wsi_ncmi.natural.probe import LinearProbeConfig
     from wsi_ncmi.natural.run import DATA_OVERRIDES, NaturalEvalError, evaluate_checkpoint
 
     args = _eval_parser().parse_args(argv)

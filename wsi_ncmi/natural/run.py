@@ -21,8 +21,9 @@ import torch
 from wsi_ncmi.data.weights import resolve_device
 
 from .data import ImageDataModule
-from .evaluate import LinearProbeConfig, evaluate_image_model
+from .evaluate import evaluate_image_model
 from .module import ImageModule
+from .probe import LinearProbeConfig
 
 __all__ = ["DATA_OVERRIDES", "NaturalEvalError", "checkpoint_data_settings", "evaluate_checkpoint"]
 
