@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from wsi_ncmi.losses import create_loss
-from wsi_ncmi.models.backbones import create_backbone
+from wsi_ncmi.natural.backbones import create_backbone
 
 
 def build(objective: str, args: argparse.Namespace, device: torch.device):

@@ -38,6 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsi_ncmi.data.weights import read_weight_file, strip_prefixes, tensors_only, unwrap_state_dict
+from wsi_ncmi.data.weights import resolve_device as resolve_device_name
+
 from .presets import (
     BUILDERS,
     CONVERTERS,
@@ -267,23 +270,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a tensors-only torch checkpoint (never unpickles objects)."""
     path = Path(path)
-    if not path.is_file():
-        raise EncoderError(f"--weights {path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise EncoderError(f"--weights {path}: not a tensors-only torch checkpoint: {e}") from e
-    for key in ("state_dict", "model", "module", "teacher"):  # common wrappers (teacher: DINOv2 training)
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
+    try:
+        sd = read_weight_file(path)
+    except FileNotFoundError:
+        raise EncoderError(f"--weights {path}: no such file") from None
+    except Exception as e:
+        if path.suffix == ".safetensors":  # the safetensors reader's own error, as before
+            raise
+        raise EncoderError(f"--weights {path}: not a tensors-only torch checkpoint: {e}") from e
+    # common wrappers (teacher: DINOv2 training)
+    sd = unwrap_state_dict(sd, ("state_dict", "model", "module", "teacher"))
     if not isinstance(sd, dict):
         raise EncoderError(f"--weights {path}: expected a state dict, got {type(sd).__name__}")
-    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return strip_prefixes(tensors_only(sd), ("module.",), every_key=False)
 
 
 def _mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], ignore: tuple[str, ...]) -> str | None:
@@ -429,8 +428,9 @@ _AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16
 
 
 def resolve_device(device: str) -> torch.device:
+    """``--device`` as a ``torch.device`` (``"auto"``: :func:`wsi_ncmi.data.weights.resolve_device`)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(resolve_device_name(device))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EncoderError(f"--device {device}: CUDA is not available on this machine")
     return torch.device(device)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from wsi_ncmi.models.backbones import BackboneError, create_backbone, create_classifier, load_state_dict_file
+from wsi_ncmi.natural.backbones import BackboneError, create_backbone, create_classifier, load_state_dict_file
 
 
 def test_cifar_stem_resnet18_gives_pooled_512_features() -> None:

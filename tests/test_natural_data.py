@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_ncmi.data.images import (
-    CIFAR100,
-    ImageDataError,
-    ImageDataModule,
-    build_transform,
-    load_digits_arrays,
-    safe_unpickle,
-)
+from wsi_ncmi.natural.data import ImageDataModule, build_transform
+from wsi_ncmi.natural.datasets import CIFAR100, ImageDataError, load_digits_arrays, safe_unpickle
 
 
 def _write_fake_cifar(root: Path, n_train: int = 12, n_test: int = 6, protocol: int = 2) -> Path:

@@ -12,14 +12,9 @@ import torch
 from _images import write_imagefolder
 from torch import nn
 
-from wsi_ncmi.evaluation.image_eval import (
-    LinearProbeConfig,
-    cc_scores,
-    evaluate_image_model,
-    fit_linear_probe,
-    pearson_r,
-    topk_accuracy,
-)
+from wsi_ncmi.natural.evaluate import cc_scores, evaluate_image_model, topk_accuracy
+from wsi_ncmi.natural.metric import pearson_r
+from wsi_ncmi.natural.probe import LinearProbeConfig, fit_linear_probe
 
 
 def test_topk_accuracy_by_hand() -> None:
@@ -101,7 +96,7 @@ def test_ncmi_metric_cli_on_tiny_imagefolder(tmp_path: Path, capsys) -> None:
     from safetensors.torch import save_file
 
     from wsi_ncmi.commands.ncmi_metric_cli import main_ncmi_metric
-    from wsi_ncmi.models.backbones import create_classifier
+    from wsi_ncmi.natural.backbones import create_classifier
 
     data = _write_imagefolder(tmp_path / "val")
     weights = []
@@ -134,7 +129,7 @@ def test_ncmi_metric_cli_rejects_class_count_mismatch(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from wsi_ncmi.commands.ncmi_metric_cli import main_ncmi_metric
-    from wsi_ncmi.models.backbones import create_classifier
+    from wsi_ncmi.natural.backbones import create_classifier
 
     data = _write_imagefolder(tmp_path / "val", per_class=1)
     path = tmp_path / "w.safetensors"

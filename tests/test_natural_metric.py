@@ -13,16 +13,17 @@ import torch
 from _images import write_imagefolder
 from safetensors.torch import save_file
 
-from wsi_ncmi.commands.ncmi_metric_cli import (
+from wsi_ncmi.commands.ncmi_metric_cli import main_ncmi_metric
+from wsi_ncmi.natural.backbones import create_classifier
+from wsi_ncmi.natural.evaluate import classifier_ncmi
+from wsi_ncmi.natural.metric import (
     NCMIMetricError,
     infer_resnet,
-    main_ncmi_metric,
     parse_weight_spec,
+    pearson_r,
     read_weights,
     strip_wrapper_prefixes,
 )
-from wsi_ncmi.evaluation.image_eval import classifier_ncmi, pearson_r
-from wsi_ncmi.models.backbones import create_classifier
 
 W = 0.125  # tiny ResNets: stem width 8
 
@@ -103,7 +104,7 @@ def test_per_file_architectures_prefixes_and_wrappers(tmp_path: Path, capsys) ->
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from wsi_ncmi.data.images import build_transform
+    from wsi_ncmi.natural.data import build_transform
 
     torch.manual_seed(2)
     model = create_classifier("resnet50", 3, width=W)
@@ -127,11 +128,11 @@ def _lightning_ckpt(tmp_path: Path, objective: str, num_classes: int = 3) -> Pat
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from wsi_ncmi.training.image_module import ImageModule
+    from wsi_ncmi.natural.module import ImageModule
 
     L.seed_everything(0)
-    module = ImageModule(backbone="resnet18", num_classes=num_classes, objective=objective, width=W,
-                         cifar_stem=True, channels_last=False, tau=1.0)  # fmt: skip
+    module = ImageModule(backbone="resnet18", num_classes=num_classes, objective="head" if objective == "ce" else objective,
+                         loss=objective, width=W, cifar_stem=True, channels_last=False, ncmi_kwargs={"tau": 1.0})  # fmt: skip
     x = torch.randn(12, 3, 16, 16)
     y = torch.arange(12) % num_classes
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -157,12 +158,12 @@ def test_lightning_checkpoints_of_natural_fit_ce_and_ncmi(tmp_path: Path, capsys
     assert ncmi_row["arch"] == "resnet18" and ncmi_row["n"] == 9 and np.isfinite(ncmi_row["ncmi"])
     assert "different simplices" in (tmp_path / "out" / "ncmi_vs_top1.md").read_text()
     # the NCMI row is the ImageModule's own ξ-centroid prediction and its NSF probabilities
-    from wsi_ncmi.training.image_module import ImageModule
+    from wsi_ncmi.natural.module import ImageModule
 
     module = ImageModule.load_from_checkpoint(str(ncmi), map_location="cpu", weights_only=True).eval()
     from torchvision.datasets import ImageFolder
 
-    from wsi_ncmi.data.images import build_transform
+    from wsi_ncmi.natural.data import build_transform
 
     ds = ImageFolder(str(data), transform=build_transform("imagenet", False, 16, 16))
     x = torch.stack([ds[i][0] for i in range(len(ds))])

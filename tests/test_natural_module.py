@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from wsi_ncmi.natural.module import ImageModule, ImageModuleError
 from wsi_ncmi.ncmi import ncmi_metric
 from wsi_ncmi.training.compose import compose_config
-from wsi_ncmi.training.image_module import ImageModule, ImageModuleError, lr_factor
+from wsi_ncmi.training.optim import WarmupSchedule
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs" / "natural").glob("*.yaml"))
 TINY = dict(backbone="resnet18", num_classes=4, width=0.125, channels_last=False)
@@ -21,9 +22,10 @@ def _batch(b: int = 8, views: int | None = None) -> tuple[torch.Tensor, torch.Te
     return torch.randn(shape, generator=g), torch.arange(b) % 4
 
 
-@pytest.mark.parametrize("objective", ["ce", "label_smoothing", "focal", "occe", "milloss", "ncmi"])
-def test_training_step_returns_finite_loss_and_logs_terms(objective: str) -> None:
-    m = ImageModule(objective=objective, **TINY)
+@pytest.mark.parametrize("loss", ["ce", "label_smoothing", "focal", "occe", "milloss", "ncmi"])
+def test_training_step_returns_finite_loss_and_logs_terms(loss: str) -> None:
+    objective = "ncmi" if loss == "ncmi" else "head"
+    m = ImageModule(objective=objective, loss=loss, **TINY)
     logged: dict[str, torch.Tensor] = {}
     m.log = lambda name, value, **kw: logged.__setitem__(name, value)  # type: ignore[method-assign]
     m.on_train_epoch_start()
@@ -41,7 +43,7 @@ def test_training_step_returns_finite_loss_and_logs_terms(objective: str) -> Non
 
 
 def test_supcon_uses_two_views_projection_and_detached_probe() -> None:
-    m = ImageModule(objective="supcon", proj_dim=16, **TINY)
+    m = ImageModule(objective="contrastive", loss="supcon", proj_dim=16, **TINY)
     m.log = lambda *a, **k: None  # type: ignore[method-assign]
     loss = m.training_step(_batch(views=2), 0)
     loss.backward()
@@ -61,12 +63,12 @@ def test_ncmi_centroids_get_their_own_param_group() -> None:
     assert all(p is not m.criterion.xi for p in groups["main"]["params"])
     n_main = sum(p.numel() for p in groups["main"]["params"])
     assert n_main == sum(p.numel() for p in m.backbone.parameters())
-    frozen = ImageModule(objective="ncmi", centroid_update="frozen", **TINY)
+    frozen = ImageModule(objective="ncmi", ncmi_kwargs={"centroid_update": "frozen"}, **TINY)
     assert [g["name"] for g in frozen.param_groups()] == ["main"]
 
 
 def test_ablation_switches_reach_the_loss() -> None:
-    m = ImageModule(objective="ncmi", use_nsf=False, use_centering=False, tau=0.7, **TINY)
+    m = ImageModule(objective="ncmi", ncmi_kwargs={"use_nsf": False, "use_centering": False, "tau": 0.7}, **TINY)
     assert m.criterion.use_nsf is False and m.criterion.use_centering is False and m.criterion.tau == 0.7
     assert m.describe()["use_nsf"] is False
 
@@ -98,27 +100,53 @@ def test_validation_logs_topk_and_dataset_ncmi() -> None:
 
 def test_forward_scores_for_ncmi_and_head() -> None:
     x, _ = _batch()
-    for obj in ("ce", "ncmi"):
+    for obj in ("head", "ncmi"):
         m = ImageModule(objective=obj, **TINY).eval()
         with torch.no_grad():
             assert m(x).shape == (8, 4)
 
 
 def test_schedules() -> None:
-    assert lr_factor("cosine", 0, 100, 10) == pytest.approx(1.0)
-    assert lr_factor("cosine", 50, 100, 10) == pytest.approx(0.5)
-    assert lr_factor("cosine", 100, 100, 10) == pytest.approx(0.0, abs=1e-12)
-    assert lr_factor("multistep", 59, 200, 1, milestones=(60, 120), gamma=0.2) == 1.0
-    assert lr_factor("multistep", 130, 200, 1, milestones=(60, 120), gamma=0.2) == pytest.approx(0.04)
-    assert lr_factor("cosine", 4, 100, 10, warmup_steps=10) == pytest.approx(0.5)
-    assert lr_factor("none", 99, 100, 10) == 1.0
-    with pytest.raises(ImageModuleError, match="schedule"):
-        ImageModule(schedule="step", **TINY)
+    assert WarmupSchedule("cosine", 100)(0) == pytest.approx(1.0)
+    assert WarmupSchedule("cosine", 100)(50) == pytest.approx(0.5)
+    assert WarmupSchedule("cosine", 100)(100) == pytest.approx(0.0, abs=1e-12)
+    assert WarmupSchedule("multistep", 200, milestones=(60, 120), gamma=0.2)(59) == 1.0
+    assert WarmupSchedule("multistep", 200, milestones=(60, 120), gamma=0.2)(130) == pytest.approx(0.04)
+    assert WarmupSchedule("cosine", 100, warmup_steps=10)(4) == pytest.approx(0.5)
+    assert WarmupSchedule("constant", 100)(99) == 1.0
+    assert WarmupSchedule("constant", 100, start_step=30)(29) == 0.0
+    with pytest.raises(ImageModuleError, match="scheduler"):
+        ImageModule(scheduler="step", **TINY)
+    with pytest.raises(ImageModuleError, match="objective"):
+        ImageModule(objective="ce", **TINY)
+    with pytest.raises(ImageModuleError, match="needs a loss on logits"):
+        ImageModule(objective="head", loss="supcon", **TINY)
+
+
+def test_multistep_with_warmup_and_late_centroids_per_param_group() -> None:
+    """The CIFAR NCMI recipe: 1 warm-up epoch, x0.2 at epochs 2 and 3 (after warm-up), ξ from epoch 2."""
+
+    class _Trainer:
+        estimated_stepping_batches = 50
+        max_epochs = 5
+
+    m = ImageModule(objective="ncmi", scheduler="multistep", milestones=[2, 3], lr_gamma=0.2, warmup_epochs=1,
+                    centroid_schedule=True, centroid_start_epoch=2, **TINY)  # fmt: skip
+    m._trainer = _Trainer()  # type: ignore[assignment]
+    sched = m.configure_optimizers()["lr_scheduler"]["scheduler"]
+    main, xi = sched.lr_lambdas
+    per_epoch = 10
+    assert main(0) == pytest.approx(0.1) and main(per_epoch - 1) == pytest.approx(1.0)  # warm-up
+    assert main(per_epoch + 2 * per_epoch - 1) == 1.0 and main(3 * per_epoch) == pytest.approx(0.2)
+    assert main(4 * per_epoch) == pytest.approx(0.04)
+    assert xi(2 * per_epoch - 1) == 0.0 and xi(2 * per_epoch) == main(2 * per_epoch)
+    m._trainer = None
 
 
 def test_config_inheritance_resolves_nested_chains() -> None:
     nocenter = compose_config(CONFIGS[0].parent / "cifar100_resnet18_ncmi_nocenter.yaml")
-    assert nocenter["model"]["objective"] == "ncmi" and nocenter["model"]["use_centering"] is False
+    assert nocenter["model"]["objective"] == "ncmi" and nocenter["model"]["ncmi_kwargs"]["use_centering"] is False
+    assert nocenter["model"]["ncmi_kwargs"]["tau"] == 0.3  # the base's NCMI options merge with the override
     assert nocenter["model"]["centroid_lr"] == 5.0 and nocenter["trainer"]["max_epochs"] == 200
     assert nocenter["data"]["dataset"] == "cifar100" and "__base__" not in nocenter
     imagenet = compose_config(CONFIGS[0].parent / "imagenet_resnet101_ncmi.yaml")

@@ -16,15 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from wsi_ncmi.evaluation.image_eval import (
-    LinearProbeConfig,
+from wsi_ncmi.natural.evaluate import (
     cc_scores,
     classifier_ncmi,
     evaluate_image_model,
     extract_outputs,
-    fit_linear_probe,
     topk_accuracy,
 )
+from wsi_ncmi.natural.probe import LinearProbeConfig, fit_linear_probe
 from wsi_ncmi.ncmi import NCMIError, NCMILoss, NCMIMetricAccumulator, ncmi_metric
 
 

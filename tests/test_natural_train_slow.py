@@ -9,9 +9,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 
-from wsi_ncmi.data.images import ImageDataModule
-from wsi_ncmi.evaluation.image_eval import LinearProbeConfig, evaluate_image_model
-from wsi_ncmi.training.image_module import ImageModule
+from wsi_ncmi.natural.data import ImageDataModule
+from wsi_ncmi.natural.evaluate import evaluate_image_model
+from wsi_ncmi.natural.module import ImageModule
+from wsi_ncmi.natural.probe import LinearProbeConfig
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +22,7 @@ def _fit(objective: str, epochs: int, **model_kw) -> tuple[ImageModule, ImageDat
     dm = ImageDataModule("digits", batch_size=64, num_workers=0, image_size=16)
     model = ImageModule(
         backbone="resnet18", num_classes=dm.num_classes, objective=objective, width=0.25, lr=0.1,
-        weight_decay=5e-4, schedule="cosine", channels_last=False, **model_kw,
+        weight_decay=5e-4, scheduler="cosine", channels_last=False, **model_kw,
     )  # fmt: skip
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -32,7 +33,7 @@ def _fit(objective: str, epochs: int, **model_kw) -> tuple[ImageModule, ImageDat
 
 
 def test_ce_resnet18_digits_reaches_90_percent() -> None:
-    model, dm = _fit("ce", epochs=5)
+    model, dm = _fit("head", epochs=5, loss="ce")
     res = evaluate_image_model(
         model.backbone, dm.train_eval_dataloader(), dm.val_dataloader(), 10, head=model.head, protocols=("head",)
     )
@@ -40,7 +41,7 @@ def test_ce_resnet18_digits_reaches_90_percent() -> None:
 
 
 def test_ncmi_resnet18_digits_reaches_90_percent_cc_and_lp() -> None:
-    model, dm = _fit("ncmi", epochs=NCMI_EPOCHS, tau=NCMI_TAU, center_momentum=0.99, centroid_lr=1.0)
+    model, dm = _fit("ncmi", epochs=NCMI_EPOCHS, ncmi_kwargs={"tau": NCMI_TAU, "center_momentum": 0.99}, centroid_lr=1.0)
     res = evaluate_image_model(
         model.backbone, dm.train_eval_dataloader(), dm.val_dataloader(), 10, ncmi=model.ncmi,
         protocols=("cc", "lp"), lp=LinearProbeConfig(epochs=30),

@@ -411,3 +411,20 @@ def test_init_centroids_from_means_points_each_centroid_at_its_class():
         loss.init_centroids_from_means(means, torch.tensor([True, False, False]))
     with pytest.raises(ValueError, match=r"expected means \[3, 6\]"):
         loss.init_centroids_from_means(means[:2], present)
+
+
+def test_class_scores_are_minus_kl_to_the_nearest_centroid_of_each_class():
+    torch.manual_seed(0)
+    c, d, k, b = 3, 8, 2, 5
+    loss = NCMILoss(c, d, centroids_per_class=k, tau=0.5).eval()
+    loss.xi.data.add_(torch.randn_like(loss.xi))
+    feats = torch.randn(b, d, dtype=torch.float64)
+    p = loss.log_probs(feats).exp()  # [B, D]
+    q = loss.centroid_log_probs().exp().double()  # [C*K, D]
+    kl = (p[:, None, :] * (p[:, None, :].log() - q[None].log())).sum(-1)  # [B, C*K], the direct sum
+    expected = -kl.view(b, c, k).min(dim=2).values
+    scores = loss.class_scores(feats)
+    assert scores.shape == (b, c)
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(loss.centroid_kl(loss.log_probs(feats)), -expected)
+    assert not bool(loss.center.initialized)  # scoring never touches the feature center

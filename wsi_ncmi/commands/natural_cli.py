@@ -6,7 +6,7 @@
   :mod:`wsi_ncmi.training.compose`, shared with the MIL configs); ``-c a.yaml -c b.yaml`` also works.
 * ``evaluate --ckpt CKPT [--data.* ...] [--out result.json]``: rebuild the datamodule from the
   checkpoint (``--data.*`` overrides, e.g. a moved ``--data.root``), then head / CC / LP top-1/top-5 and
-  the test split's CMI/Γ/NCMI, streamed (:func:`~wsi_ncmi.evaluation.image_eval.evaluate_image_model`;
+  the test split's CMI/Γ/NCMI, streamed (:func:`~wsi_ncmi.natural.run.evaluate_checkpoint`;
   host memory N_train·D·4 bytes for LP, half with ``--lp-dtype float16``); writes a JSON.
 
 ``wsi-ncmi ncmi-metric`` (paper Figure 2) is :mod:`wsi_ncmi.commands.ncmi_metric_cli`.
@@ -15,40 +15,17 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "NaturalCLI", "resolve_device"]
+__all__ = ["main", "NaturalCLI"]
 
 logger = logging.getLogger(__name__)
 
 _FIT_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-_DATA_OVERRIDES: dict[str, type] = {
-    "dataset": str,
-    "root": str,
-    "batch_size": int,
-    "num_workers": int,
-    "image_size": int,
-    "eval_size": int,
-    "crop_pct": float,
-    "limit_train": int,
-    "limit_val": int,
-}
-
-
-def resolve_device(name: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; anything else unchanged."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _make_cli_class() -> type:
     from lightning.pytorch.cli import LightningCLI
 
@@ -63,8 +40,8 @@ def _make_cli_class() -> type:
 
 def NaturalCLI(args: list[str], run: bool = True) -> Any:  # noqa: N802 - factory named like the class
     """Build (and by default run) the LightningCLI of the image track on ``args``."""
-    from wsi_ncmi.data.images import ImageDataModule
-    from wsi_ncmi.training.image_module import ImageModule
+    from wsi_ncmi.natural.data import ImageDataModule
+    from wsi_ncmi.natural.module import ImageModule
 
     cls = _make_cli_class()
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -130,62 +107,36 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--lp-batch-size", type=int, default=256)
     p.add_argument("--lp-dtype", default="float32", choices=["float32", "float16"],
                    help="dtype of the stored training LP features (float16 halves the host memory)")  # fmt: skip
-    for name, typ in _DATA_OVERRIDES.items():
+    from wsi_ncmi.natural.run import DATA_OVERRIDES
+
+    for name, typ in DATA_OVERRIDES.items():
         p.add_argument(f"--data.{name}", type=typ, default=None, help="override the checkpoint's data setting")
     return p
-
-
-def _load_checkpoint_hparams(path: Path) -> dict[str, Any]:
-    import torch
-
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise SystemExit(f"wsi-ncmi natural evaluate: cannot read checkpoint {path}: {err}") from err
-    if "datamodule_hyper_parameters" not in ckpt:
-        raise SystemExit(f"wsi-ncmi natural evaluate: {path} has no datamodule settings (not an image-track run?)")
-    return dict(ckpt["datamodule_hyper_parameters"])
 
 
 def _evaluate(argv: list[str]) -> int:
     import torch
 
-    from wsi_ncmi.data.images import ImageDataModule
-    from wsi_ncmi.evaluation.image_eval import LinearProbeConfig, evaluate_image_model, write_json
-    from wsi_ncmi.training.image_module import ImageModule
+    from wsi_ncmi.natural.evaluate import write_json
+    from wsi_ncmi.natural.probe import LinearProbeConfig
+    from wsi_ncmi.natural.run import DATA_OVERRIDES, NaturalEvalError, evaluate_checkpoint
 
     args = _eval_parser().parse_args(argv)
     ckpt = Path(args.ckpt).expanduser()
     if not ckpt.is_file():
         print(f"wsi-ncmi natural evaluate: checkpoint not found: {ckpt}", file=sys.stderr)
         return 2
-    data_kw = _load_checkpoint_hparams(ckpt)
-    for name in _DATA_OVERRIDES:
-        value = getattr(args, f"data.{name}")
-        if value is not None:
-            data_kw[name] = value
-    data_kw["two_views"] = False
-    accepted = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self"}
-    data_kw = {k: v for k, v in data_kw.items() if k in accepted}  # drops Lightning's "_instantiator"
-    dm = ImageDataModule(**data_kw)
-    dm.setup("validate")
-    device = resolve_device(args.device)
-    module = ImageModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True, weights=None)
-    module = module.to(device).eval()
-    result = evaluate_image_model(
-        module.backbone,
-        dm.train_eval_dataloader(),
-        dm.val_dataloader(),
-        dm.num_classes,
-        head=module.head,
-        ncmi=module.ncmi,
-        protocols=args.protocols,
-        lp=LinearProbeConfig(epochs=args.lp_epochs, lr=args.lp_lr, batch_size=args.lp_batch_size),
-        device=device,
-        channels_last=bool(module.hparams.channels_last) and device != "cpu",
-        lp_dtype=getattr(torch, args.lp_dtype),
-    )
-    result.update(checkpoint=str(ckpt), run=module.describe(), data={k: data_kw[k] for k in sorted(data_kw)})
+    try:
+        result = evaluate_checkpoint(
+            ckpt,
+            data={name: getattr(args, f"data.{name}") for name in DATA_OVERRIDES},
+            protocols=args.protocols,
+            device=args.device,
+            lp=LinearProbeConfig(epochs=args.lp_epochs, lr=args.lp_lr, batch_size=args.lp_batch_size),
+            lp_dtype=getattr(torch, args.lp_dtype),
+        )
+    except NaturalEvalError as err:
+        raise SystemExit(f"wsi-ncmi natural evaluate: {err}") from err
     out = Path(args.out) if args.out else ckpt.with_suffix(".eval.json")
     write_json(out, result)
     print(f"{'protocol':<8} {'top1':>7} {'top5':>7}")

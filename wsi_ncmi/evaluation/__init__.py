@@ -1,8 +1,8 @@
 """Evaluation of frozen aggregators: embed a split (`embed`), linear probe and nearest centroid (`probe`),
 the protocols that evaluate a run (`protocols`), the report schema (`report_schema`), its files
 (`report`) and the summary over runs (`summary`), figures (`plots`) and the
-published numbers to compare with (`paper`). Heatmaps (`heatmap`) and the natural-image track
-(`image_eval`) live beside them.
+published numbers to compare with (`paper`). Heatmaps (`heatmap`) live beside them; the natural-image
+track's evaluation is :mod:`wsi_ncmi.natural.evaluate`.
 
 Names are re-exported lazily so that importing one submodule (e.g. ``wsi_ncmi.evaluation.heatmap``) does
 not pull in scikit-learn, pandas or matplotlib.

@@ -102,11 +102,7 @@ class ScoreInputs:
 def xi_kl(ncmi_loss: NCMILoss, log_probs: np.ndarray | torch.Tensor) -> np.ndarray:
     """KL(p ‖ q^v) [N, C] to the nearest of the K learned centroids of each class; ``log_probs`` = ln p [N, D]."""
     log_p = torch.as_tensor(np.asarray(log_probs), dtype=torch.float64)  # [N, D]
-    log_q = ncmi_loss.centroid_log_probs().detach().to("cpu", torch.float64)  # [C*K, D]
-    p = log_p.exp()
-    kl = (p * log_p).sum(1, keepdim=True) - p @ log_q.T  # [N, C*K]
-    k = int(ncmi_loss.centroids_per_class)
-    return kl.view(kl.shape[0], -1, k).min(dim=2).values.numpy()  # [N, C]
+    return ncmi_loss.centroid_kl(log_p).numpy()  # [N, C]
 
 
 def _means_kl(log_probs: np.ndarray, class_means: np.ndarray) -> np.ndarray:

@@ -265,6 +265,25 @@ class NCMILoss(nn.Module):
         with torch.autocast(device_type=self.xi.device.type, enabled=False):
             return self._log_simplex(self.xi)
 
+    def centroid_kl(self, log_probs: Tensor) -> Tensor:
+        """KL(p ‖ q_v) [B, C] to the nearest of the K learned centroids q = NSF(ξ) of each class.
+
+        ``log_probs`` = ln p [B, D] (e.g. :meth:`log_probs`, or stored rows); computed in its dtype and
+        on its device (ξ is moved there), in the matmul form of the module docstring.
+        """
+        log_q = self.centroid_log_probs().to(log_probs.device, log_probs.dtype)  # [C*K, D]
+        p = log_probs.exp()
+        plogp = torch.where(p > 0, p * log_probs, torch.zeros_like(p))  # 0·ln 0 = 0
+        kl = plogp.sum(1, keepdim=True) - p @ log_q.T  # [B, C*K]
+        return kl.view(kl.shape[0], self.num_classes, self.centroids_per_class).min(dim=2).values  # [B, C]
+
+    def class_scores(self, features: Tensor) -> Tensor:
+        """Class scores [B, C] = −min_k KL(p ‖ q_{v,k}) of features [B, D] (argmax = nearest learned centroid).
+
+        Uses the center, never updates it; softmax of these scores is the NCMI runs' class probability.
+        """
+        return -self.centroid_kl(self.log_probs(features))
+
     # ----------------------------------------------------------------- the loss
     def forward(self, features: Tensor, target: Tensor) -> dict[str, Tensor]:
         """features [B, D], target [B] int -> {"loss", "cmi", "gamma"} (0-d tensors)."""

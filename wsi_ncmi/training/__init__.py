@@ -1,6 +1,6 @@
 """LightningModules and training helpers: ``MILModule`` (head loss or NCMI), callbacks, optimizers.
 
-``ImageModule`` (natural-image track) is exported when its module is present.
+``ImageModule`` (natural-image track) lives in :mod:`wsi_ncmi.natural.module`.
 """
 
 from .callbacks import LastCheckpoint, RNGStateCheckpoint, capture_rng_state, restore_rng_state
@@ -37,11 +37,3 @@ __all__ = [
     "restore_rng_state",
     "trim_metrics_csv",
 ]
-
-try:  # owned by the natural-image track; optional here
-    from .image_module import ImageModule  # noqa: F401
-
-    __all__.append("ImageModule")
-except ModuleNotFoundError as _exc:  # pragma: no cover - only while image_module.py does not exist
-    if _exc.name != f"{__name__}.image_module":
-        raise

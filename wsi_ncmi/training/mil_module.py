@@ -279,12 +279,7 @@ class MILModule(pl.LightningModule):
         """KL(p ‖ q^v) [B, C] to the nearest learned centroid of each class (NCMI objective only)."""
         if self.ncmi_loss is None:
             raise TrainingConfigError("MILModule.centroid_kl: only defined for objective='ncmi'")
-        log_p = self.ncmi_loss.log_probs(embedding)  # [B, D]
-        log_q = self.ncmi_loss.centroid_log_probs().to(log_p.dtype)  # [C*K, D]
-        p = log_p.exp()
-        kl = (p * log_p).sum(1, keepdim=True) - p @ log_q.T  # [B, C*K]
-        k = self.ncmi_loss.centroids_per_class
-        return kl.view(kl.shape[0], self.num_classes, k).min(dim=2).values  # [B, C]
+        return self.ncmi_loss.centroid_kl(self.ncmi_loss.log_probs(embedding))  # [B, C]
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
         """Class scores [B, C] for bags [B, N, D] (see :meth:`class_scores`)."""

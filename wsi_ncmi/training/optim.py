@@ -8,10 +8,13 @@ so they follow gradient accumulation and any number of epochs.
   to ``min_lr_ratio · base lr`` at ``total_steps`` (the AEM / ASMIL recipe with ``warmup_steps = 0``).
 * ``linear``: the same warm-up, then linear decay to ``min_lr_ratio · base lr``.
 * ``constant``: the warm-up, then the base lr.
+* ``multistep``: the warm-up, then the base lr times ``gamma`` per milestone passed (the CIFAR recipe).
 * ``none``: no scheduler at all.
 
+``milestones`` (optimizer steps counted after the warm-up) multiply any shape by ``gamma`` once each;
+``start_step`` holds a group at lr 0 before that step (e.g. centroids that start learning later).
 Each parameter group keeps its own base lr (the factor multiplies it), so a centroid group with its own
-lr follows the same shape.
+lr follows the same shape; :func:`build_group_scheduler` gives each group its own :class:`WarmupSchedule`.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ __all__ = [
     "SCHEDULES",
     "OptimConfigError",
     "WarmupSchedule",
+    "build_group_scheduler",
     "build_optimizer",
     "build_scheduler",
+    "check_schedule",
 ]
 
 
@@ -72,6 +77,7 @@ SCHEDULES: dict[str, Callable[[float], float] | None] = {
     "cosine": _cosine,
     "linear": lambda progress: 1.0 - progress,
     "constant": lambda progress: 1.0,
+    "multistep": lambda progress: 1.0,  # constant between milestones; the drops are WarmupSchedule's
     "none": None,
 }
 
@@ -80,33 +86,69 @@ class WarmupSchedule:
     """lr factor at optimizer step ``s``: warm-up, then ``SCHEDULES[shape]`` over the remaining steps.
 
     A plain object (not a lambda) so ``LambdaLR.state_dict`` stores its settings in checkpoints.
+    ``milestones``: steps after the warm-up (floats allowed) at each of which the factor is multiplied by
+    ``gamma``; ``start_step``: the factor is 0 before it.
     """
 
-    def __init__(self, shape: str, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> None:
+    def __init__(
+        self,
+        shape: str,
+        total_steps: int,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        milestones: tuple[float, ...] = (),
+        gamma: float = 0.1,
+        start_step: int = 0,
+    ) -> None:
         self.shape = shape
         self.total_steps = max(1, int(total_steps))
         self.warmup_steps = max(0, int(warmup_steps))
         self.min_lr_ratio = float(min_lr_ratio)
+        self.milestones = tuple(float(m) for m in milestones)
+        self.gamma = float(gamma)
+        self.start_step = max(0, int(start_step))
 
     def __call__(self, step: int) -> float:
+        if step < self.start_step:
+            return 0.0
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
+        after = step - self.warmup_steps
         span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
+        progress = min(1.0, after / span)
         fn = SCHEDULES[self.shape]
         assert fn is not None
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * fn(progress)
+        factor = self.min_lr_ratio + (1.0 - self.min_lr_ratio) * fn(progress)
+        return factor * self.gamma ** sum(after >= m for m in self.milestones)
+
+
+def check_schedule(name: str, min_lr_ratio: float = 0.0) -> str:
+    """The registry key of schedule ``name`` (lower case); :class:`OptimConfigError` for a bad name or ratio."""
+    key = str(name).lower()
+    if key not in SCHEDULES:
+        raise OptimConfigError(f"scheduler: unknown name {name!r}; available: {', '.join(sorted(SCHEDULES))}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise OptimConfigError(f"scheduler: min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    return key
 
 
 def build_scheduler(
     name: str, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0
 ) -> LambdaLR | None:
     """A per-step ``LambdaLR`` for the named shape, or ``None`` for ``"none"``."""
-    key = str(name).lower()
-    if key not in SCHEDULES:
-        raise OptimConfigError(f"scheduler: unknown name {name!r}; available: {', '.join(sorted(SCHEDULES))}")
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        raise OptimConfigError(f"scheduler: min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    key = check_schedule(name, min_lr_ratio)
     if SCHEDULES[key] is None:
         return None
     return LambdaLR(optimizer, WarmupSchedule(key, total_steps, warmup_steps, min_lr_ratio))
+
+
+def build_group_scheduler(optimizer: Optimizer, schedules: list[WarmupSchedule]) -> LambdaLR:
+    """One per-step ``LambdaLR`` with its own :class:`WarmupSchedule` for each parameter group (in order)."""
+    if len(schedules) != len(optimizer.param_groups):
+        raise OptimConfigError(
+            f"scheduler: {len(schedules)} schedules for {len(optimizer.param_groups)} parameter groups"
+        )
+    for sched in schedules:
+        if SCHEDULES.get(sched.shape) is None:
+            raise OptimConfigError(f"scheduler: a group schedule needs a shape, got {sched.shape!r}")
+    return LambdaLR(optimizer, list(schedules))

@@ -1,4 +1,4 @@
-"""Evaluation of natural-image models: head, CC and LP top-1/top-5, dataset-level NCMI, Figure-2 study.
+"""Evaluation of natural-image models: head, CC and LP top-1/top-5, dataset-level NCMI.
 
 Protocols (NCMI.md §3):
 * ``head`` — the trained linear classifier (CE-family runs, the SupCon online probe).
@@ -26,7 +26,7 @@ Peak host memory (``device="cpu"``, bytes), beyond the model and one batch:
 
 with D the feature dimension (the metric accumulators use the probability dimension: D for NSF, C for a
 softmax head). Without ``lp`` there is no per-sample term at all, O(C·D). On a GPU device the [C, D]
-accumulators live on the GPU, and :func:`fit_linear_probe` also copies the LP tensor there
+accumulators live on the GPU, and :func:`~wsi_ncmi.natural.probe.fit_linear_probe` also copies the LP tensor there
 (N_train · D · b of GPU memory) while it trains. ImageNet ResNet-50 (N_train 1.28 M, D 2048): 10.5 GB with
 float32 LP input, 5.2 GB with float16 (the former in-memory version: ≈ 31 GB plus a float64 copy of the
 training probabilities). Measured (CPU, D 512, C 100, N_train 80 000, peak RSS growth): in-memory
@@ -35,14 +35,13 @@ training probabilities). Measured (CPU, D 512, C 100, N_train 80 000, peak RSS g
 These functions take the pieces of a model (backbone, optional head, optional NCMI loss module) so this
 layer does not depend on the training code. :func:`classifier_ncmi` measures a full classifier (top-1 of
 its own scores and the NCMI of its probabilities), used by ``wsi-ncmi ncmi-metric`` for the paper's
-Figure 2. :func:`extract_outputs` keeps the whole split in memory (small sets, debugging, tests).
+Figure 2 (the rest of that study is :mod:`wsi_ncmi.natural.metric`). :func:`extract_outputs` keeps the whole split in memory (small sets, debugging, tests).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,23 +51,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsi_ncmi.data.atomic import atomic_output, atomic_write_text
+from wsi_ncmi.data.atomic import atomic_write_text
 from wsi_ncmi.metrics import topk_hits
 from wsi_ncmi.ncmi import CentroidAccumulator, NCMIMetricAccumulator, NearestCentroidClassifier
 from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
 
+from .probe import LinearProbeConfig, RowStore, center_normalize_, fit_linear_probe
+
 __all__ = [
     "ImageOutputs",
-    "LinearProbeConfig",
     "NCMIMetricAccumulator",
     "extract_outputs",
     "topk_accuracy",
     "cc_scores",
-    "fit_linear_probe",
     "evaluate_image_model",
     "classifier_ncmi",
-    "pearson_r",
-    "plot_ncmi_vs_top1",
     "write_json",
 ]
 
@@ -76,7 +73,6 @@ logger = logging.getLogger(__name__)
 
 _PROTOCOLS = ("head", "cc", "lp")
 _KS = (1, 5)
-_CHUNK_ROWS = 65536  # rows per chunk when centring / normalising the stored LP input in place
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,97 +204,11 @@ class _TopkCounter:
         return {f"top{k}": self.hits[k] / self.n for k in self.ks}
 
 
-class _RowStore:
-    """Preallocated [N, ...] CPU buffer filled batch by batch (grows ×1.5 when the size hint was short).
-
-    One allocation instead of a list of per-batch tensors: small per-batch tensors kept alive between the
-    freed batch temporaries fragment the heap (measured: ~2× the stored bytes of extra resident memory).
-    """
-
-    def __init__(self, dtype: torch.dtype, capacity: int = 0) -> None:
-        self.dtype = dtype
-        self.capacity = int(capacity)
-        self.buf: Tensor | None = None  # [capacity, ...] on the CPU
-        self.n = 0
-
-    def append(self, rows: Tensor) -> None:
-        rows = rows.detach().to("cpu", self.dtype)  # [B, ...]
-        need = self.n + rows.shape[0]
-        if self.buf is None:
-            self.buf = torch.empty(max(self.capacity, need), *rows.shape[1:], dtype=self.dtype)
-        elif need > self.buf.shape[0]:
-            grown = torch.empty(max(need, int(self.buf.shape[0] * 1.5) + 1), *rows.shape[1:], dtype=self.dtype)
-            grown[: self.n] = self.buf[: self.n]
-            self.buf = grown
-        self.buf[self.n : need] = rows
-        self.n = need
-
-    def tensor(self) -> Tensor:
-        if self.buf is None:
-            raise ValueError("no row was stored")
-        return self.buf[: self.n]  # a view: no copy
-
-
 def cc_scores(train_probs: Tensor, train_labels: Tensor, test_probs: Tensor, num_classes: int) -> Tensor:
     """−KL(p ‖ s^v) [N_test, C] with s^v the closed-form training centroids (Eq. 6); argmax = CC."""
     clf = NearestCentroidClassifier(num_classes=num_classes, allow_empty=True)
     clf.fit(train_probs.double(), train_labels)
     return -clf.kl_to_centroids(test_probs.double()).float()
-
-
-# ---------------------------------------------------------------------------------------------------
-# linear probe
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LinearProbeConfig:
-    """Recipe of the torch linear probe (fixed; features are unit-norm so a large lr is used)."""
-
-    epochs: int = 100
-    lr: float = 1.0
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    seed: int = 0
-
-
-def fit_linear_probe(
-    x: Tensor, y: Tensor, num_classes: int, config: LinearProbeConfig | None = None, device: str | torch.device = "cpu"
-) -> nn.Linear:
-    """Train ``nn.Linear(D, C)`` with CE on fixed features ``x`` [N, D] (SGD + momentum, cosine lr).
-
-    ``x`` may be float16 (each mini-batch is cast to float32); it is moved to ``device`` once.
-    """
-    cfg = config or LinearProbeConfig()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        layer = nn.Linear(x.shape[1], num_classes).to(device)
-    opt = torch.optim.SGD(layer.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(x.shape[0] / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
-    x, y = x.to(device), y.to(device).long()
-    layer.train()
-    for _ in range(cfg.epochs):
-        order = torch.randperm(x.shape[0], generator=gen).to(device)
-        for i in range(0, x.shape[0], cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            loss = F.cross_entropy(layer(x[idx].float()), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    layer.eval()
-    return layer
-
-
-def _center_normalize_(x: Tensor, mean: Tensor) -> None:
-    """In place, chunk by chunk: ``x <- normalize(x - mean)`` for x [N, D] (any float dtype), mean [D]."""
-    mean = mean.to(torch.float32)
-    for i in range(0, x.shape[0], _CHUNK_ROWS):
-        chunk = x[i : i + _CHUNK_ROWS]
-        chunk.copy_(F.normalize(chunk.float() - mean, dim=1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,8 +243,8 @@ def _train_pass(
 ) -> _TrainPass:
     cents: CentroidAccumulator | None = None
     hint = _len_hint(loader, None)
-    store = _RowStore(lp_dtype, hint) if want_lp else None
-    labels = _RowStore(torch.long, hint)
+    store = RowStore(lp_dtype, hint) if want_lp else None
+    labels = RowStore(torch.long, hint)
     feat_sum: Tensor | None = None  # [D] float64 (non-NCMI LP mean)
     n = 0
     for out, y in _forward(backbone, loader, device=device, channels_last=channels_last):
@@ -363,7 +273,7 @@ def _train_pass(
         kind = "ncmi_center_l2" if ncmi is not None else "train_mean_l2"
         if feat_sum is not None:
             lp_mean = (feat_sum / n).float().cpu()  # [D]
-            _center_normalize_(lp_x, lp_mean)
+            center_normalize_(lp_x, lp_mean)
     return _TrainPass(
         n=n,
         centroids=cents.compute(allow_empty=True) if cents is not None else None,
@@ -498,43 +408,6 @@ def classifier_ncmi(
     if metric is None:
         raise ValueError("classifier_ncmi: the loader yielded no batch")
     return {**counter.compute(), **metric.compute(), "n": counter.n}
-
-
-def pearson_r(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation of two equally long sequences (NaN for fewer than 2 points or zero variance)."""
-    if len(x) != len(y):
-        raise ValueError(f"pearson_r: lengths differ ({len(x)} vs {len(y)})")
-    if len(x) < 2:
-        return float("nan")
-    a = torch.tensor(x, dtype=torch.float64)
-    b = torch.tensor(y, dtype=torch.float64)
-    a, b = a - a.mean(), b - b.mean()
-    den = float(a.norm() * b.norm())
-    return float((a * b).sum()) / den if den > 0 else float("nan")
-
-
-def plot_ncmi_vs_top1(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
-    """Scatter of NCMI (x) vs top-1 (y), one labelled point per row (``name``, ``ncmi``, ``top1``); PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    xs = [float(r["ncmi"]) for r in rows]
-    ys = [100.0 * float(r["top1"]) for r in rows]
-    ax.scatter(xs, ys)
-    for r, x, y in zip(rows, xs, ys):
-        ax.annotate(str(r["name"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("NCMI of softmax outputs")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or f"NCMI vs top-1 (Pearson r = {pearson_r(xs, ys):.3f})")
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

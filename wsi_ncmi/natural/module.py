@@ -1,14 +1,20 @@
-"""Lightning module for the natural-image track: a ResNet trained with any registry objective.
+"""Lightning module for the natural-image track: a ResNet trained with a head loss, NCMI or a contrastive loss.
 
-* Head losses (``input_kind == "logits"``: ce, label_smoothing, focal, poly, squentropy, occe, milloss):
-  backbone → ``head`` Linear(D, C) → loss.
-* ``ncmi``: no classifier; :class:`~wsi_ncmi.ncmi.NCMILoss` on the pooled feature [B, D]. The
-  centroid parameters ξ form their own SGD param group (``centroid_lr`` / ``centroid_momentum``, no
-  weight decay, and by default no lr schedule), which is the paper's Alg. 1 separate centroid optimizer
-  expressed as a param group.
-* ``supcon``: a projection MLP (D → D → ``proj_dim``) feeds the contrastive loss on two views
-  ``[B, 2, 3, H, W]``; a linear ``head`` trained with CE on the *detached* feature (an online probe,
-  it cannot move the backbone) gives the per-epoch validation accuracy.
+``objective`` means what it means for :class:`~wsi_ncmi.training.MILModule` (plus ``"contrastive"``):
+
+* ``"head"``: backbone → ``head`` Linear(D, C) → ``create_loss(loss, **loss_kwargs)`` on the logits
+  (logits losses: ce, label_smoothing, focal, poly, squentropy, occe, milloss).
+* ``"ncmi"``: no classifier; :class:`~wsi_ncmi.ncmi.NCMILoss` ``(num_classes, D, **ncmi_kwargs)`` on the
+  pooled feature [B, D]. The centroid parameters ξ form their own SGD param group (``centroid_lr`` /
+  ``centroid_momentum``, no weight decay, and by default no lr schedule), which is the paper's Alg. 1
+  separate centroid optimizer expressed as a param group.
+* ``"contrastive"``: an embedding loss (``loss="supcon"``): a projection MLP (D → D → ``proj_dim``) feeds it
+  two views ``[B, 2, 3, H, W]``; a linear ``head`` trained with CE on the *detached* feature (an online
+  probe, it cannot move the backbone) gives the per-epoch validation accuracy.
+
+The lr schedule is :mod:`wsi_ncmi.training.optim`'s (``scheduler``: cosine | linear | constant | multistep |
+none, per optimizer step, after ``warmup_epochs``; ``milestones`` in epochs after the warm-up, ``lr_gamma``),
+one :class:`~wsi_ncmi.training.optim.WarmupSchedule` per param group.
 
 Validation accuracy per epoch (``val/top1``, ``val/top5``):
 * head losses and supcon: the linear head.
@@ -20,14 +26,13 @@ Validation accuracy per epoch (``val/top1``, ``val/top5``):
   q = NSF(ξ) (nearest of the K centroids of a class). ``val_centroids`` picks which one is ``val/top1``
   (default ``"train"``; it falls back to ``"xi"`` before the first training epoch, e.g. sanity checks).
 Dataset-level CMI / Γ / NCMI of the validation split (``val/cmi``, ``val/gamma``, ``val/ncmi``) use the
-softmax of the head (head losses, supcon probe) or the NSF probabilities (ncmi).
+softmax of the head (head losses, contrastive probe) or the NSF probabilities (ncmi).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -37,11 +42,12 @@ from torch import Tensor, nn
 
 from wsi_ncmi.losses import create_loss
 from wsi_ncmi.metrics import topk_hits
-from wsi_ncmi.models.backbones import create_backbone
+from wsi_ncmi.natural.backbones import create_backbone
 from wsi_ncmi.ncmi import CentroidAccumulator, NCMIMetricAccumulator
 from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
+from wsi_ncmi.training.optim import SCHEDULES, WarmupSchedule, build_group_scheduler
 
-__all__ = ["ImageModule", "ImageModuleError", "SCHEDULES", "lr_factor"]
+__all__ = ["OBJECTIVES", "ImageModule", "ImageModuleError"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,59 +56,7 @@ class ImageModuleError(ValueError):
     """Bad ImageModule configuration (names the argument)."""
 
 
-# ---------------------------------------------------------------------------------------------------
-# learning-rate schedules: name -> factor(step, total_steps, steps_per_epoch, milestones, gamma)
-# ---------------------------------------------------------------------------------------------------
-
-
-def _cosine(step: int, total: int, per_epoch: float, milestones: tuple[int, ...], gamma: float) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
-
-
-def _multistep(step: int, total: int, per_epoch: float, milestones: tuple[int, ...], gamma: float) -> float:
-    epoch = step / max(per_epoch, 1e-12)
-    return gamma ** sum(epoch >= m for m in milestones)
-
-
-def _constant(step: int, total: int, per_epoch: float, milestones: tuple[int, ...], gamma: float) -> float:
-    return 1.0
-
-
-SCHEDULES: dict[str, Callable[[int, int, float, tuple[int, ...], float], float]] = {
-    "cosine": _cosine,
-    "multistep": _multistep,
-    "none": _constant,
-}
-
-
-def lr_factor(
-    schedule: str,
-    step: int,
-    total_steps: int,
-    steps_per_epoch: float,
-    warmup_steps: int = 0,
-    milestones: tuple[int, ...] = (),
-    gamma: float = 0.1,
-) -> float:
-    """Multiplier of the base lr at optimizer ``step``: linear warm-up, then ``schedule``.
-
-    ``cosine`` decays to 0 over the steps after warm-up; ``multistep`` multiplies by ``gamma`` at each
-    epoch in ``milestones``; ``none`` keeps the base lr.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    after = step - warmup_steps
-    return SCHEDULES[schedule](after, max(total_steps - warmup_steps, 1), steps_per_epoch, milestones, gamma)
-
-
-def _make_loss(name: str, num_classes: int, embed_dim: int, kwargs: dict[str, Any]) -> nn.Module:
-    """``create_loss(name, ...)``; the embedding-space NCMI loss also gets ``num_classes`` / ``embed_dim``."""
-    if name in _NEEDS_DIMS:
-        kwargs = {"num_classes": num_classes, "embed_dim": embed_dim, **kwargs}
-    return create_loss(name, **kwargs)
-
-
-_NEEDS_DIMS = frozenset({"ncmi"})
+OBJECTIVES = ("head", "ncmi", "contrastive")
 
 
 class ImageModule(L.LightningModule):
@@ -111,22 +65,26 @@ class ImageModule(L.LightningModule):
     Args:
         backbone: resnet18 | resnet34 | resnet50 | resnet101 (timm, random init unless ``weights``).
         num_classes: number of classes (linked from the datamodule by the CLI).
-        objective: registry loss name (``wsi_ncmi.losses.list_losses()``).
-        loss_kwargs: extra keyword arguments of the loss (e.g. ``{"gamma": 2.0}`` for focal).
+        objective: ``"head"``, ``"ncmi"`` or ``"contrastive"`` (see the module docstring).
+        loss: registry loss name (``wsi_ncmi.losses.list_losses()``) for ``head`` (a logits loss) and
+            ``contrastive`` (an embedding loss, e.g. ``supcon``); unused for ``ncmi``.
+        loss_kwargs: extra keyword arguments of ``loss`` (e.g. ``{"gamma": 2.0}`` for focal).
+        ncmi_kwargs: :class:`~wsi_ncmi.ncmi.NCMILoss` options (``tau``, ``center_momentum``, ``variant``,
+            ``centroid_update``, ``centroids_per_class``, ``use_nsf``, ``use_centering`` — the last two are
+            the paper's Table V ablation switches), as for MILModule.
         cifar_stem: 3×3 stride-1 stem, no max-pool (32-px images).
         weights: optional local weight file for the backbone.
         width: backbone channel multiplier (1.0 standard; smaller for CPU demos/tests).
-        tau, center_momentum, variant, centroid_update, centroids_per_class, use_nsf, use_centering:
-            NCMILoss options (``objective="ncmi"`` only); ``use_nsf`` / ``use_centering`` are the
-            paper's Table V ablation switches.
         lr, momentum, weight_decay, nesterov: SGD for backbone + head.
         centroid_lr, centroid_momentum: SGD of the ξ param group (NCMI with ``centroid_update="sgd"``).
         centroid_schedule: apply the lr schedule to the ξ group too (default: constant centroid lr).
         centroid_start_epoch: ξ keeps lr 0 before this epoch (the public CIFAR script starts at 30).
-        schedule: cosine | multistep | none, stepped per optimizer step, after ``warmup_epochs``.
-        milestones, lr_gamma: multistep epochs and factor.
+        scheduler: a :data:`wsi_ncmi.training.optim.SCHEDULES` name, stepped per optimizer step, after
+            ``warmup_epochs``; ``none``: constant lr, no warm-up.
+        milestones, lr_gamma: epochs (after the warm-up) at which the lr is multiplied by ``lr_gamma``.
+        min_lr_ratio: floor of cosine / linear as a fraction of the base lr.
         val_centroids: ``"train"`` or ``"xi"``: which CC is reported as ``val/top1`` for NCMI.
-        proj_dim: SupCon projection size.
+        proj_dim: projection size of the contrastive objective.
         channels_last: run the backbone in channels-last memory format.
     """
 
@@ -134,18 +92,13 @@ class ImageModule(L.LightningModule):
         self,
         backbone: str = "resnet18",
         num_classes: int = 100,
-        objective: str = "ce",
+        objective: str = "head",
+        loss: str = "ce",
         loss_kwargs: dict[str, Any] | None = None,
+        ncmi_kwargs: dict[str, Any] | None = None,
         cifar_stem: bool = True,
         weights: str | None = None,
         width: float = 1.0,
-        tau: float = 0.5,
-        center_momentum: float = 0.9999,
-        variant: str = "paper",
-        centroid_update: str = "sgd",
-        centroids_per_class: int = 1,
-        use_nsf: bool = True,
-        use_centering: bool = True,
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -154,17 +107,22 @@ class ImageModule(L.LightningModule):
         centroid_momentum: float = 0.9,
         centroid_schedule: bool = False,
         centroid_start_epoch: float = 0.0,
-        schedule: str = "cosine",
+        scheduler: str = "cosine",
         milestones: list[int] | None = None,
         lr_gamma: float = 0.2,
         warmup_epochs: float = 0.0,
+        min_lr_ratio: float = 0.0,
         val_centroids: str = "train",
         proj_dim: int = 128,
         channels_last: bool = True,
     ) -> None:
         super().__init__()
-        if schedule not in SCHEDULES:
-            raise ImageModuleError(f"model.schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+        if objective not in OBJECTIVES:
+            raise ImageModuleError(f"model.objective must be one of {OBJECTIVES}, got {objective!r}")
+        if scheduler not in SCHEDULES:
+            raise ImageModuleError(f"model.scheduler must be one of {sorted(SCHEDULES)}, got {scheduler!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ImageModuleError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if val_centroids not in ("train", "xi"):
             raise ImageModuleError(f"model.val_centroids must be 'train' or 'xi', got {val_centroids!r}")
         if num_classes < 2:
@@ -173,22 +131,23 @@ class ImageModule(L.LightningModule):
         self.objective = objective
         self.num_classes = num_classes
         self.backbone, self.feature_dim = create_backbone(backbone, cifar_stem=cifar_stem, weights=weights, width=width)
-        kw = dict(loss_kwargs or {})
         if objective == "ncmi":
-            kw = {
-                "tau": tau,
-                "center_momentum": center_momentum,
-                "variant": variant,
-                "centroid_update": centroid_update,
-                "centroids_per_class": centroids_per_class,
-                "use_nsf": use_nsf,
-                "use_centering": use_centering,
-                **kw,
-            }
-        self.criterion = _make_loss(objective, num_classes, self.feature_dim, kw)
+            self.loss_name = "ncmi"
+            self.criterion = create_loss("ncmi", num_classes=num_classes, embed_dim=self.feature_dim,
+                                         **(ncmi_kwargs or {}))  # fmt: skip
+        else:
+            self.loss_name = str(loss).lower()
+            self.criterion = create_loss(loss, **(loss_kwargs or {}))
+            kind = getattr(self.criterion, "input_kind", "logits")
+            want = "logits" if objective == "head" else "embedding"
+            if kind != want or hasattr(self.criterion, "xi"):
+                raise ImageModuleError(
+                    f"model.loss {loss!r} works on {kind}s; objective {objective!r} needs a loss on {want}s"
+                    + (" (use objective='ncmi' for NCMI)" if hasattr(self.criterion, "xi") else "")
+                )
         self.input_kind: str = getattr(self.criterion, "input_kind", "logits")
-        self.is_ncmi = hasattr(self.criterion, "xi") and hasattr(self.criterion, "log_probs")
-        self.is_contrastive = self.input_kind == "embedding" and not self.is_ncmi
+        self.is_ncmi = objective == "ncmi"
+        self.is_contrastive = objective == "contrastive"
         # head: the classifier for head losses, an online probe on detached features for supcon
         self.head: nn.Linear | None = None if self.is_ncmi else nn.Linear(self.feature_dim, num_classes)
         self.proj: nn.Module | None = None
@@ -218,15 +177,9 @@ class ImageModule(L.LightningModule):
         """Class scores [B, C]: head logits, or −KL to the running centroids q = NSF(ξ) for NCMI."""
         feat = self.forward_features(x)
         if self.is_ncmi:
-            return self._xi_scores(self.criterion.log_probs(feat).exp())
+            return self.criterion.class_scores(feat)
         assert self.head is not None
         return self.head(feat)
-
-    def _xi_scores(self, probs: Tensor) -> Tensor:
-        """−min_k KL(p ‖ q_{v,k}) [B, C] from the running centroids."""
-        q = self.criterion.centroid_log_probs().exp().to(probs.dtype)  # [C*K, D]
-        kl = kl_rows_to_centroids(probs, q)  # [B, C*K]
-        return -kl.view(probs.shape[0], self.num_classes, -1).min(dim=2).values
 
     # ------------------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:
@@ -296,8 +249,9 @@ class ImageModule(L.LightningModule):
         n = y.shape[0]
         if self.is_ncmi:
             out = self.criterion(feat, y)
-            probs = self.criterion.log_probs(feat).exp()  # [B, D]
-            xi_scores = self._xi_scores(probs)
+            log_p = self.criterion.log_probs(feat)  # [B, D]
+            probs = log_p.exp()
+            xi_scores = -self.criterion.centroid_kl(log_p)  # [B, C]
             self._log_topk("val/top_xi", xi_scores, y)
             main = xi_scores
             if self._val_centroids is not None:
@@ -375,37 +329,36 @@ class ImageModule(L.LightningModule):
         max_epochs = trainer.max_epochs if trainer is not None else None
         per_epoch = total / max_epochs if max_epochs and max_epochs > 0 else float(total)
         warmup = int(round(hp.warmup_epochs * per_epoch))
-        milestones = tuple(hp.milestones or ())
-
-        def main_factor(step: int) -> float:
-            return lr_factor(hp.schedule, step, total, per_epoch, warmup, milestones, hp.lr_gamma)
-
-        centroid_start = int(round(hp.centroid_start_epoch * per_epoch))
-
-        def centroid_factor(step: int) -> float:
-            if step < centroid_start:
-                return 0.0
-            return main_factor(step) if hp.centroid_schedule else 1.0
-
-        lambdas = [main_factor]
-        if len(opt.param_groups) > 1:
-            lambdas.append(centroid_factor)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lambdas)
+        if hp.scheduler == "none":  # constant lr, no warm-up (training.optim's meaning of "none")
+            main = WarmupSchedule("constant", total)
+        else:
+            milestones = tuple(m * per_epoch for m in (hp.milestones or ()))  # epochs after warm-up -> steps
+            main = WarmupSchedule(hp.scheduler, total, warmup, hp.min_lr_ratio, milestones, hp.lr_gamma)
+        schedules = [main]
+        if len(opt.param_groups) > 1:  # ξ: 0 before centroid_start_epoch, then the main shape or constant
+            start = int(round(hp.centroid_start_epoch * per_epoch))
+            if hp.centroid_schedule:
+                schedules.append(WarmupSchedule(main.shape, total, main.warmup_steps, main.min_lr_ratio,
+                                                main.milestones, main.gamma, start_step=start))  # fmt: skip
+            else:
+                schedules.append(WarmupSchedule("constant", total, start_step=start))
+        sched = build_group_scheduler(opt, schedules)
         logger.info(
             "ImageModule: objective=%s, SGD lr=%s (%s, %d warm-up steps of %d), groups=%s",
-            hp.objective, hp.lr, hp.schedule, warmup, total, [g["name"] for g in opt.param_groups],
+            hp.objective, hp.lr, hp.scheduler, warmup, total, [g["name"] for g in opt.param_groups],
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def describe(self) -> dict[str, Any]:
-        """What a run used (logged into evaluation JSON): objective, centroid mode, val CC source."""
-        info: dict[str, Any] = {"objective": self.objective, "backbone": self.hparams.backbone}
+        """What a run used (logged into evaluation JSON): objective, loss, centroid mode, val CC source."""
+        info: dict[str, Any] = {"objective": self.objective, "loss": self.loss_name, "backbone": self.hparams.backbone}
         if self.is_ncmi:
+            c = self.criterion
             info.update(
-                centroid_update=self.hparams.centroid_update,
-                variant=self.hparams.variant,
-                use_nsf=self.hparams.use_nsf,
-                use_centering=self.hparams.use_centering,
+                centroid_update=c.centroid_update,
+                variant=c.variant,
+                use_nsf=c.use_nsf,
+                use_centering=c.use_centering,
                 val_centroids=self.hparams.val_centroids,
             )
         return info

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsi_ncmi.data.weights import read_weight_file, unwrap_state_dict
+
 __all__ = ["BackboneError", "BACKBONES", "create_backbone", "create_classifier", "load_state_dict_file"]
 
 logger = logging.getLogger(__name__)
@@ -27,28 +29,17 @@ class BackboneError(ValueError):
     """Unknown backbone name, unreadable weight file or mismatching weights."""
 
 
-def read_weight_file(path: str | Path) -> Any:
-    """The object stored in ``path``: a safetensors dict, or a torch file read with ``weights_only=True``
-    (never unpickles code). Raises :class:`BackboneError` naming the file when it is missing or unreadable."""
+def read_backbone_weights(path: str | Path) -> Any:
+    """The object stored in ``path`` (:func:`wsi_ncmi.data.weights.read_weight_file`: safetensors, or a torch
+    file read with ``weights_only=True``, never unpickled code). Raises :class:`BackboneError` naming the file
+    when it is missing or unreadable."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise BackboneError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return read_weight_file(path)
+    except FileNotFoundError:
+        raise BackboneError(f"weights file not found: {path}") from None
     except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear error
         raise BackboneError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from err
-
-
-def unwrap_state_dict(obj: Any, wrappers: tuple[str, ...] = ("state_dict", "model")) -> Any:
-    """``obj`` with ``{"state_dict": ...}`` (Lightning) / ``{"model": ...}``-style wrappers removed."""
-    for key in wrappers:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    return obj
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -56,7 +47,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
     A torch file holding ``{"state_dict": ...}`` (Lightning) or ``{"model": ...}`` is unwrapped.
     """
-    sd = unwrap_state_dict(read_weight_file(path))
+    sd = unwrap_state_dict(read_backbone_weights(path))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise BackboneError(f"{Path(path).expanduser()}: not a state dict of tensors")
     return sd

@@ -1,0 +1,82 @@
+"""Local weight files and the device they run on: the one reader shared by ``preprocessing`` and the package.
+
+A leaf: it imports torch (and safetensors lazily), nothing of ours, so ``preprocessing`` may import it
+(``tests/test_import_direction.py``). Callers word their own errors (``--weights X: no such file`` for
+``wsi-preprocess``, ``weights file not found: X`` for the image backbones); this module only reads.
+
+* :func:`read_weight_file`: a ``.safetensors`` file, or a torch file read with ``weights_only=True``
+  (tensors and plain containers only, never unpickled code). Nothing is ever downloaded.
+* :func:`unwrap_state_dict`: ``{"state_dict": ...}`` (Lightning), ``{"model": ...}``, ... wrappers removed.
+* :func:`strip_prefixes`: wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of torch.compile) removed,
+  either only while *every* key carries one (a whole-model wrapper) or key by key.
+* :func:`tensors_only`: the tensor entries of a mapping.
+* :func:`resolve_device`: ``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["read_weight_file", "resolve_device", "strip_prefixes", "tensors_only", "unwrap_state_dict"]
+
+
+def read_weight_file(path: str | Path) -> Any:
+    """The object stored in ``path`` (a safetensors dict, or what a ``weights_only`` torch file holds), on CPU.
+
+    Raises ``FileNotFoundError`` when ``path`` is not a file; any reader error propagates unchanged, so each
+    caller words it (the path is not expanded: pass ``Path(p).expanduser()`` where ``~`` is allowed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such weights file", str(path))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def unwrap_state_dict(obj: Any, wrappers: tuple[str, ...] = ("state_dict", "model")) -> Any:
+    """``obj`` with each wrapper key in ``wrappers`` (in that order) unwrapped when its value is a dict."""
+    for key in wrappers:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return obj
+
+
+def strip_prefixes(sd: Mapping[str, Any], prefixes: tuple[str, ...], *, every_key: bool) -> dict[str, Any]:
+    """``sd`` with wrapper ``prefixes`` removed from its keys.
+
+    ``every_key=True``: a prefix is removed only while every key starts with it, repeatedly (nested wrappers,
+    e.g. ``module._orig_mod.``); ``every_key=False``: each key loses each of ``prefixes`` in turn, where it has it.
+    """
+    out = dict(sd)
+    if not every_key:
+        for prefix in prefixes:
+            out = {k.removeprefix(prefix): v for k, v in out.items()}
+        return out
+    changed = True
+    while changed and out:
+        changed = False
+        for prefix in prefixes:
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                changed = True
+    return out
+
+
+def tensors_only(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The entries of ``obj`` whose value is a tensor (drops step counters, config strings, ...)."""
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def resolve_device(name: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; any other name is returned unchanged."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name

@@ -1,0 +1,100 @@
+"""Evaluate a ``wsi-ncmi natural fit`` checkpoint: rebuild its datamodule, load its module, run the protocols.
+
+:func:`evaluate_checkpoint` is what ``wsi-ncmi natural evaluate`` does, without the argument parsing and the
+printing: the datamodule settings come from the checkpoint's ``datamodule_hyper_parameters`` (``data``
+overrides them, e.g. a moved ``root``; two views are always off), the :class:`ImageModule` is read with
+``weights_only=True``, and :func:`wsi_ncmi.natural.evaluate.evaluate_image_model` streams head / CC / LP
+top-1/top-5 and the test split's CMI/Γ/NCMI. The result dict also names the checkpoint, the run
+(``ImageModule.describe()``) and the data settings used.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wsi_ncmi.data.weights import resolve_device
+
+from .data import ImageDataModule
+from .evaluate import evaluate_image_model
+from .module import ImageModule
+from .probe import LinearProbeConfig
+
+__all__ = ["DATA_OVERRIDES", "NaturalEvalError", "checkpoint_data_settings", "evaluate_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+#: datamodule settings a user may override when evaluating a checkpoint (name -> type of the flag)
+DATA_OVERRIDES: dict[str, type] = {
+    "dataset": str,
+    "root": str,
+    "batch_size": int,
+    "num_workers": int,
+    "image_size": int,
+    "eval_size": int,
+    "crop_pct": float,
+    "limit_train": int,
+    "limit_val": int,
+}
+
+
+class NaturalEvalError(ValueError):
+    """A checkpoint that cannot be evaluated (unreadable, or not written by ``wsi-ncmi natural fit``)."""
+
+
+def checkpoint_data_settings(path: str | Path) -> dict[str, Any]:
+    """The ``ImageDataModule`` settings stored in a ``natural fit`` checkpoint (read with ``weights_only=True``)."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise NaturalEvalError(f"cannot read checkpoint {path}: {err}") from err
+    if "datamodule_hyper_parameters" not in ckpt:
+        raise NaturalEvalError(f"{path} has no datamodule settings (not an image-track run?)")
+    return dict(ckpt["datamodule_hyper_parameters"])
+
+
+def evaluate_checkpoint(
+    ckpt: str | Path,
+    *,
+    data: Mapping[str, Any] | None = None,
+    protocols: Sequence[str] = ("head", "cc", "lp"),
+    device: str = "auto",
+    lp: LinearProbeConfig | None = None,
+    lp_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Head / CC / LP metrics of the checkpoint ``ckpt`` on its own data (``data``: settings to override).
+
+    Returns :func:`evaluate_image_model`'s dict plus ``checkpoint``, ``run`` and ``data`` (the settings used).
+    """
+    ckpt = Path(ckpt)
+    data_kw = checkpoint_data_settings(ckpt)
+    data_kw.update({k: v for k, v in (data or {}).items() if v is not None})
+    data_kw["two_views"] = False
+    accepted = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self"}
+    data_kw = {k: v for k, v in data_kw.items() if k in accepted}  # drops Lightning's "_instantiator"
+    dm = ImageDataModule(**data_kw)
+    dm.setup("validate")
+    device = resolve_device(device)
+    module = ImageModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True, weights=None)
+    module = module.to(device).eval()
+    result = evaluate_image_model(
+        module.backbone,
+        dm.train_eval_dataloader(),
+        dm.val_dataloader(),
+        dm.num_classes,
+        head=module.head,
+        ncmi=module.ncmi,
+        protocols=protocols,
+        lp=lp,
+        device=device,
+        channels_last=bool(module.hparams.channels_last) and device != "cpu",
+        lp_dtype=lp_dtype,
+    )
+    result.update(checkpoint=str(ckpt), run=module.describe(), data={k: data_kw[k] for k in sorted(data_kw)})
+    return result
