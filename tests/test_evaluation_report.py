@@ -104,6 +104,48 @@ def test_evaluate_run_errors() -> None:
         evaluate_run(splits, C, dataset="x", split_csv="s", model="m", objective="ncmi", protocols=["knn"])
     with pytest.raises(ReportError, match="overwrite"):
         evaluate_run(splits, C, dataset="x", split_csv="s", model="m", objective="ncmi", extra={"seed": 3})
+    with pytest.raises(ReportError, match="lp_input"):
+        evaluate_run(splits, C, dataset="x", split_csv="s", model="m", objective="ncmi", lp_input="pca")
+
+
+def _two_input_splits(normalized: str, seed: int = 0, dim: int = 6) -> dict[str, EmbeddedSplit]:
+    """3 separable classes in the raw embedding; the ``normalized`` rows are ``"noise"`` (carry no label) or
+    ``"same"`` (a copy of the raw rows, so both inputs score exactly the same)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, per_class in {"train": 20, "val": 10, "test": 10}.items():
+        y = np.repeat(np.arange(3), per_class)
+        emb = (2.0 * np.eye(dim)[y] + 0.3 * rng.standard_normal((y.size, dim))).astype(np.float32)
+        s = EmbeddedSplit([f"{split}_{i}" for i in range(y.size)], y, emb)
+        s.normalized = emb.copy() if normalized == "same" else rng.standard_normal((y.size, dim)).astype(np.float32)
+        out[split] = s
+    return out
+
+
+_LP_KW = dict(dataset="x", split_csv="s", model="m", objective="head", class_names=["a", "b", "c"],
+              protocols=["lp"], Cs=(0.1, 1.0, 10.0))
+
+
+def test_lp_input_selects_the_rows_the_probe_sees() -> None:
+    splits = _two_input_splits("noise")
+    runs = {name: evaluate_run(splits, 3, lp_input=name, **_LP_KW)[0] for name in ("normalized", "raw", "auto")}
+    info = {name: r["protocol_info"]["lp"] for name, r in runs.items()}
+    f1 = {name: r["metrics"]["lp"]["test"]["macro_f1"] for name, r in runs.items()}
+    assert info["normalized"]["input"] == "centred, L2-normalised slide embedding"
+    assert info["raw"]["input"] == "raw slide embedding f"
+    assert f1["raw"] > 0.9 and f1["normalized"] < 0.7
+    assert set(info["normalized"]["input_val_scores"]) == {"normalized"}
+    # auto: both inputs fitted, the one with the better validation score kept
+    assert info["auto"]["input"] == "raw slide embedding f" and f1["auto"] == f1["raw"]
+    scores = info["auto"]["input_val_scores"]
+    assert set(scores) == {"normalized", "raw"} and scores["raw"] > scores["normalized"]
+
+
+def test_lp_input_auto_tie_keeps_normalized() -> None:
+    report, _ = evaluate_run(_two_input_splits("same"), 3, lp_input="auto", **_LP_KW)
+    info = report["protocol_info"]["lp"]
+    assert info["input_val_scores"]["raw"] == info["input_val_scores"]["normalized"]
+    assert info["input"] == "centred, L2-normalised slide embedding"
 
 
 def _broken(report: dict, path: list, value) -> dict:

@@ -2,7 +2,13 @@
 
 **Protocols** (a registry, :data:`PROTOCOLS`; each runs only where it applies):
 
-* ``"lp"`` — linear probe on the centred, L2-normalised embedding (:class:`~.probe.LinearProbe`), every run;
+* ``"lp"`` — linear probe (:class:`~.probe.LinearProbe`), every run, on the input chosen by ``lp_input``
+  (:data:`LP_INPUTS`): ``"normalized"`` — the centred, L2-normalised embedding (NCMI.md §3); ``"raw"`` — the raw
+  slide embedding f (the protocol's "also try raw f"); ``"auto"`` (default) — both, each with its own ``C``
+  sweep, and the one with the higher best validation score is kept (ties keep ``"normalized"``). The report's
+  ``protocol_info.lp`` records the input used and both inputs' best validation scores. Why both: on the
+  benchmark's texture tasks the normalised input cost AEM's probe ~0.03 test macro-AUC against the raw one,
+  and the raw input also won on validation (docs/ncmi_mil.md, part 4);
 * ``"cc"`` — nearest class centroid on the NCMI simplex (Eq. 6 from train), runs with NCMI log-probabilities;
 * ``"head"`` — the aggregator's own classification head (softmax of its logits), runs that have a head.
 
@@ -35,7 +41,7 @@ from .embed import EmbeddedSplit
 from .probe import DEFAULT_CS, LinearProbe, fit_centroid_classifier
 from .report_schema import RESERVED_KEYS, SPLITS, ReportError, json_safe, validate_report
 
-__all__ = ["PROTOCOLS", "ProtocolResult", "evaluate_run"]
+__all__ = ["LP_INPUTS", "LP_INPUT_CHOICES", "PROTOCOLS", "ProtocolResult", "evaluate_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +62,15 @@ class _Context:
     Cs: Sequence[float]
     refit: str
     solver: str
+    lp_input: str = "auto"
+
+
+# LP input name -> (description, rows [N, E] of one embedded split)
+LP_INPUTS: dict[str, tuple[str, Callable[[EmbeddedSplit], np.ndarray | None]]] = {
+    "normalized": ("centred, L2-normalised slide embedding", lambda s: s.normalized),
+    "raw": ("raw slide embedding f", lambda s: s.embeddings),
+}
+LP_INPUT_CHOICES = (*LP_INPUTS, "auto")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -64,7 +79,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _run_lp(splits: Mapping[str, EmbeddedSplit], ctx: _Context) -> ProtocolResult:
+def _fit_lp(splits: Mapping[str, EmbeddedSplit], ctx: _Context, name: str) -> tuple[LinearProbe, float]:
+    """The probe on input ``name`` and its best validation score (val macro-F1 + macro-AUC)."""
+    rows = LP_INPUTS[name][1]
     tr, va = splits["train"], splits["val"]
     probe = LinearProbe(
         ctx.num_classes,
@@ -74,17 +91,34 @@ def _run_lp(splits: Mapping[str, EmbeddedSplit], ctx: _Context) -> ProtocolResul
         refit=ctx.refit,
         solver=ctx.solver,
     )
-    probe.fit(tr.normalized, tr.labels, va.normalized, va.labels)
-    proba = {name: probe.predict_proba(s.normalized) for name, s in splits.items()}
+    probe.fit(rows(tr), tr.labels, rows(va), va.labels)
+    return probe, max(probe.val_scores_.values())
+
+
+def _run_lp(splits: Mapping[str, EmbeddedSplit], ctx: _Context) -> ProtocolResult:
+    names = list(LP_INPUTS) if ctx.lp_input == "auto" else [ctx.lp_input]
+    fitted = {name: _fit_lp(splits, ctx, name) for name in names}
+    chosen = names[0]
+    for name in names[1:]:  # a later input must be strictly better on validation
+        if fitted[name][1] > fitted[chosen][1] + 1e-12:
+            chosen = name
+    probe = fitted[chosen][0]
+    rows = LP_INPUTS[chosen][1]
+    proba = {name: probe.predict_proba(rows(s)) for name, s in splits.items()}
     info = {
         "C": probe.C_,
         "val_scores": {f"{c:g}": round(v, 6) for c, v in probe.val_scores_.items()},
         "selection": "val macro_f1 + macro_auc, ties -> smaller C",
         "refit": ctx.refit,
         "class_weight": ctx.class_weight,
-        "input": "centred, L2-normalised slide embedding",
+        "input": LP_INPUTS[chosen][0],
+        "lp_input": ctx.lp_input,
+        "input_val_scores": {name: round(score, 6) for name, (_, score) in fitted.items()},
         "solver": probe.solver,
     }
+    if len(names) > 1:
+        logger.info("linear probe input: %s (best val score per input: %s)", chosen,
+                    ", ".join(f"{n} {fitted[n][1]:.4f}" for n in names))
     return ProtocolResult(proba, info)
 
 
@@ -146,12 +180,13 @@ def evaluate_run(
     Cs: Sequence[float] = DEFAULT_CS,
     refit: str = "train",
     solver: str = "lbfgs",
+    lp_input: str = "auto",
     protocols: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Run every applicable protocol on embedded ``splits`` (must hold train, val and test).
 
-    ``seed`` seeds the linear probe; ``train_seed`` is the seed the checkpoint was trained with (reported as
+    ``lp_input``: the linear probe's input, one of :data:`LP_INPUT_CHOICES` (module docstring). ``seed`` seeds the linear probe; ``train_seed`` is the seed the checkpoint was trained with (reported as
     ``"seed"`` when given). ``protocols`` restricts the protocols (default: all that apply). Returns the report dict (module
     docstring) and the predictions table (``protocol, split, slide_id, label, prediction, prob_<class>...``).
     """
@@ -169,7 +204,9 @@ def evaluate_run(
     if clash:
         raise ReportError(f"evaluate_run: extra keys {clash} would overwrite report fields")
     ordered = {s: splits[s] for s in SPLITS}
-    ctx = _Context(num_classes, int(seed), class_weight, Cs, refit, solver)
+    if lp_input not in LP_INPUT_CHOICES:
+        raise ReportError(f"evaluate_run: lp_input={lp_input!r} not in {list(LP_INPUT_CHOICES)}")
+    ctx = _Context(num_classes, int(seed), class_weight, Cs, refit, solver, lp_input)
 
     metrics: dict[str, dict[str, Any]] = {}
     info: dict[str, Any] = {}
