@@ -131,11 +131,11 @@ def test_demo_end_to_end_and_attention_on_tumour(tmp_path: Path, capsys) -> None
     reuses cohort and bags, and the trained ABMIL (CE) attends more to tumour than to normal tiles."""
     import torch
 
-    from wsi_ncmi.commands.heatmap_cli import load_mil_model
     from wsi_ncmi.commands.heatmap_cli import main as heatmap_main
     from wsi_ncmi.data.bags import read_bag
     from wsi_ncmi.demo.pipeline import DemoConfig, run_demo
     from wsi_ncmi.evaluation.heatmap import attention_scores
+    from wsi_ncmi.training.checkpoint import load_mil_module
 
     torch.set_num_threads(2)
     out = tmp_path / "demo"
@@ -169,7 +169,7 @@ def test_demo_end_to_end_and_attention_on_tumour(tmp_path: Path, capsys) -> None
     assert res.summary is not None and set(res.summary["protocol"]) >= {"lp", "head", "cc"}
 
     # the trained ABMIL CE attends to tumour: pooled over every tumour slide of the cohort
-    model = load_mil_model(out / "runs" / "abmil_ce" / "checkpoints" / "best.ckpt")
+    model = load_mil_module(out / "runs" / "abmil_ce" / "checkpoints" / "best.ckpt")[0].model
     labels = pd.read_csv(out / "cohort" / "labels.csv")
     tum_means, nor_means = [], []
     for sid in labels.loc[labels["label"] == 1, "slide_id"]:

@@ -102,24 +102,6 @@ def _echo(text: str, err: bool = False) -> None:
     (sys.stderr if err else sys.stdout).write(text + "\n")
 
 
-def _load_module(ckpt: Path, device: str) -> Any:
-    """The ``MILModule`` of ``ckpt`` (call :func:`_read_checkpoint` first: it refuses unsafe files in one line)."""
-    from wsi_ncmi.training import MILModule
-
-    module = MILModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
-    module.eval()
-    return module.to(device)
-
-
-def _read_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """The checkpoint's dictionary (``weights_only``), read once for what the module does not carry."""
-    from wsi_ncmi.training.checkpoint import read_checkpoint
-
-    if not ckpt.is_file():
-        raise EvaluateArgumentError(f"--ckpt {ckpt}: no such file")
-    return read_checkpoint(ckpt)
-
-
 def _datamodule_hparams(state: Mapping[str, Any]) -> dict[str, Any]:
     hp = state.get("datamodule_hyper_parameters") or {}
     return dict(hp) if isinstance(hp, Mapping) else {}
@@ -229,14 +211,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     from wsi_ncmi.evaluation.plots import write_report_plots, write_run_plots
     from wsi_ncmi.evaluation.probe import DEFAULT_CS
     from wsi_ncmi.evaluation.report import SPLITS, evaluate_run, write_report
+    from wsi_ncmi.training.checkpoint import load_mil_module
 
     ckpt = Path(args.ckpt)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise EvaluateArgumentError(f"--device {args.device}: CUDA is not available")
     if len(set(args.seeds)) != len(args.seeds):
         raise EvaluateArgumentError(f"--seeds {args.seeds}: seeds must be distinct")
-    state = _read_checkpoint(ckpt)
-    module = _load_module(ckpt, args.device)
+    if not ckpt.is_file():
+        raise EvaluateArgumentError(f"--ckpt {ckpt}: no such file")
+    module, state = load_mil_module(ckpt, args.device)
     hp = dict(module.hparams)
     num_classes = int(hp["num_classes"])
     dm = _build_data(args, state, num_classes, module.model.in_dim)

@@ -96,8 +96,7 @@ def _predict(args: argparse.Namespace) -> int:
         write_heatmaps,
         write_prediction,
     )
-    from wsi_ncmi.training import MILModule
-    from wsi_ncmi.training.checkpoint import read_checkpoint
+    from wsi_ncmi.training.checkpoint import load_mil_module, read_checkpoint
 
     ckpt, out = Path(args.ckpt), Path(args.out)
     if not ckpt.is_file():
@@ -139,7 +138,7 @@ def _predict(args: argparse.Namespace) -> int:
             logger.warning("%s (--allow-mismatch)", msg)
             mismatches = {**mismatches, "(calibration)": [msg]}
 
-    module = MILModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True).eval().to(args.device)
+    module, _ = load_mil_module(ckpt, args.device)
     class_names = list((recorded or {}).get("class_names") or []) or [str(i) for i in range(module.num_classes)]
     labels = None
     if slides is not None and "label" in slides.columns:

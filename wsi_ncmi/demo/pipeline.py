@@ -436,8 +436,8 @@ def attention_check(scores: np.ndarray, tumour_fraction: np.ndarray) -> dict[str
 
 
 def _stage_heatmaps(cfg: DemoConfig, res: DemoResult, runs: list[str]) -> str:
-    from wsi_ncmi.commands.heatmap_cli import load_mil_model
     from wsi_ncmi.evaluation.heatmap import slide_heatmap
+    from wsi_ncmi.training.checkpoint import load_mil_module
 
     from .cohort import load_masks, tile_tumour_fraction
 
@@ -446,7 +446,7 @@ def _stage_heatmaps(cfg: DemoConfig, res: DemoResult, runs: list[str]) -> str:
     labels = pd.read_csv(cfg.out / "cohort" / "labels.csv").set_index("slide_id")
     rows, n_png = [], 0
     for run in runs:
-        model = load_mil_model(_ckpt(cfg, run))
+        model = load_mil_module(_ckpt(cfg, run))[0].model
         for sid in slides:
             label = labels["label_name"].get(sid, "unlabelled")
             png = out / run / f"{sid}.png"

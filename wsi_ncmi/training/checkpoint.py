@@ -10,6 +10,10 @@ need a full unpickle, and could run code doing so, is refused before anything el
 * a file of another kind (a plain pickle, a safetensors file, or a pickle renamed ``.safetensors``);
 * a dictionary without ``state_dict``: not a Lightning checkpoint.
 
+``load_mil_module(path, device)`` is the one loader of a ``MILModule`` checkpoint (``wsi-ncmi evaluate``,
+``predict``, ``heatmap`` and the demo): the file goes through ``read_checkpoint`` first, then Lightning rebuilds the
+module with ``weights_only=True``; the module comes back in eval mode on ``device`` with the checkpoint dictionary.
+
 ``resolve_ckpt_path(ckpt_path, dirs)`` turns Lightning's ``"last"`` into the newest ``last*.ckpt`` in ``dirs``
 (as Lightning does), so the file can be checked before ``Trainer.fit(ckpt_path="last")`` opens it.
 
@@ -27,7 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointError", "WeightsOnlyCLI", "read_checkpoint", "resolve_ckpt_path"]
+__all__ = ["CheckpointError", "WeightsOnlyCLI", "load_mil_module", "read_checkpoint", "resolve_ckpt_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,22 @@ def read_checkpoint(path: str | Path, require_state_dict: bool = True) -> dict[s
     if require_state_dict and not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)):
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict); {_FIT_HINT}")
     return obj
+
+
+def load_mil_module(path: str | Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """``(module, checkpoint)``: the ``MILModule`` of ``path`` in eval mode on ``device`` and the checkpoint's
+    dictionary (for what the module does not carry: datamodule hyper-parameters, provenance, training seed).
+
+    The file is read with :func:`read_checkpoint` before Lightning sees it (a missing, malicious, truncated or
+    foreign file raises :class:`CheckpointError` in one line naming it); Lightning then loads it with
+    ``weights_only=True`` on the CPU before the module moves to ``device``.
+    """
+    from wsi_ncmi.training.mil_module import MILModule
+
+    state = read_checkpoint(path)
+    module = MILModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+    module.eval()
+    return module.to(device), state
 
 
 def resolve_ckpt_path(ckpt_path: str | Path | None, dirs: Iterable[str | Path | None]) -> Path | None:
