@@ -263,7 +263,7 @@ def _ckpt(cfg: DemoConfig, run: str) -> Path:
 
 
 def _stage_train(cfg: DemoConfig, res: DemoResult, run: str) -> str:
-    from wsi_ncmi.commands.train_cli import run_cli
+    from wsi_ncmi.training.cli import run_cli
 
     run_dir = cfg.out / "runs" / run
     if run_dir.exists():  # a fresh run each time (training is the cheap part)
