@@ -14,6 +14,10 @@ need a full unpickle, and could run code doing so, is refused before anything el
 ``predict``, ``heatmap`` and the demo): the file goes through ``read_checkpoint`` first, then Lightning rebuilds the
 module with ``weights_only=True``; the module comes back in eval mode on ``device`` with the checkpoint dictionary.
 
+``checkpoint_datamodule(module, checkpoint, ...)`` rebuilds the ``MILDataModule`` a checkpoint was trained with
+(its recorded datamodule hyper-parameters, paths overridable), after the pre-flight check of ``fit`` against
+the model's ``in_dim``: what ``wsi-ncmi evaluate`` and the demo evaluate on.
+
 ``resolve_ckpt_path(ckpt_path, dirs)`` turns Lightning's ``"last"`` into the newest ``last*.ckpt`` in ``dirs``
 (as Lightning does), so the file can be checked before ``Trainer.fit(ckpt_path="last")`` opens it.
 
@@ -27,11 +31,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointError", "WeightsOnlyCLI", "load_mil_module", "read_checkpoint", "resolve_ckpt_path"]
+__all__ = ["CheckpointError", "WeightsOnlyCLI", "checkpoint_datamodule", "load_mil_module", "read_checkpoint",
+           "resolve_ckpt_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +100,51 @@ def load_mil_module(path: str | Path, device: str = "cpu") -> tuple[Any, dict[st
     module = MILModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
     module.eval()
     return module.to(device), state
+
+
+def checkpoint_datamodule(module: Any, checkpoint: Mapping[str, Any], bags_dir: str | Path | None = None,
+                          split_csv: str | Path | None = None, fold: int | None = None, num_workers: int = 0,
+                          allow_patient_leak: bool = False, leak_flag: str = "--allow-patient-leak") -> Any:
+    """The ``MILDataModule`` (batch size 1) of the split ``module`` (a loaded ``MILModule``) is evaluated on.
+
+    ``label_map``, ``fold`` and, when not given, ``bags_dir`` / ``split_csv`` come from ``checkpoint``'s datamodule
+    hyper-parameters. The split table is checked against the bags folder first, as ``fit`` does
+    (``preflight_check`` with the model's ``in_dim``: missing bags, other feature dims, a patient in two splits
+    unless ``allow_patient_leak``); the accepted leaks are stored on the datamodule as ``patient_leaks``.
+    Raises :class:`CheckpointError` when the paths are neither given nor recorded, or the class counts differ.
+    """
+    from wsi_ncmi.data import MILDataModule
+    from wsi_ncmi.training.preflight import preflight_check
+
+    num_classes, in_dim = int(module.hparams["num_classes"]), module.model.in_dim
+    hp = checkpoint.get("datamodule_hyper_parameters") or {}
+    hp = dict(hp) if isinstance(hp, Mapping) else {}
+    bags_dir = bags_dir or hp.get("bags_dir")
+    split_csv = split_csv or hp.get("split_csv")
+    if not bags_dir or not split_csv:
+        raise CheckpointError(
+            "--data.bags_dir and --data.split_csv are required (the checkpoint does not record them)"
+        )
+    fold = fold if fold is not None else hp.get("fold")
+    check = preflight_check(bags_dir, split_csv, num_classes=num_classes, in_dim=in_dim, fold=fold,
+                            check_labels=not hp.get("label_map"), allow_patient_leak=allow_patient_leak,
+                            leak_flag=leak_flag)
+    dm = MILDataModule(
+        bags_dir=str(bags_dir),
+        split_csv=str(split_csv),
+        batch_size=1,
+        num_workers=num_workers,
+        label_map=hp.get("label_map"),
+        num_classes=num_classes,
+        fold=fold,
+        pin_memory=False,
+    )
+    if dm.num_classes != num_classes:
+        raise CheckpointError(
+            f"--data.split_csv {split_csv}: {dm.num_classes} classes, the checkpoint has {num_classes}"
+        )
+    dm.patient_leaks = check.patient_leaks
+    return dm
 
 
 def resolve_ckpt_path(ckpt_path: str | Path | None, dirs: Iterable[str | Path | None]) -> Path | None:
