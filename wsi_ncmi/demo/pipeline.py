@@ -59,7 +59,7 @@ class _Runner:
         try:
             detail = fn()
             status = "ok"
-        except (Exception, SystemExit) as e:  # a stage must report, not end the demo (argparse exits)
+        except Exception as e:  # a stage must report, not end the demo
             log.debug("stage %s failed", name, exc_info=True)
             detail, status = f"{type(e).__name__}: {e}", "failed"
         dt = time.perf_counter() - t0
@@ -71,7 +71,8 @@ class _Runner:
 def run_demo(out: str | Path = "demo_out", quick: bool = False, config: DemoConfig | None = None,
              notify: Callable[[str], None] | None = None) -> DemoResult:
     """Run every stage (see the module docstring) and return what happened; never raises for a stage
-    failure (look at ``result.stages``). ``notify`` receives one line per stage start / end."""
+    failure (look at ``result.stages``). ``notify`` receives one line per stage start / end, and the lines the
+    evaluate, report and ood stages have for the user (each run's metrics table, the summary, the predictions)."""
     cfg = (config or DemoConfig(out=Path(out), quick=quick)).resolved()
     cfg.out.mkdir(parents=True, exist_ok=True)
     res = DemoResult(cfg)
@@ -84,11 +85,11 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, config: DemoConf
         if stage(f"train:{run}", lambda run=run: st.stage_train(cfg, res, run), needs=("split",)):
             trained.append(run)
     for run in trained:
-        if stage(f"evaluate:{run}", lambda run=run: st.stage_evaluate(cfg, res, run)):
+        if stage(f"evaluate:{run}", lambda run=run: st.stage_evaluate(cfg, res, run, stage.notify)):
             evaluated.append(run)
     if evaluated:
-        stage("report", lambda: st.stage_report(cfg, res, evaluated))
-        stage("ood", lambda: st.stage_ood(cfg, res, evaluated))
+        stage("report", lambda: st.stage_report(cfg, res, evaluated, stage.notify))
+        stage("ood", lambda: st.stage_ood(cfg, res, evaluated, stage.notify))
     else:
         res.stages.append(StageResult("report", "skipped", 0.0, "no evaluated run"))
         res.stages.append(StageResult("ood", "skipped", 0.0, "no evaluated run"))

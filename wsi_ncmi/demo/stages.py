@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from .config import DEMO_DATASET, RUNS, DemoConfig, DemoError, DemoResult
 from .summary import attention_check, ood_markdown, summary_table
 
 log = logging.getLogger(__name__)
+
+Echo = Callable[[str], None]  # where a stage's lines for the user go (run_demo's notify)
 
 __all__ = ["fit_args", "stage_cohort", "stage_evaluate", "stage_heatmaps", "stage_ood", "stage_preprocess",
            "stage_report", "stage_split", "stage_train"]
@@ -133,27 +135,32 @@ def stage_train(cfg: DemoConfig, res: DemoResult, run: str) -> str:
     return f"{cfg.max_epochs} epochs -> {ckpt}"
 
 
-def stage_evaluate(cfg: DemoConfig, res: DemoResult, run: str) -> str:
-    from wsi_ncmi.commands.evaluate_cli import main as evaluate_main
+def stage_evaluate(cfg: DemoConfig, res: DemoResult, run: str, echo: Echo | None = None) -> str:
+    """LP / CC / head report of the run (``wsi-ncmi evaluate``), scoring the OOD bags too."""
+    from wsi_ncmi.evaluation.run import EvaluateOptions, evaluate_module
+    from wsi_ncmi.training.checkpoint import checkpoint_datamodule, load_mil_module
 
     out = cfg.out / "eval" / run
     ood = _ood_bags_dir(cfg)
-    rc = evaluate_main(["--ckpt", str(_ckpt(cfg, run)), "--data.bags_dir", str(_bags_dir(cfg)),
-                        "--data.split_csv", str(cfg.out / "split.csv"), "--out", str(out),
-                        "--dataset", DEMO_DATASET, *(["--ood-bags", str(ood)] if ood else [])])
-    if rc:
-        raise DemoError(f"evaluate {run}: wsi-ncmi evaluate returned {rc}")
+    ckpt = _ckpt(cfg, run)
+    module, state = load_mil_module(ckpt)
+    dm = checkpoint_datamodule(module, state, bags_dir=_bags_dir(cfg), split_csv=cfg.out / "split.csv")
+    options = EvaluateOptions(dataset=DEMO_DATASET, ood_bags=str(ood) if ood else None)
+    evaluate_module(module, state, dm, ckpt, out, options, echo=echo)
     res.paths[f"eval:{run}"] = out
     return str(out)
 
 
-def stage_report(cfg: DemoConfig, res: DemoResult, runs: list[str]) -> str:
-    from wsi_ncmi.commands.evaluate_cli import main_report
+def stage_report(cfg: DemoConfig, res: DemoResult, runs: list[str], echo: Echo | None = None) -> str:
+    """Mean ± std over the evaluated runs (``wsi-ncmi report``) -> ``OUT/report/summary.*``."""
+    from wsi_ncmi.evaluation.report import aggregate_reports
 
     out = cfg.out / "report"
-    rc = main_report([*(str(cfg.out / "eval" / r) for r in runs), "--out", str(out)])
-    if rc:
-        raise DemoError(f"report: wsi-ncmi report returned {rc}")
+    summary = aggregate_reports([str(cfg.out / "eval" / r) for r in runs], str(out))
+    if echo is not None:
+        echo((out / "summary.md").read_text(encoding="utf-8"))
+        n = sum(g["n_runs"] for g in summary["groups"])
+        echo(f"{n} runs in {len(summary['groups'])} groups → {out / 'summary.json'}")
     res.paths["report"] = out
     res.summary = summary_table(cfg.out / "eval", runs)
     return str(out)
@@ -179,15 +186,16 @@ def _ood_bags_dir(cfg: DemoConfig) -> Path | None:
     for sid in ids:
         src, dst = _bags_dir(cfg) / f"{sid}.h5", folder / f"{sid}.h5"
         if not dst.exists() or dst.stat().st_mtime_ns < src.stat().st_mtime_ns:
-            shutil.copyfile(src, dst.with_suffix(".h5.tmp"))
-            os.replace(dst.with_suffix(".h5.tmp"), dst)
+            with atomic_output(dst) as tmp:
+                shutil.copyfile(src, tmp)
     return folder
 
 
-def stage_ood(cfg: DemoConfig, res: DemoResult, runs: list[str]) -> str:
+def stage_ood(cfg: DemoConfig, res: DemoResult, runs: list[str], echo: Echo | None = None) -> str:
     """`wsi-ncmi predict` of every evaluated run on the test slides + the OOD (and unlabelled) extras, with the
     run's calibration -> ``OUT/predict/<run>/`` and ``OUT/report/ood.{md,csv}``."""
-    from wsi_ncmi.commands.predict_cli import main as predict_main
+    from wsi_ncmi.evaluation.predict import predict_module, read_slide_list, select_bags
+    from wsi_ncmi.training.checkpoint import load_mil_module
 
     from .cohort import OOD_PREFIX
 
@@ -202,10 +210,11 @@ def stage_ood(cfg: DemoConfig, res: DemoResult, runs: list[str]) -> str:
     rows = []
     for run in runs:
         out = cfg.out / "predict" / run
-        rc = predict_main(["--ckpt", str(_ckpt(cfg, run)), "--bags", str(_bags_dir(cfg)), "--slides", str(listing),
-                           "--calibration", str(cfg.out / "eval" / run / "calibration.json"), "--out", str(out)])
-        if rc:
-            raise DemoError(f"ood {run}: wsi-ncmi predict returned {rc}")
+        ckpt, bags_dir = _ckpt(cfg, run), _bags_dir(cfg)
+        slides = read_slide_list(listing, bags_dir)
+        module, state = load_mil_module(ckpt)
+        predict_module(module, state, ckpt, select_bags(bags_dir, slides), out, bags_dir=bags_dir, slides=slides,
+                       slides_csv=str(listing), calibration=cfg.out / "eval" / run / "calibration.json", echo=echo)
         pred = pd.read_csv(out / "predictions.csv")
         score = json.loads((out / "predict.json").read_text())["ood_score"]
         auroc = (json.loads((cfg.out / "eval" / run / "report.json").read_text()).get("ood") or {}).get("scores", {})
@@ -274,7 +283,6 @@ def stage_heatmaps(cfg: DemoConfig, res: DemoResult, runs: list[str]) -> str:
     att = pd.DataFrame(rows)
     res.attention = att
     if len(att):
-        tmp = out / "attention_check.csv.tmp"
-        att.to_csv(tmp, index=False)
-        os.replace(tmp, out / "attention_check.csv")
+        with atomic_output(out / "attention_check.csv") as tmp:
+            att.to_csv(tmp, index=False)
     return f"{n_png} heatmaps ({len(slides)} slides x {len(runs)} runs) in {out}"

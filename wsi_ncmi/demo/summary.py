@@ -4,12 +4,13 @@ OOD table ``ood.md``, and the attention-vs-ground-truth numbers."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from wsi_ncmi.data.atomic import atomic_write_text
 
 from .config import DemoResult
 
@@ -119,8 +120,4 @@ def write_demo_summary(res: DemoResult) -> Path:
     if pngs:
         lines += ["", "## Heatmaps", ""]
         lines += [f"![{p.relative_to(hm)}](heatmaps/{p.relative_to(hm).as_posix()})" for p in pngs]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(out, "\n".join(lines) + "\n")
