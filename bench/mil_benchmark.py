@@ -68,7 +68,7 @@ def run_one(job: dict) -> dict:
     _quiet()
     torch.set_num_threads(job["threads"])
     from wsi_ncmi.commands.evaluate_cli import main as evaluate_main
-    from wsi_ncmi.commands.train_cli import run_cli
+    from wsi_ncmi.training.cli import run_cli
 
     run = Path(job["run_dir"])
     args = shipped_fit_args(job["model"], job["objective"], job["bags"], job["split"], job["classes"],

@@ -147,7 +147,7 @@ def _fit_seconds(model: str, objective: str, bags_dir: str, split: str, epochs: 
 
     from mil_benchmark import shipped_fit_args
 
-    from wsi_ncmi.commands.train_cli import run_cli
+    from wsi_ncmi.training.cli import run_cli
 
     for name in ("lightning", "lightning.pytorch", "wsi_ncmi"):
         logging.getLogger(name).setLevel(logging.ERROR)

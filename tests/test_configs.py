@@ -64,7 +64,7 @@ def tiny_sets(tmp_path_factory) -> dict[int, tuple[Path, Path]]:
 
 @pytest.mark.parametrize("leaf", LEAVES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_every_config_runs_one_step(leaf, tiny_sets, tmp_path):
-    from wsi_ncmi.commands.train_cli import run_cli
+    from wsi_ncmi.training.cli import run_cli
 
     n_cls = compose_config(leaf)["data"]["num_classes"]
     bags_dir, split = tiny_sets[n_cls]

@@ -113,7 +113,7 @@ def test_cohort_rejects_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_attention_check_numbers() -> None:
-    from wsi_ncmi.demo.pipeline import attention_check
+    from wsi_ncmi.demo.summary import attention_check
 
     frac = np.array([1.0, 0.6, 0.0, 0.0, 0.3])
     out = attention_check(np.array([0.4, 0.3, 0.1, 0.1, 0.1]), frac)
@@ -131,11 +131,12 @@ def test_demo_end_to_end_and_attention_on_tumour(tmp_path: Path, capsys) -> None
     reuses cohort and bags, and the trained ABMIL (CE) attends more to tumour than to normal tiles."""
     import torch
 
-    from wsi_ncmi.commands.heatmap_cli import load_mil_model
     from wsi_ncmi.commands.heatmap_cli import main as heatmap_main
     from wsi_ncmi.data.bags import read_bag
-    from wsi_ncmi.demo.pipeline import DemoConfig, run_demo
+    from wsi_ncmi.demo.config import DemoConfig
+    from wsi_ncmi.demo.pipeline import run_demo
     from wsi_ncmi.evaluation.heatmap import attention_scores
+    from wsi_ncmi.training.checkpoint import load_mil_module
 
     torch.set_num_threads(2)
     out = tmp_path / "demo"
@@ -169,7 +170,7 @@ def test_demo_end_to_end_and_attention_on_tumour(tmp_path: Path, capsys) -> None
     assert res.summary is not None and set(res.summary["protocol"]) >= {"lp", "head", "cc"}
 
     # the trained ABMIL CE attends to tumour: pooled over every tumour slide of the cohort
-    model = load_mil_model(out / "runs" / "abmil_ce" / "checkpoints" / "best.ckpt")
+    model = load_mil_module(out / "runs" / "abmil_ce" / "checkpoints" / "best.ckpt")[0].model
     labels = pd.read_csv(out / "cohort" / "labels.csv")
     tum_means, nor_means = [], []
     for sid in labels.loc[labels["label"] == 1, "slide_id"]:
@@ -204,14 +205,15 @@ def test_demo_end_to_end_and_attention_on_tumour(tmp_path: Path, capsys) -> None
 
 
 def test_demo_reports_a_failing_stage_and_skips_what_needs_it(tmp_path: Path) -> None:
-    from wsi_ncmi.demo.pipeline import DemoConfig, DemoError, run_demo
+    from wsi_ncmi.demo.config import DemoConfig, DemoError
+    from wsi_ncmi.demo.pipeline import run_demo
 
     lines: list[str] = []
     res = run_demo(config=DemoConfig(out=tmp_path, n_slides=1), notify=lines.append)
     assert not res.ok
     first = res.stages[0]
     assert first.name == "cohort" and first.status == "failed" and "n_slides must be >= 2" in first.detail
-    from wsi_ncmi.demo.pipeline import RUNS
+    from wsi_ncmi.demo.config import RUNS
 
     assert {s.name: s.status for s in res.stages[1:]} == {
         "preprocess": "skipped", "split": "skipped", **{f"train:{r}": "skipped" for r in RUNS},
@@ -225,7 +227,8 @@ def test_demo_reports_a_failing_stage_and_skips_what_needs_it(tmp_path: Path) ->
 def test_demo_runs_every_aggregator_with_ce_and_ncmi_and_quick_runs_abmil() -> None:
     import json
 
-    from wsi_ncmi.demo.pipeline import QUICK_RUNS, RUNS, DemoConfig, _fit_args
+    from wsi_ncmi.demo.config import QUICK_RUNS, RUNS, DemoConfig
+    from wsi_ncmi.demo.stages import fit_args
     from wsi_ncmi.models import create_model
 
     assert set(RUNS) == {f"{m}_{o}" for m in ("abmil", "transmil", "aem", "asmil") for o in ("ce", "ncmi")}
@@ -236,7 +239,7 @@ def test_demo_runs_every_aggregator_with_ce_and_ncmi_and_quick_runs_abmil() -> N
         model, objective = name.rsplit("_", 1)
         assert flags["model.model"] == model
         assert flags["model.objective"] == ("ncmi" if objective == "ncmi" else "head")
-        args = _fit_args(DemoConfig().resolved(), name)
+        args = fit_args(DemoConfig().resolved(), name)
         kwargs = json.loads(args[args.index("--model.model_kwargs") + 1]) if "--model.model_kwargs" in args else {}
         assert kwargs == flags.get("model.model_kwargs", {})
         create_model(model, in_dim=16, num_classes=2, **kwargs)  # the demo sizes are valid arguments

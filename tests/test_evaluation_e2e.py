@@ -159,13 +159,14 @@ def test_cli_evaluate_and_report_on_real_checkpoints(bags, tmp_path: Path, capsy
 
 
 def test_training_seed_from_checkpoint_or_run_config(tmp_path: Path) -> None:
-    from wsi_ncmi.commands.evaluate_cli import _read_checkpoint, _training_seed
+    from wsi_ncmi.evaluation.run import training_seed
+    from wsi_ncmi.training.checkpoint import read_checkpoint
 
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
     ckpt.parent.mkdir(parents=True)
     torch.save({"state_dict": {}}, ckpt)
-    assert _training_seed(_read_checkpoint(ckpt), ckpt) is None
+    assert training_seed(read_checkpoint(ckpt), ckpt) is None
     (tmp_path / "run" / "config.yaml").write_text("seed_everything: 5\ntrainer: {}\n")
-    assert _training_seed(_read_checkpoint(ckpt), ckpt) == 5
+    assert training_seed(read_checkpoint(ckpt), ckpt) == 5
     torch.save({"state_dict": {}, "training_seed": 11}, ckpt)
-    assert _training_seed(_read_checkpoint(ckpt), ckpt) == 11
+    assert training_seed(read_checkpoint(ckpt), ckpt) == 11

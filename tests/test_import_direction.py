@@ -10,6 +10,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # package prefix -> prefixes of ours it may import (its own package is always allowed)
+# the top layer (wsi_ncmi.cli, wsi_ncmi.commands, wsi_ncmi.demo) may import everything below it, but:
+# - the demo calls library functions, never a command (no CLI driven by argv inside the library);
+# - a command never imports another command, except the shared one-line error formatter commands/errors.py.
+TOP_FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "wsi_ncmi.demo": ("wsi_ncmi.commands", "wsi_ncmi.cli"),
+    "wsi_ncmi.commands": ("wsi_ncmi.commands", "wsi_ncmi.cli"),
+}
+TOP_SHARED = ("wsi_ncmi.commands.errors",)
+
 ALLOWED: dict[str, tuple[str, ...]] = {
     "wsi_ncmi.ncmi": (),
     "wsi_ncmi.losses": ("wsi_ncmi.ncmi",),
@@ -25,17 +34,17 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 OURS = ("wsi_ncmi", "preprocessing")
 
 
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
 
 
-def _imports(path: Path) -> list[str]:
+def _imports(path: Path, root: Path = ROOT) -> list[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    mod = _module_name(path)
+    mod = _module_name(path, root)
     pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
     out: list[str] = []
     for node in ast.walk(tree):
@@ -62,6 +71,20 @@ def _layer(mod: str) -> str | None:
     return None
 
 
+def _top_violations(mod: str, names: list[str]) -> list[str]:
+    """The imports of top-layer module ``mod`` that TOP_FORBIDDEN refuses (its own module and TOP_SHARED pass)."""
+    bad = []
+    for prefix, forbidden in TOP_FORBIDDEN.items():
+        if mod != prefix and not mod.startswith(prefix + "."):
+            continue
+        for name in names:
+            if name == mod or any(name == s or name.startswith(s + ".") for s in TOP_SHARED):
+                continue
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
+                bad.append(name)
+    return bad
+
+
 def _files() -> list[Path]:
     return sorted(p for pkg in OURS for p in (ROOT / pkg).rglob("*.py"))
 
@@ -70,7 +93,9 @@ def _files() -> list[Path]:
 def test_imports_flow_one_way(path: Path) -> None:
     mod = _module_name(path)
     layer = _layer(mod)
-    if layer is None:  # top layer (cli, commands, demo) may import anything
+    if layer is None:  # top layer (cli, commands, demo): anything below it, see TOP_FORBIDDEN
+        bad = _top_violations(mod, _imports(path))
+        assert not bad, f"{mod} (top layer) imports {bad} (see TOP_FORBIDDEN and docs/internals.md)"
         return
     allowed = (layer, *ALLOWED[layer])
     bad = [
@@ -83,12 +108,24 @@ def test_imports_flow_one_way(path: Path) -> None:
 
 
 def test_checker_catches_a_violation(tmp_path: Path) -> None:
-    src = "from wsi_ncmi.training import x\nimport wsi_ncmi.models.abmil\n"
-    f = ROOT / "wsi_ncmi" / "ncmi" / "_tmp_probe_violation.py"
+    # the probe lives in a copy of the package layout under tmp_path: nothing is written into the package
+    src = "from wsi_ncmi.training import x\nimport wsi_ncmi.models.abmil\nfrom . import simplex\n"
+    f = tmp_path / "wsi_ncmi" / "ncmi" / "_tmp_probe_violation.py"
+    f.parent.mkdir(parents=True)
     f.write_text(src)
-    try:
-        names = _imports(f)
-    finally:
-        f.unlink()
-    assert names == ["wsi_ncmi.training", "wsi_ncmi.models.abmil"]
+    names = _imports(f, root=tmp_path)
+    assert names == ["wsi_ncmi.training", "wsi_ncmi.models.abmil", "wsi_ncmi.ncmi.simplex"]
+    assert _module_name(f, root=tmp_path) == "wsi_ncmi.ncmi._tmp_probe_violation"
     assert _layer("wsi_ncmi.ncmi._tmp_probe_violation") == "wsi_ncmi.ncmi"
+
+
+def test_top_layer_checker_catches_a_violation() -> None:
+    assert _top_violations("wsi_ncmi.demo.pipeline", ["wsi_ncmi.commands.evaluate_cli"]) == [
+        "wsi_ncmi.commands.evaluate_cli"
+    ]
+    assert _top_violations("wsi_ncmi.demo.pipeline", ["wsi_ncmi.evaluation.run", "wsi_ncmi.demo.cohort"]) == []
+    assert _top_violations("wsi_ncmi.commands.demo_cli", ["wsi_ncmi.commands.train_cli"]) == [
+        "wsi_ncmi.commands.train_cli"
+    ]
+    assert _top_violations("wsi_ncmi.commands.demo_cli", ["wsi_ncmi.commands.errors", "wsi_ncmi.demo"]) == []
+    assert _top_violations("wsi_ncmi.cli", ["wsi_ncmi.commands.train_cli"]) == []  # the command table

@@ -163,9 +163,45 @@ def test_aux_losses_finite_in_training_and_absent_in_eval(name: str) -> None:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_hooks_exist_and_are_callable(name: str) -> None:
-    model = make(name)
+    """Both trainer hooks run on every aggregator, and on a fresh model they change no weight and no output
+    (ASMIL's anchor starts equal to its student, so its EMA step is a fixed point there)."""
+    model = make(name).eval()
+    x, mask = padded_batch([6, 3])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logits = model(x, mask).logits
+    assert model.set_progress(0.5) is None and model.on_after_optimizer_step() is None
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"{name}: hooks changed {changed} of a fresh model"
+    torch.testing.assert_close(model(x, mask).logits, logits)
+
+
+def test_set_progress_drives_the_aem_lambda_schedule() -> None:
+    model = make("aem", aem_lambda=0.2, lambda_schedule="cosine").train()
+    x, mask = padded_batch([6, 3])
+    assert model.aem_lambda == pytest.approx(0.2)  # progress 0: λ0
     model.set_progress(0.5)
+    assert model.aem_lambda == pytest.approx(0.1)  # ½(1 + cos(π/2)) = ½
+    model.set_progress(7.0)  # clamped to 1: λ annealed to 0, and so is the auxiliary term
+    assert model.aem_lambda == pytest.approx(0.0, abs=1e-12)
+    assert float(model(x, mask).aux["aem_entropy"]) == pytest.approx(0.0, abs=1e-12)
+    model.set_progress(-1.0)
+    assert model.aem_lambda == pytest.approx(0.2)
+
+
+def test_on_after_optimizer_step_moves_the_asmil_anchor_toward_the_student() -> None:
+    model = make("asmil", anchor_decay=0.75)
+    with torch.no_grad():  # as if an optimizer step moved the student
+        for p in model.student.parameters():
+            p.add_(1.0)
+    student = [p.detach().clone() for p in model.student.parameters()]
+    anchor = [p.detach().clone() for p in model.anchor.parameters()]
     model.on_after_optimizer_step()
+    for a0, s, a1 in zip(anchor, student, model.anchor.parameters(), strict=True):
+        torch.testing.assert_close(a1, 0.75 * a0 + 0.25 * s)  # anchor ← decay·anchor + (1 − decay)·student
+    for s, p in zip(student, model.student.parameters(), strict=True):
+        assert torch.equal(s, p)  # the student is left alone
 
 
 BAD_INPUTS = {

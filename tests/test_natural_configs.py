@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from wsi_ncmi.commands.natural_cli import main
 from wsi_ncmi.training.compose import compose_config
@@ -25,7 +26,23 @@ def test_every_natural_config_runs_one_step(config: Path, tmp_path: Path, monkey
         "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "32",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     ]  # fmt: skip
+    # main() returns 0 whenever nothing raised: check that the config really trained one step
+    import lightning.pytorch as pl
+
+    fitted: list[pl.Trainer] = []
+    real_fit = pl.Trainer.fit
+
+    def spy_fit(trainer: pl.Trainer, *args, **kwargs):
+        real_fit(trainer, *args, **kwargs)
+        fitted.append(trainer)
+
+    monkeypatch.setattr(pl.Trainer, "fit", spy_fit)
     assert main(argv) == 0
+    assert len(fitted) == 1, "`natural fit` did not run Trainer.fit"
+    trainer = fitted[0]
+    assert trainer.state.finished and trainer.global_step == 1
+    params = [p for p in trainer.lightning_module.parameters() if p.requires_grad]
+    assert params and all(torch.isfinite(p).all() for p in params)
     assert resolved["model"]["objective"] in {"head", "ncmi", "contrastive"}
     assert resolved["model"]["objective"] == "ncmi" or resolved["model"]["loss"] in {
         "ce", "label_smoothing", "focal", "occe", "milloss", "supcon"}  # fmt: skip

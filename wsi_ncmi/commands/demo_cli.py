@@ -26,7 +26,7 @@ def _say(line: str = "") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wsi_ncmi.demo.pipeline import RUNS
+    from wsi_ncmi.demo.config import RUNS
 
     p = argparse.ArgumentParser(prog="wsi-ncmi demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
@@ -47,7 +47,7 @@ def _fmt(v: object) -> str:
 
 
 def summary_lines(summary: Any) -> list[str]:
-    """One line per run of a :func:`wsi_ncmi.demo.pipeline.summary_table` frame (after a header): test
+    """One line per run of a :func:`wsi_ncmi.demo.summary.summary_table` frame (after a header): test
     macro-F1 / macro-AUC of the linear probe and of the run's own classifier (CC for NCMI, head for CE)."""
     lines = ["test split (macro)  LP F1  LP AUC   own    F1     AUC   (own: CC for NCMI runs, head for CE)"]
     for run, g in summary.groupby("run", sort=False):
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import lightning.pytorch  # noqa: F401  (imported first: it sets its own log level at import)
 
-    from wsi_ncmi.demo.pipeline import DemoConfig, DemoError, run_demo
+    from wsi_ncmi.demo.config import DemoConfig, DemoError
+    from wsi_ncmi.demo.pipeline import run_demo
 
     for name in ("lightning.pytorch", "lightning.fabric", "preprocessing"):
         logging.getLogger(name).setLevel(logging.WARNING)

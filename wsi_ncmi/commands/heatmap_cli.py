@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["build_parser", "check_bag_matches_slide", "load_mil_model", "main", "read_slide_thumbnail",
-           "recorded_mpp"]
+__all__ = ["build_parser", "check_bag_matches_slide", "main", "read_slide_thumbnail", "recorded_mpp"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,17 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-slide-mismatch", action="store_true",
                    help="draw the bag even if its slide_id / source size / tiles do not match --slide")
     return p
-
-
-def load_mil_model(ckpt: str | Path, device: str = "cpu") -> Any:
-    """The aggregator of a ``MILModule`` checkpoint (read with ``weights_only=True``: a malicious, truncated or
-    foreign file raises ``CheckpointError`` in one line naming it), in eval mode."""
-    from wsi_ncmi.training import MILModule
-    from wsi_ncmi.training.checkpoint import read_checkpoint
-
-    read_checkpoint(ckpt)
-    module = MILModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
-    return module.model.to(device).eval()
 
 
 def recorded_mpp(bag: Any) -> float | None:
@@ -157,9 +145,10 @@ def _run(args: argparse.Namespace) -> list[str]:
     from preprocessing.readers import open_slide
     from wsi_ncmi.data.bags import read_bag
     from wsi_ncmi.evaluation.heatmap import bag_patch_size_level0, slide_heatmap
+    from wsi_ncmi.training.checkpoint import load_mil_module
 
     out, slide = Path(args.out), Path(args.slide)
-    model = load_mil_model(args.ckpt, args.device)
+    model = load_mil_module(args.ckpt, args.device)[0].model
     bag = read_bag(args.bag, lazy=True)
     mpp = recorded_mpp(bag)
     with open_slide(slide, mpp=mpp) as reader:

@@ -83,21 +83,10 @@ def _preprocess(args: argparse.Namespace, recorded: dict[str, Any] | None, out: 
 
 
 def _predict(args: argparse.Namespace) -> int:
-
     from wsi_ncmi.data.bags import list_bags
     from wsi_ncmi.data.provenance import CHECKPOINT_KEY
-    from wsi_ncmi.evaluation.ood import Calibration, find_calibration
-    from wsi_ncmi.evaluation.predict import (
-        PredictError,
-        check_bags,
-        predict_bags,
-        read_slide_list,
-        select_bags,
-        write_heatmaps,
-        write_prediction,
-    )
-    from wsi_ncmi.training import MILModule
-    from wsi_ncmi.training.checkpoint import read_checkpoint
+    from wsi_ncmi.evaluation.predict import PredictError, predict_module, read_slide_list, select_bags
+    from wsi_ncmi.training.checkpoint import load_mil_module, read_checkpoint
 
     ckpt, out = Path(args.ckpt), Path(args.out)
     if not ckpt.is_file():
@@ -122,42 +111,11 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         bags_dir = Path(args.bags)
         bags = select_bags(bags_dir, slides)
-    mismatches = check_bags(bags, state, str(ckpt), allow_mismatch=args.allow_mismatch)
-
-    cal_path = Path(args.calibration) if args.calibration else find_calibration(ckpt)
-    calibration = Calibration.read(cal_path) if cal_path else None
-    if calibration is None:
-        logger.warning("no calibration.json for %s: OOD scores are written without a flag "
-                       "(run `wsi-ncmi evaluate` and pass --calibration)", ckpt)
-    elif calibration.checkpoint_sha256 and args.calibration:
-        from wsi_ncmi.evaluation.ood import OODError, sha256_of
-
-        if calibration.checkpoint_sha256 != sha256_of(ckpt):
-            msg = f"--calibration {cal_path} was made from another checkpoint ({calibration.checkpoint}), not {ckpt}"
-            if not args.allow_mismatch:
-                raise OODError(msg + "; its thresholds do not apply (--allow-mismatch to use it anyway)")
-            logger.warning("%s (--allow-mismatch)", msg)
-            mismatches = {**mismatches, "(calibration)": [msg]}
-
-    module = MILModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True).eval().to(args.device)
-    class_names = list((recorded or {}).get("class_names") or []) or [str(i) for i in range(module.num_classes)]
-    labels = None
-    if slides is not None and "label" in slides.columns:
-        lab = slides.set_index("slide_id")["label"]
-        labels = [lab[s] for s in bags]
-    pred = predict_bags(module.model, bags, class_names, ncmi_loss=module.ncmi_loss, calibration=calibration,
-                        score=args.ood_score, labels=labels, device=args.device, labels_source=str(args.slides))
-    meta: dict[str, Any] = {"checkpoint": str(ckpt), "bags_dir": str(bags_dir), "calibration": str(cal_path or ""),
-                            "allow_mismatch": bool(args.allow_mismatch), "mismatches": mismatches,
-                            "objective": module.objective, "preprocessed": pre}
-    if args.heatmaps:
-        meta["heatmaps"] = write_heatmaps(module.model, bags, out / "heatmaps", slides_dir=args.slides_dir,
-                                          device=args.device)
-    paths = write_prediction(out, pred, meta)
-    flags = pred.table["ood_flag"]
-    n_flag = "no calibration" if pred.threshold is None else f"{int(flags.fillna(False).astype(bool).sum())} flagged OOD"
-    _echo(f"{len(pred.table)} slides predicted ({n_flag}; score {pred.score_name}) → {paths['predictions']}")
-    _echo(paths["summary"].read_text(encoding="utf-8"))
+    module, _ = load_mil_module(ckpt, args.device)
+    predict_module(module, state, ckpt, bags, out, bags_dir=bags_dir, slides=slides, slides_csv=args.slides,
+                   calibration=args.calibration, ood_score=args.ood_score, allow_mismatch=args.allow_mismatch,
+                   heatmaps=args.heatmaps, slides_dir=args.slides_dir, device=args.device, preprocessed=pre,
+                   echo=_echo)
     return rc
 
 

@@ -2,7 +2,8 @@
 
 * :mod:`wsi_ncmi.demo.cohort`: :func:`build_cohort` writes pyramidal slides with ground-truth masks.
 * :mod:`wsi_ncmi.demo.pipeline`: :func:`run_demo` chains cohort -> preprocessing -> split -> training
-  -> evaluation -> report -> heatmaps.
+  -> evaluation -> report -> heatmaps (the stages in :mod:`wsi_ncmi.demo.stages`, settings and results in
+  :mod:`wsi_ncmi.demo.config`, the demo's report ``demo.md`` in :mod:`wsi_ncmi.demo.summary`).
 
 Nothing is imported at package import time; import the submodule you need.
 """

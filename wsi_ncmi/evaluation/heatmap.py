@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_ncmi.data.atomic import atomic_write_text
+from wsi_ncmi.data.atomic import atomic_output, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -306,10 +305,8 @@ def render_heatmap(
     cbar = fig.colorbar(sm, ax=ax, fraction=0.04, pad=0.02)
     cbar.set_label(_NORM_LABEL[normalize])
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     log.info("heatmap written: %s (%d tiles)", out, len(np.asarray(scores).reshape(-1)))
     return blended
 
@@ -342,15 +339,11 @@ def write_tile_scores(
         raise HeatmapError(f"write_tile_scores: patch_size_level0 must be positive, got {patch_size_level0}")
     size = int(round(patch_size_level0))
     if csv_path is not None:
-        path = Path(csv_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        with atomic_output(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
             wr = csv.writer(fh)
             wr.writerow(["slide_id", "x", "y", "width", "height", "score"])
             for (x, y), v in zip(c.tolist(), s.tolist()):
                 wr.writerow([slide_id, int(x), int(y), size, size, repr(float(v))])
-        os.replace(tmp, path)
     if geojson_path is not None:
         norm = normalize_scores(s, normalize)  # [N]
         bins = np.minimum((norm * n_bins).astype(int), n_bins - 1) + 1  # [N] 1..n_bins

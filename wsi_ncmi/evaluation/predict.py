@@ -3,7 +3,9 @@
 The library side of ``wsi-ncmi predict``: choose the bags (:func:`select_bags`), check them against what the
 checkpoint was trained on (:func:`check_bags`, :mod:`wsi_ncmi.data.provenance`), embed them and score them
 (:func:`predict_bags`), write ``predictions.csv`` / ``summary.md`` / ``predict.json`` (:func:`write_prediction`)
-and attention heatmaps where the slide file is at hand (:func:`write_heatmaps`).
+and attention heatmaps where the slide file is at hand (:func:`write_heatmaps`). :func:`predict_module` is the
+whole verb for a loaded ``MILModule`` (the command and the demo load it with
+``wsi_ncmi.training.checkpoint.load_mil_module``: evaluation may not import training).
 
 ``predictions.csv``: ``slide_id, [label,] prediction, prob_<class>…, ood_score, ood_flag, [kl_<class>…],
 ood_<score>…``. ``prediction`` is the class name; the probabilities are the run's own class scores
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,13 +39,23 @@ from wsi_ncmi.models import MILAggregator
 from wsi_ncmi.ncmi import NCMILoss
 
 from .embed import embed_split
-from .ood import OOD_SCORERS, Calibration, OODError, ScoreInputs, compute_scores, score_inputs
+from .ood import (
+    OOD_SCORERS,
+    Calibration,
+    OODError,
+    ScoreInputs,
+    compute_scores,
+    find_calibration,
+    score_inputs,
+    sha256_of,
+)
 
 __all__ = [
     "PredictError",
     "Prediction",
     "check_bags",
     "predict_bags",
+    "predict_module",
     "read_slide_list",
     "select_bags",
     "slide_file",
@@ -341,3 +353,58 @@ def embed_bags(model: MILAggregator, bags: Mapping[str, Path], ncmi_loss: NCMILo
                device: str | torch.device = "cpu") -> Any:
     """``EmbeddedSplit`` of unlabelled bags (labels -1), e.g. the OOD bags of ``wsi-ncmi evaluate --ood-bags``."""
     return embed_split(model, _batches(bags), device=device, ncmi_loss=ncmi_loss)
+
+
+# ------------------------------------------------------------------------------------------ the verb
+def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.PathLike, bags: Mapping[str, Path],
+                   out_dir: str | os.PathLike, *, bags_dir: str | os.PathLike, slides: pd.DataFrame | None = None,
+                   slides_csv: str | None = None, calibration: str | os.PathLike | None = None,
+                   ood_score: str | None = None, allow_mismatch: bool = False, heatmaps: bool = False,
+                   slides_dir: str | os.PathLike | None = None, device: str = "cpu",
+                   preprocessed: Mapping[str, Any] | None = None,
+                   echo: Callable[[str], None] | None = None) -> Prediction:
+    """Predict ``bags`` with the loaded ``module`` (a ``MILModule``) of checkpoint ``ckpt`` (read as
+    ``checkpoint``) and write ``predictions.csv``, ``summary.md``, ``predict.json`` (and ``heatmaps/``) into
+    ``out_dir``.
+
+    The bags are checked against the checkpoint's training bags first (:func:`check_bags`; ``allow_mismatch``
+    records the differences instead). ``calibration``: a ``calibration.json`` (refused when made from another
+    checkpoint, unless ``allow_mismatch``); None: one made from ``ckpt`` under its run folder, else no OOD flag
+    and a warning. ``slides`` (from ``slides_csv``): the slide list, its ``label`` column scores the
+    predictions. Lines meant for the user go to ``echo``.
+    """
+    say = echo or (lambda _line: None)
+    ckpt, out = Path(ckpt), Path(out_dir)
+    mismatches = check_bags(bags, checkpoint, str(ckpt), allow_mismatch=allow_mismatch)
+    cal_path = Path(calibration) if calibration else find_calibration(ckpt)
+    cal = Calibration.read(cal_path) if cal_path else None
+    if cal is None:
+        logger.warning("no calibration.json for %s: OOD scores are written without a flag "
+                       "(run `wsi-ncmi evaluate` and pass --calibration)", ckpt)
+    elif cal.checkpoint_sha256 and calibration:
+        if cal.checkpoint_sha256 != sha256_of(ckpt):
+            msg = f"--calibration {cal_path} was made from another checkpoint ({cal.checkpoint}), not {ckpt}"
+            if not allow_mismatch:
+                raise OODError(msg + "; its thresholds do not apply (--allow-mismatch to use it anyway)")
+            logger.warning("%s (--allow-mismatch)", msg)
+            mismatches = {**mismatches, "(calibration)": [msg]}
+
+    recorded = checkpoint.get(CHECKPOINT_KEY)
+    class_names = list((recorded or {}).get("class_names") or []) or [str(i) for i in range(module.num_classes)]
+    labels = None
+    if slides is not None and "label" in slides.columns:
+        lab = slides.set_index("slide_id")["label"]
+        labels = [lab[s] for s in bags]
+    pred = predict_bags(module.model, bags, class_names, ncmi_loss=module.ncmi_loss, calibration=cal,
+                        score=ood_score, labels=labels, device=device, labels_source=str(slides_csv))
+    meta: dict[str, Any] = {"checkpoint": str(ckpt), "bags_dir": str(bags_dir), "calibration": str(cal_path or ""),
+                            "allow_mismatch": bool(allow_mismatch), "mismatches": mismatches,
+                            "objective": module.objective, "preprocessed": preprocessed}
+    if heatmaps:
+        meta["heatmaps"] = write_heatmaps(module.model, bags, out / "heatmaps", slides_dir=slides_dir, device=device)
+    paths = write_prediction(out, pred, meta)
+    flags = pred.table["ood_flag"]
+    n_flag = "no calibration" if pred.threshold is None else f"{int(flags.fillna(False).astype(bool).sum())} flagged OOD"
+    say(f"{len(pred.table)} slides predicted ({n_flag}; score {pred.score_name}) → {paths['predictions']}")
+    say(paths["summary"].read_text(encoding="utf-8"))
+    return pred

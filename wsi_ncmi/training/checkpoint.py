@@ -10,6 +10,14 @@ need a full unpickle, and could run code doing so, is refused before anything el
 * a file of another kind (a plain pickle, a safetensors file, or a pickle renamed ``.safetensors``);
 * a dictionary without ``state_dict``: not a Lightning checkpoint.
 
+``load_mil_module(path, device)`` is the one loader of a ``MILModule`` checkpoint (``wsi-ncmi evaluate``,
+``predict``, ``heatmap`` and the demo): the file goes through ``read_checkpoint`` first, then Lightning rebuilds the
+module with ``weights_only=True``; the module comes back in eval mode on ``device`` with the checkpoint dictionary.
+
+``checkpoint_datamodule(module, checkpoint, ...)`` rebuilds the ``MILDataModule`` a checkpoint was trained with
+(its recorded datamodule hyper-parameters, paths overridable), after the pre-flight check of ``fit`` against
+the model's ``in_dim``: what ``wsi-ncmi evaluate`` and the demo evaluate on.
+
 ``resolve_ckpt_path(ckpt_path, dirs)`` turns Lightning's ``"last"`` into the newest ``last*.ckpt`` in ``dirs``
 (as Lightning does), so the file can be checked before ``Trainer.fit(ckpt_path="last")`` opens it.
 
@@ -23,11 +31,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointError", "WeightsOnlyCLI", "read_checkpoint", "resolve_ckpt_path"]
+__all__ = ["CheckpointError", "WeightsOnlyCLI", "checkpoint_datamodule", "load_mil_module", "read_checkpoint",
+           "resolve_ckpt_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +84,68 @@ def read_checkpoint(path: str | Path, require_state_dict: bool = True) -> dict[s
     if require_state_dict and not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)):
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict); {_FIT_HINT}")
     return obj
+
+
+def load_mil_module(path: str | Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """``(module, checkpoint)``: the ``MILModule`` of ``path`` in eval mode on ``device`` and the checkpoint's
+    dictionary (for what the module does not carry: datamodule hyper-parameters, provenance, training seed).
+
+    The file is read with :func:`read_checkpoint` before Lightning sees it (a missing, malicious, truncated or
+    foreign file raises :class:`CheckpointError` in one line naming it); Lightning then loads it with
+    ``weights_only=True`` on the CPU before the module moves to ``device``.
+    """
+    from wsi_ncmi.training.mil_module import MILModule
+
+    state = read_checkpoint(path)
+    module = MILModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+    module.eval()
+    return module.to(device), state
+
+
+def checkpoint_datamodule(module: Any, checkpoint: Mapping[str, Any], bags_dir: str | Path | None = None,
+                          split_csv: str | Path | None = None, fold: int | None = None, num_workers: int = 0,
+                          allow_patient_leak: bool = False, leak_flag: str = "--allow-patient-leak") -> Any:
+    """The ``MILDataModule`` (batch size 1) of the split ``module`` (a loaded ``MILModule``) is evaluated on.
+
+    ``label_map``, ``fold`` and, when not given, ``bags_dir`` / ``split_csv`` come from ``checkpoint``'s datamodule
+    hyper-parameters. The split table is checked against the bags folder first, as ``fit`` does
+    (``preflight_check`` with the model's ``in_dim``: missing bags, other feature dims, a patient in two splits
+    unless ``allow_patient_leak``); the accepted leaks are stored on the datamodule as ``patient_leaks``.
+    Raises :class:`CheckpointError` when the paths are neither given nor recorded, or the class counts differ.
+    """
+    from wsi_ncmi.data import MILDataModule
+    from wsi_ncmi.data.split_check import offer_split_bags, preflight_check
+
+    num_classes, in_dim = int(module.hparams["num_classes"]), module.model.in_dim
+    hp = checkpoint.get("datamodule_hyper_parameters") or {}
+    hp = dict(hp) if isinstance(hp, Mapping) else {}
+    bags_dir = bags_dir or hp.get("bags_dir")
+    split_csv = split_csv or hp.get("split_csv")
+    if not bags_dir or not split_csv:
+        raise CheckpointError(
+            "--data.bags_dir and --data.split_csv are required (the checkpoint does not record them)"
+        )
+    fold = fold if fold is not None else hp.get("fold")
+    check = preflight_check(bags_dir, split_csv, num_classes=num_classes, in_dim=in_dim, fold=fold,
+                            check_labels=not hp.get("label_map"), allow_patient_leak=allow_patient_leak,
+                            leak_flag=leak_flag)
+    with offer_split_bags(check.resolved):  # the datamodule reuses the resolved split: one folder listing
+        dm = MILDataModule(
+            bags_dir=str(bags_dir),
+            split_csv=str(split_csv),
+            batch_size=1,
+            num_workers=num_workers,
+            label_map=hp.get("label_map"),
+            num_classes=num_classes,
+            fold=fold,
+            pin_memory=False,
+        )
+    if dm.num_classes != num_classes:
+        raise CheckpointError(
+            f"--data.split_csv {split_csv}: {dm.num_classes} classes, the checkpoint has {num_classes}"
+        )
+    dm.patient_leaks = check.patient_leaks
+    return dm
 
 
 def resolve_ckpt_path(ckpt_path: str | Path | None, dirs: Iterable[str | Path | None]) -> Path | None:

@@ -9,7 +9,7 @@ starts:
 * resumed fit at epoch ``e``: rows of epochs ``>= e`` (a partly logged epoch that is about to be redone) are
   dropped, rows of the finished epochs are kept, and the new epochs are appended with their columns merged.
 
-``validate`` / ``test`` runs log to ``<run>/<subcommand>/metrics.csv`` (see ``wsi_ncmi.commands.train_cli``),
+``validate`` / ``test`` runs log to ``<run>/<subcommand>/metrics.csv`` (see ``wsi_ncmi.training.cli``),
 never into the training log. Only global rank 0 touches the file.
 """
 

@@ -1,0 +1,220 @@
+"""Evaluate a loaded MIL checkpoint: the workflow behind `wsi-ncmi evaluate` (and the demo's evaluate stage).
+
+:func:`evaluate_module` takes a ``MILModule`` already loaded (``wsi_ncmi.training.checkpoint.load_mil_module``)
+and the datamodule of the evaluated split (``wsi_ncmi.training.checkpoint.checkpoint_datamodule``, which runs the
+pre-flight check of ``fit``): evaluation may not import training, so the caller loads and passes them down. It
+embeds the train / val / test splits once with the frozen aggregator, then runs every protocol that applies
+(``lp`` always; ``cc`` for NCMI runs; ``head`` for runs trained with a head) and writes, into ``out``:
+
+* one seed (the default): ``report.json``, ``report.md``, ``predictions.csv`` and the figures (``roc_*``,
+  ``confusion_*``, ``training_curves.png``, ``embedding_pca.png``) directly in ``out``;
+* several seeds: one folder ``out/seed<k>/`` per seed with its own report and ROC / confusion figures, and the
+  seed-independent figures in ``out``. These seeds are the linear probe's ``random_state`` (``probe_seed`` in the
+  report); with the default lbfgs solver the probe is deterministic, so LP numbers only change with ``saga``.
+  The report's ``seed`` is the training seed stored in the checkpoint (or, for checkpoints without one,
+  ``seed_everything`` of the run folder's ``config.yaml``; else the probe seed);
+* ``embeddings.npz`` (slide ids, labels, embeddings, LP inputs and NCMI log-probs per split; no pickles);
+* ``calibration.json`` (OOD thresholds at 95 % TPR on val) and, with ``ood_bags``, the report's ``ood`` block.
+
+Lines meant for the user (the calibration, each seed's summary table) go to ``echo`` (the command prints them).
+Errors the user can fix are :class:`EvaluateError`, whose message names the option as its command-line flag.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_ncmi.data.atomic import atomic_output
+from wsi_ncmi.data.official import detect_dataset
+from wsi_ncmi.data.provenance import CHECKPOINT_KEY
+
+from .embed import embed_splits
+from .ood import CALIBRATION_JSON, evaluate_ood
+from .paper import paper_for_protocol
+from .predict import check_bags, embed_bags, select_bags
+from .probe import DEFAULT_CS
+from .protocols import evaluate_run
+from .report import write_report
+from .report_schema import SPLITS
+
+__all__ = ["EvaluateError", "EvaluateOptions", "evaluate_module", "find_metrics_csv", "run_dir", "save_embeddings",
+           "summary_lines", "training_seed"]
+
+logger = logging.getLogger(__name__)
+
+
+class EvaluateError(ValueError):
+    """An option of the evaluation is wrong (the message names it as its `wsi-ncmi evaluate` flag)."""
+
+
+@dataclass
+class EvaluateOptions:
+    """How to evaluate (the `wsi-ncmi evaluate` flags after ``--ckpt`` / ``--data.*`` / ``--out``)."""
+
+    seeds: tuple[int, ...] = (0,)  # linear-probe seeds
+    class_weight: str | None = None  # None | "balanced"
+    refit: str = "train"  # "train" | "train+val"
+    Cs: tuple[float, ...] = DEFAULT_CS
+    solver: str = "lbfgs"
+    device: str = "cpu"
+    dataset: str = "auto"  # "auto": detected from the split CSV path
+    metrics_csv: Path | None = None  # None: searched under the checkpoint's run folder
+    plots: bool = True
+    allow_patient_leak: bool = False  # recorded in the report
+    ood_bags: str | None = None  # folder of out-of-distribution bags
+
+    def check(self) -> None:
+        """Raise :class:`EvaluateError` for a device that is not there or repeated seeds."""
+        import torch
+
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EvaluateError(f"--device {self.device}: CUDA is not available")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise EvaluateError(f"--seeds {list(self.seeds)}: seeds must be distinct")
+
+
+def run_dir(ckpt: Path) -> Path:
+    """The run folder of checkpoint ``ckpt`` (``<run>/checkpoints/x.ckpt`` -> ``<run>``)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def training_seed(state: Mapping[str, Any], ckpt: Path) -> int | None:
+    """The seed checkpoint ``ckpt`` (read as ``state``) was trained with: stored by ``MILModule``, else the
+    run's ``config.yaml``."""
+    import yaml
+
+    seed = state.get("training_seed")
+    if isinstance(seed, int):
+        return seed
+    config = run_dir(ckpt) / "config.yaml"
+    if config.is_file():
+        try:
+            value = (yaml.safe_load(config.read_text()) or {}).get("seed_everything")
+        except (yaml.YAMLError, AttributeError) as err:
+            logger.warning("%s: cannot read seed_everything (%s)", config, err)
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def find_metrics_csv(ckpt: Path) -> Path | None:
+    """The training ``metrics.csv`` of ``ckpt``'s run folder (else the newest one below it), or None."""
+    folder = run_dir(ckpt)
+    top = folder / "metrics.csv"  # the training log (validate/test runs log into sub-folders)
+    if top.is_file():
+        return top
+    hits = sorted(folder.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    return hits[-1] if hits else None
+
+
+def save_embeddings(path: Path, splits: Mapping[str, Any]) -> None:
+    """``embeddings.npz`` of embedded ``splits`` (plain arrays, atomic)."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, s in splits.items():
+        arrays[f"{name}_slide_ids"] = np.asarray(s.slide_ids, dtype=str)
+        arrays[f"{name}_labels"] = s.labels
+        arrays[f"{name}_embeddings"] = s.embeddings
+        for key in ("logits", "log_probs", "normalized"):
+            value = getattr(s, key)
+            if value is not None:
+                arrays[f"{name}_{key}"] = value
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:  # a file object: numpy would append ".npz"
+        np.savez_compressed(fh, **arrays)
+
+
+def summary_lines(report: Mapping[str, Any]) -> list[str]:
+    """A report's metrics as a text table, with the paper's test numbers where they apply."""
+    lines = [f"{'protocol':<8} {'split':<5} {'macro-F1':>8} {'macro-AUC':>9} {'acc':>6}   paper F1 / AUC (test)"]
+    for proto, per_split in report["metrics"].items():
+        for split, m in per_split.items():
+            paper = paper_for_protocol(report["dataset"], report["model"], report["objective"], proto,
+                                       report.get("num_classes")) if split == "test" else None
+            ref = f"{paper['macro_f1']:.3f} / {paper['macro_auc']:.3f}" if paper else ""
+            auc = "n/a" if m["macro_auc"] is None else f"{m['macro_auc']:.3f}"
+            lines.append(f"{proto:<8} {split:<5} {m['macro_f1']:>8.3f} {auc:>9} {m['accuracy']:>6.3f}   {ref}")
+    return lines
+
+
+def _ood_calibration(module: Any, splits: Mapping[str, Any], state: Mapping[str, Any], num_classes: int,
+                     class_names: list[str], ckpt: Path, out: Path, extra: dict[str, Any], options: EvaluateOptions,
+                     echo: Callable[[str], None]) -> None:
+    """``calibration.json`` (OOD thresholds at 95 % TPR on val) and, with ``ood_bags``, ``extra["ood"]``."""
+    ood = None
+    if options.ood_bags:
+        bags = select_bags(options.ood_bags)
+        check_bags(bags, state, str(ckpt), allow_mismatch=CHECKPOINT_KEY not in state)
+        ood = embed_bags(module.model, bags, ncmi_loss=module.ncmi_loss, device=options.device)
+    calibration, block = evaluate_ood(splits, module.ncmi_loss, num_classes, class_names, ckpt, ood,
+                                      str(options.ood_bags or ""))
+    calibration.write(out / CALIBRATION_JSON)
+    echo(f"OOD calibration ({calibration.default_score} default, 95 % TPR on val) → {out / CALIBRATION_JSON}")
+    if block is not None:
+        extra["ood"] = block
+        echo("OOD vs test: " + ", ".join(f"{k} AUROC {v['auroc']:.3f}" for k, v in block["scores"].items()))
+
+
+def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt: str | Path, out: str | Path,
+                    options: EvaluateOptions | None = None,
+                    echo: Callable[[str], None] | None = None) -> dict[int, Path]:
+    """Evaluate the loaded ``module`` (a ``MILModule``: ``.model``, ``.ncmi_loss``, ``.objective``, ``.hparams``)
+    of checkpoint ``ckpt`` (read as ``state``) on ``datamodule``'s splits; write everything into ``out`` (see the
+    module docstring). Returns ``{probe seed: folder of its report.json}``."""
+    options = options or EvaluateOptions()
+    say = echo or (lambda _line: None)
+    ckpt, out = Path(ckpt), Path(out)
+    hp = dict(module.hparams)
+    num_classes = int(hp["num_classes"])
+    dm = datamodule
+    if dm.in_dim != module.model.in_dim:
+        raise EvaluateError(
+            f"--data.bags_dir {dm.bags_dir}: bags have D={dm.in_dim}, the checkpoint's model expects {module.model.in_dim}"
+        )
+    dataset = detect_dataset(dm.split_csv) if options.dataset == "auto" else options.dataset.lower()
+    loaders = {s: dm.dataloader(s, shuffle=False) for s in SPLITS}
+    splits = embed_splits(module.model, loaders, device=options.device, ncmi_loss=module.ncmi_loss)
+
+    save_embeddings(out / "embeddings.npz", splits)
+    extra: dict[str, Any] = {"checkpoint": str(ckpt), "loss": hp.get("loss") if module.objective == "head" else "ncmi",
+                             "allow_patient_leak": bool(options.allow_patient_leak),
+                             "patient_leaks": list(getattr(dm, "patient_leaks", []))}
+    if module.ncmi_loss is not None:
+        nl = module.ncmi_loss
+        extra.update(centroid_update=nl.centroid_update, tau=nl.tau, ncmi_variant=nl.variant)
+    metrics_csv = Path(options.metrics_csv) if options.metrics_csv else find_metrics_csv(ckpt)
+    if options.metrics_csv and not metrics_csv.is_file():
+        raise EvaluateError(f"--metrics-csv {metrics_csv}: no such file")
+
+    _ood_calibration(module, splits, state, num_classes, dm.class_names, ckpt, out, extra, options, say)
+
+    train_seed = training_seed(state, ckpt)
+    multi = len(options.seeds) > 1
+    written: dict[int, Path] = {}
+    for seed in options.seeds:
+        report, preds = evaluate_run(
+            splits, num_classes, dataset=dataset, split_csv=str(dm.split_csv), model=str(hp["model"]),
+            objective=module.objective, seed=seed, train_seed=train_seed, class_names=dm.class_names,
+            class_weight=options.class_weight, Cs=tuple(options.Cs), refit=options.refit, extra=extra,
+            solver=options.solver,
+        )
+        seed_dir = out / f"seed{seed}" if multi else out
+        write_report(seed_dir, report, preds)
+        if options.plots:
+            from .plots import write_report_plots
+
+            write_report_plots(seed_dir, report, preds)
+        say(f"\n{dataset} / {hp['model']} / {module.objective} — seed {seed} → {seed_dir / 'report.json'}")
+        say("\n".join(summary_lines(report)))
+        written[seed] = seed_dir
+    if options.plots:
+        from .plots import write_run_plots
+
+        emb = {k: (s.normalized, s.labels) for k, s in splits.items()}
+        write_run_plots(out, dm.class_names, metrics_csv=metrics_csv, embeddings=emb)
+    return written
