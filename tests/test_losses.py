@@ -1,6 +1,8 @@
 """Baseline losses vs values computed by hand (plain math) on a 3-class example, plus the registry."""
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +66,44 @@ def test_registry_errors():
         register_loss("ce")(type("X", (torch.nn.Module,), {"input_kind": "logits"}))
     with pytest.raises(LossError, match="input_kind"):
         register_loss("brand_new_loss")(type("Y", (torch.nn.Module,), {}))
+
+
+def test_create_loss_rejects_unknown_kwargs_naming_loss_and_options():
+    with pytest.raises(LossError, match=r"create_loss: focal does not take 'gama'; its options are: gamma"):
+        create_loss("focal", gama=2.0)
+    with pytest.raises(
+        LossError, match=r"create_loss: ncmi does not take 'bogus', 'tau_x'; .*embed_dim, tau"
+    ):
+        create_loss("ncmi", num_classes=3, embed_dim=4, tau_x=0.5, bogus=1)
+    assert create_loss("focal", gamma=1.0).gamma == 1.0  # accepted arguments still pass
+
+
+def test_loss_modules_import_without_a_circle():
+    """The registry must not import the losses that import it (the old lazy ``_ensure_builtins``)."""
+    pkg = Path(__file__).resolve().parents[1] / "wsi_ncmi" / "losses"
+    graph: dict[str, set[str]] = {}
+    for path in pkg.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        deps = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                deps.update(n.split(".")[0] for n in names)
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(mod: str, path: list[str]) -> None:
+        if state.get(mod) == 1:
+            raise AssertionError(f"import circle in wsi_ncmi.losses: {' -> '.join([*path, mod])}")
+        if state.get(mod) == 2 or mod not in graph:
+            return
+        state[mod] = 1
+        for dep in sorted(graph[mod]):
+            visit(dep, [*path, mod])
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        visit(mod, [])
 
 
 def test_ce_literal_and_weighted():
