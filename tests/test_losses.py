@@ -47,7 +47,6 @@ def test_registry_lists_every_loss_with_input_kind():
         "milloss",
         "supcon",
         "ncmi",
-        "aem_entropy",
     }
     assert expected <= set(list_losses())
     kinds = {
@@ -56,7 +55,7 @@ def test_registry_lists_every_loss_with_input_kind():
     }
     assert all(k in INPUT_KINDS for k in kinds.values())
     assert kinds["ce"] == "logits" and kinds["ncmi"] == "embedding" and kinds["supcon"] == "embedding"
-    assert kinds["aem_entropy"] == "attention"
+    assert "aem_entropy" not in list_losses()  # the AEM regulariser is the model's own aux term
 
 
 def test_registry_errors():
@@ -219,25 +218,6 @@ def test_supcon_two_views():
     zero.backward()
     with pytest.raises(ValueError, match="supcon"):
         create_loss("supcon")(torch.randn(3), torch.tensor([0, 1, 2]))
-
-
-def test_aem_entropy_masked_and_multihead():
-    att = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
-    mask = torch.tensor([[True, True, False], [True, True, True]])
-    out = create_loss("aem_entropy")(att, None, mask=mask)
-    neg_h = [2 * 0.5 * math.log(0.5), 0.2 * math.log(0.2) + 0.3 * math.log(0.3) + 0.5 * math.log(0.5)]
-    assert out["neg_entropy"].item() == pytest.approx(_mean(neg_h), abs=1e-6)
-    assert out["loss"].item() == pytest.approx(0.1 * _mean(neg_h), abs=1e-7)
-    heads = torch.stack([att, torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])], dim=1)  # [B, H=2, N]
-    out_h = create_loss("aem_entropy", lam=1.0)(heads, None, mask=mask)
-    neg_h2 = [0.0, math.log(1 / 3)]
-    expected = _mean([(a + b) / 2 for a, b in zip(neg_h, neg_h2)])
-    assert out_h["loss"].item() == pytest.approx(expected, abs=1e-6)
-    scores = torch.tensor([[0.0, 0.0, 100.0]])  # padded entry with a huge score is ignored
-    out_l = create_loss("aem_entropy", lam=1.0, from_logits=True)(
-        scores, None, mask=torch.tensor([[True, True, False]])
-    )
-    assert out_l["loss"].item() == pytest.approx(math.log(0.5), abs=1e-6)
 
 
 def test_ncmi_via_registry_matches_core_and_accepts_aux():

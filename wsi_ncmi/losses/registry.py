@@ -1,7 +1,7 @@
 """Decorator registry of training objectives: ``create_loss("focal", gamma=2.0)``.
 
 Every registered loss is an ``nn.Module`` with a class attribute ``input_kind`` in
-{"logits", "embedding", "attention"} and ``forward(inputs, target, **aux) -> dict[str, Tensor]`` whose
+{"logits", "embedding"} and ``forward(inputs, target, **aux) -> dict[str, Tensor]`` whose
 ``"loss"`` entry is the total to back-propagate (other entries are named terms, for logging).
 
 This module imports none of the losses: the built-ins register themselves when the package
@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = ["LossError", "register_loss", "create_loss", "list_losses", "INPUT_KINDS"]
 
-INPUT_KINDS = ("logits", "embedding", "attention")
+INPUT_KINDS = ("logits", "embedding")
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 T = TypeVar("T", bound=Callable[..., nn.Module])
