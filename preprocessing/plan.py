@@ -15,14 +15,13 @@ from wsi_ncmi.data.bags import BagError, validate_bag
 
 from .config import PreprocessConfig
 from .encoders import resolve_device, resolve_spec
+from .mpp import PLAUSIBLE_MPP, plausible_mpp
 from .presets import kwargs_to_json
 from .readers import (
     IMAGE_EXTENSIONS,
-    PLAUSIBLE_MPP,
     SLIDE_EXTENSIONS,
     SlideError,
     find_slides,
-    plausible_mpp,
     slide_id_of,
 )
 from .tissue import TissueParams

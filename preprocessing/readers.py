@@ -1,12 +1,9 @@
-"""Slide readers: one interface over OpenSlide formats and plain images, plus the mpp rules.
+"""Slide readers: one interface over OpenSlide formats and plain images, chosen by file extension.
 
-``open_slide(path, mpp=None)`` picks a reader by file extension (``READERS``). The physical pixel size
-(mpp, µm per level-0 pixel) comes, in order, from: an explicit override (``--mpp-csv``), OpenSlide's
-``openslide.mpp-x/y``, vendor keys (``aperio.MPP``, Hamamatsu/Philips/Leica keys), the TIFF
-XResolution + ResolutionUnit (centimetre or inch; NONE means unknown). It is never guessed: a slide
-without one has ``mpp = None`` and the pipeline reports ``mpp_missing``. A value from the file outside
-``PLAUSIBLE_MPP`` (e.g. the 72 dpi = 352.8 µm/px many writers put in every TIFF) is rejected as if absent
-(logged, and named in the ``mpp_missing`` message); an ``--mpp-csv`` value is the user's and is used as is.
+``open_slide(path, mpp=None)`` picks a reader by file extension (``READERS``). ``mpp`` (µm per level-0
+pixel) overrides the file's (``--mpp-csv``); otherwise a reader takes it from the file's properties by
+the rules of :mod:`preprocessing.mpp` (never guessed; implausible values rejected, named in
+``mpp_rejected``).
 
 ``.tif``/``.tiff`` files that OpenSlide cannot open (plain stripped TIFFs) are read whole by
 :class:`TiffImageReader` (one level; mpp from ``--mpp-csv`` or a plausible TIFF resolution).
@@ -18,12 +15,13 @@ import logging
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .mpp import magnification_from_properties, mpp_from_properties, tiff_resolution_properties
 from .tiff_tiles import TiffLevels, TileDecodeError
 
 log = logging.getLogger(__name__)
@@ -41,20 +39,9 @@ __all__ = [
     "find_slides",
     "IMAGE_EXTENSIONS",
     "slide_id_of",
-    "mpp_from_properties",
     "TiffImageReader",
     "FALLBACK_READERS",
-    "PLAUSIBLE_MPP",
-    "plausible_mpp",
 ]
-
-# µm per pixel a slide's level 0 can plausibly have (scanners: ~0.1-1; low-power scans a few µm)
-PLAUSIBLE_MPP = (0.05, 20.0)
-
-
-def plausible_mpp(v: float | None) -> bool:
-    return v is not None and PLAUSIBLE_MPP[0] <= v <= PLAUSIBLE_MPP[1]
-
 
 class SlideError(ValueError):
     """A slide cannot be used; the message names the file."""
@@ -201,88 +188,6 @@ class SlideReader(ABC):
         self.close()
 
 
-# ---------------------------------------------------------------------------------------------- mpp
-def _positive(v: str | None) -> float | None:
-    try:
-        f = float(v) if v is not None else None
-    except ValueError:
-        return None
-    return f if f is not None and np.isfinite(f) and f > 0 else None
-
-
-def _mpp_openslide(p: Mapping[str, str]) -> float | None:
-    x, y = _positive(p.get("openslide.mpp-x")), _positive(p.get("openslide.mpp-y"))
-    if x and y:
-        return (x + y) / 2
-    return x or y
-
-
-def _mpp_aperio(p: Mapping[str, str]) -> float | None:
-    return _positive(p.get("aperio.MPP"))
-
-
-def _mpp_vendor_resolution(p: Mapping[str, str]) -> float | None:
-    # OpenSlide already derives openslide.mpp-* for these vendors; kept for files where it does not.
-    for key in ("philips.DICOM_PIXEL_SPACING",):
-        if key in p:
-            try:
-                first = float(p[key].strip('"').split()[0].strip('"'))
-                return _positive(str(first * 1000.0))  # mm -> µm
-            except (ValueError, IndexError):
-                pass
-    for key in ("ventana.ScanRes",):
-        if (v := _positive(p.get(key))) is not None:
-            return v
-    return None
-
-
-_UNIT_UM = {"centimeter": 1e4, "centimetre": 1e4, "inch": 25400.0, "cm": 1e4}
-
-
-def _mpp_tiff(p: Mapping[str, str]) -> float | None:
-    unit = str(p.get("tiff.ResolutionUnit", "")).strip().lower()
-    if unit not in _UNIT_UM:  # NONE (or absent) means the resolution carries no physical size
-        return None
-    x, y = _positive(p.get("tiff.XResolution")), _positive(p.get("tiff.YResolution"))
-    res = [r for r in (x, y) if r]
-    if not res:
-        return None
-    return _UNIT_UM[unit] / (sum(res) / len(res))
-
-
-# first hit wins
-MPP_RULES: tuple[Callable[[Mapping[str, str]], float | None], ...] = (
-    _mpp_openslide,
-    _mpp_aperio,
-    _mpp_vendor_resolution,
-    _mpp_tiff,
-)
-
-
-def mpp_from_properties(properties: Mapping[str, str], rejected: list[str] | None = None) -> float | None:
-    """µm per level-0 pixel from slide properties, or None (never guessed).
-
-    The first rule giving a value inside ``PLAUSIBLE_MPP`` wins; implausible values are logged and, when
-    ``rejected`` is given, described there ("352.8 µm/px from _mpp_tiff").
-    """
-    for rule in MPP_RULES:
-        if (v := rule(properties)) is not None:
-            if plausible_mpp(v):
-                return float(v)
-            what = f"{v:.4g} µm/px from {rule.__name__.removeprefix('_mpp_')} (outside {PLAUSIBLE_MPP})"
-            log.warning("ignoring implausible mpp %s", what)
-            if rejected is not None:
-                rejected.append(what)
-    return None
-
-
-def _magnification(properties: Mapping[str, str]) -> float | None:
-    for key in ("openslide.objective-power", "aperio.AppMag", "hamamatsu.SourceLens"):
-        if (v := _positive(properties.get(key))) is not None:
-            return v
-    return None
-
-
 # ------------------------------------------------------------------------------------------- readers
 class OpenSlideReader(SlideReader):
     """Any format OpenSlide opens (svs, tif, ndpi, mrxs, scn, bif, vms, ...).
@@ -299,7 +204,7 @@ class OpenSlideReader(SlideReader):
         rejected: list[str] = []
         self.mpp = float(mpp) if mpp is not None else mpp_from_properties(props, rejected)
         self.mpp_rejected = "; ".join(rejected)  # implausible values found in the file
-        self.magnification = _magnification(props)
+        self.magnification = magnification_from_properties(props)
         self._dims = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
         self._downs = tuple(float(d) for d in self._slide.level_downsamples)
         # decode TIFF tiles directly where that reproduces OpenSlide's pixels (~4x faster per tile)
@@ -424,29 +329,6 @@ class ImageReader(SlideReader):
         return out
 
 
-_TIFF_UNITS = {1: "none", 2: "inch", 3: "centimeter"}
-
-
-def _tiff_resolution_properties(path: Path) -> dict[str, str]:
-    """The first page's resolution tags in OpenSlide's property names (``tiff.XResolution`` ...)."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            tags = tif.pages[0].tags
-            out: dict[str, str] = {}
-            for name in ("XResolution", "YResolution"):
-                if name in tags:
-                    num, den = tags[name].value
-                    out[f"tiff.{name}"] = str(num / den) if den else "0"
-            if "ResolutionUnit" in tags:
-                out["tiff.ResolutionUnit"] = _TIFF_UNITS.get(int(tags["ResolutionUnit"].value), "none")
-            return out
-    except Exception as e:  # noqa: BLE001 - the tags are optional; tifffile raises many types
-        log.debug("%s: no TIFF resolution tags: %s", path, e)
-        return {}
-
-
 class TiffImageReader(ImageReader):
     """A plain (stripped, non-pyramidal) TIFF that OpenSlide does not open, decoded whole into memory.
 
@@ -456,7 +338,7 @@ class TiffImageReader(ImageReader):
     def __init__(self, path: str | Path, mpp: float | None = None):
         super().__init__(path, mpp)
         if mpp is None:
-            props = _tiff_resolution_properties(self.path)
+            props = tiff_resolution_properties(self.path)
             rejected: list[str] = []
             self.mpp = mpp_from_properties(props, rejected)
             self.mpp_rejected = "; ".join(rejected)

@@ -1,6 +1,8 @@
 """Baseline losses vs values computed by hand (plain math) on a 3-class example, plus the registry."""
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +47,6 @@ def test_registry_lists_every_loss_with_input_kind():
         "milloss",
         "supcon",
         "ncmi",
-        "aem_entropy",
     }
     assert expected <= set(list_losses())
     kinds = {
@@ -54,7 +55,7 @@ def test_registry_lists_every_loss_with_input_kind():
     }
     assert all(k in INPUT_KINDS for k in kinds.values())
     assert kinds["ce"] == "logits" and kinds["ncmi"] == "embedding" and kinds["supcon"] == "embedding"
-    assert kinds["aem_entropy"] == "attention"
+    assert "aem_entropy" not in list_losses()  # the AEM regulariser is the model's own aux term
 
 
 def test_registry_errors():
@@ -64,6 +65,44 @@ def test_registry_errors():
         register_loss("ce")(type("X", (torch.nn.Module,), {"input_kind": "logits"}))
     with pytest.raises(LossError, match="input_kind"):
         register_loss("brand_new_loss")(type("Y", (torch.nn.Module,), {}))
+
+
+def test_create_loss_rejects_unknown_kwargs_naming_loss_and_options():
+    with pytest.raises(LossError, match=r"create_loss: focal does not take 'gama'; its options are: gamma"):
+        create_loss("focal", gama=2.0)
+    with pytest.raises(
+        LossError, match=r"create_loss: ncmi does not take 'bogus', 'tau_x'; .*embed_dim, tau"
+    ):
+        create_loss("ncmi", num_classes=3, embed_dim=4, tau_x=0.5, bogus=1)
+    assert create_loss("focal", gamma=1.0).gamma == 1.0  # accepted arguments still pass
+
+
+def test_loss_modules_import_without_a_circle():
+    """The registry must not import the losses that import it (the old lazy ``_ensure_builtins``)."""
+    pkg = Path(__file__).resolve().parents[1] / "wsi_ncmi" / "losses"
+    graph: dict[str, set[str]] = {}
+    for path in pkg.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        deps = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                deps.update(n.split(".")[0] for n in names)
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(mod: str, path: list[str]) -> None:
+        if state.get(mod) == 1:
+            raise AssertionError(f"import circle in wsi_ncmi.losses: {' -> '.join([*path, mod])}")
+        if state.get(mod) == 2 or mod not in graph:
+            return
+        state[mod] = 1
+        for dep in sorted(graph[mod]):
+            visit(dep, [*path, mod])
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        visit(mod, [])
 
 
 def test_ce_literal_and_weighted():
@@ -179,25 +218,6 @@ def test_supcon_two_views():
     zero.backward()
     with pytest.raises(ValueError, match="supcon"):
         create_loss("supcon")(torch.randn(3), torch.tensor([0, 1, 2]))
-
-
-def test_aem_entropy_masked_and_multihead():
-    att = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
-    mask = torch.tensor([[True, True, False], [True, True, True]])
-    out = create_loss("aem_entropy")(att, None, mask=mask)
-    neg_h = [2 * 0.5 * math.log(0.5), 0.2 * math.log(0.2) + 0.3 * math.log(0.3) + 0.5 * math.log(0.5)]
-    assert out["neg_entropy"].item() == pytest.approx(_mean(neg_h), abs=1e-6)
-    assert out["loss"].item() == pytest.approx(0.1 * _mean(neg_h), abs=1e-7)
-    heads = torch.stack([att, torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])], dim=1)  # [B, H=2, N]
-    out_h = create_loss("aem_entropy", lam=1.0)(heads, None, mask=mask)
-    neg_h2 = [0.0, math.log(1 / 3)]
-    expected = _mean([(a + b) / 2 for a, b in zip(neg_h, neg_h2)])
-    assert out_h["loss"].item() == pytest.approx(expected, abs=1e-6)
-    scores = torch.tensor([[0.0, 0.0, 100.0]])  # padded entry with a huge score is ignored
-    out_l = create_loss("aem_entropy", lam=1.0, from_logits=True)(
-        scores, None, mask=torch.tensor([[True, True, False]])
-    )
-    assert out_l["loss"].item() == pytest.approx(math.log(0.5), abs=1e-6)
 
 
 def test_ncmi_via_registry_matches_core_and_accepts_aux():

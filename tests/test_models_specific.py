@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from wsi_ncmi.models import MILConfigError, create_model
+from wsi_ncmi.models.aem import negative_entropy
 from wsi_ncmi.models.layers import (
     CrossAttentionBlock,
     GatedAttention,
@@ -129,6 +130,21 @@ def test_aem_aux_equals_lambda_negative_entropy() -> None:
     assert torch.allclose(out.aux["aem_entropy"], _aem_by_hand(out.attention_heads.detach(), 0.3), atol=1e-5)
     out.aux["aem_entropy"].backward()
     assert torch.isfinite(model.attention.query.grad).all()
+
+
+def test_negative_entropy_padding_and_heads_by_hand() -> None:
+    """Padding (a = 0) adds nothing, heads are averaged, bags are averaged, and 0 log 0 has a finite grad."""
+    att = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])  # [B=2, N=3], bag 0 padded at n=2
+    neg_h = [2 * 0.5 * math.log(0.5), 0.2 * math.log(0.2) + 0.3 * math.log(0.3) + 0.5 * math.log(0.5)]
+    assert negative_entropy(att[:, None]).item() == pytest.approx(sum(neg_h) / 2, abs=1e-6)
+    second = torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    heads = torch.stack([att, second], dim=1).requires_grad_(True)  # [B, H=2, N]
+    neg_h2 = [0.0, math.log(1 / 3)]
+    expected = sum((a + b) / 2 for a, b in zip(neg_h, neg_h2, strict=True)) / 2
+    value = negative_entropy(heads)
+    assert value.item() == pytest.approx(expected, abs=1e-6)
+    value.backward()
+    assert torch.isfinite(heads.grad).all()
 
 
 def test_aem_lambda_schedule() -> None:

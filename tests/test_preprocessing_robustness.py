@@ -20,7 +20,8 @@ from preprocessing import synthetic
 from preprocessing.cli import main
 from preprocessing.extract import run
 from preprocessing.manifest import Manifest, atomic_path, read_manifest
-from preprocessing.readers import TiffImageReader, mpp_from_properties, open_slide
+from preprocessing.mpp import mpp_from_properties
+from preprocessing.readers import TiffImageReader, open_slide
 from preprocessing.tiling import EffectiveMppError, plan_tiles
 from wsi_ncmi.data.bags import read_bag
 

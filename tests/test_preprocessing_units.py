@@ -19,7 +19,8 @@ from preprocessing.config import ConfigError, PreprocessConfig
 from preprocessing.encoders import EncoderError, build_encoder, packaged_weights
 from preprocessing.locks import HOST, file_lock, release_lock, try_lock
 from preprocessing.manifest import Manifest, read_manifest, summary_table
-from preprocessing.readers import SlideError, find_slides, mpp_from_properties, open_slide
+from preprocessing.mpp import mpp_from_properties
+from preprocessing.readers import SlideError, find_slides, open_slide
 from preprocessing.tiling import MppTooCoarseError, grid_coords, plan_tiles
 from preprocessing.tissue import TissueParams, segment_tissue, tile_fractions
 

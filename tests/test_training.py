@@ -93,17 +93,18 @@ def test_every_aggregator_learns(bags, tmp_path, model, objective):
 def test_online_cc_accuracy_is_nearest_train_class_mean():
     module = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi")
     module.trainer = lightning.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    assert module._online_cc_accuracy(torch.full((3, 4), 0.25), torch.zeros(3, dtype=torch.long)) is None
+    cc, sum_fn = module._train_cc, module._sum_over_ranks
+    assert cc.accuracy(torch.full((3, 4), 0.25), torch.zeros(3, dtype=torch.long), sum_fn) is None
     class0 = torch.tensor([[0.75, 0.25, 0.0, 0.0]] * 4)  # class means: [.75 .25 0 0]
     class1 = torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 2)  # and [0 0 .5 .5]
-    module._accumulate_train_p(class0.log(), torch.zeros(4, dtype=torch.long))
-    module._accumulate_train_p(class1.log(), torch.ones(2, dtype=torch.long))
+    cc.update(class0.log(), torch.zeros(4, dtype=torch.long))
+    cc.update(class1.log(), torch.ones(2, dtype=torch.long))
     p = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.1, 0.5, 0.4], [0.1, 0.0, 0.45, 0.45]])
-    assert module._online_cc_accuracy(p, torch.tensor([0, 1, 1])) == pytest.approx(1.0)
-    assert module._online_cc_accuracy(p, torch.tensor([1, 1, 0])) == pytest.approx(1 / 3)
+    assert cc.accuracy(p, torch.tensor([0, 1, 1]), sum_fn) == pytest.approx(1.0)
+    assert cc.accuracy(p, torch.tensor([1, 1, 0]), sum_fn) == pytest.approx(1 / 3)
     module.on_train_epoch_start()  # a new epoch in which class 1 has no training bag: never predicted
-    module._accumulate_train_p(class0.log(), torch.zeros(4, dtype=torch.long))
-    assert module._online_cc_accuracy(p, torch.tensor([0, 0, 0])) == pytest.approx(1.0)
+    cc.update(class0.log(), torch.zeros(4, dtype=torch.long))
+    assert cc.accuracy(p, torch.tensor([0, 0, 0]), sum_fn) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -1,7 +1,6 @@
 """Training objectives in one registry: ce, label_smoothing, focal, poly, squentropy, occe, milloss,
-supcon, ncmi, aem_entropy. ``create_loss(name, **kw)``; see :mod:`.registry` for the contract."""
+supcon, ncmi. ``create_loss(name, **kw)``; see :mod:`.registry` for the contract."""
 
-from .attention import AttentionEntropy
 from .classification import (
     CrossEntropy,
     FocalLoss,
@@ -17,7 +16,6 @@ from .registry import INPUT_KINDS, LossError, create_loss, list_losses, register
 
 __all__ = [
     "INPUT_KINDS",
-    "AttentionEntropy",
     "CrossEntropy",
     "FocalLoss",
     "LabelSmoothingCE",

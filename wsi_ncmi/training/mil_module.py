@@ -14,11 +14,9 @@ Objectives (``objective``):
   split) is computed by ``wsi_ncmi.evaluation`` after training.
 
 Before the first training step of a fresh NCMI run the feature center is set to the mean raw embedding of
-``center_init_batches`` training batches (see :meth:`MILModule._init_from_training_bags` for why); 0 keeps the
-first-batch initialisation of ``FeatureCenter``. ``centroid_init="class_means"`` also sets ξ from the class means
-of the centred, L2-normalised embeddings of the whole training split (:meth:`NCMILoss.init_centroids_from_means`;
-one no-grad pass over the training bags, the same pass as the center's); ``"public"`` keeps the public code's
-axis init. On DDP the sums behind both are all-reduced.
+``center_init_batches`` training batches (0 keeps the first-batch initialisation of ``FeatureCenter``) and,
+with ``centroid_init="class_means"``, ξ from the training class means (``"public"`` keeps the public code's
+axis init): one no-grad pass, all-reduced on DDP (:func:`wsi_ncmi.training.ncmi_updates.init_from_training_bags`).
 
 The model's weighted auxiliary losses (AEM entropy, ASMIL alignment) are added to the objective in both cases.
 
@@ -59,7 +57,6 @@ Multi-GPU / multi-process (``trainer.devices: N``, ``trainer.strategy: ddp``):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -73,9 +70,10 @@ from torch import Tensor
 from wsi_ncmi.data.mil import MILDataModule
 from wsi_ncmi.losses import create_loss
 from wsi_ncmi.models import create_model
-from wsi_ncmi.ncmi import CentroidAccumulator, NCMILoss, ncmi_metric
-from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
+from wsi_ncmi.ncmi import NCMILoss, ncmi_metric
 
+from .epoch_stats import OnlineClassMeans, TermSums, gather_eval, slide_key
+from .ncmi_updates import centroid_sgd_step, global_mean, init_from_training_bags
 from .optim import build_optimizer, build_scheduler
 from .val_metrics import epoch_metrics
 
@@ -175,8 +173,8 @@ class MILModule(pl.LightningModule):
             assert self.ncmi_loss is not None
             self.register_buffer("xi_momentum", torch.zeros_like(self.ncmi_loss.xi))  # [C*K, D]
         self._eval_outputs: list[dict[str, Tensor]] = []
-        self._train_p: CentroidAccumulator | None = None  # class sums of p over this epoch's training bags
-        self._train_sums: tuple[list[str], Tensor, int] | None = None  # (term names, Σ value·B [K], Σ B) this epoch
+        self._train_cc = OnlineClassMeans(self.num_classes)  # class sums of p over this epoch's training bags
+        self._train_sums = TermSums()  # Σ value·B of every loss term this epoch
 
     # ------------------------------------------------------------------------------- checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -192,7 +190,7 @@ class MILModule(pl.LightningModule):
         if provenance is not None:
             checkpoint[CHECKPOINT_KEY] = provenance
 
-    # ------------------------------------------------------------------------------- center warm-up
+    # --------------------------------------------------------------------- NCMI warm-up (ncmi_updates)
     def on_train_start(self) -> None:
         loss = self.ncmi_loss
         if loss is None:
@@ -202,55 +200,17 @@ class MILModule(pl.LightningModule):
             n_center = 0
         # a resumed run (global_step > 0) has its ξ from the checkpoint
         class_means = self.hparams.centroid_init == "class_means" and self.global_step == 0
-        if n_center > 0 or class_means:
-            self._init_from_training_bags(n_center, class_means)
-
-    @torch.no_grad()
-    def _init_from_training_bags(self, n_center: int, class_means: bool) -> None:
-        """One no-grad pass (eval mode) over training batches: c = mean raw embedding of the first ``n_center``
-        batches; with ``class_means`` (the whole split is read) ξ from the class means of the centred,
-        L2-normalised embeddings.
-
-        With one bag per batch, initialising c from the first training batch makes z = f − c exactly 0 for that
-        bag, whose L2 normalisation then back-propagates a ~1e12 gradient that wrecks Adam's second-moment
-        estimate; a mean over several bags avoids it. The EMA then continues as usual (NCMI.md §1).
-        """
-        assert self.ncmi_loss is not None
+        if n_center <= 0 and not class_means:
+            return
         dm = getattr(self.trainer, "datamodule", None)
         loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
-        embs, labels, center_rows = [], [], 0
-        for i, batch in enumerate(loader):
-            if i >= n_center and not class_means:
-                break
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
-            embs.append(self.embed(batch["features"], batch.get("mask")).float())  # [B, E]
-            labels.append(batch["label"].long())
-            if i < n_center:
-                center_rows += embs[-1].shape[0]
-        if not embs:
-            return
-        emb = torch.cat(embs)  # [N, E]
-        if center_rows:
-            mean, n = self._global_mean(emb[:center_rows])  # [E], bags on all ranks
-            self.ncmi_loss.center.update(mean[None])  # first update initialises c = mean
-            logger.info("NCMI feature center initialised from %d training bags", n)
-        if class_means:
-            z = self.ncmi_loss.normalized(emb)  # [N, E], with the center just set
-            y = torch.cat(labels)
-            sums = torch.zeros(self.num_classes, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, y, z)
-            counts = torch.bincount(y, minlength=self.num_classes).to(z.dtype)  # [C]
-            total = self._sum_over_ranks(torch.cat([sums, counts[:, None]], dim=1))  # [C, E + 1]
-            counts = total[:, -1]
-            self.ncmi_loss.init_centroids_from_means(total[:, :-1] / counts.clamp_min(1.0)[:, None], counts > 0)
-            logger.info("NCMI centroids ξ initialised from the class means of %d training bags (per class %s)",
-                        int(counts.sum()), counts.long().tolist())
 
-    @torch.no_grad()
-    def _global_mean(self, f: Tensor) -> tuple[Tensor, int]:
-        """Mean [D] of ``f`` [B, D] over the rows of every rank (all-reduced sums and counts) and the row count."""
-        total = torch.cat([f.detach().float().sum(0), f.new_tensor([f.shape[0]], dtype=torch.float32)])  # [D+1]
-        total = self._sum_over_ranks(total)
-        return total[:-1] / total[-1].clamp_min(1.0), int(total[-1])
+        def embed_batch(batch: Any) -> tuple[Tensor, Tensor]:  # eval mode, on the device: [B, E], [B]
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            return self.embed(batch["features"], batch.get("mask")).float(), batch["label"].long()
+
+        init_from_training_bags(loss, loader, embed_batch, self.num_classes, n_center, class_means,
+                                self._sum_over_ranks)
 
     def _sum_over_ranks(self, t: Tensor) -> Tensor:
         """``t`` summed over the DDP ranks (``t`` itself in a single process or outside a trainer)."""
@@ -297,7 +257,7 @@ class MILModule(pl.LightningModule):
         center = self.ncmi_loss.center if self.ncmi_loss is not None and self.ncmi_loss.use_centering else None
         if center is not None and center.training and self._trainer is not None and self.trainer.world_size > 1:
             # DDP: fold the global batch mean into the EMA here, then keep the loss from updating it locally
-            center.update(self._global_mean(inputs)[0][None])
+            center.update(global_mean(inputs, self._sum_over_ranks)[0][None])
             center.eval()
             try:
                 terms = dict(criterion(inputs, target))
@@ -328,9 +288,9 @@ class MILModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         named, _ = self._objective(batch)
         if self.ncmi_loss is not None and self.ncmi_loss.last_log_probs is not None:
-            self._accumulate_train_p(self.ncmi_loss.last_log_probs, batch["label"].long())
+            self._train_cc.update(self.ncmi_loss.last_log_probs, batch["label"].long())
         bs = int(batch["label"].shape[0])
-        self._add_train_terms(named, bs)
+        self._train_sums.add(named, bs)
         if (self.global_step + 1) % max(1, int(self.trainer.log_every_n_steps)) == 0:
             # step values only every log_every_n_steps (the epoch means come from on-device sums, one sync)
             self.log_dict({f"train/{k}_step": v.detach().float() for k, v in named.items()}, on_step=True,
@@ -339,47 +299,16 @@ class MILModule(pl.LightningModule):
                      prog_bar=True, logger=False)
         return named["loss"]
 
-    def _add_train_terms(self, named: dict[str, Tensor], batch_size: int) -> None:
-        """Sum every loss term × batch size on the device (no host sync); logged as epoch means."""
-        values = torch.stack([v.detach().float() for v in named.values()]) * batch_size  # [K]
-        if self._train_sums is None or self._train_sums[0] != list(named):
-            self._train_sums = (list(named), torch.zeros_like(values), 0)
-        keys, sums, count = self._train_sums
-        self._train_sums = (keys, sums + values, count + batch_size)
-
-    def _log_train_epoch_means(self) -> None:
-        if self._train_sums is None:
-            return
-        keys, sums, count = self._train_sums
-        self._train_sums = None
-        totals = self._sum_over_ranks(torch.cat([sums, sums.new_tensor([float(count)])]))  # [K + 1]
-        means = totals[:-1] / totals[-1].clamp_min(1.0)
-        for key, value in zip(keys, means.tolist()):
-            self.log(f"train/{key}_epoch", value, on_step=False, on_epoch=True)
-            self.log(f"train/{key}", value, on_step=False, on_epoch=True, logger=False, prog_bar=key == "loss")
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._manual_xi:
             self._centroid_sgd_step()
 
-    @torch.no_grad()
     def _centroid_sgd_step(self) -> None:
-        """ξ ← ξ − lr·buf with buf ← μ·buf + ∇ξ (paper Alg. 1); unscales fp16 gradients; skips non-finite."""
+        """The manual ξ step (:func:`~wsi_ncmi.training.ncmi_updates.centroid_sgd_step`)."""
         assert self.ncmi_loss is not None
-        xi = self.ncmi_loss.xi
-        if xi.grad is None:
-            return
-        grad = xi.grad
         scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            grad = grad / scaler.get_scale()
-        # a step with a non-finite gradient leaves ξ and the momentum as they were; chosen on the device
-        # (torch.where), so the step costs no host sync
-        finite = torch.isfinite(grad).all()
-        buf = self.xi_momentum * self.hparams.centroid_momentum + grad  # [C*K, D]
-        self.xi_momentum.copy_(torch.where(finite, buf, self.xi_momentum))
-        xi.copy_(torch.where(finite, xi - self.hparams.centroid_lr * buf, xi))
-        xi.grad = None
+        centroid_sgd_step(self.ncmi_loss.xi, self.xi_momentum, self.hparams.centroid_lr,
+                          self.hparams.centroid_momentum, scaler)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -389,32 +318,18 @@ class MILModule(pl.LightningModule):
             with torch.no_grad():  # each rank moved ξ with its own assignments: average them
                 loss.xi.copy_(self.trainer.strategy.reduce(loss.xi.detach().clone(), reduce_op="mean"))
 
-    @torch.no_grad()
-    def _accumulate_train_p(self, log_p: Tensor, target: Tensor) -> None:
-        """Add p [B, D] (from the loss's ln p of this batch) to the per-class sums of the epoch (online CC)."""
-        if self._train_p is None:
-            self._train_p = CentroidAccumulator(self.num_classes, log_p.shape[1])
-        # float64 sums and centroids; the loss already saw these labels (no per-step host sync here)
-        self._train_p.update(log_p.detach().double().exp(), target, check_labels=False)
-
-    def _online_cc_accuracy(self, p: Tensor, labels: Tensor) -> float | None:
-        """Accuracy of the nearest (KL) training-epoch class mean of p; None before any training bag."""
-        if self._train_p is None:
-            return None
-        centroids = self._train_p.compute(allow_empty=True, sum_fn=self._sum_over_ranks)  # [C, D]; NaN rows: no bag this epoch
-        kl = kl_rows_to_centroids(p.double().to(centroids.device), centroids)  # [N, C], inf for NaN rows
-        return float((kl.argmin(1) == labels.to(kl.device)).double().mean())
-
     def on_train_epoch_start(self) -> None:
-        self._train_p = None
-        self._train_sums = None
+        self._train_cc.reset()
+        self._train_sums.reset()
         # training draws (instance subsets/dropout, balanced bag order) follow (seed, epoch): exact resume
         dm = getattr(self.trainer, "datamodule", None)
         if isinstance(dm, MILDataModule):
             dm.set_epoch(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
-        self._log_train_epoch_means()
+        for key, value in self._train_sums.pop_means(self._sum_over_ranks):  # epoch means of the loss terms
+            self.log(f"train/{key}_epoch", value, on_step=False, on_epoch=True)
+            self.log(f"train/{key}", value, on_step=False, on_epoch=True, logger=False, prog_bar=key == "loss")
         opt = self.optimizers()
         if not isinstance(opt, list):
             self.log("train/lr", float(opt.param_groups[0]["lr"]))
@@ -426,7 +341,7 @@ class MILModule(pl.LightningModule):
         rec = {"scores": self.class_scores(emb).detach(), "label": batch["label"].long().detach(),
                "loss": named["loss"].detach().float().expand(emb.shape[0])}
         if "slide_id" in batch:
-            rec["sid"] = torch.tensor([_slide_key(s) for s in batch["slide_id"]], dtype=torch.long,
+            rec["sid"] = torch.tensor([slide_key(s) for s in batch["slide_id"]], dtype=torch.long,
                                       device=emb.device)  # [B]
         if self.ncmi_loss is not None:
             rec["p"] = self.ncmi_loss.log_probs(emb).exp().detach()  # [B, D]
@@ -451,15 +366,8 @@ class MILModule(pl.LightningModule):
         self._log_eval("test")
 
     def _gather(self, key: str) -> Tensor:
-        """``key`` of every evaluated bag, gathered from all ranks; bags repeated by the sampler's padding dropped."""
-        local = torch.cat([r[key] for r in self._eval_outputs])
-        if self.trainer.world_size > 1:
-            local = self.all_gather(local).flatten(0, 1)
-            if all("sid" in r for r in self._eval_outputs):
-                sid = self.all_gather(torch.cat([r["sid"] for r in self._eval_outputs])).flatten(0, 1)
-                _, first = np.unique(sid.cpu().numpy(), return_index=True)
-                local = local[torch.as_tensor(np.sort(first), device=local.device)]
-        return local
+        """``key`` of every evaluated bag, once, from all ranks (:func:`~.epoch_stats.gather_eval`)."""
+        return gather_eval(self._eval_outputs, key, self.trainer.world_size, self.all_gather)
 
     def _log_eval(self, stage: str) -> None:
         if not self._eval_outputs:
@@ -470,7 +378,7 @@ class MILModule(pl.LightningModule):
         if self.ncmi_loss is not None:
             p = self._gather("p")  # [N, D]
             metrics["xi_accuracy"] = metrics["accuracy"]
-            cc = self._online_cc_accuracy(p, labels)
+            cc = self._train_cc.accuracy(p, labels, self._sum_over_ranks)
             if cc is not None:
                 metrics["cc_accuracy"] = cc
             if labels.unique().numel() >= 2:  # Γ = 0 with one class (e.g. the sanity check): no NCMI metric
@@ -533,7 +441,3 @@ class MILModule(pl.LightningModule):
         self.criterion.weight.copy_(weight.to(self.criterion.weight.device))
         logger.info("balanced class weights %s from training counts %s", weight.tolist(), counts.tolist())
 
-
-def _slide_key(slide_id: str) -> int:
-    """A stable signed 64-bit key of a slide id (de-duplicates bags gathered from several ranks)."""
-    return int.from_bytes(hashlib.blake2b(str(slide_id).encode(), digest_size=8).digest(), "big", signed=True)
