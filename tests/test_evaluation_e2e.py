@@ -125,7 +125,7 @@ def test_cli_evaluate_and_report_on_real_checkpoints(bags, tmp_path: Path, capsy
     for objective, seed in (("ncmi", 0), ("head", 1)):
         ckpt = _fit_module(bags, tmp_path / f"run_{objective}", objective, seed)
         out = tmp_path / f"eval_{objective}"
-        seeds = ["--seeds", "0", "1"] if objective == "head" else []
+        seeds = ["--seeds", "0", "1", "--lp-input", "raw"] if objective == "head" else []
         rc = main(["evaluate", "--ckpt", str(ckpt), "--data.bags_dir", str(bags[0]), "--data.split_csv", str(bags[1]),
                    "--out", str(out), "--dataset", "bracs", "--Cs", "0.1", "1", "10", *seeds])
         assert rc == 0
@@ -142,9 +142,13 @@ def test_cli_evaluate_and_report_on_real_checkpoints(bags, tmp_path: Path, capsy
     for k in (0, 1):  # two LP seeds -> one folder each
         head = read_report(outs[1] / f"seed{k}" / "report.json")
         assert set(head["metrics"]) == {"lp", "head"}
+        assert head["protocol_info"]["lp"]["input"] == "raw slide embedding f"  # --lp-input raw
+        assert set(head["protocol_info"]["lp"]["input_val_scores"]) == {"raw"}
         # "seed" is the checkpoint's training seed (pl.seed_everything(1) above), the LP seed is probe_seed
         assert (head["seed"], head["seed_source"], head["probe_seed"]) == (1, "training", k)
     assert (ncmi_report["seed"], ncmi_report["seed_source"]) == (0, "training")
+    lp_info = ncmi_report["protocol_info"]["lp"]  # default --lp-input auto: both inputs fitted, one kept
+    assert lp_info["lp_input"] == "auto" and set(lp_info["input_val_scores"]) == {"normalized", "raw"}
     assert "lp" in capsys.readouterr().out
 
     rc = main(["report", str(outs[0]), str(outs[1]), "--out", str(tmp_path / "summary")])

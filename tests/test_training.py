@@ -285,9 +285,9 @@ def test_fit_setup_lists_the_bags_folder_once_and_reads_each_header_once(bags, t
     datasets take the resolved paths (no second listing, no second header read, whatever module asks)."""
     import sys
 
-    from wsi_ncmi.training.cli import MILCLI
     from wsi_ncmi.data import bags as bags_mod
     from wsi_ncmi.data.provenance import datamodule_provenance
+    from wsi_ncmi.training.cli import MILCLI
 
     calls = {"list_bags": [], "read_header": []}
 

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit", choices=["train", "train+val"], default="train",
                    help="fit the selected probe on train only (default) or on train+val")
     p.add_argument("--solver", default="lbfgs", help="LogisticRegression solver: lbfgs (default), newton-cg, sag, saga, ...")
+    p.add_argument("--lp-input", choices=["auto", "normalized", "raw"], default="auto",
+                   help="linear-probe input: the centred, L2-normalised embedding, the raw embedding f, or auto "
+                        "(default: both, the one with the better validation score is kept)")
     p.add_argument("--Cs", type=float, nargs="+", default=None, help="grid of inverse regularisation strengths")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dataset", default="auto",
@@ -84,7 +87,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     options = EvaluateOptions(
         seeds=tuple(args.seeds), class_weight=None if args.class_weight == "none" else args.class_weight,
-        refit=args.refit, Cs=tuple(args.Cs) if args.Cs else DEFAULT_CS, solver=args.solver, device=args.device,
+        refit=args.refit, Cs=tuple(args.Cs) if args.Cs else DEFAULT_CS, solver=args.solver, lp_input=args.lp_input,
+        device=args.device,
         dataset=args.dataset, metrics_csv=Path(args.metrics_csv) if args.metrics_csv else None,
         plots=not args.no_plots, allow_patient_leak=args.allow_patient_leak, ood_bags=args.ood_bags,
     )

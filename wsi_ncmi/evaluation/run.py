@@ -62,6 +62,7 @@ class EvaluateOptions:
     refit: str = "train"  # "train" | "train+val"
     Cs: tuple[float, ...] = DEFAULT_CS
     solver: str = "lbfgs"
+    lp_input: str = "auto"  # "auto" | "normalized" | "raw" (evaluation.protocols.LP_INPUTS)
     device: str = "cpu"
     dataset: str = "auto"  # "auto": detected from the split CSV path
     metrics_csv: Path | None = None  # None: searched under the checkpoint's run folder
@@ -201,7 +202,7 @@ def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt
             splits, num_classes, dataset=dataset, split_csv=str(dm.split_csv), model=str(hp["model"]),
             objective=module.objective, seed=seed, train_seed=train_seed, class_names=dm.class_names,
             class_weight=options.class_weight, Cs=tuple(options.Cs), refit=options.refit, extra=extra,
-            solver=options.solver,
+            solver=options.solver, lp_input=options.lp_input,
         )
         seed_dir = out / f"seed{seed}" if multi else out
         write_report(seed_dir, report, preds)
