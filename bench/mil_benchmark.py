@@ -11,8 +11,9 @@ Every run is the product's own path, in-process: ``wsi-ncmi fit`` with the shipp
 (``configs/mil/camelyon17/<aggregator>_{ce,ncmi}.yaml``; only the epoch count, the seed, the class count and the
 data paths are overridden), bags served from the RAM cache, then
 ``wsi-ncmi evaluate`` on the best checkpoint (val macro-F1 + macro-AUC): test macro-F1 / macro-AUC of the CE
-head, of the linear probe on the CE embedding (CE-LP), of the linear probe on the NCMI embedding (NCMI-LP)
-and of the nearest-centroid protocol (NCMI-CC). Mean ± std over seeds (the training seed; each task's bags
+head, of the linear probe on the CE embedding (CE-LP), of the linear probe on the NCMI embedding (NCMI-LP;
+both probes with evaluate's default ``--lp-input auto``, whose kept input is listed under the table) and of the
+nearest-centroid protocol (NCMI-CC). Mean ± std over seeds (the training seed; each task's bags
 are one fixed draw). ``--jobs`` runs that many trainings in parallel processes, one thread each.
 """
 
@@ -85,8 +86,11 @@ def run_one(job: dict) -> dict:
     report = json.loads((run / "eval" / "report.json").read_text())
     metrics = {proto: {k: report["metrics"][proto]["test"][k] for k in ("macro_f1", "macro_auc")}
                for proto in report["metrics"]}
+    lp_input = report.get("protocol_info", {}).get("lp", {}).get("input_val_scores", {})
+    chosen = report.get("protocol_info", {}).get("lp", {}).get("input", "")
     return {**{k: job[k] for k in ("task", "model", "objective", "seed")}, "metrics": metrics, "fit_s": fit_s,
-            "total_s": time.perf_counter() - t0}
+            "total_s": time.perf_counter() - t0, "lp_input": "raw" if chosen.startswith("raw") else "normalized",
+            "lp_input_val_scores": lp_input}
 
 
 def _fmt(values: list[float]) -> str:
@@ -104,6 +108,19 @@ def table(results: list[dict], tasks: list[str], models: list[str]) -> list[str]
                 auc = [r["metrics"][proto]["macro_auc"] for r in rows if r["metrics"][proto]["macro_auc"] is not None]
                 lines.append(f"| {task} | {model} | {label} | {_fmt(f1)} | {_fmt(auc)} | {len(rows)} |")
     return lines
+
+
+def lp_inputs(results: list[dict], tasks: list[str], models: list[str]) -> list[str]:
+    """Which LP input `evaluate --lp-input auto` kept on validation, per task × aggregator × objective."""
+    out = []
+    for task in tasks:
+        for model in models:
+            for objective in OBJECTIVES:
+                kept = [r.get("lp_input", "?") for r in results
+                        if (r["task"], r["model"], r["objective"]) == (task, model, objective)]
+                if kept:
+                    out.append(f"{task} / {model} / {objective}: " + ", ".join(kept))
+    return ["LP input kept on validation per seed (`--lp-input auto`): " + "; ".join(out) + "."] if out else []
 
 
 def verdict(results: list[dict], tasks: list[str], models: list[str], tol: float = 0.01) -> list[str]:
@@ -175,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = head + table(results, args.tasks, args.models) + ["", "Acceptance (issue #13: NCMI-LP ≥ CE head − 0.01, "
                                                                "seed std ≤ 2× CE's):", ""]
     lines += verdict(results, args.tasks, args.models)
+    lines += [""] + lp_inputs(results, args.tasks, args.models)
     text = "\n".join(lines) + "\n"
     print(text)
     (work / "results.json").write_text(json.dumps(results, indent=1))

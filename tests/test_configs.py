@@ -39,8 +39,11 @@ def test_config_values(leaf):
     assert m["model"] == agg and m["objective"] == OBJECTIVE_KIND[obj]
     assert m["optimizer"] == "adamw" and m["weight_decay"] == 1e-5 and m["scheduler"] == "cosine"
     own_lr = 2e-4 if agg == "transmil" else 1e-4  # the aggregators' own recipes (NCMI.md §5)
-    # our NCMI recipe trains ABMIL at 3e-4 (docs/ncmi_mil.md); everything else keeps the aggregator's own lr
-    assert m["lr"] == (3e-4 if obj == "ncmi" and agg == "abmil" else own_lr)
+    # our NCMI recipe trains ABMIL at 3e-4 and AEM at 3e-4 after a one-epoch warm-up (docs/ncmi_mil.md);
+    # everything else keeps the aggregator's own lr and no warm-up
+    tuned = obj == "ncmi" and agg in ("abmil", "aem")
+    assert m["lr"] == (3e-4 if tuned else own_lr)
+    assert m["warmup_epochs"] == (1.0 if tuned and agg == "aem" else 0.0)
     assert cfg["trainer"]["max_epochs"] == 50 and cfg["data"]["batch_size"] == 1
     assert cfg["trainer"]["gradient_clip_val"] == (5.0 if agg == "asmil" else None)
     assert cfg["data"]["num_classes"] == {"camelyon17": 4, "bracs": 3}[dataset]
