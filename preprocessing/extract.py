@@ -60,7 +60,8 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from .config import PreprocessConfig
-from .encoders import RANDOM, Encoder, build_encoder, check_recipe, resolve_spec, sha256_file
+from .encoder_specs import check_recipe, resolve_spec
+from .encoders import RANDOM, Encoder, build_encoder, sha256_file
 from .locks import release_lock
 from .manifest import MISSING_SOURCE, Manifest
 from .plan import (

@@ -17,7 +17,8 @@ from torch import nn
 from preprocessing import encoders, presets, synthetic
 from preprocessing.cli import main
 from preprocessing.config import PreprocessConfig
-from preprocessing.encoders import EncoderError, Preprocess, build_encoder, load_weights, resolve_spec
+from preprocessing.encoder_specs import EncoderError, resolve_spec
+from preprocessing.encoders import Preprocess, build_encoder, load_weights
 from preprocessing.plan import settings_fingerprint
 from preprocessing.presets import PRESETS, Preset, kwargs_to_json, pool_model, resolve_kwargs
 from wsi_ncmi.data.bags import read_bag
