@@ -1,13 +1,8 @@
-"""Patch encoders, ready to run: weights only from local files, on-device preprocessing.
+"""Patch encoders, ready to run: an encoder spec plus a weight file, with on-device preprocessing.
 
 :func:`build_encoder` turns an encoder name (a spec of :mod:`preprocessing.encoder_specs`: registered,
-preset or timm) and a weight file into an :class:`Encoder`.
-
-Weights come ONLY from ``weights``: a ``.safetensors`` file or a ``torch.load(weights_only=True)``
-checkpoint (its sha256 is recorded), or the word ``"random"`` for a seeded random init (recorded as
-``"random"``). Nothing is downloaded. The file is checked key by key and shape by shape right after loading
-(before any slide); a file made for another preset fails with a message naming the file, the preset asked for
-and the preset(s) whose weights it matches.
+preset or timm) and ``weights`` (a local file checked by :mod:`preprocessing.encoder_weights` before any
+slide, or ``"random"`` for a seeded random init; nothing is downloaded) into an :class:`Encoder`.
 
 The model receives uint8 tiles [B, H, W, 3]; :class:`Preprocess` converts, resizes to the encoder's
 input size and normalises on the device.
@@ -15,8 +10,6 @@ input size and normalises on the device.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.util
 import logging
 from collections.abc import Sequence
@@ -27,108 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsi_ncmi.data.weights import read_weight_file, strip_prefixes, tensors_only, unwrap_state_dict
 from wsi_ncmi.data.weights import resolve_device as resolve_device_name
 
-from .encoder_specs import ENCODERS, EncoderError, EncoderSpec, preset_spec, resolve_spec
-from .presets import CONVERTERS, PRESETS, kwargs_to_json, pool_model
+from .encoder_specs import ENCODERS, EncoderError, resolve_spec
+from .encoder_weights import RANDOM, RANDOM_SEED, apply_weights, load_weights, sha256_file
+from .presets import kwargs_to_json, pool_model
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "Encoder",
-    "Preprocess",
-    "build_encoder",
-    "load_weights",
-    "sha256_file",
-    "packaged_weights",
-    "RANDOM",
-    "identify_weights",
-]
-
-RANDOM = "random"
-RANDOM_SEED = 0
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a tensors-only torch checkpoint (never unpickles objects)."""
-    path = Path(path)
-    try:
-        sd = read_weight_file(path)
-    except FileNotFoundError:
-        raise EncoderError(f"--weights {path}: no such file") from None
-    except Exception as e:
-        if path.suffix == ".safetensors":  # the safetensors reader's own error, as before
-            raise
-        raise EncoderError(f"--weights {path}: not a tensors-only torch checkpoint: {e}") from e
-    # common wrappers (teacher: DINOv2 training)
-    sd = unwrap_state_dict(sd, ("state_dict", "model", "module", "teacher"))
-    if not isinstance(sd, dict):
-        raise EncoderError(f"--weights {path}: expected a state dict, got {type(sd).__name__}")
-    return strip_prefixes(tensors_only(sd), ("module.",), every_key=False)
-
-
-def _mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], ignore: tuple[str, ...]) -> str | None:
-    """Why ``sd`` does not fit a model whose state dict is ``own`` (keys, then shapes), or None."""
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own and not k.startswith(ignore)]
-    if missing or unexpected:
-        return (f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                f"(e.g. {unexpected[:3]})")
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
-           if tuple(own[k].shape) != tuple(sd[k].shape)]
-    return f"shape mismatch for {bad[:3]} (file vs model)" if bad else None
-
-
-def _convert(spec: EncoderSpec, sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    return CONVERTERS[spec.converter](sd, model) if spec.converter else sd
-
-
-@functools.cache
-def _preset_signature(name: str) -> tuple[EncoderSpec, nn.Module]:
-    """A preset's spec and its model on the meta device (shapes only, nothing allocated)."""
-    spec = preset_spec(name, PRESETS[name])
-    with torch.device("meta"):
-        model = spec.make()
-    return spec, model
-
-
-def identify_weights(sd: dict[str, torch.Tensor], exclude: str | None = None) -> list[str]:
-    """The presets whose model this state dict fits exactly (after each preset's converter)."""
-    found = []
-    for name in sorted(PRESETS):
-        if name == exclude:
-            continue
-        try:
-            spec, model = _preset_signature(name)
-            if _mismatch(model.state_dict(), _convert(spec, dict(sd), model), ()) is None:
-                found.append(name)
-        except Exception as e:  # a preset that cannot be built here (e.g. a missing optional package)
-            log.debug("identify_weights: skipping preset %s: %s", name, e)
-    return found
-
-
-def _apply_weights(model: nn.Module, spec: EncoderSpec, sd: dict[str, torch.Tensor], path: Path) -> None:
-    """Strict key and shape check, then load; raises EncoderError naming the file, the encoder asked for and
-    the preset(s) the file does fit."""
-    sd = _convert(spec, sd, model)
-    own = model.state_dict()
-    why = _mismatch(own, sd, spec.ignore_prefixes)
-    if why is not None:
-        fits = identify_weights(sd, exclude=spec.name)
-        hint = (f"; the file fits preset {' / '.join(repr(f) for f in fits)} instead: --encoder {fits[0]}"
-                if fits else "")
-        raise EncoderError(f"--weights {path} do not fit encoder {spec.name!r}"
-                           f"{f' (preset {spec.preset!r})' if spec.preset else ''}: {why}{hint}")
-    model.load_state_dict({k: sd[k] for k in own}, strict=True)
+__all__ = ["Encoder", "Preprocess", "build_encoder", "resolve_device", "packaged_weights"]
 
 
 class Preprocess(nn.Module):
@@ -247,7 +147,7 @@ def build_encoder(name: str, weights: str | Path | None, device: str | torch.dev
     else:
         trunk = spec.make()
         path = Path(weights)
-        _apply_weights(trunk, spec, load_weights(path), path)  # before any slide: wrong files fail here
+        apply_weights(trunk, spec, load_weights(path), path)  # before any slide: wrong files fail here
         sha = sha256_file(path)
     if spec.preset is None and name not in ENCODERS:  # the generic timm path: say where the numbers came from
         log.info("timm model %r: mean %s, std %s, input size %s (timm's pretrained config, unless set with "

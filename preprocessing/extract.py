@@ -61,7 +61,8 @@ from torch.utils.data import DataLoader
 
 from .config import PreprocessConfig
 from .encoder_specs import check_recipe, resolve_spec
-from .encoders import RANDOM, Encoder, build_encoder, sha256_file
+from .encoder_weights import RANDOM, sha256_file
+from .encoders import Encoder, build_encoder
 from .locks import release_lock
 from .manifest import MISSING_SOURCE, Manifest
 from .plan import (
