@@ -14,9 +14,9 @@ from preprocessing.cli import config_from_args, main
 from preprocessing.config import ConfigError
 from preprocessing.encoder_specs import EncoderError, resolve_spec
 from preprocessing.encoders import build_encoder
-from preprocessing.extract import read_tile
 from preprocessing.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, Preset
 from preprocessing.readers import open_slide
+from preprocessing.stream import read_tile
 from preprocessing.tiling import plan_tiles
 from wsi_ncmi.data.bags import read_bag
 

@@ -315,8 +315,8 @@ def test_reduced_swiglu_register_preset_extracts_a_real_slide(tmp_path, monkeypa
     settings = json.loads(bag.attrs["settings_json"])
     assert settings["encoder_kwargs"]["mlp_layer"] == "timm.layers.SwiGLUPacked" and settings["pooling"] == "cls_mean"
     # features = class token ⊕ mean of the patch tokens after the 1 + 4 register prefix tokens
-    from preprocessing.extract import read_tile
     from preprocessing.readers import open_slide
+    from preprocessing.stream import read_tile
     from preprocessing.tiling import plan_tiles
 
     with open_slide(bag.attrs["source_path"]) as r:
