@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsi_ncmi.data.weights import resolve_device as resolve_device_name
+from wsi_ncmi.data.weights import check_device
 
 from .encoder_specs import ENCODERS, EncoderError, resolve_spec
 from .encoder_weights import RANDOM, RANDOM_SEED, apply_weights, load_weights, sha256_file
@@ -107,12 +107,12 @@ _AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16
 
 
 def resolve_device(device: str) -> torch.device:
-    """``--device`` as a ``torch.device`` (``"auto"``: :func:`wsi_ncmi.data.weights.resolve_device`)."""
-    if device == "auto":
-        return torch.device(resolve_device_name(device))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EncoderError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
+    """``--device`` as a ``torch.device`` (``"auto"`` resolved and CUDA checked by
+    :func:`wsi_ncmi.data.weights.check_device`)."""
+    try:
+        return torch.device(check_device(device))
+    except ValueError as e:
+        raise EncoderError(str(e)) from None
 
 
 def build_encoder(name: str, weights: str | Path | None, device: str | torch.device = "cpu",
