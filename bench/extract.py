@@ -29,14 +29,9 @@ from torch.utils.data import DataLoader
 from preprocessing import readers, synthetic
 from preprocessing.config import PreprocessConfig
 from preprocessing.encoders import build_encoder
-from preprocessing.extract import (
-    SlideStream,
-    _identity,
-    _loader_kwargs,
-    plan_slides,
-    run,
-    settings_fingerprint,
-)
+from preprocessing.extract import _identity, _loader_kwargs, run
+from preprocessing.plan import plan_slides, settings_fingerprint
+from preprocessing.stream import SlideStream
 
 
 def make_slides(folder: Path, n_tiles: int, patch: int, target_mpp: float, slide_mpp: float, per_slide: int) -> int:

@@ -96,7 +96,7 @@ def list_encoders(as_json: bool) -> str:
     """The preset table (``--list-encoders``): aligned text, or JSON (``--json``) with every field."""
     import json
 
-    from .encoders import ENCODERS
+    from .encoder_specs import ENCODERS
     from .presets import preset_rows
 
     rows = preset_rows()

@@ -60,32 +60,21 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from .config import PreprocessConfig
-from .encoders import RANDOM, Encoder, build_encoder, check_recipe, resolve_spec, sha256_file
+from .encoder_specs import check_recipe, resolve_spec
+from .encoder_weights import RANDOM, sha256_file
+from .encoders import Encoder, build_encoder
 from .locks import release_lock
 from .manifest import MISSING_SOURCE, Manifest
-from .plan import (
-    BAGS_DIR,
-    COORDS_DIR,
-    LOCKS_DIR,
-    STALE_DIR,
-    THUMBS_DIR,
-    SlideTask,
-    bag_mismatch,
-    plan_slides,
-    settings_fingerprint,
-    tiling_fingerprint,
-)
+from .plan import BAGS_DIR, LOCKS_DIR, SlideTask, bag_mismatch, plan_slides, settings_fingerprint
 from .readers import SlideError
-from .stream import SlideStream, read_tile
+from .stream import SlideStream
 from .writer import FAILED_STATUSES, RunResult, SlideWriter
 
 log = logging.getLogger(__name__)
 
 FAIL_FAST_STATUSES = FAILED_STATUSES
 
-__all__ = ["SlideTask", "run", "plan_slides", "settings_fingerprint", "bag_mismatch",
-           "tiling_fingerprint", "read_tile", "SlideStream", "BAGS_DIR", "THUMBS_DIR", "LOCKS_DIR", "COORDS_DIR",
-           "STALE_DIR"]
+__all__ = ["run"]
 
 
 def _mark_missing_sources(manifest: Manifest, planned: set[str], input_dir: str) -> list[str]:

@@ -14,7 +14,8 @@ from typing import Any
 from wsi_ncmi.data.bags import BagError, validate_bag
 
 from .config import PreprocessConfig
-from .encoders import resolve_device, resolve_spec
+from .encoder_specs import resolve_spec
+from .encoders import resolve_device
 from .mpp import PLAUSIBLE_MPP, plausible_mpp
 from .presets import kwargs_to_json
 from .readers import (

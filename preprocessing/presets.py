@@ -18,6 +18,10 @@ A :class:`Preset` is plain data (its ``kwargs`` are JSON: layer classes are name
 
 Every recipe below names the public source it was checked against (``source``). Weights are never
 bundled or downloaded; ``license`` repeats the licence the authors state publicly.
+
+This file holds a single concept, the preset table (each :class:`Preset` with the builders, poolings and
+key converters its rows name), and is longer than the ~450-line guide on purpose: a recipe is read and
+checked next to the others and its converter, so it is not split.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, PreprocessConfig
-from .encoders import RANDOM, sha256_file
+from .encoder_weights import RANDOM, sha256_file
 from .plan import settings_fingerprint
 
 __all__ = ["ReplayError", "check_weights", "config_from_settings", "fingerprint_diff"]

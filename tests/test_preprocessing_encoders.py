@@ -9,19 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from preprocessing import encoders, synthetic
+from preprocessing import synthetic
 from preprocessing.cli import config_from_args, main
 from preprocessing.config import ConfigError
-from preprocessing.encoders import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EncoderError,
-    Preset,
-    build_encoder,
-    resolve_spec,
-)
-from preprocessing.extract import read_tile
+from preprocessing.encoder_specs import EncoderError, resolve_spec
+from preprocessing.encoders import build_encoder
+from preprocessing.presets import IMAGENET_MEAN, IMAGENET_STD, PRESETS, Preset
 from preprocessing.readers import open_slide
+from preprocessing.stream import read_tile
 from preprocessing.tiling import plan_tiles
 from wsi_ncmi.data.bags import read_bag
 
@@ -65,7 +60,7 @@ def test_uni_preset_is_the_published_architecture():
     with torch.device("meta"):  # shapes only: no 300M-parameter allocation
         model = spec.make()
     sd = model.state_dict()
-    assert model.num_features == encoders.PRESETS["uni"].embed_dim == 1024
+    assert model.num_features == PRESETS["uni"].embed_dim == 1024
     assert "blocks.0.ls1.gamma" in sd and tuple(sd["pos_embed"].shape) == (1, 197, 1024)
     assert not any(k.startswith("head.") and sd[k].numel() for k in sd)  # num_classes=0: UNI has no head
 
@@ -84,7 +79,7 @@ def test_preset_state_dict_loads_through_the_cli(tmp_path, monkeypatch):
     import timm
 
     kw = {"init_values": 1e-5, "dynamic_img_size": True}
-    monkeypatch.setitem(encoders.PRESETS, "tiny_uni", Preset("test_vit", kw, 64, IMAGENET_MEAN, IMAGENET_STD,
+    monkeypatch.setitem(PRESETS, "tiny_uni", Preset("test_vit", kw, 64, IMAGENET_MEAN, IMAGENET_STD,
                                                              64, "test"))
     torch.manual_seed(1)
     ref = timm.create_model("test_vit", pretrained=False, num_classes=0, **kw).eval()

@@ -16,9 +16,10 @@ from _images import preprocess_config
 from preprocessing import synthetic
 from preprocessing.cli import main
 from preprocessing.encoders import build_encoder
-from preprocessing.extract import read_tile, run
+from preprocessing.extract import run
 from preprocessing.manifest import read_manifest
 from preprocessing.readers import open_slide
+from preprocessing.stream import read_tile
 from preprocessing.tiling import plan_tiles
 from wsi_ncmi.data.bags import read_bag
 

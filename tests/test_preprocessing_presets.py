@@ -14,10 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from preprocessing import encoders, presets, synthetic
+from preprocessing import encoder_weights, presets, synthetic
 from preprocessing.cli import main
 from preprocessing.config import PreprocessConfig
-from preprocessing.encoders import EncoderError, Preprocess, build_encoder, load_weights, resolve_spec
+from preprocessing.encoder_specs import EncoderError, resolve_spec
+from preprocessing.encoder_weights import load_weights
+from preprocessing.encoders import Preprocess, build_encoder
 from preprocessing.plan import settings_fingerprint
 from preprocessing.presets import PRESETS, Preset, kwargs_to_json, pool_model, resolve_kwargs
 from wsi_ncmi.data.bags import read_bag
@@ -275,7 +277,7 @@ def _tiny_preset(base: str, **kw) -> Preset:
 def test_a_weight_file_for_another_preset_fails_before_any_slide(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(PRESETS, "tiny_virchow2", _tiny_preset("virchow2"))
     monkeypatch.setitem(PRESETS, "tiny_uni", _tiny_preset("uni"))
-    encoders._preset_signature.cache_clear()
+    encoder_weights._preset_signature.cache_clear()
     trunk = resolve_spec("tiny_uni").make()
     torch.save(trunk.state_dict(), tmp_path / "uni.bin")
     rgb, _ = synthetic.synthetic_tissue(400, 400, seed=1, n_blobs=2, coverage=0.4)
@@ -286,7 +288,7 @@ def test_a_weight_file_for_another_preset_fails_before_any_slide(tmp_path, monke
     err = capsys.readouterr().err
     assert code == 1 and "uni.bin" in err and "'tiny_virchow2'" in err and "fits preset 'tiny_uni'" in err
     assert not (out / "bags").exists() and not (out / "thumbnails").exists()  # no slide was touched
-    encoders._preset_signature.cache_clear()
+    encoder_weights._preset_signature.cache_clear()
 
 
 def test_reduced_swiglu_register_preset_extracts_a_real_slide(tmp_path, monkeypatch, caplog):
@@ -313,8 +315,8 @@ def test_reduced_swiglu_register_preset_extracts_a_real_slide(tmp_path, monkeypa
     settings = json.loads(bag.attrs["settings_json"])
     assert settings["encoder_kwargs"]["mlp_layer"] == "timm.layers.SwiGLUPacked" and settings["pooling"] == "cls_mean"
     # features = class token ⊕ mean of the patch tokens after the 1 + 4 register prefix tokens
-    from preprocessing.extract import read_tile
     from preprocessing.readers import open_slide
+    from preprocessing.stream import read_tile
     from preprocessing.tiling import plan_tiles
 
     with open_slide(bag.attrs["source_path"]) as r:

@@ -265,7 +265,7 @@ def test_workers_take_slides_from_a_shared_queue_largest_first(tmp_path: Path) -
 
 
 def test_plain_images_are_slides_only_with_their_mpp(tmp_path: Path, caplog) -> None:
-    from preprocessing.extract import plan_slides
+    from preprocessing.plan import plan_slides
 
     inp = tmp_path / "in"
     inp.mkdir()

@@ -16,7 +16,8 @@ import torch
 from preprocessing import synthetic
 from preprocessing.cli import config_from_args
 from preprocessing.config import ConfigError, PreprocessConfig
-from preprocessing.encoders import EncoderError, build_encoder, packaged_weights
+from preprocessing.encoder_specs import EncoderError
+from preprocessing.encoders import build_encoder, packaged_weights
 from preprocessing.locks import HOST, file_lock, release_lock, try_lock
 from preprocessing.manifest import Manifest, read_manifest, summary_table
 from preprocessing.mpp import mpp_from_properties

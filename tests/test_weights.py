@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from wsi_ncmi.data.weights import (
+    check_device,
     read_weight_file,
     resolve_device,
     strip_prefixes,
@@ -63,3 +64,10 @@ def test_prefix_rules() -> None:
 def test_resolve_device() -> None:
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cuda:1") == "cuda:1"
+
+
+def test_check_device_names_the_missing_cuda(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_device("auto") == "cpu" and check_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"^--device cuda:1: CUDA is not available on this machine$"):
+        check_device("cuda:1")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_ncmi.data.atomic import atomic_write_text
+from wsi_ncmi.data.markdown import markdown_table
 from wsi_ncmi.data.weights import resolve_device
 from wsi_ncmi.natural.metric import (
     METRIC_DATA,
@@ -68,12 +69,12 @@ _TABLE_COLS = ["name", "arch", "classifier", "probs", "top1", "top5", "cmi", "ga
 
 
 def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:
-    md = ["| " + " | ".join(_TABLE_COLS) + " |", "|" + "---|" * len(_TABLE_COLS)]
+    cells = []
     for r in rows:
-        cells = [str(r[c]) for c in ("name", "arch", "classifier", "probs")]
-        cells += [f"{100 * r[c]:.2f}" for c in ("top1", "top5")]
-        cells += [f"{r[c]:.4f}" for c in ("cmi", "gamma", "ncmi")] + [str(r["n"])]
-        md.append("| " + " | ".join(cells) + " |")
+        row = [str(r[c]) for c in ("name", "arch", "classifier", "probs")]
+        row += [f"{100 * r[c]:.2f}" for c in ("top1", "top5")]
+        cells.append(row + [f"{r[c]:.4f}" for c in ("cmi", "gamma", "ncmi")] + [str(r["n"])])
+    md = markdown_table(_TABLE_COLS, cells)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=_TABLE_COLS + ["weights"], lineterminator="\n")
     writer.writeheader()

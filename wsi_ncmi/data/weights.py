@@ -10,7 +10,8 @@ A leaf: it imports torch (and safetensors lazily), nothing of ours, so ``preproc
 * :func:`strip_prefixes`: wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of torch.compile) removed,
   either only while *every* key carries one (a whole-model wrapper) or key by key.
 * :func:`tensors_only`: the tensor entries of a mapping.
-* :func:`resolve_device`: ``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``.
+* :func:`resolve_device`: ``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; :func:`check_device`: the
+  one "is the CUDA device asked for there" check (``wsi-preprocess`` and ``wsi-ncmi evaluate`` word it alike).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["read_weight_file", "resolve_device", "strip_prefixes", "tensors_only", "unwrap_state_dict"]
+__all__ = ["check_device", "read_weight_file", "resolve_device", "strip_prefixes", "tensors_only", "unwrap_state_dict"]
 
 
 def read_weight_file(path: str | Path) -> Any:
@@ -80,3 +81,12 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def check_device(name: str) -> str:
+    """:func:`resolve_device`, then ``ValueError("--device NAME: CUDA is not available on this machine")`` when the
+    result names CUDA and there is none; callers re-raise it as their own error type."""
+    device = resolve_device(name)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from wsi_ncmi.data.atomic import atomic_write_text
+from wsi_ncmi.data.markdown import markdown_table
 
 from .config import DemoResult
 
@@ -79,14 +80,14 @@ def summary_table(eval_dir: Path, runs: list[str]) -> pd.DataFrame:
 
 
 def md_table(df: pd.DataFrame) -> list[str]:
+    """``df`` as Markdown lines (:func:`markdown_table`): floats with 3 decimals, ``-`` for None / NaN, and
+    ``|`` inside a cell written as ``/`` so it cannot split the row."""
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return "-" if np.isnan(v) else f"{v:.3f}"
         return "-" if v is None else str(v).replace("|", "/")
 
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return lines
+    return markdown_table(df.columns, ([cell(v) for v in row] for row in df.itertuples(index=False)))
 
 
 def write_demo_summary(res: DemoResult) -> Path:

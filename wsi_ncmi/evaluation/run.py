@@ -33,6 +33,7 @@ import numpy as np
 from wsi_ncmi.data.atomic import atomic_output
 from wsi_ncmi.data.official import detect_dataset
 from wsi_ncmi.data.provenance import CHECKPOINT_KEY
+from wsi_ncmi.data.weights import check_device
 
 from .embed import embed_splits
 from .ood import CALIBRATION_JSON, evaluate_ood
@@ -72,10 +73,10 @@ class EvaluateOptions:
 
     def check(self) -> None:
         """Raise :class:`EvaluateError` for a device that is not there or repeated seeds."""
-        import torch
-
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise EvaluateError(f"--device {self.device}: CUDA is not available")
+        try:
+            check_device(self.device)
+        except ValueError as e:
+            raise EvaluateError(str(e)) from None
         if len(set(self.seeds)) != len(self.seeds):
             raise EvaluateError(f"--seeds {list(self.seeds)}: seeds must be distinct")
 

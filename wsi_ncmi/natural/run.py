@@ -3,9 +3,10 @@
 :func:`evaluate_checkpoint` is what ``wsi-ncmi natural evaluate`` does, without the argument parsing and the
 printing: the datamodule settings come from the checkpoint's ``datamodule_hyper_parameters`` (``data``
 overrides them, e.g. a moved ``root``; two views are always off), the :class:`ImageModule` is read with
-``weights_only=True``, and :func:`wsi_ncmi.natural.evaluate.evaluate_image_model` streams head / CC / LP
-top-1/top-5 and the test split's CMI/Γ/NCMI. The result dict also names the checkpoint, the run
-(``ImageModule.describe()``) and the data settings used.
+``weights_only=True`` (the hparams of older checkpoints renamed by :func:`wsi_ncmi.natural.legacy.migrate_hparams`),
+and :func:`wsi_ncmi.natural.evaluate.evaluate_image_model` streams head / CC / LP top-1/top-5 and the test split's
+CMI/Γ/NCMI. The result dict also names the checkpoint, the run (``ImageModule.describe()``) and the data settings
+used.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from wsi_ncmi.data.weights import resolve_device
 
 from .data import ImageDataModule
 from .evaluate import evaluate_image_model
+from .legacy import migrate_hparams
 from .module import ImageModule
 from .probe import LinearProbeConfig
 
@@ -47,13 +49,18 @@ class NaturalEvalError(ValueError):
     """A checkpoint that cannot be evaluated (unreadable, or not written by ``wsi-ncmi natural fit``)."""
 
 
-def checkpoint_data_settings(path: str | Path) -> dict[str, Any]:
-    """The ``ImageDataModule`` settings stored in a ``natural fit`` checkpoint (read with ``weights_only=True``)."""
-    path = Path(path)
+def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
         raise NaturalEvalError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def checkpoint_data_settings(path: str | Path, ckpt: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``ImageDataModule`` settings stored in a ``natural fit`` checkpoint (read with ``weights_only=True``
+    unless its dict ``ckpt`` is given)."""
+    path = Path(path)
+    ckpt = _read_checkpoint(path) if ckpt is None else ckpt
     if "datamodule_hyper_parameters" not in ckpt:
         raise NaturalEvalError(f"{path} has no datamodule settings (not an image-track run?)")
     return dict(ckpt["datamodule_hyper_parameters"])
@@ -73,7 +80,8 @@ def evaluate_checkpoint(
     Returns :func:`evaluate_image_model`'s dict plus ``checkpoint``, ``run`` and ``data`` (the settings used).
     """
     ckpt = Path(ckpt)
-    data_kw = checkpoint_data_settings(ckpt)
+    state = _read_checkpoint(ckpt)
+    data_kw = checkpoint_data_settings(ckpt, state)
     data_kw.update({k: v for k, v in (data or {}).items() if v is not None})
     data_kw["two_views"] = False
     accepted = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self"}
@@ -81,7 +89,11 @@ def evaluate_checkpoint(
     dm = ImageDataModule(**data_kw)
     dm.setup("validate")
     device = resolve_device(device)
-    module = ImageModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True, weights=None)
+    saved = dict(state.get("hyper_parameters") or {})
+    renamed = migrate_hparams(saved, ckpt)  # checkpoints saved before the ImageModule alignment
+    overrides = {k: v for k, v in renamed.items() if k not in saved or saved[k] != v}  # Lightning drops the old keys
+    module = ImageModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True, weights=None,
+                                              **overrides)  # fmt: skip
     module = module.to(device).eval()
     result = evaluate_image_model(
         module.backbone,
