@@ -53,3 +53,18 @@ def test_bench_script_runs_on_cpu(script: str, tmp_path: Path) -> None:
     assert marker in proc.stdout, proc.stdout[-2000:]
     if script == "aggregators":
         assert (tmp_path / "aggregators.md").read_text().count("\n") >= 3
+    if script == "mil_benchmark":  # the CE control at the NCMI learning rate is trained and reported
+        assert "CE head @ NCMI lr" in (tmp_path / "mil_benchmark.md").read_text()
+
+
+def test_mil_benchmark_control_takes_the_ncmi_leafs_learning_rate() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import mil_benchmark
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    ce = mil_benchmark.shipped_fit_args("aem", "ce", "B", "S", 4, 2, "R")
+    control = mil_benchmark.shipped_fit_args("aem", "ce_lr", "B", "S", 4, 2, "R")
+    assert control[: len(ce)] == ce and control[1].endswith("aem_ce.yaml")  # the CE leaf ...
+    assert control[len(ce):] == ["--model.lr", "0.0003", "--model.warmup_epochs", "1.0"]  # ... at AEM's NCMI lr
+
