@@ -135,6 +135,10 @@ def test_lp_input_selects_the_rows_the_probe_sees() -> None:
     assert info["raw"]["input"] == "raw slide embedding f"
     assert f1["raw"] > 0.9 and f1["normalized"] < 0.7
     assert set(info["normalized"]["input_val_scores"]) == {"normalized"}
+    from wsi_ncmi.evaluation.report import report_markdown
+
+    assert "here raw slide embedding f, set by --lp-input" in report_markdown(runs["raw"])  # report.md says which
+    assert "here raw slide embedding f, chosen on validation" in report_markdown(runs["auto"])
     # auto: both inputs fitted, the one with the better validation score kept
     assert info["auto"]["input"] == "raw slide embedding f" and f1["auto"] == f1["raw"]
     scores = info["auto"]["input_val_scores"]

@@ -28,6 +28,7 @@ from .report_schema import NCMI_KEYS, ReportError, json_safe, validate_report
 __all__ = [
     "REPORT_JSON",
     "REPORT_MD",
+    "TEST_TABLE_HEADER",
     "PREDICTIONS_CSV",
     "format_number",
     "report_markdown",
@@ -69,6 +70,18 @@ def _paper_note(dataset: str, model: str, num_classes: int | None) -> list[str]:
     return lines
 
 
+# the columns of the per-protocol test table in report.md and in the multi-run summary.md
+TEST_TABLE_HEADER = ("protocol", "macro-F1", "macro-AUC", "accuracy", "balanced acc.", "paper macro-F1",
+                     "paper macro-AUC")
+
+
+def _lp_input(report: Mapping[str, Any]) -> str:
+    info = report.get("protocol_info", {}).get("lp", {})
+    kept = info.get("input", "centred, L2-normalised slide embedding")
+    how = "chosen on validation" if info.get("lp_input", "auto") == "auto" else "set by --lp-input"
+    return f"here {kept}, {how}"
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     """The human-readable ``report.md`` for a report dict."""
     ds, model, obj = report["dataset"], report["model"], report["objective"]
@@ -93,7 +106,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         )
     lines += [
         "",
-        "Protocols: `lp` = linear probe on the frozen, centred, L2-normalised slide embedding; "
+        "Protocols: `lp` = linear probe on the frozen slide embedding (centred and L2-normalised, or raw: "
+        f"{_lp_input(report)}); "
         "`cc` = nearest class centroid on the NCMI simplex (train centroids, Eq. 6); "
         "`head` = the aggregator's own classifier. F1 is always **macro**-F1; AUC is macro one-vs-rest.",
         "",
@@ -117,18 +131,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 format_number(paper["macro_auc"]) if paper else "—",
             ]
         )
-    lines += markdown_table(
-        [
-            "protocol",
-            "macro-F1",
-            "macro-AUC",
-            "accuracy",
-            "balanced acc.",
-            "paper macro-F1",
-            "paper macro-AUC",
-        ],
-        rows,
-    )
+    lines += markdown_table(TEST_TABLE_HEADER, rows)
     lines += ["", *_paper_note(ds, model, c), "", "## All splits", ""]
     lines += markdown_table(
         ["protocol", "split", "macro-F1", "macro-AUC", "accuracy", "balanced acc."],

@@ -25,7 +25,7 @@ from wsi_ncmi.data.markdown import markdown_table
 from wsi_ncmi.metrics import SCALAR_METRICS
 
 from .paper import paper_for_protocol
-from .report import REPORT_JSON, format_number, read_report
+from .report import REPORT_JSON, TEST_TABLE_HEADER, format_number, read_report
 from .report_schema import NCMI_KEYS, SPLITS, ReportError, json_safe
 
 __all__ = ["find_reports", "aggregate_reports"]
@@ -116,18 +116,7 @@ def _summary_markdown(summary: Mapping[str, Any]) -> str:
                     format_number(paper["macro_auc"]) if paper else "—",
                 ]
             )
-        lines += markdown_table(
-            [
-                "protocol",
-                "macro-F1",
-                "macro-AUC",
-                "accuracy",
-                "balanced acc.",
-                "paper macro-F1",
-                "paper macro-AUC",
-            ],
-            rows,
-        )
+        lines += markdown_table(TEST_TABLE_HEADER, rows)
         if "test" in g["ncmi"]:
             t = g["ncmi"]["test"]
             # CMI and Γ of a wide NSF simplex are tiny (p is spread over D coordinates): significant digits
