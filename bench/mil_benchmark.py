@@ -102,11 +102,10 @@ def run_one(job: dict) -> dict:
     report = json.loads((run / "eval" / "report.json").read_text())
     metrics = {proto: {k: report["metrics"][proto]["test"][k] for k in ("macro_f1", "macro_auc")}
                for proto in report["metrics"]}
-    lp_input = report.get("protocol_info", {}).get("lp", {}).get("input_val_scores", {})
-    chosen = report.get("protocol_info", {}).get("lp", {}).get("input", "")
+    lp = report["protocol_info"]["lp"]
     return {**{k: job[k] for k in ("task", "model", "objective", "seed")}, "metrics": metrics, "fit_s": fit_s,
-            "total_s": time.perf_counter() - t0, "lp_input": "raw" if chosen.startswith("raw") else "normalized",
-            "lp_input_val_scores": lp_input}
+            "total_s": time.perf_counter() - t0, "lp_input": lp["kept_input"],
+            "lp_input_val_scores": lp["input_val_scores"]}
 
 
 def _fmt(values: list[float]) -> str:

@@ -141,6 +141,7 @@ def test_lp_input_selects_the_rows_the_probe_sees() -> None:
     assert "here raw slide embedding f, chosen on validation" in report_markdown(runs["auto"])
     # auto: both inputs fitted, the one with the better validation score kept
     assert info["auto"]["input"] == "raw slide embedding f" and f1["auto"] == f1["raw"]
+    assert (info["auto"]["kept_input"], info["normalized"]["kept_input"]) == ("raw", "normalized")
     scores = info["auto"]["input_val_scores"]
     assert set(scores) == {"normalized", "raw"} and scores["raw"] > scores["normalized"]
 

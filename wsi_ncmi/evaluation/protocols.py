@@ -112,6 +112,7 @@ def _run_lp(splits: Mapping[str, EmbeddedSplit], ctx: _Context) -> ProtocolResul
         "refit": ctx.refit,
         "class_weight": ctx.class_weight,
         "input": LP_INPUTS[chosen][0],
+        "kept_input": chosen,
         "lp_input": ctx.lp_input,
         "input_val_scores": {name: round(score, 6) for name, (_, score) in fitted.items()},
         "solver": probe.solver,
