@@ -148,7 +148,7 @@ register_preset("midnight12k", Preset(
     "kaiko-ai/Midnight README @e48dce1 (the huggingface.co/kaiko-ai/midnight card: Midnight-12k, DINOv2 from "
     "facebook/dinov2-giant, transformers AutoModel; 224x224 inputs, v2.Resize(224) + CenterCrop(224), mean/std "
     "0.5; classification embedding = class token ⊕ mean of last_hidden_state[:, 1:], whose 16x16 = 256 patch "
-    "tokens leave no room for registers); huggingface.co/facebook/dinov2-giant config.json (1536-d, 40 blocks, "
+    "tokens leave no room for registers); huggingface.co/facebook/dinov2-giant config.json @cae9b8e (1536-d, 40 blocks, "
     f"24 heads, patch 14, SwiGLU, LayerScale); {_TRIDENT} (Midnight12kInferenceEncoder: same transforms, fp16); "
     f"{_TRIDENT_TABLE} (3072-d, 224 px, 20x)",
     pooling="cls_mean", resize=224, interpolation="bilinear", precision="fp16", tile_px=224, mpp=0.5,
@@ -163,7 +163,7 @@ register_preset("hibou_l", Preset(
     "(int(4 * 1024 * 2 / 3) + 7) // 8 * 8 = 2736, 4 registers, 224 px; vit_large = 1024-d, 24 blocks, 16 heads; "
     "example.ipynb: Resize 224 bicubic + CenterCrop 224, Hibou mean/std, features = pooler_output = class token; "
     "README: Hibou-L under Apache-2.0); huggingface.co/histai/hibou-L card (DINOv2 with registers through "
-    "trust_remote_code, 304M parameters) and histai/hibou-b config.json (Dinov2ModelWithRegisters, "
+    "trust_remote_code, 304M parameters) and histai/hibou-b config.json @5cc6343 (Dinov2ModelWithRegisters, "
     f"use_swiglu_ffn, num_register_tokens 4, image_size 224); {_TRIDENT} (HibouLInferenceEncoder: pooler_output, "
     f"Resize 224 bicubic, fp32); {_TRIDENT_TABLE} (1024-d, 224 px, 20x)",
     pooling="cls", resize=None, interpolation="bicubic", precision="fp32", tile_px=224, mpp=0.5,
