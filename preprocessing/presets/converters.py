@@ -79,9 +79,10 @@ def _fold_registers(out: dict[str, torch.Tensor], model: nn.Module) -> None:
 
 
 def _hf_resample(pos: torch.Tensor, model: nn.Module, antialias: bool) -> torch.Tensor:
-    """[1, 1 + g², C] (class position first) → the model's grid, as transformers' Dinov2
+    """[1, 1 + g², C] (class position first) → the model's grid, as transformers' (5.25) Dinov2
     ``interpolate_pos_encoding`` does at run time (bicubic to the target size, float32, no align_corners;
-    ``antialias`` in ``Dinov2WithRegisters``). Unchanged when the grids already agree."""
+    ``antialias`` in ``Dinov2WithRegisters``; older 4.x releases used a 0.1-offset scale factor instead, which
+    can differ in the last digits). Unchanged when the grids already agree."""
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     n = pos.shape[1] - 1
     g = int(round(n ** 0.5))
