@@ -3,7 +3,7 @@
 
 The slide is the whole mosaic (all scenes, white where none was scanned), 8-bit RGB (``Bgr24`` pixels)
 only. mpp comes from the metadata's ``Scaling/Items/Distance`` X and Y (metres per pixel, see
-:mod:`preprocessing.mpp`). Levels are offered at downsamples 1, 4, 16, ... (down to ~1000 px); libCZI
+:mod:`preprocessing.mpp`). Levels are offered at downsamples 1, 4, 16, ... (while the short side keeps >= 256 px); libCZI
 serves a level read from the file's own pyramid subblocks (``zoom``).
 """
 
@@ -25,7 +25,7 @@ __all__ = ["CziReader", "CZI_EXTRA_HINT", "czi_properties"]
 
 CZI_EXTRA_HINT = ("install the CZI reader: pip install 'wsi_ncmi[czi]' (pylibCZIrw), or convert the slide to "
                   "OME-TIFF (e.g. bfconvert from Bio-Formats, or QuPath's OME-TIFF export)")
-_LEVEL_STEP, _MIN_LEVEL_SIDE = 4, 1000
+_LEVEL_STEP, _MIN_LEVEL_SIDE = 4, 256
 
 
 def czi_properties(metadata: dict[str, Any]) -> dict[str, str]:
