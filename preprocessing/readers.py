@@ -444,6 +444,6 @@ def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS) 
     for p in found:
         sid = slide_id_of(p)
         if sid in seen:
-            raise SlideError(f"slide id {sid!r} is used twice: {seen[sid]} and {p}; rename one")
+            raise SlideError(f"slide id {sid!r} is used by two files: {seen[sid]} and {p}; rename one")
         seen[sid] = p
     return found

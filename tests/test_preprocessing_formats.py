@@ -88,7 +88,7 @@ def test_dicom_folder_is_one_slide_and_other_dcm_files_do_not_break_it(tmp_path,
     assert slide_id_of(case) == slide_id_of(case / "level0.dcm") == "case.01"
 
     _dicom_header(root / "other" / "x.dcm", WSI_SOP_CLASS, "ORIGINAL\\PRIMARY\\VOLUME\\NONE")
-    with pytest.raises(SlideError, match="slide id 'other' is used twice"):
+    with pytest.raises(SlideError, match="slide id 'other' is used by two files"):
         find_slides(root)
 
 
