@@ -8,8 +8,8 @@ the rules of :mod:`preprocessing.mpp` (never guessed; implausible values rejecte
 ``.tif``/``.tiff`` files that OpenSlide cannot open (plain stripped TIFFs) are read whole by
 :class:`TiffImageReader` (one level; mpp from ``--mpp-csv`` or a plausible TIFF resolution).
 
-Formats with readers in modules of their own (``MODULE_READERS``: OME-TIFF, CZI) are imported when first
-needed, as they build on the classes here. A folder of DICOM instances is one slide (``FOLDER_READERS``).
+Readers in modules of their own (``MODULE_READERS``: OME-TIFF, CZI; ``FOLDER_READERS``: a DICOM WSI folder
+is one slide) build on the classes here, so they are imported when first needed.
 """
 
 from __future__ import annotations
@@ -349,9 +349,8 @@ IMAGE_EXTENSIONS = tuple(ext for ext, cls in READERS.items() if cls is ImageRead
 FALLBACK_READERS: dict[str, type[SlideReader]] = {".tif": TiffImageReader, ".tiff": TiffImageReader}
 
 
-def _load(spec: str) -> type[SlideReader]:
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+def _load(spec: str) -> type[SlideReader]:  # "module:Class" of this package
+    return getattr(importlib.import_module(f"{__package__}.{spec.split(':')[0]}"), spec.split(":")[1])
 
 
 def reader_class(path: str | Path) -> tuple[str, type[SlideReader]] | None:
@@ -359,7 +358,10 @@ def reader_class(path: str | Path) -> tuple[str, type[SlideReader]] | None:
     longest registered extension its name ends with (``.ome.tif`` before ``.tif``); None when there is none."""
     path = Path(path)
     if path.is_dir():
-        exts = {p.suffix.lower() for p in path.iterdir() if p.is_file()}
+        try:
+            exts = {os.path.splitext(n)[1].lower() for n in os.listdir(path)}
+        except OSError as e:
+            raise UnreadableSlideError(f"{path}: cannot list the folder: {e.strerror or e}") from None
         return next(((ext, _load(spec)) for ext, spec in FOLDER_READERS.items() if ext in exts), None)
     name = path.name.lower()
     ext = max((e for e in (*READERS, *MODULE_READERS) if name.endswith(e)), key=len, default=None)
@@ -369,8 +371,7 @@ def reader_class(path: str | Path) -> tuple[str, type[SlideReader]] | None:
 def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
     """Open ``path`` (a file, or a slide folder) with the reader registered for it; ``mpp`` overrides the file's."""
     path = Path(path)
-    match = reader_class(path)
-    if match is None:
+    if (match := reader_class(path)) is None:
         raise SlideError(f"{path}: no reader for extension {path.suffix!r}; known: {', '.join(SLIDE_EXTENSIONS)}, "
                          f"or a folder of {', '.join(FOLDER_READERS)} files")
     ext, cls = match

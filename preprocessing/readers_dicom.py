@@ -13,6 +13,7 @@ levels are the VOLUME instances.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,12 +126,16 @@ class DicomReader(OpenSlideReader):
 
     def __init__(self, path: str | Path, mpp: float | None = None, fast: bool = False):
         folder = Path(path)
-        names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
-        volumes = [p for p, h in _headers(folder, names).items() if h.is_volume]
+        try:
+            names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".dcm") and (folder / n).is_file())
+            volumes = [p for p, h in _headers(folder, names).items() if h.is_volume]
+            sizes = {p: p.stat().st_size for p in volumes}
+        except OSError as e:
+            raise UnreadableSlideError(f"{folder}: cannot read the folder: {e.strerror or e}") from None
         if not volumes:
             raise UnreadableSlideError(f"{folder}: no whole-slide DICOM VOLUME instance among its {len(names)} "
                                        ".dcm file(s)")
-        self._entry = max(volumes, key=lambda p: (p.stat().st_size, p.name))  # level 0, usually
+        self._entry = max(volumes, key=lambda p: (sizes[p], p.name))  # level 0, usually
         super().__init__(self._entry, mpp=mpp, fast=False)
         self.path = folder
         vendor = self.properties.get("openslide.vendor")

@@ -87,6 +87,13 @@ def test_dicom_folder_is_one_slide_and_other_dcm_files_do_not_break_it(tmp_path,
     # the id is the folder's name (dots kept), also from the path of one of its instances
     assert slide_id_of(case) == slide_id_of(case / "level0.dcm") == "case.01"
 
+    # opened anyway (listed in --slides, say): one clear line naming the folder
+    with pytest.raises(UnreadableSlideError, match="label_only: no whole-slide DICOM VOLUME instance among its 1"):
+        open_slide(root / "label_only")
+    (root / "empty").mkdir()
+    with pytest.raises(SlideError, match=r"empty: no reader .* or a folder of \.dcm files"):
+        open_slide(root / "empty")
+
     _dicom_header(root / "other" / "x.dcm", WSI_SOP_CLASS, "ORIGINAL\\PRIMARY\\VOLUME\\NONE")
     with pytest.raises(SlideError, match="slide id 'other' is used by two files"):
         find_slides(root)
