@@ -220,7 +220,7 @@ def plan_slides(cfg: PreprocessConfig) -> list[SlideTask]:
     paths = find_slides(cfg.input)
     if not paths:
         raise SlideError(f"--input {cfg.input}: no slides found in this folder (searched recursively for "
-                         f"{', '.join(SLIDE_EXTENSIONS)}); check the path")
+                         f"{', '.join(SLIDE_EXTENSIONS)} and DICOM WSI folders); check the path")
     if wanted is not None:
         missing = wanted - {slide_id_of(p) for p in paths}
         if missing:
