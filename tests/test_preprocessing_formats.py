@@ -182,6 +182,15 @@ def test_dicom_levels_come_from_the_instances(dicom_cmu, tmp_path):
         open_slide(mixed)
 
 
+def test_dicom_with_an_old_openslide_says_what_to_upgrade(dicom_cmu, monkeypatch):
+    import openslide
+
+    monkeypatch.setattr(openslide, "__library_version__", "3.4.1")
+    with pytest.raises(UnreadableSlideError, match=r"cmu: DICOM WSI needs OpenSlide >= 4, this is 3\.4\.1; "
+                                                   r"pip install -U openslide-bin"):
+        open_slide(dicom_cmu["single"])
+
+
 # --------------------------------------------------------------------------------------- OME-TIFF
 def _write_ome(path: Path, levels: list[np.ndarray], size: float | None, unit: str | None) -> Path:
     import tifffile
