@@ -249,6 +249,25 @@ def test_predict_page_rows_flags_and_heatmaps(tmp_path: Path) -> None:
     assert "1 slide(s) flagged" in text and "mobilenet_v2_tv" in text and "cd" * 32 in text and "0.667" in text
 
 
+def test_report_cli_and_demo_cli_end_naming_the_page(tmp_path: Path, capsys, monkeypatch) -> None:
+    from wsi_ncmi.commands import demo_cli
+    from wsi_ncmi.commands.evaluate_cli import main_report
+    from wsi_ncmi.demo import pipeline
+    from wsi_ncmi.demo.config import DemoConfig, DemoResult, StageResult
+
+    runs = [_evaluate_folder(tmp_path / f"run{s}", seed=s, plots=False) for s in (0, 1)]
+    assert main_report([str(r) for r in runs] + ["--out", str(tmp_path / "sum")]) == 0
+    page = tmp_path / "sum" / "report.html"
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"report page → {page}" and page.is_file()
+
+    res = DemoResult(DemoConfig(out=tmp_path / "demo"))
+    res.stages.append(StageResult("report", "ok", 0.1, ""))
+    res.paths["html"] = page
+    monkeypatch.setattr(pipeline, "run_demo", lambda **_kw: res)
+    assert demo_cli.main(["--out", str(tmp_path / "demo")]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"open the report page: {page}"
+
+
 # ------------------------------------------------------------------------------------------- browser
 def test_page_in_headless_chromium(tmp_path: Path) -> None:
     browser = shutil.which("chromium")

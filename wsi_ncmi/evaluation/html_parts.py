@@ -261,7 +261,7 @@ def section_nav(parts: Sequence[Raw]) -> Raw:
 
 
 def joined(v: Any) -> Any:
-    return ", ".join(str(x) for x in v) if isinstance(v, (list, tuple)) else v
+    return ", ".join("—" if x is None else str(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 CSS = """

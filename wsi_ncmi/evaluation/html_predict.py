@@ -76,10 +76,10 @@ def predict_page(folder: Path) -> tuple[str, list[Raw]]:
         rows.append([r["slide_id"], *([r["label"]] if labelled else []), r.get("prediction", ""),
                      *(r[c] for c in probs), r.get("ood_score"),
                      Raw('<span class="badge">OOD</span>') if flag else ("no" if flag is False else "—"),
-                     _heatmap_cell(folder, r["slide_id"], hm.get(r["slide_id"]))])
+                     *([_heatmap_cell(folder, r["slide_id"], hm.get(r["slide_id"]))] if hm else [])])
         classes.append("flag" if flag else "wrong" if labelled and r["label"] != r.get("prediction") else None)
     parts.append(table(["slide", *(["label"] if labelled else []), "prediction", *(f"P({n})" for n in names),
-                        "OOD score", "OOD flag", "heatmap"], rows, table_id="predictions", row_classes=classes,
+                        "OOD score", "OOD flag", *(["heatmap"] if hm else [])], rows, table_id="predictions", row_classes=classes,
                        caption=f"{len(df)} rows of {PREDICTIONS_CSV}; click a column header to sort"))
     pred = df.get("prediction", pd.Series([""] * len(df)))
     parts += [heading(2, "Counts", "counts"),

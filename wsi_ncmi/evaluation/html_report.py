@@ -88,7 +88,7 @@ def _test_table(reports: Sequence[Mapping[str, Any]]) -> Raw:
         stats = {p: s["test"] for p, s in summarize_group(list(reports))["metrics"].items() if "test" in s}
     for proto, st in stats.items():
         paper = paper_for_protocol(r0["dataset"], r0["model"], r0["objective"], proto, r0.get("num_classes"))
-        cells = [fmt(st[k]["mean"]) if len(reports) == 1 else format_mean_std(st[k]) for k in SCALAR_METRICS]
+        cells = [st[k]["mean"] if len(reports) == 1 else format_mean_std(st[k]) for k in SCALAR_METRICS]
         rows.append([proto, *cells, *(fmt(paper[k]) if paper else "—" for k in ("macro_f1", "macro_auc"))])
     return table(TEST_TABLE_HEADER, rows, table_id="test-table", sortable=False)
 
