@@ -249,6 +249,24 @@ def test_predict_page_rows_flags_and_heatmaps(tmp_path: Path) -> None:
     assert "1 slide(s) flagged" in text and "mobilenet_v2_tv" in text and "cd" * 32 in text and "0.667" in text
 
 
+def test_bad_predict_files_are_named_or_tolerated(tmp_path: Path) -> None:
+    folder = tmp_path / "pred"
+    folder.mkdir()
+    (folder / "predict.json").write_text("{not json")
+    pd.DataFrame({"slide_id": ["a"], "prediction": ["x"], "prob_x": [1.0]}).to_csv(folder / "predictions.csv",
+                                                                                  index=False)
+    with pytest.raises(HtmlReportError, match="predict.json: cannot read"):
+        write_html_report(folder)
+    # odd types from a hand-edited file are shown as text, never followed
+    (folder / "predict.json").write_text(json.dumps({"ood_score": ["msp"], "threshold": "high", "heatmaps": "x",
+                                                     "metrics": [1], "mismatches": {"a": ["encoder differs"]}}))
+    soup = _soup(write_html_report(folder))
+    assert _rows(soup, "predictions")[0][:2] == ["a", "x"] and "encoder differs" in soup.get_text()
+    pd.DataFrame({"id": ["a"]}).to_csv(folder / "predictions.csv", index=False)
+    with pytest.raises(HtmlReportError, match="predictions.csv: no slide_id column"):
+        write_html_report(folder)
+
+
 def test_report_cli_and_demo_cli_end_naming_the_page(tmp_path: Path, capsys, monkeypatch) -> None:
     from wsi_ncmi.commands import demo_cli
     from wsi_ncmi.commands.evaluate_cli import main_report

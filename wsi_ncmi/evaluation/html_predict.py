@@ -60,7 +60,7 @@ def predict_page(folder: Path) -> tuple[str, list[Raw]]:
     hm = meta.get("heatmaps") if isinstance(meta.get("heatmaps"), Mapping) else {}
     score, thr = meta.get("ood_score"), meta.get("threshold")
     title = f"Predictions: {len(df)} slides"
-    desc = OOD_SCORERS[score].description if score in OOD_SCORERS else ""
+    desc = OOD_SCORERS[score].description if isinstance(score, str) and score in OOD_SCORERS else ""
     n_flag = sum(bool(f) for f in flags)
     parts: list[Raw] = [
         heading(1, title),
@@ -78,8 +78,9 @@ def predict_page(folder: Path) -> tuple[str, list[Raw]]:
                      Raw('<span class="badge">OOD</span>') if flag else ("no" if flag is False else "—"),
                      *([_heatmap_cell(folder, r["slide_id"], hm.get(r["slide_id"]))] if hm else [])])
         classes.append("flag" if flag else "wrong" if labelled and r["label"] != r.get("prediction") else None)
-    parts.append(table(["slide", *(["label"] if labelled else []), "prediction", *(f"P({n})" for n in names),
-                        "OOD score", "OOD flag", *(["heatmap"] if hm else [])], rows, table_id="predictions", row_classes=classes,
+    header = ["slide", *(["label"] if labelled else []), "prediction", *(f"P({n})" for n in names), "OOD score",
+              "OOD flag", *(["heatmap"] if hm else [])]
+    parts.append(table(header, rows, table_id="predictions", row_classes=classes,
                        caption=f"{len(df)} rows of {PREDICTIONS_CSV}; click a column header to sort"))
     pred = df.get("prediction", pd.Series([""] * len(df)))
     parts += [heading(2, "Counts", "counts"),
@@ -100,6 +101,7 @@ def predict_page(folder: Path) -> tuple[str, list[Raw]]:
     parts += [heading(2, "Provenance", "provenance"),
               key_values([("checkpoint", meta.get("checkpoint")), ("checkpoint SHA-256", meta.get("checkpoint_sha256")),
                           ("objective", meta.get("objective")), ("bags folder", meta.get("bags_dir")),
+                          ("OOD rule", meta.get("ood_rule") or meta.get("rule")),
                           *((f"training bags: {k}", joined(v)) for k, v in bags.items()),
                           ("preprocessed from", pre.get("slides_dir")), ("calibration", meta.get("calibration")),
                           ("mismatches allowed", meta.get("allow_mismatch")), ("created", meta.get("created"))])]
