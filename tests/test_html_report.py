@@ -179,7 +179,9 @@ def test_current_ood_block_with_auroc_per_score(tmp_path: Path) -> None:
            "scores": {"msp": {"auroc": 0.8125, "fpr_at_95tpr": 0.5, "threshold": -0.55},
                       "energy": {"auroc": 0.75, "fpr_at_95tpr": 0.6667, "threshold": -2.1}}}
     page = write_html_report(_evaluate_folder(tmp_path / "eval", plots=False, ood=ood))
-    rows = _rows(_soup(page), "ood-scores")
+    soup = _soup(page)
+    assert "threshold" not in [dt.get_text() for dt in soup.find_all("dt")]  # no rule threshold: not shown
+    rows = _rows(soup, "ood-scores")
     assert rows == [["msp", "0.812", "0.500", "-0.550"], ["energy", "0.750", "0.667", "-2.100"]]
 
 

@@ -175,7 +175,7 @@ def _ood_parts(report: Mapping[str, Any]) -> list[Raw]:
         return []
     parts = [heading(2, "Out-of-distribution detection", "ood"),
              key_values([("score", block.get("score") or block.get("default_score")),
-                         ("threshold", fmt(block.get("threshold"), ".4g")), ("rule", block.get("rule")),
+                         ("threshold", None if block.get("threshold") is None else fmt(block["threshold"], ".4g")), ("rule", block.get("rule")),
                          ("target false-alarm rate", block.get("target_false_alarm")),
                          ("in-distribution", f"{block['id_split']} split, {block.get('n_id')} slides"
                           if block.get("id_split") else None),
