@@ -3,7 +3,8 @@
 The library side of ``wsi-ncmi predict``: choose the bags (:func:`select_bags`), check them against what the
 checkpoint was trained on (:func:`check_bags`, :mod:`wsi_ncmi.data.provenance`), embed them and score them
 (:func:`predict_bags`), write ``predictions.csv`` / ``summary.md`` / ``predict.json`` (:func:`write_prediction`)
-and attention heatmaps where the slide file is at hand (:func:`write_heatmaps`). :func:`predict_module` is the
+and attention heatmaps where the slide file is at hand (:func:`write_heatmaps`), then ``report.html``
+(:mod:`.html_report`). :func:`predict_module` is the
 whole verb for a loaded ``MILModule`` (the command and the demo load it with
 ``wsi_ncmi.training.checkpoint.load_mil_module``: evaluation may not import training).
 
@@ -399,7 +400,9 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
                         score=ood_score, labels=labels, device=device, labels_source=str(slides_csv))
     meta: dict[str, Any] = {"checkpoint": str(ckpt), "bags_dir": str(bags_dir), "calibration": str(cal_path or ""),
                             "allow_mismatch": bool(allow_mismatch), "mismatches": mismatches,
-                            "objective": module.objective, "preprocessed": preprocessed}
+                            "objective": module.objective, "preprocessed": preprocessed,
+                            "checkpoint_sha256": sha256_of(ckpt),
+                            "training_bags": dict(recorded.get("values") or {}) if isinstance(recorded, Mapping) else None}
     if heatmaps:
         meta["heatmaps"] = write_heatmaps(module.model, bags, out / "heatmaps", slides_dir=slides_dir, device=device)
     paths = write_prediction(out, pred, meta)
@@ -407,4 +410,7 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
     n_flag = "no calibration" if pred.threshold is None else f"{int(flags.fillna(False).astype(bool).sum())} flagged OOD"
     say(f"{len(pred.table)} slides predicted ({n_flag}; score {pred.score_name}) → {paths['predictions']}")
     say(paths["summary"].read_text(encoding="utf-8"))
+    from .html_report import write_html_report
+
+    say(f"report page → {write_html_report(out)}")
     return pred
