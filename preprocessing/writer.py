@@ -68,6 +68,7 @@ class SlideWriter:
                  encoder: Encoder | None, out: Path, result: RunResult, folder: dict[str, Any] | None = None):
         self.cfg, self.tasks, self.fp, self.encoder, self.out, self.result = cfg, tasks, fingerprint, encoder, out, result
         self.folder = folder  # the folder-wide settings this run claimed (re-checked before each write)
+        self.writing: Path | None = None  # the file being written
         self.manifest = Manifest(out / "manifest.csv")
         self.parts: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = {}
 
@@ -86,7 +87,7 @@ class SlideWriter:
             log.info("%s: skipped, locked by another process", task.slide_id)
             self.result.locked.append(task.slide_id)
             return "skipped"
-        keep_bag = False
+        keep_bag, self.writing = False, None
         try:
             status, message, n, nbad = self._finish(task, msg, parts)
         except FolderSettingsError as e:
@@ -95,7 +96,8 @@ class SlideWriter:
             keep_bag = True
         except Exception as e:  # e.g. a write failure: record and go on (a full disk: stop after this slide)
             if is_disk_full(e):
-                status, message, n, nbad = "error", disk_full_message(getattr(e, "filename", None) or self.out, e), 0, 0
+                where = getattr(e, "filename", None) or self.writing or self.out
+                status, message, n, nbad = "error", disk_full_message(where, e), 0, 0
                 self._stop(f"disk full: {message}")
                 keep_bag = True
             else:
@@ -207,12 +209,13 @@ class SlideWriter:
         }
 
     def _before_write(self, path: Path, data_bytes: int) -> None:
-        """The folder still records this run's settings, and the disk has room for the file (+ 1 MB of HDF5
+        """The folder still records this run's settings, and the disk has room for the file (+ 64 kB of HDF5
         headers and the manifest); else OSError(ENOSPC) / FolderSettingsError before anything is written."""
+        self.writing = path  # named by a disk-full error that does not carry a file name
         if self.folder is not None:
             verify_folder(self.out, self.folder)
         path.parent.mkdir(parents=True, exist_ok=True)
-        check_free_space(path, data_bytes + (1 << 20))
+        check_free_space(path, data_bytes + (1 << 16))
 
     @staticmethod
     def _coords_attrs(msg: dict[str, Any]) -> dict[str, Any]:
