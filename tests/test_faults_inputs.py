@@ -327,3 +327,29 @@ def test_cifar_pickle_payload_is_one_line_in_natural_fit(tmp_path, capsys, monke
     line = _last(capsys.readouterr().err)
     assert rc == 2 and line.startswith(f"wsi-ncmi natural fit: error: {folder / 'train'}: refused or malformed pickle")
     assert "not allowed" in line and not marker.exists()
+
+
+@pytest.mark.fault(kind="traceback")  # --allow-mismatch skipped the SHA check: the reader's error surfaced raw
+def test_predict_slides_dir_names_a_bad_weight_file(tmp_path, tissue, capsys, monkeypatch):
+    from test_predict import _fit
+
+    from wsi_ncmi.commands.predict_cli import main as predict_main
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    slides, feats, marker = tmp_path / "slides", tmp_path / "features", tmp_path / "pwned"
+    for i in range(4):
+        _slide(slides, tissue, name=f"s{i}.svs")
+    assert _cli(["--input", slides, "--output", feats, *EXTRACT], capsys)[0] == 0
+    split = tmp_path / "split.csv"
+    split.write_text("slide_id,patient_id,label,split\ns0,p0,0,train\ns1,p1,1,train\ns2,p2,0,val\ns3,p3,1,test\n")
+    ckpt = _fit(feats / "bags", split, tmp_path / "run", "head", epochs=1, in_dim=read_bag(feats / "bags" / "s0.h5").dim)
+    pickled, nan = tmp_path / "w.safetensors", _other_weights(tmp_path / "nan.safetensors", nan=True)
+    torch.save({"w": torch.ones(1), "x": _Evil(marker)}, pickled)
+    for weights, expect in ((tmp_path / "missing.pth", "no such file"), (pickled, "not a safetensors file"),
+                            (nan, "hold NaN or inf")):
+        out = tmp_path / f"pred_{weights.stem}"
+        rc = predict_main(["--ckpt", str(ckpt), "--slides-dir", str(slides), "--weights", str(weights), "--out",
+                           str(out), "--allow-mismatch"])
+        line = _last(capsys.readouterr().err)
+        assert rc == 2 and f"--weights {weights}: " in line and expect in line, line
+        assert not marker.exists() and not list(out.rglob("*.h5"))
