@@ -261,23 +261,23 @@ def write_bag(
     c_attrs = {k: attrs[k] for k in COORDS_ATTR_KEYS if k in attrs}
     c_attrs.update(coords_attrs or {})
 
-    buf = io.BytesIO()  # built in memory: HDF5 never meets a failing disk (ENOSPC mid-write broke its state)
-    with h5py.File(buf, "w") as f:
-        f.create_dataset(FEATURES, data=feats, chunks=(min(n, CHUNK_ROWS), d), compression=compression)
-        ds = f.create_dataset(COORDS, data=xy.astype(np.int64, copy=False))
-        for key, value in c_attrs.items():
-            if (v := _attr_value(value)) is not None:
-                ds.attrs[key] = v
-        if tissue is not None:
-            f.create_dataset(TISSUE, data=tissue.astype(np.float32, copy=False))
-        for key, value in root.items():
-            if (v := _attr_value(value)) is not None:
-                f.attrs[str(key)] = v
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(fit_name(path.stem, path.suffix + TMP_SUFFIX))  # <id>.h5.tmp, shortened if too long
-    try:  # plain writes: a full disk is one OSError (ENOSPC) naming the file, and the tmp file is removed
-        with open(tmp, "wb") as fh:
-            fh.write(buf.getbuffer())
+    try:
+        with open(tmp, "wb") as fh:  # created first: a killed writer leaves this .tmp, never a half-written .h5
+            buf = io.BytesIO()  # built in memory: HDF5 never meets a failing disk (ENOSPC mid-write broke its state)
+            with h5py.File(buf, "w") as f:
+                f.create_dataset(FEATURES, data=feats, chunks=(min(n, CHUNK_ROWS), d), compression=compression)
+                ds = f.create_dataset(COORDS, data=xy.astype(np.int64, copy=False))
+                for key, value in c_attrs.items():
+                    if (v := _attr_value(value)) is not None:
+                        ds.attrs[key] = v
+                if tissue is not None:
+                    f.create_dataset(TISSUE, data=tissue.astype(np.float32, copy=False))
+                for key, value in root.items():
+                    if (v := _attr_value(value)) is not None:
+                        f.attrs[str(key)] = v
+            fh.write(buf.getbuffer())  # plain writes: a full disk is one OSError (ENOSPC)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
