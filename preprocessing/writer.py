@@ -69,6 +69,7 @@ class SlideWriter:
         self.cfg, self.tasks, self.fp, self.encoder, self.out, self.result = cfg, tasks, fingerprint, encoder, out, result
         self.folder = folder  # the folder-wide settings this run claimed (re-checked before each write)
         self.writing: Path | None = None  # the file being written
+        self.stop_reasons: list[str] = []  # why the run stops after the current slide (RunResult.stopped)
         self.manifest = Manifest(out / "manifest.csv")
         self.parts: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = {}
 
@@ -126,18 +127,20 @@ class SlideWriter:
         except OSError as e:
             if not is_disk_full(e):
                 raise
-            self._stop(f"disk full: {disk_full_message(self.manifest.path, e)}; {task.slide_id} ended {status} but "
-                       "its manifest row could not be written")
+            self._stop(f"{'' if self.stop_reasons else 'disk full: '}{disk_full_message(self.manifest.path, e)}; "
+                       f"{task.slide_id} ended {status} but its manifest row could not be written")
         (log.info if status in ("ok", "skipped") else log.warning)(
             "%s: %s %s", task.slide_id, status, message or f"({n} tiles, {nbad} bad)")
         return status
 
     def _stop(self, why: str) -> None:
-        """Stop the run after this slide (a full disk fails every next slide too)."""
-        if not self.result.stopped:
-            hint = "free space, then rerun the same command" if why.startswith("disk full") else "fix it, then rerun"
-            self.result.stopped = f"{why}; the run stopped here ({hint}: finished slides are kept and skipped)"
-            log.error("%s", self.result.stopped)
+        """Stop the run after this slide (a full disk fails every next slide too); later reasons are added."""
+        self.stop_reasons.append(why)
+        first = self.stop_reasons[0]
+        hint = "free space, then rerun the same command" if first.startswith("disk full") else "fix it, then rerun"
+        self.result.stopped = (f"{'; '.join(self.stop_reasons)}; the run stopped here ({hint}: finished slides are "
+                               "kept and skipped)")
+        log.error("%s", why)
 
     def _retire_bag(self, task: SlideTask, status: str) -> Path | None:
         """Move ``bags/<id>.h5`` (made earlier, with other settings or another file) to ``stale/<id>.h5``, or
