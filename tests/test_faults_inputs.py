@@ -309,9 +309,14 @@ def test_output_inside_input_is_not_searched_for_slides(tmp_path, tissue, capsys
     assert "not searched for slides: it is the output folder" in caplog.text and str(out) in caplog.text
 
 
-@pytest.mark.fault(kind="traceback")  # refused correctly, as an ImageDataError traceback
-def test_cifar_pickle_payload_is_one_line_in_natural_fit(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("case", [
+    pytest.param("cifar-pickle", marks=pytest.mark.fault(kind="traceback"), id="cifar-pickle"),  # refused, as a traceback
+    pytest.param("missing-weights", marks=pytest.mark.fault(kind="traceback"), id="missing-weights"),
+    pytest.param("nan-weights", marks=pytest.mark.fault(kind="silent_wrong"), id="nan-weights"),
+])
+def test_bad_cifar_file_or_backbone_weights_are_one_line_in_natural_fit(tmp_path, capsys, monkeypatch, case):
     from wsi_ncmi.commands.natural_cli import main as natural_main
+    from wsi_ncmi.natural.backbones import create_backbone
 
     monkeypatch.chdir(tmp_path)
     _live_log_streams(monkeypatch)
@@ -321,19 +326,30 @@ def test_cifar_pickle_payload_is_one_line_in_natural_fit(tmp_path, capsys, monke
     rng = np.random.default_rng(0)
     for name in ("train", "test"):
         blob = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"fine_labels": [0, 1, 2, 3]}
-        if name == "train":
+        if name == "train" and case == "cifar-pickle":
             blob[b"x"] = _Evil(marker)
         with open(folder / name, "wb") as fh:
             pickle.dump(blob, fh, protocol=2)
     with open(folder / "meta", "wb") as fh:
         pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, fh, protocol=2)
+    weights, extra = tmp_path / "backbone.safetensors", []
+    if case != "cifar-pickle":
+        extra = ["--model.weights", str(weights)]
+    if case == "nan-weights":
+        sd = {k: v.contiguous() for k, v in create_backbone("resnet18", cifar_stem=True, width=0.125)[0]
+              .state_dict().items()}
+        sd["conv1.weight"] = torch.full_like(sd["conv1.weight"], float("nan"))
+        save_file(sd, str(weights))
     rc = natural_main(["fit", "-c", str(ROOT / "configs/natural/cifar100_resnet18_ce.yaml"), "--data.root",
                        str(folder.parent), "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
                        "--trainer.precision", "32", "--data.num_workers", "0", "--model.width", "0.125",
-                       "--trainer.default_root_dir", str(tmp_path / "runs")])
+                       "--trainer.default_root_dir", str(tmp_path / "runs"), *extra])
     line = _last(capsys.readouterr().err)
-    assert rc == 2 and line.startswith(f"wsi-ncmi natural fit: error: {folder / 'train'}: refused or malformed pickle")
-    assert "not allowed" in line and not marker.exists()
+    assert rc == 2 and line.startswith("wsi-ncmi natural fit: error: "), line
+    expect = {"cifar-pickle": f"{folder / 'train'}: refused or malformed pickle (global posix.mkdir is not allowed",
+              "missing-weights": f"weights file not found: {weights}",
+              "nan-weights": f"{weights}: 1 tensor(s) hold NaN or inf values (e.g. ['conv1.weight'])"}[case]
+    assert expect in line and not marker.exists()
 
 
 @pytest.mark.fault(kind="traceback")  # --allow-mismatch skipped the SHA check: the reader's error surfaced raw
