@@ -11,7 +11,6 @@ the rules of :mod:`preprocessing.mpp` (never guessed; implausible values rejecte
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -404,15 +403,6 @@ def _walk_error(e: OSError) -> None:
     log.warning("%s: cannot search this folder: %s", e.filename, e.strerror or e)
 
 
-def _identities(paths: Iterable[str | Path]) -> dict[tuple[int, int], Path]:
-    out = {}
-    for p in paths:
-        with contextlib.suppress(OSError):
-            st = Path(p).stat()
-            out[(st.st_dev, st.st_ino)] = Path(p)
-    return out
-
-
 def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS,
                 exclude: Iterable[str | Path] = ()) -> list[Path]:
     """All slide files under ``root`` (recursive, following folder links; a folder reached twice, e.g. by a
@@ -421,7 +411,7 @@ def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS,
     root = Path(root)
     if not root.is_dir():
         raise SlideError(f"--input {root}: not a directory")
-    skip = _identities(exclude)
+    skip = {os.path.realpath(p) for p in exclude}
     exts = {e.lower() for e in extensions}
     found: list[Path] = []
     seen_dirs: dict[tuple[int, int], Path] = {}  # (device, inode) of every folder walked: cuts link cycles
@@ -442,11 +432,9 @@ def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS,
         dirnames.sort()
         # MIRAX keeps its tiles in a folder named like the .mrxs file; never descend into those
         dirnames[:] = [d for d in dirnames if not (here / (d + ".mrxs")).is_file()]
-        if skip:
-            hits = {d: skip[i] for d in dirnames for i in _identities([here / d]) if i in skip}
-            for d, p in hits.items():
-                log.warning("%s: not searched for slides: it is the output folder %s (inside --input)", here / d, p)
-            dirnames[:] = [d for d in dirnames if d not in hits]
+        for d in [d for d in dirnames if os.path.realpath(here / d) in skip]:
+            log.warning("%s: not searched for slides: it is the output folder (inside --input)", here / d)
+            dirnames.remove(d)
         for d in dirnames:
             if (here / d).is_symlink():
                 log.info("%s: following folder link to %s", here / d, os.path.realpath(here / d))
