@@ -186,6 +186,7 @@ def run(cfg: PreprocessConfig) -> RunResult:
         if cfg.weights is None:
             build_encoder(cfg.encoder, None)  # raises the clear "needs --weights" error
     fp = settings_fingerprint(cfg, _weights_sha(cfg))
+    claim_folder(out, folder_settings(fp, extract), cfg.overwrite, record=False)  # other settings: refused now
     manifest = Manifest(out / "manifest.csv")
     result.missing_source = _mark_missing_sources(manifest, {t.slide_id for t in tasks}, cfg.input)
     pending: list[SlideTask] = []

@@ -4,9 +4,10 @@
 * :func:`check_free_space` / :func:`is_disk_full` / :func:`disk_full_message`: a full disk (ENOSPC, EDQUOT) is
   one line naming the file; the run stops there (every next slide would fail too).
 * ``OUT/settings.json`` records the settings that decide what a feature vector means (encoder, weights sha256,
-  model kwargs and preprocessing, target mpp, tile size, compute precision, stored dtype). :func:`claim_folder`
-  refuses a run with other settings, naming the folder and each difference (``--overwrite`` takes the folder
-  over: its bags are retired by the caller); :func:`verify_folder` re-reads the record before each write, so a
+  model kwargs and preprocessing, target mpp, tile size, compute precision, stored dtype). While the folder holds
+  bags, :func:`claim_folder` refuses a run with other settings, naming the folder and each difference
+  (``--overwrite`` takes the folder over: its bags are retired by the caller); a folder without bags takes the new
+  settings. :func:`verify_folder` re-reads the record before each write, so a
   run whose folder was taken over meanwhile stops instead of mixing bags. Per-slide choices (tissue
   threshold, ``--min-tissue``, overlap, mpp tolerance) are not in it: changing them redoes bags as before.
 """
@@ -109,29 +110,32 @@ def _diff(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return [f"{k} {stored[k]!r} -> {wanted[k]!r}" for k in sorted(set(stored) & set(wanted)) if stored[k] != wanted[k]]
 
 
-def claim_folder(out: Path, wanted: dict[str, Any], overwrite: bool) -> list[str]:
-    """Record ``wanted`` in ``out/settings.json`` or check it against the record there.
+def claim_folder(out: Path, wanted: dict[str, Any], overwrite: bool, record: bool = True) -> list[str]:
+    """Record ``wanted`` in ``out/settings.json`` or check it against the record there (``record=False``: only
+    check, e.g. before an encoder is built).
 
-    Returns [] when the folder is new or made with the same settings (keys it lacked are added), the list of
-    differences when ``overwrite`` takes the folder over (the record is replaced; the caller retires the bags).
-    Raises :class:`FolderSettingsError` naming the folder and the differences otherwise."""
+    Returns [] when the folder is new, made with the same settings (keys it lacked are added) or holds no bag
+    (the record is replaced: a run still writing with the old settings stops at :func:`verify_folder`); the list
+    of differences when ``overwrite`` takes a folder with bags over (the record is replaced; the caller retires
+    the bags). Raises :class:`FolderSettingsError` naming the folder and the differences otherwise."""
     path = out / SETTINGS_FILE
     with file_lock(out / (SETTINGS_FILE + ".lock")):
         stored = _read(path)
         diff = _diff(stored, wanted) if stored is not None else []
-        if diff and not overwrite:
+        bags = bool(diff) and any((out / BAGS_DIR).glob("*.h5"))
+        if bags and not overwrite:
             raise FolderSettingsError(
                 f"--output {out}: its bags were made with other settings ({path}): {'; '.join(diff)}; use a new "
                 "--output folder, or --overwrite to redo the slides with these settings (the folder's bags are "
                 "then moved to stale/)")
         merged = dict(wanted) if diff else {**(stored or {}), **wanted}
-        if merged != stored:
+        if record and merged != stored:
             atomic_write_text(path, json.dumps({"settings": merged, "written_by": "wsi-preprocess"}, indent=1,
                                                sort_keys=True) + "\n")
-    if diff:
-        log.warning("--output %s: --overwrite with other settings (%s): the folder now records the new ones",
-                    out, "; ".join(diff))
-    return diff
+    if diff and record:
+        log.warning("--output %s: new settings (%s)%s: the folder now records them", out, "; ".join(diff),
+                    " taken over with --overwrite" if bags else ", no bag was made with the old ones")
+    return diff if bags else []
 
 
 def verify_folder(out: Path, wanted: dict[str, Any]) -> None:

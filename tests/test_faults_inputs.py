@@ -200,6 +200,17 @@ def test_a_run_with_other_weights_into_the_same_folder_is_refused(tmp_path, tiss
     assert rc == 1 and f"{out / 'settings.json'}: cannot read the output folder's settings record" in _last(err)
 
 
+def test_a_folder_without_bags_takes_new_settings(tmp_path, tissue, capsys):
+    import json
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _slide(inp, tissue)
+    assert _cli(["--input", inp, "--output", out, *EXTRACT, "--target-mpp", "0.2"], capsys)[0] == 3  # no bag made
+    assert _cli(["--input", inp, "--output", out, *EXTRACT], capsys)[0] == 0  # nothing to mix with: accepted
+    assert json.loads((out / "settings.json").read_text())["settings"]["target_mpp"] == 2.0
+    assert read_bag(out / "bags" / "s.h5").attrs["target_mpp"] == 2.0
+
+
 @pytest.mark.fault(kind="silent_wrong")  # the run went on writing bags of the old settings into the new folder
 def test_a_run_whose_folder_was_taken_over_meanwhile_writes_nothing_more(tmp_path, tissue, capsys, monkeypatch):
     import json
