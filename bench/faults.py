@@ -7,7 +7,7 @@ Runs, in this process through ``pytest.main`` with a small collecting plugin:
 
 * ``tests/test_faults_preprocessing.py`` (``wsi-preprocess`` cases; skipped with a note when absent),
 * ``tests/test_faults_training.py`` (``wsi-ncmi fit|validate|test|evaluate|heatmap`` cases),
-* ``tests/test_faults_inputs.py`` (full disk, read-only / shared output folder, weight files, long names, CIFAR pickles),
+* ``tests/test_faults_inputs.py`` (full disk, read-only / shared output folder, weight files, long names, CIFAR),
 * the crash-recovery tests listed in ``CRASH_TESTS`` (a writer killed with SIGKILL, a reader process dying,
   a resumed run, a failed atomic write).
 

@@ -126,7 +126,8 @@ def _weights_sha(cfg: PreprocessConfig) -> str:
         return RANDOM
     path = Path(cfg.weights)
     if not path.is_file():
-        raise EncoderError(f"--weights {path}: {'is a folder, expected a weight file' if path.is_dir() else 'no such file'}")
+        what = "is a folder, expected a weight file" if path.is_dir() else "no such file"
+        raise EncoderError(f"--weights {path}: {what}")
     try:
         return sha256_file(path)
     except OSError as e:
@@ -210,7 +211,7 @@ def run(cfg: PreprocessConfig) -> RunResult:
     encoder = build_encoder(cfg.encoder, cfg.weights, cfg.device, cfg.precision, cfg.compile,
                             kwargs=cfg.encoder_kwargs_dict, mean=cfg.mean, std=cfg.std, input_size=cfg.input_size,
                             tile_size=cfg.patch_size) if extract else None
-    folder = _claim(out, fp, extract, cfg.overwrite, pending)  # after the weights were checked: never records a bad file
+    folder = _claim(out, fp, extract, cfg.overwrite, pending)  # after the weights were checked: no bad file recorded
     writer = SlideWriter(cfg, pending, fp, encoder, out, result, folder)
     from tqdm.auto import tqdm
 

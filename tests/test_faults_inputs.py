@@ -282,7 +282,8 @@ def test_nan_weights_are_named_by_ncmi_metric_and_the_backbones(tmp_path, capsys
     rc = main_ncmi_metric(["--weights", str(bad), "--data", str(data), "--image-size", "16", "--workers", "0",
                            "--device", "cpu", "--out", str(tmp_path / "m")])
     line = _last(capsys.readouterr().err)
-    assert rc == 2 and line.startswith(f"wsi-ncmi ncmi-metric: {bad}: 1 tensor(s) hold NaN or inf") and "fc.weight" in line
+    assert rc == 2 and line.startswith(f"wsi-ncmi ncmi-metric: {bad}: 1 tensor(s) hold NaN or inf")
+    assert "fc.weight" in line
     with pytest.raises(BackboneError, match=r"nan\.safetensors: 1 tensor\(s\) hold NaN or inf"):
         create_backbone("resnet18", weights=str(bad), width=0.125)
 
@@ -324,7 +325,7 @@ def test_output_inside_input_is_not_searched_for_slides(tmp_path, tissue, capsys
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param("cifar-pickle", marks=pytest.mark.fault(kind="traceback"), id="cifar-pickle"),  # refused, as a traceback
+    pytest.param("cifar-pickle", marks=pytest.mark.fault(kind="traceback"), id="cifar-pickle"),  # as a traceback
     pytest.param("missing-weights", marks=pytest.mark.fault(kind="traceback"), id="missing-weights"),
     pytest.param("nan-weights", marks=pytest.mark.fault(kind="silent_wrong"), id="nan-weights"),
 ])
@@ -380,7 +381,8 @@ def test_predict_slides_dir_names_a_bad_weight_file(tmp_path, tissue, capsys, mo
     assert _cli(["--input", slides, "--output", feats, *EXTRACT], capsys)[0] == 0
     split = tmp_path / "split.csv"
     split.write_text("slide_id,patient_id,label,split\ns0,p0,0,train\ns1,p1,1,train\ns2,p2,0,val\ns3,p3,1,test\n")
-    ckpt = _fit(feats / "bags", split, tmp_path / "run", "head", epochs=1, in_dim=read_bag(feats / "bags" / "s0.h5").dim)
+    dim = read_bag(feats / "bags" / "s0.h5").dim
+    ckpt = _fit(feats / "bags", split, tmp_path / "run", "head", epochs=1, in_dim=dim)
     pickled, nan = tmp_path / "w.safetensors", _other_weights(tmp_path / "nan.safetensors", nan=True)
     torch.save({"w": torch.ones(1), "x": _Evil(marker)}, pickled)
     for weights, expect in ((tmp_path / "missing.pth", "no such file"), (pickled, "not a safetensors file"),

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_device", "nonfinite_keys", "read_weight_file", "resolve_device", "strip_prefixes", "tensors_only", "unwrap_state_dict"]
+__all__ = ["check_device", "nonfinite_keys", "read_weight_file", "resolve_device", "strip_prefixes", "tensors_only",
+           "unwrap_state_dict"]
 
 
 def read_weight_file(path: str | Path) -> Any:

@@ -39,7 +39,8 @@ def read_backbone_weights(path: str | Path) -> Any:
     except FileNotFoundError:
         raise BackboneError(f"weights file not found: {path}") from None
     except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear error
-        raise BackboneError(f"{path}: cannot read weights ({type(err).__name__}: {' '.join(str(err).split())})") from err
+        why = " ".join(str(err).split())
+        raise BackboneError(f"{path}: cannot read weights ({type(err).__name__}: {why})") from err
     sd = unwrap_state_dict(obj, ("state_dict", "model", "module"))
     bad = nonfinite_keys(sd) if isinstance(sd, dict) else []
     if bad:
