@@ -292,7 +292,11 @@ def test_nan_weights_are_named_by_ncmi_metric_and_the_backbones(tmp_path, capsys
 @pytest.mark.fault(kind="unclear")  # "error: OSError: [Errno 36] File name too long" (an internal temp name)
 def test_a_245_character_slide_name_works(tmp_path, tissue, capsys):
     from preprocessing.writer import free_name
-    from wsi_ncmi.data.atomic import NAME_MAX
+    from wsi_ncmi.data.atomic import NAME_MAX, fit_name
+
+    long_a, long_b = "é" * 150 + "a", "é" * 150 + "b"  # 301 bytes each in UTF-8
+    assert len(fit_name(long_a, ".h5.tmp").encode()) <= NAME_MAX and fit_name(long_a, ".h5.tmp").endswith(".h5.tmp")
+    assert fit_name(long_a, ".x") != fit_name(long_b, ".x") and fit_name("short", ".h5") == "short.h5"
 
     inp, out = tmp_path / "in", tmp_path / "out"
     sid = "slide-" + "x" * 239
