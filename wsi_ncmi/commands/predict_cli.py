@@ -121,6 +121,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from preprocessing.config import ConfigError
+    from preprocessing.encoder_specs import EncoderError
+    from preprocessing.readers import SlideError
     from preprocessing.replay import ReplayError
     from wsi_ncmi.data.bags import BagError
     from wsi_ncmi.data.provenance import ProvenanceError
@@ -131,7 +133,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.training.checkpoint import CheckpointError
 
     return (PredictError, ProvenanceError, ReplayError, ConfigError, BagError, OODError, EmbedError, MILInputError,
-            CheckpointError)
+            CheckpointError, EncoderError, SlideError)  # EncoderError / SlideError: --weights, --slides-dir, folder
 
 
 def main(argv: list[str] | None = None) -> int:
