@@ -25,7 +25,7 @@ from wsi_ncmi.losses import create_loss
 from wsi_ncmi.metrics import topk_hits
 from wsi_ncmi.natural.backbones import create_backbone
 from wsi_ncmi.ncmi import NCMILoss, NCMIMetricAccumulator
-from wsi_ncmi.training.ncmi_objective import NCMIConfigError, NCMITraining, metric_name, rename_legacy_keys
+from wsi_ncmi.training.ncmi_objective import NCMIConfigError, NCMIHooks, NCMITraining, metric_name
 from wsi_ncmi.training.optim import SCHEDULES, WarmupSchedule, build_group_scheduler
 
 __all__ = ["OBJECTIVES", "ImageModule", "ImageModuleError"]
@@ -38,11 +38,9 @@ class ImageModuleError(ValueError):
 
 
 OBJECTIVES = ("head", "ncmi", "contrastive")
-#: state-dict keys of NCMI checkpoints written before NCMITraining held the loss -> their names now
-LEGACY_KEYS = {"criterion.": "ncmi_training.loss."}
 
 
-class ImageModule(L.LightningModule):
+class ImageModule(NCMIHooks, L.LightningModule):
     """ResNet + objective for CIFAR-100 / ImageNet-style training (see the module docstring).
 
     Args:
@@ -79,6 +77,8 @@ class ImageModule(L.LightningModule):
     CHECKPOINT_KIND = "natural"
     #: settings that define the network: a ``--ckpt_path`` whose values differ from the config's is refused
     STRUCTURE_HPARAMS = ("backbone", "num_classes", "objective", "cifar_stem", "width", "proj_dim")
+    #: state-dict keys of NCMI checkpoints written before NCMITraining held the loss -> their names now
+    NCMI_LEGACY_KEYS = {"criterion.": "ncmi_training.loss."}
 
     def __init__(
         self,
@@ -163,11 +163,6 @@ class ImageModule(L.LightningModule):
         self._val_centroids: Tensor | None = None  # [C, D] online train class means for this val epoch
         self._val_metric: NCMIMetricAccumulator | None = None  # streamed dataset-level CMI / Γ / NCMI
 
-    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
-        if self.ncmi_training is not None:  # NCMI checkpoints written before NCMITraining: criterion.*
-            rename_legacy_keys(state_dict, prefix, LEGACY_KEYS)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     # ------------------------------------------------------------------------------ forward pieces
     @property
     def ncmi(self) -> NCMILoss | None:
@@ -189,41 +184,17 @@ class ImageModule(L.LightningModule):
         return self.head(feat)
 
     # ------------------------------------------------------------------------------ training
-    def on_train_start(self) -> None:
-        if self.ncmi_training is None:
-            return
-
-        def loader() -> Any:
-            dm = getattr(self.trainer, "datamodule", None)
-            return dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
-
-        @torch.no_grad()
-        def embed_batch(batch: Any) -> tuple[Tensor, Tensor]:  # eval mode, on the device: [B, D], [B]
-            x, y = batch
-            x = x[:, 0] if x.ndim == 5 else x
-            was_training = self.training
-            self.eval()
-            try:
-                return self.forward_features(x.to(self.device)).float(), y.to(self.device).long()
-            finally:
-                self.train(was_training)
-
-        # a resumed run (global_step > 0) has its ξ from the checkpoint
-        self.ncmi_training.init_from_training(loader, embed_batch, self._reduce_sum, fresh=self.global_step == 0)
-
-    def on_train_epoch_start(self) -> None:
-        if self.ncmi_training is not None:
-            self.ncmi_training.reset_epoch()
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.ncmi_training is not None:  # only with a manual ξ step (not this module's param-group ξ)
-            self.ncmi_training.before_optimizer_step(getattr(getattr(self._trainer, "precision_plugin", None),
-                                                             "scaler", None))
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.ncmi_training is not None and self._world_size() > 1:  # EMA centroids: mean over ranks
-            self.ncmi_training.after_optimizer_step(lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"))
+    @torch.no_grad()
+    def ncmi_embed_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Features [B, D] (eval mode, first view, on the device) and labels [B] of a training batch."""
+        x, y = batch
+        x = x[:, 0] if x.ndim == 5 else x
+        was_training = self.training
+        self.eval()
+        try:
+            return self.forward_features(x.to(self.device)).float(), y.to(self.device).long()
+        finally:
+            self.train(was_training)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch  # [B, 3, H, W] (or [B, V, 3, H, W] for supcon), [B]
@@ -245,7 +216,7 @@ class ImageModule(L.LightningModule):
                 x = x[:, 0]
             feat = self.forward_features(x)  # [B, D]
             if self.ncmi_training is not None:
-                out = dict(self.ncmi_training(feat, y, self._reduce_sum if self._world_size() > 1 else None))
+                out = dict(self.ncmi_training(feat, y, self._sum_over_ranks if self._world_size() > 1 else None))
                 self.ncmi_training.observe_train(y)  # the loss's own ln p of this batch, into the online CC
             else:
                 assert self.head is not None and self.criterion is not None
@@ -260,7 +231,7 @@ class ImageModule(L.LightningModule):
     def _world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
 
-    def _reduce_sum(self, t: Tensor) -> Tensor:
+    def _sum_over_ranks(self, t: Tensor) -> Tensor:
         if self._world_size() > 1:
             return self.all_gather(t).sum(dim=0)
         return t
@@ -269,7 +240,7 @@ class ImageModule(L.LightningModule):
         self._val_metric = None
         self._val_centroids = None
         if self.ncmi_training is not None:  # classes unseen this epoch get NaN rows: never the nearest
-            self._val_centroids = self.ncmi_training.train_cc.centroids(self._reduce_sum)
+            self._val_centroids = self.ncmi_training.train_cc.centroids(self._sum_over_ranks)
 
     def _log_topk(self, centroids: str | None, scores: Tensor, y: Tensor) -> None:
         """Top-1 / top-5 of ``scores`` [B, C]: ``val/top{k}`` (``centroids`` None) or the NCMI names of
@@ -324,7 +295,7 @@ class ImageModule(L.LightningModule):
         if acc is None:
             return
         if self._world_size() > 1:  # the metric's sums over all ranks' samples
-            acc.reduce(self._reduce_sum)
+            acc.reduce(self._sum_over_ranks)
         if int((acc.class_counts > 0).sum()) < 2:
             return  # Γ needs two classes (tiny fast_dev_run batches)
         metric = acc.compute()

@@ -34,10 +34,10 @@ from .ncmi_objective import (
     CENTROID_INITS,
     CENTROID_OPTIMIZERS,
     NCMIConfigError,
+    NCMIHooks,
     NCMITraining,
     check_centroid_settings,
     metric_name,
-    rename_legacy_keys,
 )
 from .optim import build_optimizer, build_scheduler
 from .val_metrics import epoch_metrics
@@ -47,15 +47,13 @@ __all__ = ["OBJECTIVES", "CENTROID_OPTIMIZERS", "CENTROID_INITS", "MILModule", "
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("head", "ncmi")
-#: state-dict keys of checkpoints written before NCMITraining held the loss -> their names now
-LEGACY_KEYS = {"ncmi_loss.": "ncmi_training.loss.", "xi_momentum": "ncmi_training.xi_momentum"}
 
 
 class TrainingConfigError(ValueError):
     """Invalid MILModule arguments, or a module that does not match its data."""
 
 
-class MILModule(pl.LightningModule):
+class MILModule(NCMIHooks, pl.LightningModule):
     """LightningModule for slide-level MIL classification (see the module docstring).
 
     Public attributes used by evaluation: ``model`` (the aggregator; Identity head for NCMI), ``ncmi_loss``
@@ -67,6 +65,8 @@ class MILModule(pl.LightningModule):
     CHECKPOINT_KIND = "mil"
     #: settings that define the network: a ``--ckpt_path`` whose values differ from the config's is refused
     STRUCTURE_HPARAMS = ("model", "model_kwargs", "objective", "in_dim", "num_classes")
+    #: state-dict keys of checkpoints written before NCMITraining held the loss -> their names now
+    NCMI_LEGACY_KEYS = {"ncmi_loss.": "ncmi_training.loss.", "xi_momentum": "ncmi_training.xi_momentum"}
 
     def __init__(
         self,
@@ -147,11 +147,6 @@ class MILModule(pl.LightningModule):
         self._eval_outputs: list[dict[str, Tensor]] = []
         self._train_sums = TermSums()  # Σ value·B of every loss term this epoch
 
-    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
-        if self.ncmi_training is not None:  # checkpoints written before NCMITraining: ncmi_loss.*, xi_momentum
-            rename_legacy_keys(state_dict, prefix, LEGACY_KEYS)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     @property
     def ncmi_loss(self) -> NCMILoss | None:
         """The NCMI loss (ξ, the feature center) of an NCMI run, else None."""
@@ -172,20 +167,10 @@ class MILModule(pl.LightningModule):
             checkpoint[CHECKPOINT_KEY] = provenance
 
     # --------------------------------------------------------------------- NCMI center / ξ init pass
-    def on_train_start(self) -> None:
-        if self.ncmi_training is None:
-            return
-
-        def loader() -> Any:
-            dm = getattr(self.trainer, "datamodule", None)
-            return dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
-
-        def embed_batch(batch: Any) -> tuple[Tensor, Tensor]:  # eval mode, on the device: [B, E], [B]
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
-            return self.embed(batch["features"], batch.get("mask")).float(), batch["label"].long()
-
-        # a resumed run (global_step > 0) has its ξ from the checkpoint
-        self.ncmi_training.init_from_training(loader, embed_batch, self._sum_over_ranks, fresh=self.global_step == 0)
+    def ncmi_embed_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Slide embeddings [B, E] (eval mode, on the device) and labels [B] of a training batch."""
+        batch = self.transfer_batch_to_device(batch, self.device, 0)
+        return self.embed(batch["features"], batch.get("mask")).float(), batch["label"].long()
 
     def _sum_over_ranks(self, t: Tensor) -> Tensor:
         """``t`` summed over the DDP ranks (``t`` itself in a single process or outside a trainer)."""
@@ -269,20 +254,12 @@ class MILModule(pl.LightningModule):
                      prog_bar=True, logger=False)
         return named["loss"]
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.ncmi_training is not None:  # the manual ξ step (unscaled under fp16 GradScaler)
-            self.ncmi_training.before_optimizer_step(getattr(getattr(self._trainer, "precision_plugin", None),
-                                                             "scaler", None))
-
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+        super().optimizer_step(*args, **kwargs)  # (NCMIHooks: EMA centroids averaged over DDP ranks)
         self.model.on_after_optimizer_step()
-        if self.ncmi_training is not None and self.trainer.world_size > 1:  # EMA centroids: mean over ranks
-            self.ncmi_training.after_optimizer_step(lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"))
 
     def on_train_epoch_start(self) -> None:
-        if self.ncmi_training is not None:
-            self.ncmi_training.reset_epoch()
+        super().on_train_epoch_start()  # the online CC starts empty
         self._train_sums.reset()
         # training draws (instance subsets/dropout, balanced bag order) follow (seed, epoch): exact resume
         dm = getattr(self.trainer, "datamodule", None)

@@ -6,7 +6,8 @@ policy (``centroid_optimizer``: a manual SGD step after each backward, or a para
 optimizer, and the ξ group's lr schedule), the center / ξ initialisation pass before the first training step
 (``center_init_batches``, ``centroid_init``), the DDP handling of the feature center and of EMA centroids, the
 online CC accumulator (class means of p over the epoch's training samples) and the names of the accuracies it
-feeds (:data:`METRIC_NAMES`, documented in docs/ncmi_mil.md "Metric names").
+feeds (:data:`METRIC_NAMES`, documented in docs/ncmi_mil.md "Metric names"). :class:`NCMIHooks` is the
+LightningModule mixin that calls it from Lightning's hooks.
 
 ``sum_fn`` is a sum over the DDP ranks (identity in a single process) given by the holding module.
 """
@@ -26,7 +27,7 @@ from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
 
 from .optim import WarmupSchedule
 
-__all__ = ["CENTROID_INITS", "CENTROID_OPTIMIZERS", "METRIC_NAMES", "NCMIConfigError", "NCMITraining",
+__all__ = ["CENTROID_INITS", "CENTROID_OPTIMIZERS", "METRIC_NAMES", "NCMIConfigError", "NCMIHooks", "NCMITraining",
            "OnlineClassMeans", "centroid_sgd_step", "check_centroid_settings", "global_mean", "metric_name",
            "rename_legacy_keys"]
 
@@ -301,3 +302,57 @@ class NCMITraining(nn.Module):
         return {"centroid_update": loss.centroid_update, "variant": loss.variant, "use_nsf": loss.use_nsf,
                 "use_centering": loss.use_centering, "centroid_optimizer": self.centroid_optimizer,
                 "centroid_init": self.centroid_init, "center_init_batches": self.center_init_batches}
+
+
+class NCMIHooks:
+    """Mixin (before ``LightningModule`` in the bases) driving a module's ``ncmi_training`` from Lightning's hooks:
+    the init pass at ``on_train_start``, the manual ξ step before each optimizer step, the DDP ξ average after it,
+    the online CC reset per epoch, and old checkpoint keys (:attr:`NCMI_LEGACY_KEYS`) renamed on load.
+
+    The module provides ``ncmi_training`` (None for other objectives), ``_sum_over_ranks(t)`` and
+    :meth:`ncmi_embed_batch`.
+    """
+
+    #: state-dict keys written before the module held an ``NCMITraining`` -> their names now
+    NCMI_LEGACY_KEYS: dict[str, str] = {}
+    ncmi_training: NCMITraining | None
+
+    def ncmi_embed_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """(embedding [B, E] float32, labels [B] long) of a training batch, eval mode, no grad, on the device."""
+        raise NotImplementedError
+
+    def _ncmi_trainer(self) -> Any:
+        return getattr(self, "_trainer", None)
+
+    def on_train_start(self) -> None:
+        if self.ncmi_training is None:
+            return
+        trainer = self._ncmi_trainer()
+
+        def loader() -> Any:
+            dm = getattr(trainer, "datamodule", None)
+            return dm.train_dataloader() if dm is not None else trainer.train_dataloader
+
+        # a resumed run (global_step > 0) has its ξ from the checkpoint
+        self.ncmi_training.init_from_training(loader, self.ncmi_embed_batch, self._sum_over_ranks,  # type: ignore[attr-defined]
+                                              fresh=getattr(self, "global_step", 0) == 0)
+
+    def on_train_epoch_start(self) -> None:
+        if self.ncmi_training is not None:
+            self.ncmi_training.reset_epoch()
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.ncmi_training is not None:  # the manual ξ step, unscaled under an fp16 GradScaler
+            scaler = getattr(getattr(self._ncmi_trainer(), "precision_plugin", None), "scaler", None)
+            self.ncmi_training.before_optimizer_step(scaler)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)  # type: ignore[misc]
+        trainer = self._ncmi_trainer()
+        if self.ncmi_training is not None and trainer is not None and trainer.world_size > 1:
+            self.ncmi_training.after_optimizer_step(lambda t: trainer.strategy.reduce(t, reduce_op="mean"))
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        if self.ncmi_training is not None:
+            rename_legacy_keys(state_dict, prefix, self.NCMI_LEGACY_KEYS)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
