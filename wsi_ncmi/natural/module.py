@@ -216,7 +216,7 @@ class ImageModule(NCMIHooks, L.LightningModule):
                 x = x[:, 0]
             feat = self.forward_features(x)  # [B, D]
             if self.ncmi_training is not None:
-                out = dict(self.ncmi_training(feat, y, self._sum_over_ranks if self._world_size() > 1 else None))
+                out = dict(self.ncmi_training(feat, y, self.ncmi_ddp_sum()))
                 self.ncmi_training.observe_train(y)  # the loss's own ln p of this batch, into the online CC
             else:
                 assert self.head is not None and self.criterion is not None

@@ -178,10 +178,6 @@ class MILModule(NCMIHooks, pl.LightningModule):
             return self.trainer.strategy.reduce(t, reduce_op="sum")
         return t
 
-    def _ddp_sum(self) -> Any:
-        """``_sum_over_ranks`` on DDP (the NCMI center is then fed the global batch mean), else None."""
-        return self._sum_over_ranks if self._trainer is not None and self.trainer.world_size > 1 else None
-
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()
     def embed(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -216,7 +212,7 @@ class MILModule(NCMIHooks, pl.LightningModule):
         out = self.model(batch["features"].float(), batch.get("mask"))  # [B, N, D]
         target = batch["label"].long()
         if self.ncmi_training is not None:
-            terms = dict(self.ncmi_training(out.embedding, target, self._ddp_sum()))
+            terms = dict(self.ncmi_training(out.embedding, target, self.ncmi_ddp_sum()))
         else:
             assert self.criterion is not None
             terms = dict(self.criterion(out.logits, target))

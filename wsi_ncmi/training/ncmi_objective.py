@@ -324,6 +324,12 @@ class NCMIHooks:
     def _ncmi_trainer(self) -> Any:
         return getattr(self, "_trainer", None)
 
+    def ncmi_ddp_sum(self) -> SumFn | None:
+        """``_sum_over_ranks`` under DDP (for ``ncmi_training(f, y, sum_fn)``: the center is fed the global batch
+        mean), else None."""
+        trainer = self._ncmi_trainer()
+        return self._sum_over_ranks if trainer is not None and trainer.world_size > 1 else None  # type: ignore[attr-defined]
+
     def on_train_start(self) -> None:
         if self.ncmi_training is None:
             return
