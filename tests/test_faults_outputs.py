@@ -105,20 +105,36 @@ def test_an_interrupted_evaluate_keeps_the_earlier_report_intact(run_copy, tmp_p
     with pytest.raises(KeyboardInterrupt):
         main(args)
     assert _snapshot(out) == earlier and not _leftovers(tmp_path)
-
-    def disk_full(*a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(run_mod, "write_report", disk_full)
-    assert main(args) == 2
-    line = _error_line(capsys.readouterr().err, "evaluate")
-    assert str(out) in line and "No space left on device" in line
-    assert _snapshot(out) == earlier and not _leftovers(tmp_path)
     # a complete new evaluation replaces the folder as a whole: no file of the earlier one is left beside it
     monkeypatch.undo()
     assert main([*args, "--seeds", "0", "1"]) == 0
     assert not (out / "report.json").exists() and (out / "seed1" / "report.json").is_file()
     assert not _leftovers(tmp_path)
+
+
+@pytest.mark.fault(kind="traceback")
+def test_a_full_disk_during_evaluate_is_one_line_and_keeps_the_earlier_report(run_copy, tmp_path, capsys,
+                                                                              monkeypatch) -> None:
+    from wsi_ncmi.commands.evaluate_cli import main
+    from wsi_ncmi.evaluation import run as run_mod
+
+    bags, split, run = run_copy
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "report.json").write_text('{"earlier": true}\n')
+    earlier = _snapshot(out)
+    real_savez = run_mod.np.savez_compressed
+
+    def disk_full(fh, **arrays):  # half of embeddings.npz reaches the disk, then it is full
+        real_savez(fh, **arrays)
+        fh.truncate(fh.tell() // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(run_mod.np, "savez_compressed", disk_full)
+    assert main(_evaluate_args(run / "checkpoints" / "best.ckpt", bags, split, out)) == 2  # was a raw OSError
+    line = _error_line(capsys.readouterr().err, "evaluate")
+    assert f"--out {out}" in line and "No space left on device" in line and "free some space" in line
+    assert _snapshot(out) == earlier and not _leftovers(tmp_path)
 
 
 @pytest.mark.fault(kind="silent_wrong")

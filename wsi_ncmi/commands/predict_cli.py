@@ -10,7 +10,9 @@ settings into ``OUT/features/`` (resumable: finished slides are skipped), then t
 see :mod:`wsi_ncmi.evaluation.predict` and :mod:`wsi_ncmi.evaluation.ood`.
 
 Exit codes: 0 done; 2 a user error (message on stderr); 3 preprocessing left some slides failed (the others
-are predicted; see ``OUT/features/manifest.csv``).
+are predicted; see ``OUT/features/manifest.csv``). Every bag is checked before anything runs (exit 2 naming it): a
+``<slide_id>.h5`` entry that is a folder, an empty bag, another feature dim, coords rows other than feature rows
+or a renamed bag are refused, also under ``--allow-mismatch``; no slide is left out of the predictions silently.
 """
 
 from __future__ import annotations
