@@ -269,5 +269,5 @@ def _write_outputs(module: Any, state: Mapping[str, Any], dm: Any, splits: Mappi
         write_run_plots(out, dm.class_names, metrics_csv=metrics_csv, embeddings=emb)
     from .html_report import write_html_report
 
-    say(f"report page → {write_html_report(out)}")
+    say(f"report page → {shown / write_html_report(out).relative_to(out)}")
     return written
