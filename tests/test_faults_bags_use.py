@@ -132,6 +132,9 @@ def test_predict_refuses_a_bag_entry_that_is_a_folder(bags_copy, tmp_path, capsy
     line = _error_line(capsys.readouterr().err, "predict")
     assert str(bags / f"{sid}.h5") in line and "is a folder" in line and "--slides" in line
     assert _snapshot(tmp_path) == before and not (tmp_path / "pred").exists()
+    # fit and evaluate already refused it as a missing bag; the line now says what is there instead
+    assert _fit(bags, split, tmp_path / "new_run") == 2
+    assert f"{sid} ({sid}.h5 is a folder)" in _error_line(capsys.readouterr().err, "fit")
     # the slides listed with --slides are predicted when the folder entry is not among them
     others = [s for s in _slides(split, "test") if s != sid]
     pd.DataFrame({"slide_id": others}).to_csv(tmp_path / "list.csv", index=False)

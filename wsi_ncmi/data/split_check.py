@@ -76,10 +76,13 @@ def _classes(ids: Sequence[int]) -> str:
 def missing_bags_message(
     missing: Sequence[str], n_slides: int, where: str, bags_dir: str | os.PathLike
 ) -> str:
-    """``"<k> of <n> slides in <where> have no bag in <bags_dir>: a, b, ... (m more)"``."""
-    return (
-        f"{len(missing)} of {n_slides} slides in {where} have no bag in {bags_dir}: {_names(list(missing))}"
-    )
+    """``"<k> of <n> slides in <where> have no bag in <bags_dir>: a, b, ... (m more)"``; a shown slide whose
+    ``<id>.h5`` exists but is not a file (a folder, a broken link) is marked so."""
+    shown = [s if (Path(bags_dir) / f"{s}.h5").is_file() or not os.path.lexists(Path(bags_dir) / f"{s}.h5")
+             else f"{s} ({s}.h5 is {'a folder' if (Path(bags_dir) / f'{s}.h5').is_dir() else 'not a file'})"
+             for s in list(missing)[:_SHOW]]
+    return (f"{len(missing)} of {n_slides} slides in {where} have no bag in {bags_dir}: "
+            f"{_names(shown + list(missing)[_SHOW:])}")
 
 
 def locate_bags(slide_ids: Iterable[str], bags_dir: str | os.PathLike) -> tuple[dict[str, Path], list[str]]:
