@@ -134,6 +134,7 @@ def test_a_full_disk_during_evaluate_is_one_line_and_keeps_the_earlier_report(ru
     assert main(_evaluate_args(run / "checkpoints" / "best.ckpt", bags, split, out)) == 2  # was a raw OSError
     line = _error_line(capsys.readouterr().err, "evaluate")
     assert f"--out {out}" in line and "No space left on device" in line and "free some space" in line
+    assert "the earlier report in --out is unchanged" in line
     assert _snapshot(out) == earlier and not _leftovers(tmp_path)
 
 

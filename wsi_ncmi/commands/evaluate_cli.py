@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         line = write_failure(err, f"--out {args.out}")
         if line is None:
             raise
-        _echo(f"wsi-ncmi evaluate: error: {line}", err=True)
+        kept = "; the earlier report in --out is unchanged" if (Path(args.out) / "report.json").is_file() else ""
+        _echo(f"wsi-ncmi evaluate: error: {line}{kept}", err=True)
         return 2
 
 
