@@ -289,7 +289,7 @@ def test_fit_setup_lists_the_bags_folder_once_and_reads_each_header_once(bags, t
     from wsi_ncmi.data.provenance import datamodule_provenance
     from wsi_ncmi.training.cli import MILCLI
 
-    calls = {"list_bags": [], "read_header": []}
+    calls = {"list_bags": [], "check_header": []}  # check_header: read_header plus the checks of a usable bag
 
     def counting(name):
         real = getattr(bags_mod, name)
@@ -314,7 +314,7 @@ def test_fit_setup_lists_the_bags_folder_once_and_reads_each_header_once(bags, t
     assert datamodule_provenance(dm) is not None
     n_slides = len(dm.table)
     assert calls["list_bags"] == [str(bags[0])]
-    assert len(calls["read_header"]) == n_slides == len(set(calls["read_header"]))
+    assert len(calls["check_header"]) == n_slides == len(set(calls["check_header"]))
 
 # --------------------------------------------------------------------------------- schedule / metrics
 def test_cosine_schedule_with_warmup():

@@ -10,7 +10,9 @@ settings into ``OUT/features/`` (resumable: finished slides are skipped), then t
 see :mod:`wsi_ncmi.evaluation.predict` and :mod:`wsi_ncmi.evaluation.ood`.
 
 Exit codes: 0 done; 2 a user error (message on stderr); 3 preprocessing left some slides failed (the others
-are predicted; see ``OUT/features/manifest.csv``).
+are predicted; see ``OUT/features/manifest.csv``). Every bag is checked before anything runs (exit 2 naming it): a
+``<slide_id>.h5`` entry that is a folder, an empty bag, another feature dim, coords rows other than feature rows
+or a renamed bag are refused, also under ``--allow-mismatch``; no slide is left out of the predictions silently.
 """
 
 from __future__ import annotations
@@ -84,11 +86,14 @@ def _preprocess(args: argparse.Namespace, recorded: dict[str, Any] | None, out: 
 
 def _predict(args: argparse.Namespace) -> int:
     from wsi_ncmi.data.bags import list_bags
+    from wsi_ncmi.data.outputs import check_output_dir
     from wsi_ncmi.data.provenance import CHECKPOINT_KEY
     from wsi_ncmi.evaluation.predict import PredictError, predict_module, read_slide_list, select_bags
     from wsi_ncmi.training.checkpoint import load_mil_module, read_checkpoint
 
-    ckpt, out = Path(args.ckpt), Path(args.out)
+    ckpt, out = Path(args.ckpt), check_output_dir(args.out, "--out")
+    if ckpt.is_dir():
+        raise PredictError(f"--ckpt {ckpt}: is a folder; give the checkpoint file (e.g. {ckpt / 'best.ckpt'})")
     if not ckpt.is_file():
         raise PredictError(f"--ckpt {ckpt}: no such file")
     if args.weights and not args.slides_dir:
@@ -125,6 +130,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from preprocessing.readers import SlideError
     from preprocessing.replay import ReplayError
     from wsi_ncmi.data.bags import BagError
+    from wsi_ncmi.data.outputs import OutputError
     from wsi_ncmi.data.provenance import ProvenanceError
     from wsi_ncmi.evaluation.embed import EmbedError
     from wsi_ncmi.evaluation.ood import OODError
@@ -133,7 +139,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.training.checkpoint import CheckpointError
 
     return (PredictError, ProvenanceError, ReplayError, ConfigError, BagError, OODError, EmbedError, MILInputError,
-            CheckpointError, EncoderError, SlideError)  # EncoderError / SlideError: --weights, --slides-dir, folder
+            CheckpointError, EncoderError, SlideError, OutputError)  # EncoderError / SlideError: --weights, --slides-dir, folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,4 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         from wsi_ncmi.commands.errors import one_line
 
         _echo(f"wsi-ncmi predict: error: {one_line(err)}", err=True)
+        return 2
+    except OSError as err:  # disk full, read-only, ... while writing --out
+        from wsi_ncmi.commands.errors import write_failure
+
+        line = write_failure(err, f"--out {args.out}")
+        if line is None:
+            raise
+        _echo(f"wsi-ncmi predict: error: {line}", err=True)
         return 2

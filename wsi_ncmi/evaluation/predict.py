@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from wsi_ncmi.data.atomic import atomic_write_text
-from wsi_ncmi.data.bags import BagError, list_bags, read_features
+from wsi_ncmi.data.bags import BagError, check_header, list_bags, read_features
 from wsi_ncmi.data.markdown import markdown_table
 from wsi_ncmi.data.provenance import CHECKPOINT_KEY, ProvenanceError, bag_mismatches, bag_provenance
 from wsi_ncmi.models import MILAggregator
@@ -54,6 +54,7 @@ from .ood import (
 __all__ = [
     "PredictError",
     "Prediction",
+    "check_bag_files",
     "check_bags",
     "predict_bags",
     "predict_module",
@@ -103,8 +104,18 @@ def read_slide_list(csv: str | os.PathLike, base_dir: str | os.PathLike | None =
 
 
 def select_bags(bags_dir: str | os.PathLike, slides: pd.DataFrame | None = None) -> dict[str, Path]:
-    """``{slide_id: bag path}``: every bag in ``bags_dir``, or the listed ones (all must exist)."""
+    """``{slide_id: bag path}``: every bag in ``bags_dir``, or the listed ones (all must exist). A wanted
+    ``<slide_id>.h5`` that is not a file (a folder, a broken link) is refused, not skipped: no slide is left out
+    of the predictions silently."""
     bags = list_bags(bags_dir)  # BagError names the folder when it does not exist
+    wanted = None if slides is None else set(slides["slide_id"])
+    odd = [p for p in sorted(Path(bags_dir).glob("*.h5"))
+           if not p.is_file() and (wanted is None or p.name[: -len(".h5")] in wanted)]
+    if odd:
+        kind = "a folder" if odd[0].is_dir() else "not a readable file"
+        raise PredictError(f"{odd[0]}: is {kind}, not a bag file"
+                           + (f" (and {len(odd) - 1} more: {', '.join(p.name for p in odd[1:4])})" if len(odd) > 1
+                              else "") + "; move it away (or list the other slides with --slides) and run again")
     if slides is not None:
         missing = [s for s in slides["slide_id"] if s not in bags]
         if missing:
@@ -145,6 +156,17 @@ def check_bags(bags: Mapping[str, Path], checkpoint: Mapping[str, Any], ckpt_nam
     for sid, why in bad.items():
         logger.warning("%s: %s (--allow-mismatch)", bags[sid], "; ".join(why))
     return bad
+
+
+def check_bag_files(bags: Mapping[str, Path], in_dim: int) -> None:
+    """Every bag can be run by a model taking ``in_dim`` features: :func:`~wsi_ncmi.data.bags.check_header`
+    (at least one row, float features, coords rows = feature rows, not renamed) and D = ``in_dim``. Checked
+    before anything runs, also under ``--allow-mismatch`` (which allows other preprocessing, not broken bags)."""
+    for path in bags.values():
+        _, d, _ = check_header(path)
+        if d != in_dim:
+            raise BagError(f"{path}: features have D={d} but the checkpoint's model takes D={in_dim}; a bag made "
+                           "with another encoder cannot be predicted, even with --allow-mismatch")
 
 
 # --------------------------------------------------------------------------------------- predicting
@@ -377,6 +399,7 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
     say = echo or (lambda _line: None)
     ckpt, out = Path(ckpt), Path(out_dir)
     mismatches = check_bags(bags, checkpoint, str(ckpt), allow_mismatch=allow_mismatch)
+    check_bag_files(bags, module.model.in_dim)
     cal_path = Path(calibration) if calibration else find_calibration(ckpt)
     cal = Calibration.read(cal_path) if cal_path else None
     if cal is None:
