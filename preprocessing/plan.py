@@ -96,6 +96,7 @@ def settings_fingerprint(cfg: PreprocessConfig, weights_sha256: str) -> dict[str
         **tiling_fingerprint(cfg),
         "compute_precision": _compute_precision(cfg),
         "features_dtype": cfg.features_dtype,
+        "read_path": cfg.read_path,
     }
 
 
