@@ -41,6 +41,8 @@ DataLoader passes, recovery from dead workers).
   dead process, and the slides not yet finished are read again by a fresh DataLoader.
 
 ``workers=0`` runs the same stream in the main process (no read-ahead) — used by the tests.
+``--devices 0,1,...`` runs this whole loop once per device, each in its own process, sharing the slides through
+the per-slide locks (:mod:`preprocessing.devices`).
 """
 
 from __future__ import annotations
@@ -146,8 +148,13 @@ def _quiet_sigchld() -> Iterator[None]:
 
 
 def run(cfg: PreprocessConfig) -> RunResult:
-    """Process every pending slide of ``cfg``; returns statuses (also in ``OUT/manifest.csv``)."""
+    """Process every pending slide of ``cfg``; returns statuses (also in ``OUT/manifest.csv``).
+    ``cfg.devices``: one such run per device in its own process (:mod:`preprocessing.devices`)."""
     cfg.validate()
+    if cfg.devices:
+        from .devices import run_on_devices
+
+        return run_on_devices(cfg)
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise SlideError(f"--output {out}: exists and is not a folder; give a folder path (it is created if "
