@@ -106,6 +106,7 @@ def read_rows(cfg: PreprocessConfig, paths: list[str], repeats: int) -> list[str
     for path in paths:
         wall, per_core, busy, n = [], [], [], 0
         for r in range(repeats):  # a fresh output folder each time (the stream leaves its locks behind)
+            shutil.rmtree(f"{cfg.output}_{path}_{r}", ignore_errors=True)
             rate, n, b = read_rate(replace(cfg, read_path=path, output=f"{cfg.output}_{path}_{r}"))
             wall.append(rate)
             busy.append(b)

@@ -24,8 +24,8 @@ import torch
 from preprocessing import synthetic
 from preprocessing.encoders import build_encoder, packaged_weights
 from preprocessing.readers import open_slide
-from preprocessing.tissue import TissueParams, segment_tissue, tile_fractions
 from preprocessing.tiling import grid_coords, plan_tiles
+from preprocessing.tissue import TissueParams, segment_tissue, tile_fractions
 
 
 def tile_pairs(path: Path, factor: int, patch: int, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["REDUCE_FLAGS", "tile_stream", "frame_size", "decode_reduced"]
+__all__ = ["REDUCE_FLAGS", "stream_prefix", "tile_stream", "frame_size", "decode_reduced"]
 
 _ORIENT = getattr(cv2, "IMREAD_IGNORE_ORIENTATION", 128)
 # reduction factor -> OpenCV imdecode flag (libjpeg-turbo scale_denom)
@@ -32,17 +32,23 @@ def _adobe(transform: int) -> bytes:
     return b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00" + bytes([transform])
 
 
-def tile_stream(data: bytes, tables: bytes | None, rgb: bool) -> bytes:
-    """A standalone JPEG stream for one TIFF tile: ``JPEGTables`` spliced in (their SOI..EOI around the tile's
-    SOI..EOI) and an Adobe marker saying whether the components are RGB (TIFF photometric RGB) or YCbCr."""
+def stream_prefix(tables: bytes | None, rgb: bool) -> bytes:
+    """What goes before a tile's data (after its SOI): SOI, an Adobe marker saying whether the components are
+    RGB (TIFF photometric RGB) or YCbCr, and the ``JPEGTables`` segments (without their SOI / EOI)."""
+    head = b"\xff\xd8" + _adobe(0 if rgb else 1)
+    if not tables:
+        return head
+    if tables[:2] != b"\xff\xd8" or tables[-2:] != b"\xff\xd9":
+        raise ValueError("JPEGTables is not an SOI..EOI stream")
+    return head + tables[2:-2]
+
+
+def tile_stream(data: bytes, tables: bytes | None, rgb: bool, prefix: bytes | None = None) -> bytes:
+    """A standalone JPEG stream for one TIFF tile: :func:`stream_prefix` (``prefix`` when already built for
+    the page) followed by the tile's own stream minus its SOI."""
     if data[:2] != b"\xff\xd8":
         raise ValueError("tile data does not start with a JPEG SOI marker")
-    body = data[2:]
-    if tables:
-        if tables[:2] != b"\xff\xd8" or tables[-2:] != b"\xff\xd9":
-            raise ValueError("JPEGTables is not an SOI..EOI stream")
-        body = tables[2:-2] + body
-    return b"\xff\xd8" + _adobe(0 if rgb else 1) + body
+    return (stream_prefix(tables, rgb) if prefix is None else prefix) + data[2:]
 
 
 def frame_size(stream: bytes) -> tuple[int, int, int]:
@@ -56,24 +62,25 @@ def frame_size(stream: bytes) -> tuple[int, int, int]:
         if m == 0xFF:  # fill byte
             i += 1
             continue
-        length = int.from_bytes(stream[i + 2:i + 4], "big")
         if m in _SOF and i + 10 <= n:
-            h, w = int.from_bytes(stream[i + 5:i + 7], "big"), int.from_bytes(stream[i + 7:i + 9], "big")
-            return h, w, stream[i + 9]
+            return (stream[i + 5] << 8) | stream[i + 6], (stream[i + 7] << 8) | stream[i + 8], stream[i + 9]
         if 0xC3 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC) or m == 0xDA:
             break  # lossless / arithmetic frame, or scan data before any frame header
-        i += 2 + length
+        i += 2 + ((stream[i + 2] << 8) | stream[i + 3])
     raise ValueError("JPEG header: no baseline/progressive frame (SOF0-2) marker")
 
 
-def decode_reduced(stream: bytes, factor: int, shape: tuple[int, int]) -> np.ndarray:
-    """[h / factor, w / factor, 3] uint8 RGB of a standalone JPEG ``stream`` whose frame is ``shape`` (h, w),
-    decoded at 1/``factor`` scale (1, 2, 4, 8). Raises ValueError when it does not decode to that size."""
-    h, w, comps = frame_size(stream)
+def decode_reduced(stream: bytes, factor: int, shape: tuple[int, int], bgr: bool = False,
+                   frame: bytes | None = None) -> np.ndarray:
+    """[h / factor, w / factor, 3] uint8 RGB (BGR when ``bgr``) of a standalone JPEG ``stream`` whose frame is
+    ``shape`` (h, w), decoded at 1/``factor`` scale (1, 2, 4, 8). ``frame``: the bytes holding the SOF marker
+    (the tile's own data; JPEGTables hold no frame), checked before anything is allocated. Raises ValueError
+    when the frame is not ``shape`` x 3 or the stream does not decode to the reduced size."""
+    h, w, comps = frame_size(stream if frame is None else frame)
     if (h, w) != tuple(shape) or comps != 3:
         raise ValueError(f"JPEG frame {h}x{w}x{comps}, expected {shape[0]}x{shape[1]}x3")
-    bgr = cv2.imdecode(np.frombuffer(stream, np.uint8), REDUCE_FLAGS[factor])
+    out = cv2.imdecode(np.frombuffer(stream, np.uint8), REDUCE_FLAGS[factor])
     want = (-(-h // factor), -(-w // factor), 3)
-    if bgr is None or bgr.shape != want:
-        raise ValueError(f"JPEG decode failed (got {None if bgr is None else bgr.shape}, expected {want})")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)
+    if out is None or out.shape != want:
+        raise ValueError(f"JPEG decode failed (got {None if out is None else out.shape}, expected {want})")
+    return out if bgr else cv2.cvtColor(out, cv2.COLOR_BGR2RGB, dst=out)

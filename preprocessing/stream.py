@@ -179,17 +179,19 @@ class SlideStream(IterableDataset):
             shared = get_worker_info() is not None
             fast = cfg.read_path == "fast"
             batch = _new_batch(min(cfg.batch_size, len(coords)), plan.patch_size, shared)  # [B, P, P, 3]
+            view = batch.numpy()  # writes go into the batch
             for i, xy in enumerate(coords):
                 try:
-                    batch.numpy()[len(index)] = read_tile(reader, xy, plan, fast)  # a view: writes into the batch
+                    view[len(index)] = read_tile(reader, xy, plan, fast)
                     index.append(i)
                 except TileReadError as e:
                     log.warning("%s: dropping tile %d at %s: %s", task.slide_id, i, tuple(xy), e)
                     bad.append(i)
-                if len(index) == len(batch):
+                if len(index) == len(view):
                     yield self._tiles(task, batch, index)
                     index = []
                     batch = _new_batch(min(cfg.batch_size, len(coords) - i - 1), plan.patch_size, shared)
+                    view = batch.numpy()
             if index:
                 yield self._tiles(task, batch[:len(index)], index)
             yield self._end(task, "ok", "", bad=np.asarray(bad, np.int64), **common)

@@ -23,9 +23,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from .jpeg_tiles import REDUCE_FLAGS, decode_reduced, tile_stream
+from .jpeg_tiles import REDUCE_FLAGS, decode_reduced, stream_prefix, tile_stream
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,13 @@ class _Level:
         # JPEG tiles in RGB (2) or YCbCr (6): what the reduced (DCT-domain) decoder handles
         self.jpeg = int(page.compression) == 7 and photometric in (2, 6)
         self.rgb = photometric == 2
+        self._prefix: bytes | None = None  # SOI + colour marker + JPEGTables, built on first reduced read
         self._empty: np.ndarray | None = None  # [rows, cols] bool, built on first use
+
+    def prefix(self) -> bytes:
+        if self._prefix is None:
+            self._prefix = stream_prefix(self.tables, self.rgb)
+        return self._prefix
 
     def empty_tiles(self) -> np.ndarray:
         """[rows, cols] bool: tiles never written (byte count 0, a sparse TIFF); OpenSlide draws them transparent."""
@@ -133,7 +140,7 @@ class TiffLevels:
         return tile
 
     def _tile_reduced(self, level: int, lv: _Level, index: int, factor: int) -> np.ndarray:
-        """Tile ``index`` decoded at 1/``factor`` scale [th / f, tw / f, 3] (cached like full tiles)."""
+        """Tile ``index`` decoded at 1/``factor`` scale [th / f, tw / f, 3] BGR (cached like full tiles)."""
         key = (level, index, factor)
         hit = self._cache.get(key)
         if hit is not None:
@@ -144,7 +151,9 @@ class TiffLevels:
             raise TileDecodeError(f"tile {index} of level {level} has no data")
         try:
             self._fh.seek(offset)
-            tile = decode_reduced(tile_stream(self._fh.read(count), lv.tables, lv.rgb), factor, (lv.th, lv.tw))
+            data = self._fh.read(count)
+            tile = decode_reduced(tile_stream(data, lv.tables, lv.rgb, lv.prefix()), factor, (lv.th, lv.tw),
+                                  bgr=True, frame=data)
         except Exception as e:
             raise TileDecodeError(f"tile {index} of level {level}: {type(e).__name__}: {e}") from e
         self._cache[key] = tile
@@ -164,7 +173,9 @@ class TiffLevels:
         f = factor
         if not lv.jpeg or any(v % f for v in (x, y, int(size[0]), int(size[1]), lv.tw, lv.th)):
             return None
-        out = np.full((int(size[1]) // f, int(size[0]) // f, 3), 255, np.uint8)
+        shape = (int(size[1]) // f, int(size[0]) // f, 3)
+        inside = (x0, y0, x1, y1) == (x, y, x + int(size[0]), y + int(size[1]))
+        out = np.empty(shape, np.uint8) if inside else np.full(shape, 255, np.uint8)  # white outside the level
         if x1 <= x0 or y1 <= y0:
             return out
         for ty in range(y0 // lv.th, (y1 - 1) // lv.th + 1):
@@ -176,7 +187,7 @@ class TiffLevels:
                 oy, ox = (ay - y) // f, (ax - x) // f
                 part = tile[(ay - gy) // f:-(-(by - gy) // f), (ax - gx) // f:-(-(bx - gx) // f)]
                 out[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
-        return out
+        return cv2.cvtColor(out, cv2.COLOR_BGR2RGB, dst=out)  # tiles are kept BGR: one conversion per region
 
     def _window(self, location: tuple[int, int], level: int,
                 size: tuple[int, int]) -> tuple[_Level, int, int, tuple[int, int, int, int]] | None:
