@@ -53,6 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, default=64)
     ap.add_argument("--patch-size", type=int, default=256)
+    ap.add_argument("--synthetic-side", type=int, default=6144, help="level-0 side of the synthetic slides (px)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="read_path_diff_"))
     sources: list[tuple[str, Path, int]] = []
@@ -60,7 +61,8 @@ def main() -> None:
     if cmu is not None:
         sources += [("CMU SVS (real Aperio, RGB JPEG Q=30 + JPEGTables)", cmu, f) for f in (2, 4)]
     tex = synthetic.package_textures()
-    rgb, _ = synthetic.synthetic_tissue(6144, 6144, seed=7, n_blobs=4, coverage=0.6, textures=tex)
+    side = a.synthetic_side
+    rgb, _ = synthetic.synthetic_tissue(side, side, seed=7, n_blobs=4, coverage=0.6, textures=tex)
     for name, kw in (("YCbCr 4:2:0 Q=90", {}), ("RGB Q=70", {"jpeg_rgb": True, "jpeg_quality": 70})):
         p = synthetic.write_svs(tmp / f"syn_{len(sources)}.svs", rgb, mpp=0.25, downsamples=(1, 4, 16), **kw)
         sources.append((f"synthetic 40× pyramid, {name}", p, 2))
