@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from preprocessing.extract import run
 from preprocessing.jpeg_tiles import decode_reduced, frame_size, tile_stream
 from preprocessing.manifest import read_manifest
 from preprocessing.readers import open_slide
+from preprocessing.replay import config_from_settings
 from preprocessing.writer import RunResult
 
 
@@ -100,6 +102,17 @@ def test_read_path_is_a_setting_and_fast_bags_stay_close(tmp_path):
     assert cos.min() > 0.99 and not np.array_equal(a, b)
     with pytest.raises(ConfigError, match="--read-path"):
         replace(cfg, read_path="quick").validate()
+    # a bag made before the read path was recorded was read exactly: up to date for exact, replayed as exact
+    assert run(cfg).written == ["s"]
+    bag = tmp_path / "out" / "bags" / "s.h5"
+    with h5py.File(bag, "r+") as f:
+        settings = json.loads(f.attrs["settings_json"])
+        assert settings.pop("read_path") == "exact"
+        f.attrs["settings_json"] = json.dumps(settings, sort_keys=True)
+    assert run(cfg).written == [] and run(replace(cfg, read_path="fast")).written == ["s"]
+    assert config_from_settings(settings, input=cfg.input, output=cfg.output, weights="random").read_path == "exact"
+    assert config_from_settings({**settings, "read_path": "fast"}, input=cfg.input, output=cfg.output,
+                                weights="random").read_path == "fast"
 
 
 def read_bag_arrays(path: Path) -> dict[str, np.ndarray]:
