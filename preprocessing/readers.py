@@ -26,9 +26,22 @@ from .tiff_tiles import TiffLevels, TileDecodeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SlideError", "UnreadableSlideError", "TileReadError", "SlideReader", "OpenSlideReader", "ImageReader",
-           "READERS", "SLIDE_EXTENSIONS", "open_slide", "find_slides", "IMAGE_EXTENSIONS", "slide_id_of",
-           "TiffImageReader", "FALLBACK_READERS"]
+__all__ = [
+    "SlideError",
+    "UnreadableSlideError",
+    "TileReadError",
+    "SlideReader",
+    "OpenSlideReader",
+    "ImageReader",
+    "READERS",
+    "SLIDE_EXTENSIONS",
+    "open_slide",
+    "find_slides",
+    "IMAGE_EXTENSIONS",
+    "slide_id_of",
+    "TiffImageReader",
+    "FALLBACK_READERS",
+]
 
 class SlideError(ValueError):
     """A slide cannot be used; the message names the file."""
@@ -65,12 +78,6 @@ class SlideReader(ABC):
     @abstractmethod
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """[h, w, 3] uint8 RGB; transparent (unscanned) pixels are white. Raises TileReadError."""
-
-    def read_region_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
-                            factor: int) -> np.ndarray | None:
-        """The region at 1/``factor`` scale decoded in the DCT domain (``--read-path fast``), or None when this
-        reader / region has no such path (the caller reads it exactly and resizes)."""
-        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the file handle."""
@@ -235,11 +242,8 @@ class OpenSlideReader(SlideReader):
 
     def read_region_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
                             factor: int) -> np.ndarray | None:
-        try:
-            return None if self._fast is None else self._fast.read_reduced(location, level, size, factor)
-        except TileDecodeError as e:  # the exact path decides (OpenSlide's own error for a corrupt tile)
-            log.debug("%s: reduced read failed, reading exactly: %s", self.path, e)
-            return None
+        """The region at 1/``factor`` scale (JPEG tiles decoded in the DCT domain), or None: read it exactly."""
+        return None if self._fast is None else self._fast.read_reduced(location, level, size, factor)
 
     def _read_openslide(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         import openslide

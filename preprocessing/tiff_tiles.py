@@ -165,7 +165,7 @@ class TiffLevels:
                      factor: int) -> np.ndarray | None:
         """[h / f, w / f, 3] uint8: the region of :meth:`read` at 1/``factor`` scale, each JPEG tile decoded
         at that scale; None (use the exact path) unless the level has JPEG tiles and the region's origin,
-        size and the tile size are multiples of ``factor`` (1, 2, 4 or 8)."""
+        size and the tile size are multiples of ``factor`` (1, 2, 4 or 8), or when a tile fails to decode."""
         win = self._window(location, level, size)
         if win is None or factor not in REDUCE_FLAGS:
             return None
@@ -180,7 +180,11 @@ class TiffLevels:
             return out
         for ty in range(y0 // lv.th, (y1 - 1) // lv.th + 1):
             for tx in range(x0 // lv.tw, (x1 - 1) // lv.tw + 1):
-                tile = self._tile_reduced(level, lv, ty * lv.cols + tx, f)
+                try:
+                    tile = self._tile_reduced(level, lv, ty * lv.cols + tx, f)
+                except TileDecodeError as e:  # the exact path decides (OpenSlide's own error for a corrupt tile)
+                    log.debug("reduced read failed, reading exactly: %s", e)
+                    return None
                 gx, gy = tx * lv.tw, ty * lv.th
                 ax, ay = max(x0, gx), max(y0, gy)
                 bx, by = min(x1, gx + lv.tw), min(y1, gy + lv.th)  # level px; all multiples of f but x1, y1

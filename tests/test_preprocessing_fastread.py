@@ -168,3 +168,12 @@ def test_two_cpu_devices_give_the_same_bags_as_one_process(tmp_path):
             differ = {k for k in a1 if not np.array_equal(a1[k], a2[k])}
             assert differ <= {"created_utc", "created"}, differ  # only when it was written may differ
     assert not list((tmp_path / "two" / "locks").iterdir())
+
+
+def test_a_corrupt_tile_leaves_the_region_to_the_exact_path(tmp_path):
+    rgb = np.zeros((512, 768, 3), np.uint8) + np.array([180, 90, 160], np.uint8)
+    clean = synthetic.write_svs(tmp_path / "clean.svs", rgb, mpp=0.5, downsamples=(1,))
+    bad = synthetic.corrupt_tiles(tmp_path / "bad.svs", clean, tiles=(1,))  # level-0 tile x 256..511, y 0..255
+    with open_slide(bad) as r:
+        assert r.read_region_reduced((256, 0), 0, (256, 256), 2) is None  # then read_region raises / drops it
+        assert r.read_region_reduced((0, 256), 0, (256, 256), 2).shape == (128, 128, 3)
