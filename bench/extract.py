@@ -9,6 +9,14 @@ weights) measures in the same process:
 and once: read — the SlideStream alone (tissue + tile decode + resize in DataLoader workers, no model),
 with the busy cores it used (CPU seconds of main + workers / wall seconds) and the load average.
 Prints a Markdown table. ``--encoders`` with no names measures read+tissue only.
+
+Read+tissue is measured ``--repeats`` times per ``--read-path`` (fast, exact or both) and reported as
+min / median / max of tiles/s (wall) and of tiles per CPU second of main + workers ("per busy core", the
+number that means something on a shared machine). ``--compare`` adds, on the same slides and tile grid,
+CLAM's per-tile OpenSlide loop and hs2p (``bench/read_compare.py``), each on one core.
+
+    nice -n 10 python bench/extract.py --encoders --tiles 1600 --tiles-per-slide 400 --workers 2 \
+        --read-path both --repeats 3 --compare
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ import functools
 import os
 import resource
 import shutil
+import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +44,8 @@ from preprocessing.plan import plan_slides, settings_fingerprint
 from preprocessing.stream import SlideStream
 
 
-def make_slides(folder: Path, n_tiles: int, patch: int, target_mpp: float, slide_mpp: float, per_slide: int) -> int:
+def make_slides(folder: Path, n_tiles: int, patch: int, target_mpp: float, slide_mpp: float, per_slide: int,
+                quality: int = 90, jpeg_rgb: bool = False) -> int:
     tex = synthetic.package_textures() or {"x": synthetic.stripes(256, 256, 16)}
     texture = next(iter(tex.values()))
     foot = round(patch * target_mpp / slide_mpp)
@@ -43,7 +54,8 @@ def make_slides(folder: Path, n_tiles: int, patch: int, target_mpp: float, slide
     for i in range(n_slides):
         reps = (side // texture.shape[0] + 1, side // texture.shape[1] + 1, 1)
         rgb = np.ascontiguousarray(np.roll(np.tile(texture, reps)[:side, :side], 37 * i, axis=1))
-        synthetic.write_svs(folder / f"bench_{i:03d}.svs", rgb, mpp=slide_mpp, downsamples=(1, 4, 16))
+        synthetic.write_svs(folder / f"bench_{i:03d}.svs", rgb, mpp=slide_mpp, downsamples=(1, 4, 16),
+                            jpeg_quality=quality, jpeg_rgb=jpeg_rgb)
     return n_slides
 
 
@@ -83,6 +95,50 @@ def read_rate(cfg: PreprocessConfig) -> tuple[float, int, float]:
     return n / dt, n, (cpu_seconds() - c0) / dt
 
 
+def spread(values: list[float]) -> str:
+    """min / median / max."""
+    return " / ".join(f"{v:,.0f}" for v in (min(values), statistics.median(values), max(values)))
+
+
+def read_rows(cfg: PreprocessConfig, paths: list[str], repeats: int) -> list[str]:
+    """One table row per read path: tiles, tiles/s wall and per busy core (min / median / max of repeats)."""
+    rows = []
+    for path in paths:
+        wall, per_core, busy, n = [], [], [], 0
+        for r in range(repeats):  # a fresh output folder each time (the stream leaves its locks behind)
+            shutil.rmtree(f"{cfg.output}_{path}_{r}", ignore_errors=True)
+            rate, n, b = read_rate(replace(cfg, read_path=path, output=f"{cfg.output}_{path}_{r}"))
+            wall.append(rate)
+            busy.append(b)
+            per_core.append(rate / max(b, 1e-9))
+        rows.append(f"| ours, --read-path {path} ({cfg.workers} workers) | {n} | {spread(wall)} | "
+                    f"{statistics.median(busy):.2f} | **{spread(per_core)}** |")
+    return rows
+
+
+def compare_rows(slides: list[Path], target_mpp: float, patch: int, repeats: int) -> list[str]:
+    """CLAM's loop and hs2p on the same slides, one core each (tiles per CPU second)."""
+    import read_compare as rc
+
+    loops = {"CLAM loop (OpenSlide read_region per tile + PIL resize)": rc.clam_loop}
+    why = rc.hs2p_available()
+    if not why:
+        loops["hs2p 6.x (tile_slide + iter_tile_arrays_from_result, OpenSlide)"] = rc.hs2p_loop
+    rows = []
+    for name, loop in loops.items():
+        wall, per_core, busy, n = [], [], [], 0
+        for _ in range(repeats):
+            n, cpu, dt = loop(slides, target_mpp, patch)
+            wall.append(n / dt)
+            busy.append(cpu / dt)
+            per_core.append(n / max(cpu, 1e-9))
+        rows.append(f"| {name} (1 process) | {n} | {spread(wall)} | {statistics.median(busy):.2f} | "
+                    f"**{spread(per_core)}** |")
+    if why:
+        rows.append(f"| hs2p: not measured ({why}) | - | - | - | - |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, default=20000)
@@ -100,6 +156,12 @@ def main() -> None:
     ap.add_argument("--ceiling-seconds", type=float, default=10.0)
     ap.add_argument("--openslide-only", action="store_true",
                     help="baseline: read every region through OpenSlide (no direct TIFF tile decoding)")
+    ap.add_argument("--read-path", choices=("fast", "exact", "both"), default="both")
+    ap.add_argument("--repeats", type=int, default=1, help="read+tissue (and --compare) repeats: min/median/max")
+    ap.add_argument("--compare", action="store_true", help="also CLAM's per-tile loop and hs2p, same slides")
+    ap.add_argument("--jpeg-quality", type=int, default=90)
+    ap.add_argument("--jpeg-rgb", action="store_true", help="RGB JPEG tiles, no chroma subsampling (Aperio "
+                    "'JPEG/RGB'); default YCbCr 4:2:0")
     ap.add_argument("--keep", type=Path, default=None, help="folder to keep slides/outputs in")
     a = ap.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -111,19 +173,22 @@ def main() -> None:
     slides, out = root / "slides", root / "out"
     slides.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    n_slides = make_slides(slides, a.tiles, a.patch_size, a.target_mpp, a.slide_mpp, a.tiles_per_slide)
+    n_slides = make_slides(slides, a.tiles, a.patch_size, a.target_mpp, a.slide_mpp, a.tiles_per_slide,
+                           a.jpeg_quality, a.jpeg_rgb)
     print(f"wrote {n_slides} synthetic slide(s) in {time.perf_counter() - t0:.1f}s under {slides}")
     base = dict(input=str(slides), target_mpp=a.target_mpp, patch_size=a.patch_size, batch_size=a.batch_size,
                 workers=a.workers, device=a.device, precision=a.precision, compile=a.compile, weights="random",
                 min_tissue=0.1, progress=False)
     load0 = os.getloadavg()
-    rate, n, busy = read_rate(PreprocessConfig(output=str(out / "read"), **base).validate())
-    rows = [f"| read+tissue (CPU, {a.workers} workers, no model) | - | {n} | {rate:,.3g} | - |"]
-    notes = [f"read+tissue: {busy:.2f} busy cores (CPU s / wall s, main + workers) -> "
-             f"{rate / max(busy, 1e-9):,.3g} tiles/s per busy core; load average before {load0[0]:.2f}, "
-             f"after {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"]
+    paths = ["fast", "exact"] if a.read_path == "both" else [a.read_path]
+    rows = read_rows(PreprocessConfig(output=str(out / "read"), **base).validate(), paths, a.repeats)
+    if a.compare:
+        rows += compare_rows(sorted(slides.glob("*.svs")), a.target_mpp, a.patch_size, a.repeats)
+    notes = [f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
+             "per busy core = tiles / CPU seconds (main process + DataLoader workers)"]
+    enc_rows = []
     for name in a.encoders:
-        cfg = PreprocessConfig(output=str(out / name), encoder=name, **base).validate()
+        cfg = PreprocessConfig(output=str(out / name), encoder=name, read_path=paths[0], **base).validate()
         enc = build_encoder(name, "random", cfg.device, cfg.precision, cfg.compile, tile_size=a.patch_size)
         ceil = ceiling(enc, a.batch_size, enc.preprocess.size or a.patch_size, a.ceiling_seconds)
         del enc
@@ -134,14 +199,19 @@ def main() -> None:
         from wsi_ncmi.data.bags import read_header
 
         n = sum(read_header(out / name / "bags" / f"{s}.h5")[0] for s in res.written)
-        rows.append(f"| {name} | {ceil:,.3g} | {n} | {n / dt:,.3g} | {n / dt / ceil:.2f} |")
+        enc_rows.append(f"| {name} | {ceil:,.3g} | {n} | {n / dt:,.3g} | {n / dt / ceil:.2f} |")
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else "CPU"
     print(f"\ndevice: {dev}; torch {torch.__version__}; precision {a.precision}; batch {a.batch_size}; "
           f"patch {a.patch_size} @ {a.target_mpp} µm/px from {a.slide_mpp} µm/px slides; compile={a.compile}; "
-          f"workers {a.workers}; reads: {'OpenSlide only' if a.openslide_only else 'direct TIFF tiles'}\n")
-    print("| stage / encoder | ceiling tiles/s | tiles | pipeline tiles/s | pipeline / ceiling |")
+          f"workers {a.workers}; JPEG Q={a.jpeg_quality} {'RGB' if a.jpeg_rgb else 'YCbCr 4:2:0'}; "
+          f"reads: {'OpenSlide only' if a.openslide_only else 'direct TIFF tiles'}\n")
+    print("| read+tissue | tiles | tiles/s wall (min / median / max) | busy cores | tiles/s per busy core |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
+    if enc_rows:
+        print("\n| encoder | ceiling tiles/s | tiles | pipeline tiles/s | pipeline / ceiling |")
+        print("|---|---|---|---|---|")
+        print("\n".join(enc_rows))
     print("\n" + "\n".join(notes))
     if a.keep is None:
         shutil.rmtree(root, ignore_errors=True)

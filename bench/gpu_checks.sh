@@ -5,6 +5,7 @@
 #   CHECKS="tests ncmi aggregators natural" bench/gpu_checks.sh    # <= 7.5 min
 #   CHECKS="training extract" bench/gpu_checks.sh                  # <= 4.5 min
 #   CHECKS="fitplain milbench" bench/gpu_checks.sh                 # <= 9 min
+#   CHECKS="readcpu multigpu" bench/gpu_checks.sh                  # <= 6 min
 #
 # from the repository root. Results land in ${OUT:-bench/out/gpu}/ as text files, to be copied into
 # bench/results/*.md with the date and the card.
@@ -21,7 +22,7 @@ if [ -n "${WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-CHECKS=${CHECKS:-"tests ncmi aggregators training natural extract"}
+CHECKS=${CHECKS:-"tests ncmi aggregators training natural extract readcpu multigpu"}
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT_DIR/gpu.txt"
@@ -55,4 +56,12 @@ run natural 90 "$PY" bench/natural_step.py --device cuda --repeats 10
 # Preprocessing pipeline vs the bare-encoder ceiling (goals: >= 85% ViT-B/L, >= 70% resnet50_trunc).
 run extract 150 "$PY" bench/extract.py --device cuda --precision bf16 --workers 12 --tiles 6000 \
     --encoders resnet50_trunc vit_base_patch16_224 vit_large_patch16_224
+# Read+tissue on the GPU node's CPUs (#26): --read-path fast vs exact at 0.25 -> 0.5 µm/px, 15 workers, 3 repeats,
+# tiles/s and tiles per CPU second (goal >= 1,000 per busy core with the fast path).
+run readcpu 150 "$PY" bench/extract.py --device cpu --encoders --tiles 12000 --tiles-per-slide 1500 --workers 15 \
+    --batch-size 256 --read-path both --repeats 3
+# --devices (#26): the pipeline on GPU 0 alone, then on every GPU (one encoder process each, workers split):
+# tiles/s per GPU, GPU busy share (nvidia-smi utilization.gpu sampled every 0.5 s), same bags as one GPU.
+run multigpu 200 "$PY" bench/multi_gpu.py --runs 0 all --workers 15 --encoder vit_base_patch16_224 \
+    --tiles 20000 --tiles-per-slide 1250 --batch-size 256 --precision bf16
 echo "results in $OUT_DIR"

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "PreprocessConfig", "load_yaml", "STAGES"]
+__all__ = ["ConfigError", "PreprocessConfig", "load_yaml", "STAGES", "READ_PATHS"]
 
 STAGES = ("seg", "tile", "extract")
+READ_PATHS = ("fast", "exact")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,8 @@ class PreprocessConfig:
     precision: str | None = None  # CUDA autocast; None: the preset's published precision (else bf16)
     features_dtype: str = "float16"
     compile: bool = False
+    read_path: str = "fast"  # fast: JPEG tiles decoded at 1/2, 1/4, 1/8 scale when the resize is that factor
+    devices: str | None = None  # "0,1,2,3" / "all" / "cpu,cpu": one encoder process per device
     min_tissue: float = 0.1
     tissue_method: str = "otsu"
     tissue_threshold: int = 8
@@ -104,6 +107,8 @@ class PreprocessConfig:
             raise ConfigError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}")
         if self.features_dtype not in ("float16", "float32"):
             raise ConfigError(f"--features-dtype must be float16 or float32, got {self.features_dtype!r}")
+        if self.read_path not in READ_PATHS:
+            raise ConfigError(f"--read-path must be one of {', '.join(READ_PATHS)}, got {self.read_path!r}")
         self.encoder_kwargs_dict  # noqa: B018 - raises ConfigError when malformed
         for name in ("mean", "std"):
             v = getattr(self, name)

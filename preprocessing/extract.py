@@ -18,7 +18,8 @@ DataLoader passes, recovery from dead workers).
   one core, a small fraction of the decode): shipping raw regions for a device-side resize would multiply
   the shared-memory and host-to-device traffic by ``(read_size / patch_size)²`` (4x for 0.25 → 0.5 µm/px).
   Regions of tiled TIFF levels are decoded straight from the file's tiles (``tiff_tiles``), bit-identical
-  to OpenSlide and ~4x cheaper per tile.
+  to OpenSlide and ~4x cheaper per tile. ``--read-path fast`` (default) decodes JPEG tiles at 1/2, 1/4 or 1/8
+  scale instead when the resize is exactly that factor (``jpeg_tiles``; 1.2-1.3x cheaper, not bit-identical).
 * The main process moves each batch to the device (pinned memory, ``non_blocking``), normalises there and
   runs the encoder, collecting features per slide; on a slide's ``end`` it writes the bag atomically,
   updates the manifest and releases the lock. Workers run ahead by ``prefetch_factor`` batches each and
@@ -41,6 +42,8 @@ DataLoader passes, recovery from dead workers).
   dead process, and the slides not yet finished are read again by a fresh DataLoader.
 
 ``workers=0`` runs the same stream in the main process (no read-ahead) — used by the tests.
+``--devices 0,1,...`` runs this whole loop once per device, each in its own process, sharing the slides through
+the per-slide locks (:mod:`preprocessing.devices`).
 """
 
 from __future__ import annotations
@@ -166,8 +169,13 @@ def _quiet_sigchld() -> Iterator[None]:
 
 
 def run(cfg: PreprocessConfig) -> RunResult:
-    """Process every pending slide of ``cfg``; returns statuses (also in ``OUT/manifest.csv``)."""
+    """Process every pending slide of ``cfg``; returns statuses (also in ``OUT/manifest.csv``).
+    ``cfg.devices``: one such run per device in its own process (:mod:`preprocessing.devices`)."""
     cfg.validate()
+    if cfg.devices:
+        from .devices import run_on_devices
+
+        return run_on_devices(cfg)
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise SlideError(f"--output {out}: exists and is not a folder; give a folder path (it is created if "

@@ -30,6 +30,7 @@ from .tissue import TissueParams
 log = logging.getLogger(__name__)
 
 __all__ = ["SlideTask", "plan_slides", "settings_fingerprint", "bag_mismatch", "tiling_fingerprint", "BAGS_DIR",
+           "IMPLIED_SETTINGS",
            "THUMBS_DIR", "LOCKS_DIR", "COORDS_DIR", "STALE_DIR"]
 
 BAGS_DIR, THUMBS_DIR, LOCKS_DIR, COORDS_DIR, STALE_DIR = "bags", "thumbnails", "locks", "coords", "stale"
@@ -93,6 +94,7 @@ def settings_fingerprint(cfg: PreprocessConfig, weights_sha256: str) -> dict[str
         **tiling_fingerprint(cfg),
         "compute_precision": _compute_precision(cfg),
         "features_dtype": cfg.features_dtype,
+        "read_path": cfg.read_path,
     }
 
 
@@ -120,11 +122,17 @@ def source_mismatch(attrs: Any, task: SlideTask) -> str | None:
     return None
 
 
-def json_diff(stored_json: Any, wanted: dict[str, Any], what: str) -> str | None:
+# settings added to the fingerprint later -> the value that outputs made before them were made with
+IMPLIED_SETTINGS: dict[str, Any] = {"read_path": "exact"}
+
+
+def json_diff(stored_json: Any, wanted: dict[str, Any], what: str, implied: dict[str, Any] | None = None) -> str | None:
     try:
         stored = json.loads(stored_json or "{}")
     except (TypeError, ValueError):
         stored = {}
+    if implied and isinstance(stored, dict):
+        stored = {**implied, **stored}
     diff = sorted(k for k in set(wanted) | set(stored) if stored.get(k) != wanted.get(k))
     if diff:
         return f"{what} changed: " + ", ".join(f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in diff)
@@ -140,7 +148,8 @@ def bag_mismatch(path: Path, fingerprint: dict[str, Any], task: SlideTask) -> st
     except BagError as e:
         return f"invalid bag: {e}"
     attrs = info["attrs"]
-    return json_diff(attrs.get("settings_json"), fingerprint, "settings") or source_mismatch(attrs, task)
+    return (json_diff(attrs.get("settings_json"), fingerprint, "settings", IMPLIED_SETTINGS)
+            or source_mismatch(attrs, task))
 
 
 def _read_csv(path: str, flag: str) -> tuple[list[str], list[dict[str, str | None]]]:

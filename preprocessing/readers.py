@@ -248,6 +248,11 @@ class OpenSlideReader(SlideReader):
                 log.debug("%s: fast read failed, using OpenSlide: %s", self.path, e)
         return self._read_openslide(location, level, size)
 
+    def read_region_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                            factor: int) -> np.ndarray | None:
+        """The region at 1/``factor`` scale (JPEG tiles decoded in the DCT domain), or None: read it exactly."""
+        return None if self._fast is None else self._fast.read_reduced(location, level, size, factor)
+
     def _read_openslide(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         import openslide
 

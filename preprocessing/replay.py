@@ -2,7 +2,7 @@
 
 ``wsi-ncmi predict --slides-dir`` uses it to extract features from new slides with exactly the settings the
 training bags were made with: encoder (and its effective kwargs, mean/std, input size), tile size, µm/px,
-overlap, tissue detection and the stored dtype. The candidate configuration is checked by recomputing its
+overlap, tissue detection, the read path and the stored dtype. The candidate configuration is checked by recomputing its
 fingerprint: every key must equal the recorded one except ``compute_precision`` (it follows the device:
 CPU always runs fp32) and ``weights_sha256`` (checked against the weight file given, see
 :func:`check_weights`).
@@ -18,7 +18,7 @@ from typing import Any
 
 from .config import ConfigError, PreprocessConfig
 from .encoder_weights import RANDOM, sha256_file
-from .plan import settings_fingerprint
+from .plan import IMPLIED_SETTINGS, settings_fingerprint
 
 __all__ = ["ReplayError", "check_weights", "config_from_settings", "fingerprint_diff"]
 
@@ -44,6 +44,7 @@ def check_weights(weights: str, recorded_sha256: str | None) -> str:
 
 def fingerprint_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """Keys (except precision and weights) whose values differ between two settings fingerprints."""
+    a, b = {**IMPLIED_SETTINGS, **a}, {**IMPLIED_SETTINGS, **b}  # keys older bags do not record
     return sorted(k for k in set(a) | set(b) if k not in _NOT_COMPARED and a.get(k) != b.get(k))
 
 
@@ -52,7 +53,7 @@ def config_from_settings(settings: Mapping[str, Any], **options: Any) -> Preproc
     run-only fields (``input``, ``output``, ``weights``, ``device``, ``workers``, ``slides``, …)."""
     clash = sorted(set(options) & {"encoder", "target_mpp", "patch_size", "overlap", "min_tissue", "mpp_tolerance",
                                    "tissue_method", "tissue_threshold", "seg_mpp", "features_dtype",
-                                   "encoder_kwargs", "mean", "std", "input_size"})
+                                   "encoder_kwargs", "mean", "std", "input_size", "read_path"})
     if clash:
         raise ReplayError(f"config_from_settings: {clash} come from the recorded settings, not from options")
     try:
@@ -63,6 +64,7 @@ def config_from_settings(settings: Mapping[str, Any], **options: Any) -> Preproc
             min_tissue=float(settings["min_tissue"]), mpp_tolerance=float(settings["mpp_tolerance"]),
             tissue_method=str(tissue.get("method", "otsu")), tissue_threshold=int(tissue.get("threshold", 8)),
             seg_mpp=float(tissue.get("seg_mpp", 8.0)), features_dtype=str(settings.get("features_dtype", "float16")),
+            read_path=str(settings.get("read_path", IMPLIED_SETTINGS["read_path"])),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ReplayError(f"recorded preprocessing settings are incomplete ({exc!r}): {dict(settings)}") from exc

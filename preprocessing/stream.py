@@ -49,9 +49,18 @@ log = logging.getLogger(__name__)
 __all__ = ["SlideStream", "read_tile"]
 
 # ----------------------------------------------------------------------------------------- reading
-def read_tile(reader: Any, xy: tuple[int, int], plan: TilePlan) -> np.ndarray:
-    """One tile [P, P, 3] uint8 at the plan's effective mpp (level-0 top-left ``xy``)."""
-    region = reader.read_region((int(xy[0]), int(xy[1])), plan.level, (plan.read_size, plan.read_size))
+def read_tile(reader: Any, xy: tuple[int, int], plan: TilePlan, fast: bool = False) -> np.ndarray:
+    """One tile [P, P, 3] uint8 at the plan's effective mpp (level-0 top-left ``xy``). ``fast``
+    (``--read-path fast``): when the read is exactly 2, 4 or 8 times the tile, the reader may decode its JPEG
+    tiles at that reduced scale instead (not bit-identical); otherwise, or when it cannot, read and resize."""
+    loc, size = (int(xy[0]), int(xy[1])), (plan.read_size, plan.read_size)
+    factor, rest = divmod(plan.read_size, plan.patch_size)
+    reduced = getattr(reader, "read_region_reduced", None) if fast and rest == 0 and factor > 1 else None
+    if reduced is not None:
+        tile = reduced(loc, plan.level, size, factor)
+        if tile is not None:
+            return tile
+    region = reader.read_region(loc, plan.level, size)
     if plan.read_size == plan.patch_size:
         return region
     interp = cv2.INTER_AREA if plan.read_size > plan.patch_size else cv2.INTER_LINEAR
@@ -180,18 +189,21 @@ class SlideStream(IterableDataset):
             bad: list[int] = []
             index: list[int] = []
             shared = get_worker_info() is not None
+            fast = cfg.read_path == "fast"
             batch = _new_batch(min(cfg.batch_size, len(coords)), plan.patch_size, shared)  # [B, P, P, 3]
+            view = batch.numpy()  # writes go into the batch
             for i, xy in enumerate(coords):
                 try:
-                    batch.numpy()[len(index)] = read_tile(reader, xy, plan)  # a view: writes into the batch
+                    view[len(index)] = read_tile(reader, xy, plan, fast)
                     index.append(i)
                 except TileReadError as e:
                     log.warning("%s: dropping tile %d at %s: %s", task.slide_id, i, tuple(xy), e)
                     bad.append(i)
-                if len(index) == len(batch):
+                if len(index) == len(view):
                     yield self._tiles(task, batch, index)
                     index = []
                     batch = _new_batch(min(cfg.batch_size, len(coords) - i - 1), plan.patch_size, shared)
+                    view = batch.numpy()
             if index:
                 yield self._tiles(task, batch[:len(index)], index)
             yield self._end(task, "ok", "", bad=np.asarray(bad, np.int64), **common)

@@ -81,6 +81,7 @@ def write_svs(
     downsamples: Sequence[int] = (1, 4, 16),
     jpeg_quality: int = 90,
     vendor: str = "aperio",
+    jpeg_rgb: bool = False,
 ) -> Path:
     """Write ``rgb`` [H, W, 3] uint8 as a pyramidal, JPEG-tiled TIFF that OpenSlide reads.
 
@@ -88,7 +89,8 @@ def write_svs(
     OpenSlide reports vendor ``aperio``, ``aperio.MPP`` and ``aperio.AppMag``.
     ``mpp=None``: a generic tiled TIFF with ResolutionUnit NONE and no vendor description, so no reader
     can derive an mpp from it. ``vendor="generic"`` with an mpp: a generic TIFF whose mpp is only in the
-    XResolution/ResolutionUnit (centimetre) tags. Levels smaller than 1 px are skipped.
+    XResolution/ResolutionUnit (centimetre) tags. Levels smaller than 1 px are skipped. ``jpeg_rgb``: JPEG
+    tiles in RGB without chroma subsampling (photometric RGB, like Aperio's "JPEG/RGB"), else YCbCr 4:2:0.
     """
     path = Path(path)
     rgb = np.asarray(rgb)
@@ -121,7 +123,8 @@ def write_svs(
             res: dict = (dict(resolution=(1e4 / mpp / f,) * 2, resolutionunit="CENTIMETER") if mpp is not None
                          else dict(resolution=(1.0, 1.0), resolutionunit="NONE"))
             tif.write(lv, tile=(tile, tile), photometric="rgb", compression="jpeg",
-                      compressionargs={"level": jpeg_quality}, description=describe(
+                      compressionargs={"level": jpeg_quality, **({"outcolorspace": "RGB"} if jpeg_rgb else {})},
+                      subsampling=(1, 1) if jpeg_rgb else None, description=describe(
                           i, w0, h0, w, h, tile, jpeg_quality, mpp, magnification),
                       metadata=None, subfiletype=0, **res)
             if i == 0 and vendor == "aperio":  # stripped thumbnail as the 2nd IFD, as in real SVS files

@@ -10,6 +10,10 @@ result exactly (a level it could not match to one TIFF page, a level > 0 region 
 whole level pixel — OpenSlide renders those with sub-pixel interpolation), and the caller falls back to
 OpenSlide. Pixels outside the level are white, as OpenSlide's transparent pixels composited on white.
 A tile that fails to decode raises :class:`TileDecodeError`.
+
+:meth:`TiffLevels.read_reduced` is the ``--read-path fast`` variant: the region at 1/2, 1/4 or 1/8 scale,
+each JPEG tile decoded at that scale in the DCT domain (:mod:`preprocessing.jpeg_tiles`) instead of decoding
+every pixel and resizing; not bit-identical to the exact path (see ``bench/results/extract.md``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
+
+from .jpeg_tiles import REDUCE_FLAGS, decode_reduced, stream_prefix, tile_stream
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,17 @@ class _Level:
         self.cols = -(-self.w // self.tw)
         self.offsets, self.counts = page.dataoffsets, page.databytecounts
         self.tables = page.jpegtables
+        photometric = int(page.photometric)
+        # JPEG tiles in RGB (2) or YCbCr (6): what the reduced (DCT-domain) decoder handles
+        self.jpeg = int(page.compression) == 7 and photometric in (2, 6)
+        self.rgb = photometric == 2
+        self._prefix: bytes | None = None  # SOI + colour marker + JPEGTables, built on first reduced read
         self._empty: np.ndarray | None = None  # [rows, cols] bool, built on first use
+
+    def prefix(self) -> bytes:
+        if self._prefix is None:
+            self._prefix = stream_prefix(self.tables, self.rgb)
+        return self._prefix
 
     def empty_tiles(self) -> np.ndarray:
         """[rows, cols] bool: tiles never written (byte count 0, a sparse TIFF); OpenSlide draws them transparent."""
@@ -130,6 +147,60 @@ class TiffLevels:
         if len(self._cache) > _CACHE_TILES:
             self._cache.popitem(last=False)
         return tile
+
+    def _tile_reduced(self, level: int, lv: _Level, index: int, factor: int) -> np.ndarray:
+        """Tile ``index`` decoded at 1/``factor`` scale [th / f, tw / f, 3] BGR (cached like full tiles)."""
+        key = (level, index, factor)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        offset, count = int(lv.offsets[index]), int(lv.counts[index])
+        if count == 0:
+            raise TileDecodeError(f"tile {index} of level {level} has no data")
+        try:
+            self._fh.seek(offset)
+            data = self._fh.read(count)
+            tile = decode_reduced(tile_stream(data, lv.tables, lv.rgb, lv.prefix()), factor, (lv.th, lv.tw),
+                                  bgr=True, frame=data)
+        except Exception as e:
+            raise TileDecodeError(f"tile {index} of level {level}: {type(e).__name__}: {e}") from e
+        self._cache[key] = tile
+        if len(self._cache) > _CACHE_TILES:
+            self._cache.popitem(last=False)
+        return tile
+
+    def read_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                     factor: int) -> np.ndarray | None:
+        """[h / f, w / f, 3] uint8: the region of :meth:`read` at 1/``factor`` scale, each JPEG tile decoded
+        at that scale; None (use the exact path) unless the level has JPEG tiles and the region's origin,
+        size and the tile size are multiples of ``factor`` (1, 2, 4 or 8), or when a tile fails to decode."""
+        win = self._window(location, level, size)
+        if win is None or factor not in REDUCE_FLAGS:
+            return None
+        lv, x, y, (x0, y0, x1, y1) = win
+        f = factor
+        if not lv.jpeg or any(v % f for v in (x, y, int(size[0]), int(size[1]), lv.tw, lv.th)):
+            return None
+        shape = (int(size[1]) // f, int(size[0]) // f, 3)
+        inside = (x0, y0, x1, y1) == (x, y, x + int(size[0]), y + int(size[1]))
+        out = np.empty(shape, np.uint8) if inside else np.full(shape, 255, np.uint8)  # white outside the level
+        if x1 <= x0 or y1 <= y0:
+            return out
+        for ty in range(y0 // lv.th, (y1 - 1) // lv.th + 1):
+            for tx in range(x0 // lv.tw, (x1 - 1) // lv.tw + 1):
+                try:
+                    tile = self._tile_reduced(level, lv, ty * lv.cols + tx, f)
+                except TileDecodeError as e:  # the exact path decides (OpenSlide's own error for a corrupt tile)
+                    log.debug("reduced read failed, reading exactly: %s", e)
+                    return None
+                gx, gy = tx * lv.tw, ty * lv.th
+                ax, ay = max(x0, gx), max(y0, gy)
+                bx, by = min(x1, gx + lv.tw), min(y1, gy + lv.th)  # level px; all multiples of f but x1, y1
+                oy, ox = (ay - y) // f, (ax - x) // f
+                part = tile[(ay - gy) // f:-(-(by - gy) // f), (ax - gx) // f:-(-(bx - gx) // f)]
+                out[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
+        return cv2.cvtColor(out, cv2.COLOR_BGR2RGB, dst=out)  # tiles are kept BGR: one conversion per region
 
     def _window(self, location: tuple[int, int], level: int,
                 size: tuple[int, int]) -> tuple[_Level, int, int, tuple[int, int, int, int]] | None:

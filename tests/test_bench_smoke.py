@@ -30,6 +30,11 @@ CASES = {
     "extract": ["--tiles", "40", "--tiles-per-slide", "20", "--slide-mpp", "0.5", "--encoders", "--batch-size", "16",
                 "--workers", "0", "--device", "cpu"],
     "ncmi_equivalence": ["--models", "abmil", "--epochs", "1", "--natural-epochs", "1"],
+    "extract --compare": ["--tiles", "32", "--tiles-per-slide", "16", "--encoders", "--batch-size", "16",
+                          "--workers", "0", "--device", "cpu", "--compare", "--repeats", "2"],
+    "read_path_diff": ["--tiles", "4", "--patch-size", "64", "--synthetic-side", "1024"],
+    "multi_gpu": ["--runs", "cpu", "cpu,cpu", "--device", "cpu", "--encoder", "test_resnet", "--tiles", "48",
+                  "--tiles-per-slide", "16", "--workers", "0", "--batch-size", "16"],
     # two quick cases of the fault suite (the whole suite takes about a minute)
     "faults": ["-k", "natural_track or killed_writer"],
 }

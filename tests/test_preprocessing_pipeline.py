@@ -111,7 +111,7 @@ def test_features_equal_direct_encoder_call(first_run):
     with open_slide(bag.attrs["source_path"]) as r:
         plan = plan_tiles(r.mpp, r.level_downsamples, cfg.target_mpp, cfg.patch_size)
         rows = [0, len(bag.coords) // 2, len(bag.coords) - 1]
-        tiles = torch.from_numpy(np.stack([read_tile(r, bag.coords[i], plan) for i in rows]))
+        tiles = torch.from_numpy(np.stack([read_tile(r, bag.coords[i], plan, cfg.read_path == "fast") for i in rows]))
     direct = enc.encode(tiles).numpy()
     stored = np.asarray(bag.features[rows], np.float32)
     assert bag.features.dtype == np.float16
