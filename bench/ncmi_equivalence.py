@@ -36,7 +36,7 @@ def _digest(state: dict) -> dict[str, float]:
 def capture(work: Path, models: list[str], epochs: int, natural_epochs: int) -> dict[str, dict]:
     from _synthetic import make_witness_bags
 
-    from wsi_ncmi.commands.natural_cli import NaturalCLI
+    from wsi_ncmi.natural.cli import NaturalCLI
     from wsi_ncmi.training.cli import run_cli
 
     out: dict[str, dict] = {}

@@ -14,6 +14,7 @@ from typing import Any
 from wsi_ncmi.data.bags import BagError, validate_bag
 
 from .config import PreprocessConfig
+from .discovery import find_slides
 from .encoder_specs import resolve_spec
 from .encoders import resolve_device
 from .mpp import PLAUSIBLE_MPP, plausible_mpp
@@ -22,7 +23,6 @@ from .readers import (
     IMAGE_EXTENSIONS,
     SLIDE_EXTENSIONS,
     SlideError,
-    find_slides,
     slide_id_of,
 )
 from .tissue import TissueParams

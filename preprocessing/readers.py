@@ -19,7 +19,6 @@ import logging
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -41,7 +40,6 @@ __all__ = [
     "READERS",
     "SLIDE_EXTENSIONS",
     "open_slide",
-    "find_slides",
     "IMAGE_EXTENSIONS",
     "slide_id_of",
     "TiffImageReader",
@@ -49,6 +47,7 @@ __all__ = [
     "MODULE_READERS",
     "FOLDER_READERS",
     "reader_class",
+    "load_reader",
 ]
 
 class SlideError(ValueError):
@@ -354,7 +353,7 @@ IMAGE_EXTENSIONS = tuple(ext for ext, cls in READERS.items() if cls is ImageRead
 FALLBACK_READERS: dict[str, type[SlideReader]] = {".tif": TiffImageReader, ".tiff": TiffImageReader}
 
 
-def _load(spec: str) -> type[SlideReader]:  # "module:Class" of this package
+def load_reader(spec: str) -> type[SlideReader]:  # "module:Class" of this package
     return getattr(importlib.import_module(f"{__package__}.{spec.split(':')[0]}"), spec.split(":")[1])
 
 
@@ -367,10 +366,10 @@ def reader_class(path: str | Path) -> tuple[str, type[SlideReader]] | None:
             exts = {os.path.splitext(n)[1].lower() for n in os.listdir(path)}
         except OSError as e:
             raise UnreadableSlideError(f"{path}: cannot list the folder: {e.strerror or e}") from None
-        return next(((ext, _load(spec)) for ext, spec in FOLDER_READERS.items() if ext in exts), None)
+        return next(((ext, load_reader(spec)) for ext, spec in FOLDER_READERS.items() if ext in exts), None)
     name = path.name.lower()
     ext = max((e for e in (*READERS, *MODULE_READERS) if name.endswith(e)), key=len, default=None)
-    return None if ext is None else (ext, READERS.get(ext) or _load(MODULE_READERS[ext]))
+    return None if ext is None else (ext, READERS.get(ext) or load_reader(MODULE_READERS[ext]))
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
@@ -405,58 +404,3 @@ def slide_id_of(path: str | Path) -> str:
     if p.suffix.lower() in FOLDER_READERS:
         return p.parent.name
     return p.name if p.is_dir() else p.stem
-
-
-def _walk_error(e: OSError) -> None:
-    log.warning("%s: cannot search this folder: %s", e.filename, e.strerror or e)
-
-
-def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS,
-                exclude: Iterable[str | Path] = ()) -> list[Path]:
-    """All slides under ``root``: files, and folders that are one slide (recursive, following folder links; a folder
-    reached twice, e.g. by a link cycle, is searched once and the link is logged), sorted by path. Raises if two
-    share a slide id. Folders in ``exclude`` (the output folder inside the input: its thumbnails are not slides)
-    are not searched."""
-    root = Path(root)
-    if not root.is_dir():
-        raise SlideError(f"--input {root}: not a directory")
-    skip = {os.path.realpath(p) for p in exclude}
-    exts = {e.lower() for e in extensions}
-    found: list[Path] = []
-    seen_dirs: dict[tuple[int, int], Path] = {}  # (device, inode) of every folder walked: cuts link cycles
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=_walk_error):
-        here = Path(dirpath)
-        try:
-            st = here.stat()
-        except OSError as e:  # vanished meanwhile
-            _walk_error(e)
-            continue
-        if (st.st_dev, st.st_ino) in seen_dirs:  # reached again through a link
-            first = seen_dirs[(st.st_dev, st.st_ino)]
-            log.warning("%s: not searched again: this folder link leads to %s, searched already (a loop or a "
-                        "second link to the same folder)", here, first)
-            dirnames[:] = []
-            continue
-        seen_dirs[(st.st_dev, st.st_ino)] = here
-        dirnames.sort()
-        # MIRAX keeps its tiles in a folder named like the .mrxs file; never descend into those
-        dirnames[:] = [d for d in dirnames if not (here / (d + ".mrxs")).is_file()]
-        for d in [d for d in dirnames if os.path.realpath(here / d) in skip]:
-            log.warning("%s: not searched for slides: it is the output folder (inside --input)", here / d)
-            dirnames.remove(d)
-        for d in dirnames:
-            if (here / d).is_symlink():
-                log.info("%s: following folder link to %s", here / d, os.path.realpath(here / d))
-        found += [here / f for f in filenames if Path(f).suffix.lower() in exts]
-        for ext, spec in FOLDER_READERS.items():
-            members = sorted(f for f in filenames if Path(f).suffix.lower() == ext)
-            if members and _load(spec).is_slide_folder(here, members):
-                found.append(here)
-    found.sort()
-    seen: dict[str, Path] = {}
-    for p in found:
-        sid = slide_id_of(p)
-        if sid in seen:
-            raise SlideError(f"slide id {sid!r} is used by two files: {seen[sid]} and {p}; rename one")
-        seen[sid] = p
-    return found

@@ -19,10 +19,11 @@ import pytest
 from _images import preprocess_config
 
 from preprocessing import synthetic
+from preprocessing.discovery import find_slides
 from preprocessing.extract import run
 from preprocessing.mpp import mpp_from_properties
 from preprocessing.plan import source_stat
-from preprocessing.readers import SlideError, UnreadableSlideError, find_slides, open_slide, slide_id_of
+from preprocessing.readers import SlideError, UnreadableSlideError, open_slide, slide_id_of
 from preprocessing.readers_dicom import WSI_SOP_CLASS, read_header
 from preprocessing.stream import read_tile
 from preprocessing.tiling import plan_tiles

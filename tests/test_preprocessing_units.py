@@ -16,12 +16,13 @@ import torch
 from preprocessing import synthetic
 from preprocessing.cli import config_from_args
 from preprocessing.config import ConfigError, PreprocessConfig
+from preprocessing.discovery import find_slides
 from preprocessing.encoder_specs import EncoderError
 from preprocessing.encoders import build_encoder, packaged_weights
 from preprocessing.locks import HOST, file_lock, release_lock, try_lock
 from preprocessing.manifest import Manifest, read_manifest, summary_table
 from preprocessing.mpp import mpp_from_properties
-from preprocessing.readers import SlideError, find_slides, open_slide
+from preprocessing.readers import SlideError, open_slide
 from preprocessing.tiling import MppTooCoarseError, grid_coords, plan_tiles
 from preprocessing.tissue import TissueParams, segment_tissue, tile_fractions
 

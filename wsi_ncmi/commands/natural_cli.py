@@ -17,43 +17,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
-from typing import Any
 
-__all__ = ["main", "NaturalCLI"]
+__all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
 _FIT_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-def _make_cli_class() -> type:
-    from lightning.pytorch.cli import LightningCLI
-
-    from wsi_ncmi.training.checkpoint import WeightsOnlyCLI
-
-    class _NaturalCLI(WeightsOnlyCLI, LightningCLI):  # --ckpt_path files are read with weights_only=True only
-        def add_arguments_to_parser(self, parser: Any) -> None:
-            parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-
-    return _NaturalCLI
-
-
-def NaturalCLI(args: list[str], run: bool = True) -> Any:  # noqa: N802 - factory named like the class
-    """Build (and by default run) the LightningCLI of the image track on ``args``."""
-    from wsi_ncmi.natural.data import ImageDataModule
-    from wsi_ncmi.natural.module import ImageModule
-
-    cls = _make_cli_class()
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    return cls(
-        ImageModule,
-        ImageDataModule,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "wsi-ncmi natural"},
-    )
-
 
 def main(argv: list[str] | None = None) -> int:
     """``wsi-ncmi natural <fit|validate|test|evaluate> ...``."""
@@ -79,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wsi-ncmi natural: {err}", file=sys.stderr)
         return 2
     from wsi_ncmi.natural.backbones import BackboneError
+    from wsi_ncmi.natural.cli import NaturalCLI
     from wsi_ncmi.natural.datasets import ImageDataError
     from wsi_ncmi.training.checkpoint import CheckpointError
 

@@ -23,12 +23,11 @@ from wsi_ncmi.natural.metric import (
     METRIC_DATA,
     NCMIMetricError,
     WeightSpec,
-    load_metric_model,
     metric_dataset,
     parse_weight_spec,
     pearson_r,
     plot_ncmi_vs_top1,
-    to_device,
+    score_models,
 )
 
 __all__ = ["main_ncmi_metric"]
@@ -108,7 +107,7 @@ def main_ncmi_metric(argv: list[str] | None = None) -> int:
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from wsi_ncmi.natural.evaluate import classifier_ncmi, write_json
+    from wsi_ncmi.natural.evaluate import write_json
 
     args = _metric_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -122,23 +121,12 @@ def main_ncmi_metric(argv: list[str] | None = None) -> int:
         ds = Subset(ds, torch.randperm(len(ds), generator=g)[: args.limit].tolist())
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     device = resolve_device(args.device)
-    rows: list[dict[str, Any]] = []
-    for spec in specs:
-        try:
-            loaded = load_metric_model(spec, args.model, args.cifar_stem, args.width)
-            if loaded.num_classes != num_classes:
-                raise NCMIMetricError(
-                    f"{spec.path}: the model predicts {loaded.num_classes} classes but --data {args.data} "
-                    f"({kind}) has {num_classes}"
-                )
-        except NCMIMetricError as err:
-            print(f"wsi-ncmi ncmi-metric: {err}", file=sys.stderr)
-            return 2
-        model = to_device(loaded.model, device)
-        res = classifier_ncmi(model, loader, num_classes, device=device)
-        rows.append({"name": spec.name, "weights": str(spec.path), "arch": loaded.arch,
-                     "classifier": loaded.classifier, "probs": loaded.probs, **res})  # fmt: skip
-        logger.info("%s: top1 %.4f ncmi %.4f", spec.name, res["top1"], res["ncmi"])
+    try:
+        rows = score_models(specs, loader, num_classes, f"{args.data} ({kind})", model=args.model,
+                            cifar_stem=args.cifar_stem, width=args.width, device=device)
+    except NCMIMetricError as err:
+        print(f"wsi-ncmi ncmi-metric: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md, csv_text = _table(rows)

@@ -28,6 +28,7 @@ from wsi_ncmi.data.weights import strip_prefixes, unwrap_state_dict
 from wsi_ncmi.natural.backbones import BACKBONES, BackboneError, create_classifier, read_backbone_weights
 
 __all__ = [
+    "score_models",
     "METRIC_DATA",
     "LoadedModel",
     "NCMIMetricError",
@@ -303,6 +304,29 @@ def to_device(model: Any, device: str) -> Any:
 
 
 # -- Figure 2: the correlation and the scatter over all models ------------------------------------------
+
+
+def score_models(specs: Sequence[WeightSpec], loader: Any, num_classes: int, data_name: str, *,
+                 model: str | None = None, cifar_stem: bool | None = None, width: float | None = None,
+                 device: str = "cpu") -> list[dict[str, Any]]:
+    """One row per weight file: its classifier's top-1/top-5 on ``loader`` and the dataset-level CMI/Γ/NCMI of
+    its probabilities (:func:`wsi_ncmi.natural.evaluate.classifier_ncmi`). Raises :class:`NCMIMetricError`
+    naming the file when one cannot be loaded or predicts another number of classes than ``num_classes``."""
+    from wsi_ncmi.natural.evaluate import classifier_ncmi
+
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        loaded = load_metric_model(spec, model, cifar_stem, width)
+        if loaded.num_classes != num_classes:
+            raise NCMIMetricError(
+                f"{spec.path}: the model predicts {loaded.num_classes} classes but --data {data_name} "
+                f"has {num_classes}"
+            )
+        res = classifier_ncmi(to_device(loaded.model, device), loader, num_classes, device=device)
+        rows.append({"name": spec.name, "weights": str(spec.path), "arch": loaded.arch,
+                     "classifier": loaded.classifier, "probs": loaded.probs, **res})  # fmt: skip
+        logger.info("%s: top1 %.4f ncmi %.4f", spec.name, res["top1"], res["ncmi"])
+    return rows
 
 
 def pearson_r(x: Sequence[float], y: Sequence[float]) -> float:
