@@ -31,6 +31,7 @@ def _echo(text: str, err: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from wsi_ncmi.evaluation.classifier_io import CLASSIFIERS
     from wsi_ncmi.evaluation.ood import OOD_SCORERS
 
     p = argparse.ArgumentParser(prog="wsi-ncmi predict", description=__doc__.splitlines()[0])
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="calibration.json of `wsi-ncmi evaluate` (default: one made from this "
                                          "checkpoint under its run folder, else none and a warning)")
     p.add_argument("--ood-score", choices=sorted(OOD_SCORERS), help="OOD score (default: the calibration's)")
+    p.add_argument("--eval", dest="eval_dir", help="the `wsi-ncmi evaluate --out` folder of this checkpoint (default: "
+                                                   "the one evaluate recorded in the run folder)")
+    p.add_argument("--classifier", choices=list(CLASSIFIERS),
+                   help="lp | cc | xi | head (default: the report's primary protocol, temperature-scaled)")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="predict on bags that differ from the training bags (recorded in the output)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (aggregator and encoder)")
@@ -115,6 +120,7 @@ def _predict(args: argparse.Namespace) -> int:
     predict_module(module, state, ckpt, bags, out, bags_dir=bags_dir, slides=slides, slides_csv=args.slides,
                    calibration=args.calibration, ood_score=args.ood_score, allow_mismatch=args.allow_mismatch,
                    heatmaps=args.heatmaps, slides_dir=args.slides_dir, device=args.device, preprocessed=pre,
+                   eval_dir=args.eval_dir, classifier=args.classifier,
                    echo=_echo)
     return rc
 
@@ -124,6 +130,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from preprocessing.replay import ReplayError
     from wsi_ncmi.data.bags import BagError
     from wsi_ncmi.data.provenance import ProvenanceError
+    from wsi_ncmi.evaluation.classifier_io import ClassifierError
     from wsi_ncmi.evaluation.embed import EmbedError
     from wsi_ncmi.evaluation.ood import OODError
     from wsi_ncmi.evaluation.predict import PredictError
@@ -131,7 +138,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.training.checkpoint import CheckpointError
 
     return (PredictError, ProvenanceError, ReplayError, ConfigError, BagError, OODError, EmbedError, MILInputError,
-            CheckpointError)
+            CheckpointError, ClassifierError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,11 @@ whole verb for a loaded ``MILModule`` (the command and the demo load it with
 ``wsi_ncmi.training.checkpoint.load_mil_module``: evaluation may not import training).
 
 ``predictions.csv``: ``slide_id, [label,] prediction, prob_<class>…, ood_score, ood_flag, [kl_<class>…],
-ood_<score>…``. ``prediction`` is the class name; the probabilities are the run's own class scores
-(softmax of the head for CE runs, softmax(−KL(p ‖ q^v)) with the learned centroids ξ for NCMI runs).
+ood_<score>…``. ``prediction`` is the class name; the probabilities are those of the classifier the report
+measured (``--classifier``, default the report's primary protocol: LP for NCMI runs, the head for CE runs), read
+from the evaluation folder (:mod:`.classifier_io`) and temperature-scaled on validation (:mod:`.calibration`).
+Without an evaluation folder: the run's own class scores (softmax of the head, or softmax(−KL(p ‖ ξ))),
+uncalibrated, and a warning.
 ``ood_score`` is the run's OOD score (:mod:`wsi_ncmi.evaluation.ood`; the calibration's default unless
 another is asked for), ``ood_flag`` is ``ood_score > threshold`` (empty without a calibration), ``kl_<class>``
 (NCMI runs) is KL(p ‖ centroid of that class) for the centroids of the OOD score (so ``ood_score`` = the
@@ -38,6 +41,7 @@ from wsi_ncmi.data.provenance import CHECKPOINT_KEY, ProvenanceError, bag_mismat
 from wsi_ncmi.models import MILAggregator
 from wsi_ncmi.ncmi import NCMILoss
 
+from .classifier_io import SavedClassifier, classify, load_evaluation
 from .embed import embed_split
 from .ood import (
     OOD_SCORERS,
@@ -163,6 +167,8 @@ class Prediction:
     threshold: float | None
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # every available score [N]
     metrics: dict[str, Any] | None = None  # classification metrics when labels were given
+    classifier: str = ""  # lp | cc | xi | head
+    temperature: float = 1.0
 
 
 def _labels(values: Sequence[str], class_names: Sequence[str], where: str) -> np.ndarray:
@@ -189,9 +195,13 @@ def predict_bags(
     labels: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     labels_source: str = "--slides",
+    classifier: SavedClassifier | None = None,
+    which: str | None = None,
 ) -> Prediction:
     """Embed ``bags`` with the frozen ``model`` and predict (module docstring). ``score`` overrides the
-    calibration's default OOD score (without a calibration: ``ncmi_xi`` for NCMI runs, ``msp`` otherwise)."""
+    calibration's default OOD score (without a calibration: ``ncmi_xi`` for NCMI runs, ``msp`` otherwise).
+    ``classifier`` / ``which``: the saved classifier of `wsi-ncmi evaluate` and which of its classifiers to use
+    (:func:`.classifier_io.classify`)."""
     names = [str(c) for c in class_names]
     emb = embed_split(model, _batches(bags), device=device, ncmi_loss=ncmi_loss)
     means = calibration.class_means_array() if calibration is not None else None
@@ -212,8 +222,7 @@ def predict_bags(
         if name not in calibration.thresholds:
             raise OODError(f"the calibration has no threshold for {name!r} (has {sorted(calibration.thresholds)})")
         threshold = float(calibration.thresholds[name])
-    z = inputs.logits - inputs.logits.max(axis=1, keepdims=True)
-    proba = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # [N, C]
+    proba, used, temperature = classify(emb, classifier, which, ncmi_loss)  # [N, C] calibrated
     table = pd.DataFrame({"slide_id": emb.slide_ids})
     y = None
     if labels is not None:
@@ -236,7 +245,7 @@ def predict_bags(
         from wsi_ncmi.metrics import classification_metrics
 
         metrics = classification_metrics(y, proba, len(names))
-    return Prediction(table, names, name, threshold, scores, metrics)
+    return Prediction(table, names, name, threshold, scores, metrics, used, temperature)
 
 
 def _kl_table(inputs: ScoreInputs, score: str) -> np.ndarray | None:
@@ -258,6 +267,10 @@ def summary_markdown(pred: Prediction, meta: Mapping[str, Any]) -> str:
     if meta.get("preprocessed"):
         lines.append(f"- preprocessed from `{meta['preprocessed']['slides_dir']}` with the checkpoint's recorded "
                      "settings")
+    if pred.classifier:
+        src = (f"from `{meta['classifier_dir']}`, temperature {pred.temperature:.4g} fitted on validation"
+               if meta.get("classifier_dir") else "the run's own scores: no evaluation folder, uncalibrated")
+        lines.append(f"- classifier: `{pred.classifier}` ({src})")
     desc = OOD_SCORERS[pred.score_name].description
     if pred.threshold is None:
         lines.append(f"- OOD score: `{pred.score_name}` ({desc}); **no calibration**: scores only, no flag "
@@ -360,6 +373,7 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
                    out_dir: str | os.PathLike, *, bags_dir: str | os.PathLike, slides: pd.DataFrame | None = None,
                    slides_csv: str | None = None, calibration: str | os.PathLike | None = None,
                    ood_score: str | None = None, allow_mismatch: bool = False, heatmaps: bool = False,
+                   eval_dir: str | os.PathLike | None = None, classifier: str | None = None,
                    slides_dir: str | os.PathLike | None = None, device: str = "cpu",
                    preprocessed: Mapping[str, Any] | None = None,
                    echo: Callable[[str], None] | None = None) -> Prediction:
@@ -368,38 +382,46 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
     ``out_dir``.
 
     The bags are checked against the checkpoint's training bags first (:func:`check_bags`; ``allow_mismatch``
-    records the differences instead). ``calibration``: a ``calibration.json`` (refused when made from another
-    checkpoint, unless ``allow_mismatch``); None: one made from ``ckpt`` under its run folder, else no OOD flag
-    and a warning. ``slides`` (from ``slides_csv``): the slide list, its ``label`` column scores the
+    records the differences instead). ``eval_dir`` (default: the folder `wsi-ncmi evaluate` recorded in the run
+    folder) holds the classifier (``classifier``: lp | cc | xi | head, default the report's primary) and
+    ``calibration.json``. ``calibration``: another ``calibration.json``; both are refused when made from another
+    checkpoint, unless ``allow_mismatch``; without one: one made from ``ckpt`` under its run folder, else no OOD
+    flag and a warning. ``slides`` (from ``slides_csv``): the slide list, its ``label`` column scores the
     predictions. Lines meant for the user go to ``echo``.
     """
     say = echo or (lambda _line: None)
     ckpt, out = Path(ckpt), Path(out_dir)
     mismatches = check_bags(bags, checkpoint, str(ckpt), allow_mismatch=allow_mismatch)
-    cal_path = Path(calibration) if calibration else find_calibration(ckpt)
+    recorded = checkpoint.get(CHECKPOINT_KEY)
+    class_names = list((recorded or {}).get("class_names") or []) or [str(i) for i in range(module.num_classes)]
+    digest = sha256_of(ckpt)
+    saved, found = load_evaluation(ckpt, digest, int(module.model.embed_dim), len(class_names), class_names,
+                                   module.ncmi_loss, eval_dir, allow_mismatch)
+    cal_path = Path(calibration) if calibration else (found.calibration or find_calibration(ckpt))
     cal = Calibration.read(cal_path) if cal_path else None
     if cal is None:
         logger.warning("no calibration.json for %s: OOD scores are written without a flag "
-                       "(run `wsi-ncmi evaluate` and pass --calibration)", ckpt)
-    elif cal.checkpoint_sha256 and calibration:
-        if cal.checkpoint_sha256 != sha256_of(ckpt):
+                       "(run `wsi-ncmi evaluate` on the checkpoint, or pass --eval DIR)", ckpt)
+    elif cal.checkpoint_sha256:
+        if cal.checkpoint_sha256 != digest:
             msg = f"--calibration {cal_path} was made from another checkpoint ({cal.checkpoint}), not {ckpt}"
             if not allow_mismatch:
                 raise OODError(msg + "; its thresholds do not apply (--allow-mismatch to use it anyway)")
             logger.warning("%s (--allow-mismatch)", msg)
             mismatches = {**mismatches, "(calibration)": [msg]}
 
-    recorded = checkpoint.get(CHECKPOINT_KEY)
-    class_names = list((recorded or {}).get("class_names") or []) or [str(i) for i in range(module.num_classes)]
     labels = None
     if slides is not None and "label" in slides.columns:
         lab = slides.set_index("slide_id")["label"]
         labels = [lab[s] for s in bags]
     pred = predict_bags(module.model, bags, class_names, ncmi_loss=module.ncmi_loss, calibration=cal,
-                        score=ood_score, labels=labels, device=device, labels_source=str(slides_csv))
+                        score=ood_score, labels=labels, device=device, labels_source=str(slides_csv),
+                        classifier=saved, which=classifier)
     meta: dict[str, Any] = {"checkpoint": str(ckpt), "bags_dir": str(bags_dir), "calibration": str(cal_path or ""),
                             "allow_mismatch": bool(allow_mismatch), "mismatches": mismatches,
-                            "objective": module.objective, "preprocessed": preprocessed}
+                            "objective": module.objective, "preprocessed": preprocessed,
+                            "classifier": pred.classifier, "temperature": pred.temperature,
+                            "classifier_dir": saved.source if saved is not None else ""}
     if heatmaps:
         meta["heatmaps"] = write_heatmaps(module.model, bags, out / "heatmaps", slides_dir=slides_dir, device=device)
     paths = write_prediction(out, pred, meta)

@@ -14,7 +14,12 @@ embeds the train / val / test splits once with the frozen aggregator, then runs 
   The report's ``seed`` is the training seed stored in the checkpoint (or, for checkpoints without one,
   ``seed_everything`` of the run folder's ``config.yaml``; else the probe seed);
 * ``embeddings.npz`` (slide ids, labels, embeddings, LP inputs and NCMI log-probs per split; no pickles);
-* ``calibration.json`` (OOD thresholds at 95 % TPR on val) and, with ``ood_bags``, the report's ``ood`` block.
+* ``calibration.json`` (OOD thresholds at 95 % TPR on val) and, with ``ood_bags``, the report's ``ood`` block;
+* next to each ``report.json``: ``classifier.npz`` / ``classifier.json`` (the fitted LP and CC as plain arrays,
+  the report's primary protocol and a temperature per classifier fitted on val, :mod:`.classifier_io`,
+  :mod:`.calibration`), the report's ``calibration`` block, ``reliability.png`` and ``cal_prob_<class>``
+  columns in ``predictions.csv``; the run folder's ``evaluations.json`` records where they are, for
+  ``wsi-ncmi predict``.
 
 Lines meant for the user (the calibration, each seed's summary table) go to ``echo`` (the command prints them).
 Errors the user can fix are :class:`EvaluateError`, whose message names the option as its command-line flag.
@@ -35,17 +40,26 @@ from wsi_ncmi.data.official import detect_dataset
 from wsi_ncmi.data.provenance import CHECKPOINT_KEY
 from wsi_ncmi.data.weights import check_device
 
+from .calibration import (
+    RELIABILITY_PNG,
+    apply_temperature,
+    calibration_block,
+    fit_temperature,
+    plot_reliability,
+    protocol_probabilities,
+)
+from .classifier_io import SavedClassifier, record_evaluation
 from .embed import embed_splits
-from .ood import CALIBRATION_JSON, evaluate_ood
+from .ood import CALIBRATION_JSON, evaluate_ood, sha256_of
 from .paper import paper_for_protocol
 from .predict import check_bags, embed_bags, select_bags
 from .probe import DEFAULT_CS
 from .protocols import evaluate_run
 from .report import write_report
-from .report_schema import SPLITS
+from .report_schema import SPLITS, json_safe
 
-__all__ = ["EvaluateError", "EvaluateOptions", "evaluate_module", "find_metrics_csv", "run_dir", "save_embeddings",
-           "summary_lines", "training_seed"]
+__all__ = ["EvaluateError", "EvaluateOptions", "evaluate_module", "find_metrics_csv", "fit_classifier", "run_dir",
+           "save_embeddings", "summary_lines", "training_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +176,44 @@ def _ood_calibration(module: Any, splits: Mapping[str, Any], state: Mapping[str,
         echo("OOD vs test: " + ", ".join(f"{k} AUROC {v['auroc']:.3f}" for k, v in block["scores"].items()))
 
 
+def fit_classifier(module: Any, splits: Mapping[str, Any], report: dict[str, Any], preds: Any,
+                   fitted: Mapping[str, Mapping[str, np.ndarray]], checkpoint_sha256: str,
+                   seed_dir: Path | None = None) -> tuple[SavedClassifier, Any]:
+    """Temperatures of every classifier fitted on val, ``report["calibration"]`` (the primary protocol), the
+    ``cal_prob_<class>`` columns of ``preds`` and the :class:`SavedClassifier`; with ``seed_dir``, the
+    reliability diagram there. Returns the classifier and the extended predictions table."""
+    names = list(report["class_names"])
+    temps = {}
+    for proto in report["metrics"]:
+        temps[proto] = fit_temperature(*protocol_probabilities(preds, proto, "val", names))
+    nl = module.ncmi_loss
+    lp_center = None
+    if nl is not None:
+        lp_center = nl.center.center.detach().cpu().double().numpy() if nl.use_centering else None
+    elif "lp" in fitted:
+        lp_center = splits["train"].embeddings.astype(np.float64).mean(axis=0)  # [E], as embed_splits
+    lp_info = report.get("protocol_info", {}).get("lp", {})
+    saved = SavedClassifier.from_fit(fitted, module.objective, names, int(module.model.embed_dim), lp_center,
+                                     lp_info.get("kept_input"), temps, checkpoint_sha256)
+    if nl is not None:
+        temps["xi"] = saved.temperatures["xi"] = fit_temperature(saved.proba("xi", splits["val"], nl),
+                                                                 splits["val"].labels)
+    cols = [f"prob_{n}" for n in names]
+    cal = np.zeros((len(preds), len(names)))  # [rows, C]
+    for proto in report["metrics"]:
+        rows = (preds["protocol"] == proto).to_numpy()
+        cal[rows] = apply_temperature(preds.loc[rows, cols].to_numpy(dtype=np.float64), temps[proto])
+    preds = preds.assign(**{f"cal_prob_{n}": cal[:, i] for i, n in enumerate(names)})
+    primary = saved.primary if saved.primary in report["metrics"] else "lp"
+    png = RELIABILITY_PNG if seed_dir is not None else None
+    val, test = (protocol_probabilities(preds, primary, s, names) for s in ("val", "test"))
+    report["calibration"] = json_safe(calibration_block(primary, temps[primary], val, test, png,
+                                                        {k: v for k, v in temps.items() if k != primary}))
+    if seed_dir is not None:
+        plot_reliability(seed_dir / RELIABILITY_PNG, *test, temps[primary], title=f"{primary}, test split")
+    return saved, preds
+
+
 def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt: str | Path, out: str | Path,
                     options: EvaluateOptions | None = None,
                     echo: Callable[[str], None] | None = None) -> dict[int, Path]:
@@ -198,14 +250,19 @@ def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt
     train_seed = training_seed(state, ckpt)
     multi = len(options.seeds) > 1
     written: dict[int, Path] = {}
+    digest = sha256_of(ckpt)
     for seed in options.seeds:
+        fitted: dict[str, dict[str, np.ndarray]] = {}
         report, preds = evaluate_run(
             splits, num_classes, dataset=dataset, split_csv=str(dm.split_csv), model=str(hp["model"]),
             objective=module.objective, seed=seed, train_seed=train_seed, class_names=dm.class_names,
             class_weight=options.class_weight, Cs=tuple(options.Cs), refit=options.refit, extra=extra,
-            solver=options.solver, lp_input=options.lp_input,
+            solver=options.solver, lp_input=options.lp_input, fitted=fitted,
         )
         seed_dir = out / f"seed{seed}" if multi else out
+        saved, preds = fit_classifier(module, splits, report, preds, fitted, digest,
+                                      seed_dir if options.plots else None)
+        saved.write(seed_dir)
         write_report(seed_dir, report, preds)
         if options.plots:
             from .plots import write_report_plots
@@ -214,6 +271,7 @@ def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt
         say(f"\n{dataset} / {hp['model']} / {module.objective} — seed {seed} → {seed_dir / 'report.json'}")
         say("\n".join(summary_lines(report)))
         written[seed] = seed_dir
+    record_evaluation(ckpt, digest, out, written[options.seeds[0]])
     if options.plots:
         from .plots import write_run_plots
 
