@@ -207,12 +207,20 @@ def test_predict_without_and_with_labels(trained, tmp_path: Path, capsys) -> Non
 def test_predict_ce_run_without_calibration_warns_and_does_not_flag(trained, tmp_path: Path, caplog) -> None:
     from wsi_ncmi.commands.predict_cli import main as predict_main
 
+    ckpt = tmp_path / "never_evaluated" / "checkpoints" / "best.ckpt"  # a copy nobody ran `evaluate` on
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(trained["head"], ckpt)
     out = tmp_path / "pred"
-    assert predict_main(["--ckpt", str(trained["head"]), "--bags", str(trained["ood"]), "--out", str(out)]) == 0
+    assert predict_main(["--ckpt", str(ckpt), "--bags", str(trained["ood"]), "--out", str(out)]) == 0
     df = pd.read_csv(out / "predictions.csv")
     assert df["ood_flag"].isna().all() and {"ood_msp", "ood_energy"} <= set(df.columns)
     assert not any(c.startswith("kl_") for c in df.columns)
     assert any("no calibration" in r.getMessage() for r in caplog.records)
+    assert any("no classifier.json" in r.getMessage() for r in caplog.records)
+    meta = json.loads((out / "predict.json").read_text())
+    assert meta["classifier"] == "head" and meta["temperature"] == 1.0  # the run's own head, uncalibrated
+    rc = predict_main(["--ckpt", str(ckpt), "--bags", str(trained["ood"]), "--out", str(out), "--classifier", "lp"])
+    assert rc == 2  # the LP exists only in an evaluation folder
 
 
 def test_predict_refuses_a_calibration_of_another_checkpoint(trained, tmp_path: Path, capsys) -> None:
@@ -308,3 +316,58 @@ def test_calibrate_on_constructed_inputs_picks_the_better_centroids() -> None:
     cal = calibrate(ScoreInputs(logits=-good, kl_xi=good, kl_means=bad), y)
     assert cal.default_score == "ncmi_xi"
     assert calibrate(ScoreInputs(logits=rng.random((40, 2))), y).default_score == "msp"
+
+
+# ------------------------------------------------------------------- the report's classifier (issue #27)
+@pytest.mark.parametrize("which", ["lp", "cc"])
+def test_predict_reproduces_evaluate_test_predictions(trained, tmp_path: Path, which: str, capsys) -> None:
+    from wsi_ncmi.commands.predict_cli import main as predict_main
+
+    ev = tmp_path / "eval"
+    _evaluate(trained, "ncmi", ev)
+    test = pd.read_csv(trained["split"]).query("split == 'test'")
+    lst = tmp_path / "test.csv"
+    test[["slide_id"]].to_csv(lst, index=False)
+    out = tmp_path / "pred"
+    rc = predict_main(["--ckpt", str(trained["ncmi"]), "--bags", str(trained["bags"]), "--slides", str(lst),
+                       "--out", str(out), "--classifier", which, "--eval", str(ev)])
+    assert rc == 0, capsys.readouterr().err
+    got = pd.read_csv(out / "predictions.csv", dtype={"prediction": str})
+    ref = pd.read_csv(ev / "predictions.csv").query(f"protocol == '{which}' and split == 'test'")
+    assert list(got["slide_id"]) == list(ref["slide_id"])
+    assert list(got["prediction"]) == [str(p) for p in ref["prediction"]]  # the same classes, slide by slide
+    np.testing.assert_allclose(got[["prob_0", "prob_1"]], ref[["cal_prob_0", "cal_prob_1"]], rtol=1e-5, atol=1e-6)
+    meta = json.loads((out / "predict.json").read_text())
+    saved = json.loads((ev / "classifier.json").read_text())
+    assert meta["classifier"] == which and meta["temperature"] == pytest.approx(saved["temperatures"][which])
+
+
+def test_predict_defaults_to_the_reports_primary_classifier(trained, tmp_path: Path, capsys) -> None:
+    from wsi_ncmi.commands.predict_cli import main as predict_main
+
+    for objective, primary in (("ncmi", "lp"), ("head", "head")):
+        ev = tmp_path / f"eval_{objective}"
+        _evaluate(trained, objective, ev)  # recorded in the run folder: predict finds it without --eval
+        saved = json.loads((ev / "classifier.json").read_text())
+        assert saved["primary"] == primary
+        out = tmp_path / f"pred_{objective}"
+        rc = predict_main(["--ckpt", str(trained[objective]), "--bags", str(trained["ood"]), "--out", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        meta = json.loads((out / "predict.json").read_text())
+        assert meta["classifier"] == primary and Path(meta["classifier_dir"]) == ev.resolve()
+        assert Path(meta["calibration"]) == (ev / "calibration.json").resolve()  # the OOD flag is there by default
+        assert pd.read_csv(out / "predictions.csv")["ood_flag"].notna().all()
+        cal = json.loads((ev / "report.json").read_text())["calibration"]
+        assert cal["classifier"] == primary and cal["temperature"] == pytest.approx(saved["temperatures"][primary])
+        assert set(cal["test"]) == {"before", "after"} and "## Calibration" in (ev / "report.md").read_text()
+
+
+def test_predict_refuses_a_classifier_of_another_run(trained, tmp_path: Path, capsys) -> None:
+    from wsi_ncmi.commands.predict_cli import main as predict_main
+
+    ev = tmp_path / "eval_head"
+    _evaluate(trained, "head", ev)
+    rc = predict_main(["--ckpt", str(trained["ncmi"]), "--bags", str(trained["ood"]), "--out", str(tmp_path / "p"),
+                       "--eval", str(ev)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "another checkpoint" in err and "classifier.json" in err and len(err.strip().splitlines()) == 1
