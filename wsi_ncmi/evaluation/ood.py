@@ -276,6 +276,10 @@ class Calibration:
     checkpoint: str = ""
     checkpoint_sha256: str = ""
     created: str = ""
+    rule: str = "val_tpr"  # "conformal": thresholds of evaluation.ood_threshold.apply_rule
+    target_false_alarm: float | None = None
+    false_alarm_bound: dict[str, float] = field(default_factory=dict)
+    n_reference: dict[str, int] = field(default_factory=dict)
 
     def write(self, path: str | os.PathLike) -> Path:
         return atomic_write_text(path, json.dumps(asdict(self), indent=2, allow_nan=False) + "\n")

@@ -14,7 +14,8 @@ embeds the train / val / test splits once with the frozen aggregator, then runs 
   The report's ``seed`` is the training seed stored in the checkpoint (or, for checkpoints without one,
   ``seed_everything`` of the run folder's ``config.yaml``; else the probe seed);
 * ``embeddings.npz`` (slide ids, labels, embeddings, LP inputs and NCMI log-probs per split; no pickles);
-* ``calibration.json`` (OOD thresholds at 95 % TPR on val) and, with ``ood_bags``, the report's ``ood`` block;
+* ``calibration.json`` (OOD thresholds, a conformal quantile at ``false_alarm``, :mod:`.ood_threshold`) and the
+  report's ``ood`` block (the flag on the test split; with ``ood_bags``, each score's AUROC);
 * next to each ``report.json``: ``classifier.npz`` / ``classifier.json`` (the fitted LP and CC as plain arrays,
   the report's primary protocol and a temperature per classifier fitted on val, :mod:`.classifier_io`,
   :mod:`.calibration`), the report's ``calibration`` block, ``reliability.png`` and ``cal_prob_<class>``
@@ -51,6 +52,7 @@ from .calibration import (
 from .classifier_io import SavedClassifier, record_evaluation
 from .embed import embed_splits
 from .ood import CALIBRATION_JSON, evaluate_ood, sha256_of
+from .ood_threshold import DEFAULT_FALSE_ALARM, evaluate_rule
 from .paper import paper_for_protocol
 from .predict import check_bags, embed_bags, select_bags
 from .probe import DEFAULT_CS
@@ -84,6 +86,7 @@ class EvaluateOptions:
     plots: bool = True
     allow_patient_leak: bool = False  # recorded in the report
     ood_bags: str | None = None  # folder of out-of-distribution bags
+    false_alarm: float = DEFAULT_FALSE_ALARM  # target false-alarm rate of the OOD flag (evaluation.ood_threshold)
 
     def check(self) -> None:
         """Raise :class:`EvaluateError` for a device that is not there or repeated seeds."""
@@ -91,6 +94,8 @@ class EvaluateOptions:
             check_device(self.device)
         except ValueError as e:
             raise EvaluateError(str(e)) from None
+        if not 0 < self.false_alarm < 1:
+            raise EvaluateError(f"--ood-false-alarm {self.false_alarm}: must be in (0, 1)")
         if len(set(self.seeds)) != len(self.seeds):
             raise EvaluateError(f"--seeds {list(self.seeds)}: seeds must be distinct")
 
@@ -161,7 +166,8 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
 def _ood_calibration(module: Any, splits: Mapping[str, Any], state: Mapping[str, Any], num_classes: int,
                      class_names: list[str], ckpt: Path, out: Path, extra: dict[str, Any], options: EvaluateOptions,
                      echo: Callable[[str], None]) -> None:
-    """``calibration.json`` (OOD thresholds at 95 % TPR on val) and, with ``ood_bags``, ``extra["ood"]``."""
+    """``calibration.json`` (OOD thresholds: :mod:`.ood_threshold`) and ``extra["ood"]`` (the flag rule on test; with
+    ``ood_bags``, also the AUROC of every score)."""
     ood = None
     if options.ood_bags:
         bags = select_bags(options.ood_bags)
@@ -169,10 +175,14 @@ def _ood_calibration(module: Any, splits: Mapping[str, Any], state: Mapping[str,
         ood = embed_bags(module.model, bags, ncmi_loss=module.ncmi_loss, device=options.device)
     calibration, block = evaluate_ood(splits, module.ncmi_loss, num_classes, class_names, ckpt, ood,
                                       str(options.ood_bags or ""))
+    rule = evaluate_rule(calibration, splits, module.ncmi_loss, num_classes, ood, options.false_alarm)
     calibration.write(out / CALIBRATION_JSON)
-    echo(f"OOD calibration ({calibration.default_score} default, 95 % TPR on val) → {out / CALIBRATION_JSON}")
+    extra["ood"] = {**(block or {}), **rule}
+    echo(f"OOD flag: {rule['score']} > {rule['threshold']:.4g} ({calibration.rule}, false alarms ≤ "
+         f"{options.false_alarm:g}; {len(rule['flagged_test'])} of {len(splits['test'])} test slides flagged"
+         + (f", {len(rule['flagged_ood'])} of {len(ood)} OOD bags" if ood is not None else "")
+         + f") → {out / CALIBRATION_JSON}")
     if block is not None:
-        extra["ood"] = block
         echo("OOD vs test: " + ", ".join(f"{k} AUROC {v['auroc']:.3f}" for k, v in block["scores"].items()))
 
 

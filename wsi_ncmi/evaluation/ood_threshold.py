@@ -1,0 +1,169 @@
+"""The OOD flag's threshold: a conformal quantile of in-distribution reference scores at a stated false-alarm rate.
+
+The rule of :func:`wsi_ncmi.evaluation.ood.calibrate` (keep ≥ 95 % of the validation slides) is, with the ~10
+validation slides of a small cohort, the *maximum* validation score: a handful of slides decides it, and a
+slide has to be further out than every one of them to be flagged. Here:
+
+* **reference scores** (:func:`reference_scores`): the validation slides (never used to fit anything) plus,
+  where a score can be computed *out of fold* for the training slides, those too. ``ncmi_means`` (KL to the
+  training class means of p) has an exact leave-one-out form: a training slide is scored against class means
+  computed without it (:func:`loo_means_kl`). The other scores (ξ, the head's MSP / energy) were fitted on the
+  training slides, so only validation slides are references for them;
+* **threshold** (:func:`conformal_threshold`, split conformal): with n reference scores and a target false-alarm
+  rate α (:data:`DEFAULT_FALSE_ALARM`), t = the ⌈(n + 1)(1 − α)⌉-th smallest reference score. For a new
+  in-distribution slide exchangeable with the references, P(score > t) ≤ α, and ≥ 1 − α − 1/(n + 1) on
+  average. When n is too small for α (k > n) the largest reference score is used and the achievable rate,
+  1/(n + 1), is recorded instead.
+
+:func:`apply_rule` replaces a :class:`~.ood.Calibration`'s thresholds by the rule's; :func:`ood_rule_block` is
+the report's ``ood`` fields (``score``, ``threshold``, ``rule``, ``target_false_alarm``, ``flagged_test``, …) and
+:func:`ood_report_markdown` the ``report.md`` section (with the ``--ood-bags`` AUROC table when there is one).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsi_ncmi.data.markdown import markdown_table
+from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
+
+from .ood import Calibration, OODError, ScoreInputs, compute_scores, ood_markdown, score_inputs
+
+__all__ = ["DEFAULT_FALSE_ALARM", "OOF_SCORES", "RULE", "apply_rule", "conformal_threshold", "evaluate_rule",
+           "loo_means_kl", "ood_report_markdown", "ood_rule_block", "reference_scores"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FALSE_ALARM = 0.05
+RULE = "conformal"
+
+
+def conformal_threshold(reference: Any, alpha: float = DEFAULT_FALSE_ALARM) -> tuple[float, float]:
+    """(threshold, false-alarm rate it guarantees): the ⌈(n + 1)(1 − α)⌉-th smallest of the n reference scores;
+    when that rank is above n, the largest score and 1/(n + 1)."""
+    s = np.sort(np.asarray(reference, dtype=np.float64).ravel())
+    if s.size == 0 or not np.isfinite(s).all():
+        raise OODError(f"conformal_threshold: need finite reference scores, got {s.size} value(s)")
+    if not 0 < alpha < 1:
+        raise OODError(f"conformal_threshold: the false-alarm rate must be in (0, 1), got {alpha}")
+    k = math.ceil((s.size + 1) * (1 - alpha) - 1e-9)
+    if k > s.size:
+        return float(s[-1]), 1.0 / (s.size + 1)
+    return float(s[k - 1]), float(alpha)
+
+
+def loo_means_kl(log_probs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """KL(p_i ‖ s^v) [N, C] of training slides to the class means of p with slide i left out of its own class."""
+    p = np.exp(np.asarray(log_probs, dtype=np.float64))  # [N, D]
+    y = np.asarray(labels, dtype=np.int64)
+    sums = np.zeros((num_classes, p.shape[1]))
+    np.add.at(sums, y, p)
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)  # [C]
+    out = np.full((p.shape[0], num_classes), np.inf)
+    for i in range(p.shape[0]):
+        n = counts.copy()
+        m = sums.copy()
+        m[y[i]] -= p[i]
+        n[y[i]] -= 1
+        ok = n > 0
+        means = m[ok] / n[ok, None]  # [C', D]
+        out[i, ok] = kl_rows_to_centroids(torch.as_tensor(p[i : i + 1]), torch.as_tensor(means)).numpy()[0]
+    return out
+
+
+# score name -> out-of-fold scores [N] of the training split (train EmbeddedSplit, num_classes)
+OOF_SCORES: dict[str, Callable[[Any, int], np.ndarray]] = {
+    "ncmi_means": lambda train, c: loo_means_kl(train.log_probs, train.labels, c).min(axis=1),
+}
+
+
+def reference_scores(val_inputs: ScoreInputs, train: Any = None, num_classes: int | None = None,
+                     use_train: bool = True) -> dict[str, np.ndarray]:
+    """``{score: in-distribution reference scores}``: validation, plus the out-of-fold training scores."""
+    ref = compute_scores(val_inputs)
+    if use_train and train is not None and num_classes is not None:
+        for name, fn in OOF_SCORES.items():
+            if name in ref and getattr(train, "log_probs", None) is not None and len(train) > num_classes:
+                ref[name] = np.r_[ref[name], fn(train, num_classes)]
+    return ref
+
+
+def apply_rule(cal: Calibration, reference: Mapping[str, np.ndarray],
+               alpha: float = DEFAULT_FALSE_ALARM) -> Calibration:
+    """``cal`` with every threshold replaced by :func:`conformal_threshold` over ``reference`` (in place)."""
+    rates = {}
+    for name, ref in reference.items():
+        cal.thresholds[name], rates[name] = conformal_threshold(ref, alpha)
+        cal.val_kept[name] = float((np.asarray(ref) <= cal.thresholds[name]).mean())
+    cal.rule = RULE
+    cal.target_false_alarm = float(alpha)
+    cal.false_alarm_bound = rates
+    cal.n_reference = {k: int(np.asarray(v).size) for k, v in reference.items()}
+    logger.info("OOD thresholds (%s, false alarms ≤ %.3g): %s", RULE, alpha,
+                {k: round(v, 6) for k, v in cal.thresholds.items()})
+    return cal
+
+
+def ood_rule_block(cal: Calibration, test_ids: Sequence[str], test_scores: Mapping[str, np.ndarray],
+                   ood_ids: Sequence[str] = (), ood_scores: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """The report's ``ood`` fields of the default score under the calibration's rule (flagged slides, shares)."""
+    name, t = cal.default_score, float(cal.thresholds[cal.default_score])
+    flag = np.asarray(test_scores[name]) > t
+    block: dict[str, Any] = {
+        "score": name, "threshold": t, "rule": f"{cal.rule}: the ⌈(n+1)(1−α)⌉-th smallest of n in-distribution "
+        "reference scores (validation + out-of-fold training slides where the score allows)",
+        "target_false_alarm": cal.target_false_alarm, "false_alarm_bound": cal.false_alarm_bound.get(name),
+        "n_reference": cal.n_reference.get(name), "flagged_test": [s for s, f in zip(test_ids, flag) if f],
+        "flagged_test_share": float(flag.mean()) if flag.size else None,
+    }
+    if ood_scores is not None:
+        oflag = np.asarray(ood_scores[name]) > t
+        block["flagged_ood"] = [s for s, f in zip(ood_ids, oflag) if f]
+        block["flagged_ood_share"] = float(oflag.mean()) if oflag.size else None
+    return block
+
+
+def evaluate_rule(cal: Calibration, splits: Mapping[str, Any], ncmi_loss: Any, num_classes: int, ood: Any = None,
+                  alpha: float = DEFAULT_FALSE_ALARM) -> dict[str, Any]:
+    """Apply the rule to ``cal`` (from :func:`~.ood.evaluate_ood` on the same embedded ``splits``) and return the
+    report's ``ood`` fields for the test split (and the embedded ``ood`` bags)."""
+    means = cal.class_means_array()
+
+    def inputs(s: Any) -> ScoreInputs:
+        return score_inputs(logits=s.logits, log_probs=s.log_probs, ncmi_loss=ncmi_loss, class_means=means)
+
+    apply_rule(cal, reference_scores(inputs(splits["val"]), splits["train"], num_classes), alpha)
+    test = compute_scores(inputs(splits["test"]))
+    if ood is None:
+        return ood_rule_block(cal, splits["test"].slide_ids, test)
+    return ood_rule_block(cal, splits["test"].slide_ids, test, ood.slide_ids, compute_scores(inputs(ood)))
+
+
+def ood_report_markdown(block: Mapping[str, Any]) -> list[str]:
+    """``report.md``'s OOD section: the flag rule on the test split (and OOD bags), then the AUROC table."""
+    lines: list[str] = []
+    if "threshold" in block:
+        lines += ["", "## Out-of-distribution flag", "",
+                  f"Score `{block['score']}`, threshold {block['threshold']:.4g} ({block['rule']}; n = "
+                  f"{block.get('n_reference')}); target false-alarm rate {block['target_false_alarm']:.3g}"
+                  + (f", guaranteed ≤ {block['false_alarm_bound']:.3g}" if block.get("false_alarm_bound") else "")
+                  + ". A flagged slide scores above the threshold: look at it before trusting its prediction.", ""]
+        rows = [["test (in distribution)", len(block["flagged_test"]), _share(block.get("flagged_test_share")),
+                 ", ".join(block["flagged_test"][:8]) or "—"]]
+        if "flagged_ood" in block:
+            rows.append(["OOD bags", len(block["flagged_ood"]), _share(block.get("flagged_ood_share")),
+                         ", ".join(block["flagged_ood"][:8]) or "—"])
+        lines += markdown_table(["slides", "flagged", "share", "which"], rows)
+    if "scores" in block:
+        lines += ood_markdown(block)
+    return lines
+
+
+def _share(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
