@@ -132,21 +132,35 @@ def test_evaluate_writes_calibration_and_ood_section(trained, tmp_path: Path, ob
 
     val = score_inputs(logits=emb["val_logits"] if objective == "head" else None,
                        log_probs=emb["val_log_probs"] if objective == "ncmi" else None,
-                       ncmi_loss=module.ncmi_loss, class_means=cal.class_means_array())
+                       ncmi_loss=module.ncmi_loss, class_means=cal.class_means_array(),
+                       embeddings=emb["val_embeddings"], train_mean=cal.train_mean_array())
     scores = compute_scores(val)
-    expected = {"ncmi_xi", "ncmi_means", "msp", "energy"} if objective == "ncmi" else {"msp", "energy"}
+    np.testing.assert_allclose(cal.train_mean_array(), emb["train_embeddings"].astype(np.float64).mean(0))
+    expected = {"ncmi_xi", "ncmi_means", "msp", "energy", "radius"} if objective == "ncmi" else {"msp", "energy",
+                                                                                                   "radius"}
     assert set(cal.thresholds) == set(scores) == expected
-    for name, s in scores.items():  # ≥ 95 % of the validation slides stay in distribution
-        assert (s <= cal.thresholds[name]).mean() >= 0.95 and cal.val_kept[name] >= 0.95
-    assert cal.n_val == 8 and cal.default_score == ("msp" if objective == "head" else cal.default_score)
+    # the conformal rule at the default false-alarm rate 0.1: val (8) + out-of-fold train (20) slides for radius and
+    # ncmi_means, val alone (8 < 9: too few for 10 %, so the maximum, bound 1/9) for the others
+    assert cal.rule == "conformal" and cal.target_false_alarm == 0.1
+    for name, s in scores.items():
+        n = cal.n_reference[name]
+        assert n == (28 if name in ("radius", "ncmi_means") else 8)
+        assert cal.false_alarm_bound[name] == pytest.approx(0.1 if n == 28 else 1 / 9)
+        if n == 8:
+            assert cal.thresholds[name] == pytest.approx(s.max())
+    assert cal.n_val == 8 and cal.default_score == ("msp" if objective == "head" else "radius")
     if objective == "ncmi":
-        assert cal.default_score in ("ncmi_xi", "ncmi_means") and set(cal.choice) == {"ncmi_xi", "ncmi_means"}
+        assert set(cal.choice) == {"ncmi_xi", "ncmi_means"}
         assert np.asarray(cal.class_means).shape == (C, module.model.embed_dim)
     report = json.loads((out / "report.json").read_text())
     ood = report["ood"]
     assert ood["n_id"] == 12 and ood["n_ood"] == 6 and set(ood["scores"]) == expected
     for m in ood["scores"].values():
         assert 0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["fpr_at_95tpr"] <= 1.0
+    assert ood["score"] == cal.default_score and ood["threshold"] == pytest.approx(cal.thresholds[cal.default_score])
+    assert set(ood["flagged_test"]) <= set(pd.read_csv(trained["split"]).query("split == 'test'")["slide_id"])
+    assert len(ood["flagged_ood"]) == round(ood["flagged_ood_share"] * 6)
+    assert "## Out-of-distribution flag" in (out / "report.md").read_text()
     assert "## Out-of-distribution detection" in (out / "report.md").read_text()
 
 
@@ -180,7 +194,8 @@ def test_predict_without_and_with_labels(trained, tmp_path: Path, capsys) -> Non
     assert list(df.columns[:7]) == ["slide_id", "prediction", "prob_0", "prob_1", "ood_score", "ood_flag", "kl_0"]
     assert "kl_1" in df.columns and "label" not in df.columns and len(df) == 12 + 6
     np.testing.assert_allclose(df[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(df["ood_score"], df[["kl_0", "kl_1"]].min(axis=1), rtol=1e-4)
+    np.testing.assert_allclose(df["ood_score"], df["ood_radius"], rtol=1e-6)  # the NCMI runs' default
+    np.testing.assert_allclose(df["ood_ncmi_xi"], df[["kl_0", "kl_1"]].min(axis=1), rtol=1e-4)
     calib = Calibration.read(cal)
     assert (df["ood_flag"] == (df["ood_score"] > calib.thresholds[calib.default_score])).all()
     ood = df["slide_id"].str.startswith("ood_")

@@ -62,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ood-bags", default=None,
                    help="folder of out-of-distribution bags: AUROC / FPR@95TPR of each OOD score against the test "
                         "split (report.json `ood`, report.md)")
-    p.add_argument("--ood-false-alarm", type=float, default=0.05,
+    p.add_argument("--ood-false-alarm", type=float, default=0.1,
                    help="target false-alarm rate of the OOD flag: the share of in-distribution slides it may flag "
-                        "(default 0.05; the threshold is a conformal quantile of validation + out-of-fold scores)")
+                        "(default 0.1; the threshold is a conformal quantile of validation + out-of-fold scores)")
     return p
 
 

@@ -7,7 +7,9 @@
 trained on before anything runs. ``--slides-dir``: ``wsi-preprocess`` with the checkpoint's recorded
 settings into ``OUT/features/`` (resumable: finished slides are skipped), then the same. Writes
 ``OUT/predictions.csv``, ``OUT/summary.md``, ``OUT/predict.json`` (and ``OUT/heatmaps/`` with ``--heatmaps``);
-see :mod:`wsi_ncmi.evaluation.predict` and :mod:`wsi_ncmi.evaluation.ood`.
+see :mod:`wsi_ncmi.evaluation.predict` and :mod:`wsi_ncmi.evaluation.ood`. The classifier (``--classifier``,
+default the report's primary, temperature-scaled) and the OOD calibration come from the `wsi-ncmi evaluate`
+folder of the checkpoint (recorded in its run folder, or ``--eval DIR``; :mod:`wsi_ncmi.evaluation.classifier_io`).
 
 Exit codes: 0 done; 2 a user error (message on stderr); 3 preprocessing left some slides failed (the others
 are predicted; see ``OUT/features/manifest.csv``).

@@ -10,6 +10,9 @@ Every score is "higher = more out-of-distribution" and lives in the registry :da
   training bags.
 * ``msp``        −max_c softmax(logits)_c (maximum softmax probability, Hendrycks & Gimpel).
 * ``energy``     −logsumexp_c logits_c (energy score, Liu et al., temperature 1).
+* ``radius``     ‖f − m‖₂, the slide embedding's distance to the training mean embedding m (stored in the
+  calibration). NCMI's loss only sees the direction of f − c (the NSF normalises it), so the radius is what the
+  simplex discards; it is the default of NCMI runs (:mod:`.ood_threshold`).
 
 The logits are the head's for CE runs and −KL(p ‖ q^v) (the ξ class scores MILModule validates with) for
 NCMI runs, so MSP and energy exist for both objectives and the comparison is like for like.
@@ -90,6 +93,7 @@ class ScoreInputs:
     logits: np.ndarray | None = None  # [N, C] head logits (CE) or −KL(p ‖ q^v) (NCMI)
     kl_xi: np.ndarray | None = None  # [N, C] KL(p ‖ nearest learned centroid of class v)
     kl_means: np.ndarray | None = None  # [N, C] KL(p ‖ training class mean s^v)
+    radius: np.ndarray | None = None  # [N, 1] ‖f − m‖ to the training mean embedding m
 
     def __len__(self) -> int:
         for t in (self.logits, self.kl_xi, self.kl_means):
@@ -121,16 +125,23 @@ def score_inputs(
     log_probs: np.ndarray | None = None,
     ncmi_loss: NCMILoss | None = None,
     class_means: np.ndarray | None = None,
+    embeddings: np.ndarray | None = None,
+    train_mean: np.ndarray | None = None,
 ) -> ScoreInputs:
     """Build :class:`ScoreInputs` from a split's head ``logits`` [N, C] (CE runs) or NCMI ``log_probs``
-    [N, D] (with the run's ``ncmi_loss`` for ξ and, optionally, training ``class_means`` [C, D])."""
+    [N, D] (with the run's ``ncmi_loss`` for ξ and, optionally, training ``class_means`` [C, D]); with the slide
+    ``embeddings`` [N, E] and the ``train_mean`` [E], also the radius."""
+    radius = None
+    if embeddings is not None and train_mean is not None:
+        diff = np.asarray(embeddings, dtype=np.float64) - np.asarray(train_mean, dtype=np.float64)[None, :]
+        radius = np.linalg.norm(diff, axis=1, keepdims=True)  # [N, 1]
     if log_probs is not None and ncmi_loss is not None:
         kl = xi_kl(ncmi_loss, log_probs)
         means = None if class_means is None else _means_kl(log_probs, class_means)
-        return ScoreInputs(logits=-kl, kl_xi=kl, kl_means=means)
+        return ScoreInputs(logits=-kl, kl_xi=kl, kl_means=means, radius=radius)
     if logits is None:
         raise OODError("score_inputs: need head logits (CE run) or NCMI log-probs with the run's NCMI loss")
-    return ScoreInputs(logits=np.asarray(logits, dtype=np.float64))
+    return ScoreInputs(logits=np.asarray(logits, dtype=np.float64), radius=radius)
 
 
 # ----------------------------------------------------------------------------------------- scorers
@@ -179,6 +190,11 @@ def _msp(logits: np.ndarray) -> np.ndarray:
 def _energy(logits: np.ndarray) -> np.ndarray:
     m = logits.max(axis=1)
     return -(m + np.log(np.exp(logits - m[:, None]).sum(axis=1)))
+
+
+@register_scorer("radius", "radius", "‖f − training mean embedding‖₂ (the radial part NCMI's simplex discards)")
+def _radius(table: np.ndarray) -> np.ndarray:
+    return table[:, 0]
 
 
 def available_scores(inputs: ScoreInputs) -> list[str]:
@@ -272,6 +288,7 @@ class Calibration:
     val_quantiles: dict[str, dict[str, float]] = field(default_factory=dict)
     choice: dict[str, float] = field(default_factory=dict)  # val macro-F1 + AUC per NCMI centroid set
     class_means: list[list[float]] | None = None  # [C, D] training class means of p (NCMI runs)
+    train_mean: list[float] | None = None  # [E] training mean slide embedding (the radius score)
     class_names: list[str] = field(default_factory=list)
     checkpoint: str = ""
     checkpoint_sha256: str = ""
@@ -304,6 +321,9 @@ class Calibration:
 
     def class_means_array(self) -> np.ndarray | None:
         return None if self.class_means is None else np.asarray(self.class_means, dtype=np.float64)
+
+    def train_mean_array(self) -> np.ndarray | None:
+        return None if self.train_mean is None else np.asarray(self.train_mean, dtype=np.float64)
 
 
 def calibrate(
@@ -410,12 +430,15 @@ def evaluate_ood(
     if ncmi_loss is not None:
         tr = splits["train"]
         means = training_class_means(tr.log_probs, tr.labels, num_classes)  # [C, D]
+    center = splits["train"].embeddings.astype(np.float64).mean(axis=0)  # [E]
 
     def inputs(s: Any) -> ScoreInputs:
-        return score_inputs(logits=s.logits, log_probs=s.log_probs, ncmi_loss=ncmi_loss, class_means=means)
+        return score_inputs(logits=s.logits, log_probs=s.log_probs, ncmi_loss=ncmi_loss, class_means=means,
+                            embeddings=s.embeddings, train_mean=center)
 
     cal = calibrate(inputs(splits["val"]), splits["val"].labels, tpr, class_means=means, class_names=class_names,
                     checkpoint=checkpoint)
+    cal.train_mean = center.tolist()
     logger.info("OOD calibration on %d validation slides: default %s, thresholds %s", cal.n_val, cal.default_score,
                 {k: round(v, 4) for k, v in cal.thresholds.items()})
     block = None

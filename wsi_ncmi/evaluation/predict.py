@@ -208,7 +208,9 @@ def predict_bags(
     if means is not None and ncmi_loss is None:
         raise OODError("the calibration holds NCMI class means but the checkpoint is not an NCMI run: "
                        "was it made from another checkpoint?")
-    inputs = score_inputs(logits=emb.logits, log_probs=emb.log_probs, ncmi_loss=ncmi_loss, class_means=means)
+    inputs = score_inputs(logits=emb.logits, log_probs=emb.log_probs, ncmi_loss=ncmi_loss, class_means=means,
+                          embeddings=emb.embeddings,
+                          train_mean=calibration.train_mean_array() if calibration is not None else None)
     if inputs.logits is None or inputs.logits.shape[1] != len(names):
         raise PredictError(f"the model gives {None if inputs.logits is None else inputs.logits.shape[1]} class "
                            f"scores but {len(names)} class names are known ({names})")
@@ -277,7 +279,8 @@ def summary_markdown(pred: Prediction, meta: Mapping[str, Any]) -> str:
                      "(run `wsi-ncmi evaluate` on the checkpoint and pass its `calibration.json`)")
     else:
         lines.append(f"- OOD score: `{pred.score_name}` ({desc}); threshold {pred.threshold:.4g} from "
-                     f"`{meta.get('calibration')}` (keeps ≥ 95 % of validation slides); flag = score > threshold")
+                     f"`{meta.get('calibration')}` ({meta.get('ood_rule', 'keeps ≥ 95 % of validation slides')}); "
+                     "flag = score > threshold")
     lines += ["", "## Predicted classes", ""]
     flags = t["ood_flag"].fillna(False).astype(bool)
     per_class = [(n, t["prediction"] == n) for n in pred.class_names]
@@ -422,6 +425,8 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
                             "objective": module.objective, "preprocessed": preprocessed,
                             "classifier": pred.classifier, "temperature": pred.temperature,
                             "classifier_dir": saved.source if saved is not None else ""}
+    if cal is not None and cal.target_false_alarm is not None:
+        meta["ood_rule"] = f"{cal.rule} quantile, target false-alarm rate {cal.target_false_alarm:g}"
     if heatmaps:
         meta["heatmaps"] = write_heatmaps(module.model, bags, out / "heatmaps", slides_dir=slides_dir, device=device)
     paths = write_prediction(out, pred, meta)
