@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from wsi_ncmi.evaluation.ood import Calibration, OODError, ScoreInputs
 from wsi_ncmi.evaluation.ood_threshold import (
     apply_rule,
     conformal_threshold,
-    loo_means_kl,
     ood_report_markdown,
     ood_rule_block,
     reference_scores,
 )
-from wsi_ncmi.ncmi.centroids import class_centroids, kl_rows_to_centroids
 
 
 @pytest.mark.parametrize("n, alpha", [(39, 0.1), (59, 0.05), (24, 0.2)])
@@ -42,39 +39,31 @@ def test_conformal_threshold_with_too_few_references_says_what_it_can_guarantee(
         conformal_threshold(s, 1.5)
 
 
-def test_leave_one_out_class_means_match_brute_force() -> None:
-    rng = np.random.default_rng(0)
-    p = rng.dirichlet(np.ones(5), size=12)  # [12, 5]
-    y = np.arange(12) % 3
-    got = loo_means_kl(np.log(p), y, 3)
-    for i in range(12):
-        keep = np.arange(12) != i
-        means = class_centroids(torch.as_tensor(p[keep]), torch.as_tensor(y[keep]), 3).numpy()
-        ref = kl_rows_to_centroids(torch.as_tensor(p[i : i + 1]), torch.as_tensor(means)).numpy()[0]
-        np.testing.assert_allclose(got[i], ref, rtol=1e-10)
-
-
 def test_apply_rule_uses_out_of_fold_training_scores_and_the_block_lists_flags() -> None:
     class Split:
-        def __init__(self, lp: np.ndarray, y: np.ndarray) -> None:
-            self.log_probs, self.labels = lp, y
+        def __init__(self, f: np.ndarray, y: np.ndarray) -> None:
+            self.embeddings, self.labels, self.log_probs = f, y, None
 
         def __len__(self) -> int:
             return len(self.labels)
 
     rng = np.random.default_rng(1)
-    train = Split(np.log(rng.dirichlet(np.ones(4) * 50, size=30)), np.arange(30) % 2)
+    train = Split(rng.standard_normal((30, 4)), np.arange(30) % 2)
     kl = rng.random((8, 2))
-    ref = reference_scores(ScoreInputs(logits=-kl, kl_xi=kl, kl_means=kl), train, 2)
-    assert ref["ncmi_means"].size == 8 + 30 and ref["ncmi_xi"].size == 8 and ref["msp"].size == 8
-    cal = Calibration(thresholds={}, default_score="ncmi_means")
+    m = train.embeddings.mean(0)
+    radius = np.linalg.norm(rng.standard_normal((8, 4)) - m, axis=1, keepdims=True)
+    ref = reference_scores(ScoreInputs(logits=-kl, kl_xi=kl, kl_means=kl, radius=radius), train, 2)
+    assert ref["radius"].size == 8 + 30 and ref["ncmi_means"].size == 8 and ref["ncmi_xi"].size == 8
+    np.testing.assert_allclose(ref["radius"][8:], [np.linalg.norm(train.embeddings[i] - np.delete(
+        train.embeddings, i, 0).mean(0)) for i in range(30)])  # leave-one-out
+    cal = Calibration(thresholds={}, default_score="radius")
     apply_rule(cal, ref, 0.1)
-    assert cal.rule == "conformal" and cal.target_false_alarm == 0.1 and cal.n_reference["ncmi_means"] == 38
-    assert cal.thresholds["ncmi_means"] == np.sort(ref["ncmi_means"])[int(np.ceil(39 * 0.9)) - 1]
+    assert cal.rule == "conformal" and cal.target_false_alarm == 0.1 and cal.n_reference["radius"] == 38
+    assert cal.thresholds["radius"] == np.sort(ref["radius"])[int(np.ceil(39 * 0.9)) - 1]
     assert cal.false_alarm_bound["ncmi_xi"] == pytest.approx(1 / 9)  # 8 references cannot promise 10 %
-    t = cal.thresholds["ncmi_means"]
-    block = ood_rule_block(cal, ["a", "b", "c"], {"ncmi_means": np.array([t - 1, t + 1, t])},
-                           ["o1", "o2"], {"ncmi_means": np.array([t + 2, t - 2])})
+    t = cal.thresholds["radius"]
+    block = ood_rule_block(cal, ["a", "b", "c"], {"radius": np.array([t - 1, t + 1, t])},
+                           ["o1", "o2"], {"radius": np.array([t + 2, t - 2])})
     assert block["flagged_test"] == ["b"] and block["flagged_ood"] == ["o1"] and block["threshold"] == t
     assert {"score", "threshold", "rule", "target_false_alarm", "flagged_test"} <= set(block)
     text = "\n".join(ood_report_markdown(block))

@@ -139,12 +139,12 @@ def test_evaluate_writes_calibration_and_ood_section(trained, tmp_path: Path, ob
     expected = {"ncmi_xi", "ncmi_means", "msp", "energy", "radius"} if objective == "ncmi" else {"msp", "energy",
                                                                                                    "radius"}
     assert set(cal.thresholds) == set(scores) == expected
-    # the conformal rule at the default false-alarm rate 0.1: val (8) + out-of-fold train (20) slides for radius and
-    # ncmi_means, val alone (8 < 9: too few for 10 %, so the maximum, bound 1/9) for the others
+    # the conformal rule at the default false-alarm rate 0.1: val (8) + out-of-fold train (20) slides for radius,
+    # val alone (8 < 9: too few for 10 %, so the maximum, bound 1/9) for the others
     assert cal.rule == "conformal" and cal.target_false_alarm == 0.1
     for name, s in scores.items():
         n = cal.n_reference[name]
-        assert n == (28 if name in ("radius", "ncmi_means") else 8)
+        assert n == (28 if name == "radius" else 8)
         assert cal.false_alarm_bound[name] == pytest.approx(0.1 if n == 28 else 1 / 9)
         if n == 8:
             assert cal.thresholds[name] == pytest.approx(s.max())
