@@ -129,7 +129,7 @@ def calibration(results: list[dict], tasks: list[str], models: list[str]) -> lis
     """Test calibration of each run's primary classifier (NCMI: LP, CE: head) before / after the temperature
     `wsi-ncmi evaluate` fits on val (issue #27)."""
     lines = ["Calibration of the primary classifier on test (temperature fitted on val; mean ± std over seeds):", "",
-             "| task | aggregator | run | classifier | T | ECE before | ECE after | mean max-p (correct) before "
+             "| task | aggregator | run | classifier | T per seed | ECE before | ECE after | mean max-p (correct) before "
              "| mean max-p (correct) after | Brier before | Brier after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         for model in models:
@@ -142,8 +142,9 @@ def calibration(results: list[dict], tasks: list[str], models: list[str]) -> lis
                 def col(when: str, key: str, rows: list[dict] = rows) -> str:
                     return _fmt([c["test"][when][key] for c in rows if c["test"][when][key] is not None])
 
+                temps = ", ".join(f"{c['temperature']:.3g}" for c in rows)  # per seed: T spans decades
                 lines.append(f"| {task} | {model} | {objective} | {rows[0]['classifier']} | "
-                             f"{_fmt([c['temperature'] for c in rows])} | {col('before', 'ece')} | {col('after', 'ece')} "
+                             f"{temps} | {col('before', 'ece')} | {col('after', 'ece')} "
                              f"| {col('before', 'mean_max_prob_correct')} | {col('after', 'mean_max_prob_correct')} "
                              f"| {col('before', 'brier')} | {col('after', 'brier')} |")
     return lines
