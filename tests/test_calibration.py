@@ -90,3 +90,14 @@ def test_calibration_block_and_markdown() -> None:
     assert block["test"]["after"]["mean_max_prob"] > block["test"]["before"]["mean_max_prob"]
     text = "\n".join(calibration_markdown(block))
     assert "## Calibration of the `lp` probabilities" in text and "reliability.png" in text and "`cc` 0.01" in text
+
+
+def test_a_classifier_at_chance_gets_near_uniform_probabilities_with_its_argmax_kept() -> None:
+    rng = np.random.default_rng(0)
+    pv = rng.dirichlet(np.ones(4), size=40)  # confident scores that say nothing about the labels
+    yv = rng.integers(0, 4, size=40)
+    t = fit_temperature(pv, yv)
+    pt = rng.dirichlet(np.ones(4), size=200)
+    after = apply_temperature(pt, t)
+    assert np.abs(after - 0.25).max() < 0.05 and after.max(1).mean() < 0.26  # near uniform: "no idea" ...
+    np.testing.assert_array_equal(after.argmax(1), pt.argmax(1))  # ... but the predicted class is unchanged

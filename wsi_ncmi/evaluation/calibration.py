@@ -11,7 +11,9 @@ ranking (AUC) are unchanged.
 smoothed targets (a slide of class c counts as (n_c + 1) / (n_c + 2) of class c, the rest spread over the other
 classes; n_c = validation slides of class c). With the few, often perfectly separated validation slides of a
 cohort, the plain NLL would push T → 0 (probability 1 on everything); the smoothed target caps the confidence
-at what n_c slides can support. T is kept at 1 when it would not lower the plain validation NLL.
+at what n_c slides can support. T is kept at 1 when it would not lower the plain validation NLL, and bounded so
+that the largest score gap stays ≥ 1e-3 (a classifier at chance on validation gets near-uniform probabilities
+whose order, hence the predicted class, survives in float64).
 
 Calibration metrics (:func:`calibration_metrics`): ECE (top-label, 10 equal-width confidence bins), the
 multi-class Brier score (mean over slides of Σ_c (p_c − y_c)²), the mean max-probability and the mean
@@ -41,7 +43,6 @@ logger = logging.getLogger(__name__)
 CALIBRATION_METHOD = "temperature"
 N_BINS = 10
 RELIABILITY_PNG = "reliability.png"
-_LOG_BETA_BOUNDS = (-25.0, 25.0)  # β = 1/T in [e^-25, e^25]: the class scores span ~1e-6 to ~1e3
 
 
 def _log_p(proba: np.ndarray) -> np.ndarray:
@@ -94,8 +95,12 @@ def fit_temperature(proba: Any, labels: Any) -> float:
     if not finite[np.arange(y.size), y].all():
         raise ValueError("fit_temperature: a validation slide's true class has probability 0")
     z = np.where(finite, logp - np.where(finite, logp, -np.inf).max(axis=1, keepdims=True), -np.inf)
-    if np.ptp(np.where(finite, z, 0.0)) == 0.0:
+    gaps = -z[finite & (z < 0)]  # distances of the other classes' log-probabilities from each row's maximum
+    if gaps.size == 0:
         return 1.0  # every class score equal: no temperature changes anything
+    # β = 1/T from "the largest gap becomes 1e-3" (almost uniform, the order still exact in float64) to "the
+    # smallest gap becomes 1e3" (saturated): a classifier no better than chance on val gets the former, not T → ∞
+    bounds = (math.log(1e-3 / gaps.max()), max(math.log(1e3 / gaps.min()), math.log(1e-3 / gaps.max()) + 1.0))
     target = _smoothed_targets(y, finite)
 
     def loss(log_beta: float) -> float:
@@ -104,7 +109,7 @@ def fit_temperature(proba: Any, labels: Any) -> float:
         lse = m[:, 0] + np.log(np.exp(s - m).sum(axis=1))
         return float(-((target * np.where(finite, s, 0.0)).sum(axis=1) - lse).mean())
 
-    res = minimize_scalar(loss, bounds=_LOG_BETA_BOUNDS, method="bounded", options={"xatol": 1e-6})
+    res = minimize_scalar(loss, bounds=bounds, method="bounded", options={"xatol": 1e-6})
     t = float(math.exp(-res.x))
     if nll(apply_temperature(proba, t), y) > nll(apply_temperature(proba, 1.0), y):
         logger.info("temperature %.4g would raise the validation NLL; kept T = 1", t)
