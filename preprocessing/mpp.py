@@ -1,7 +1,8 @@
 """Where a slide's physical pixel size (mpp, µm per level-0 pixel) comes from, and which values to believe.
 
 In order: an explicit override (``--mpp-csv``, applied by the readers), OpenSlide's ``openslide.mpp-x/y``,
-vendor keys (``aperio.MPP``, Hamamatsu/Philips/Leica keys), the TIFF XResolution + ResolutionUnit
+vendor keys (``aperio.MPP``, Hamamatsu/Philips/Leica keys), a physical pixel size with its unit (DICOM
+PixelSpacing in mm, OME ``PhysicalSizeX/Y`` + ``PhysicalSizeXUnit``, CZI scaling in m), the TIFF XResolution + ResolutionUnit
 (centimetre or inch; NONE means unknown). It is never guessed: a slide without one has ``mpp = None`` and
 the pipeline reports ``mpp_missing``. A value from the file outside ``PLAUSIBLE_MPP`` (e.g. the 72 dpi =
 352.8 µm/px many writers put in every TIFF) is rejected as if absent (logged, and named in the
@@ -22,6 +23,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "LENGTH_UNITS_UM",
     "MPP_RULES",
     "PLAUSIBLE_MPP",
     "magnification_from_properties",
@@ -72,6 +74,34 @@ def _mpp_vendor_resolution(p: Mapping[str, str]) -> float | None:
     return None
 
 
+# length units of a physical pixel size -> µm (OME's UnitsLength symbols; µ written as micro sign or Greek mu)
+LENGTH_UNITS_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4,
+                   "m": 1e6, "in": 25400.0}
+# property -> (its unit, or the property naming the unit) of the physical pixel size rules, x first then y
+_PHYSICAL = (
+    ("dicom.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[1]", "mm"),
+    ("dicom.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0]", "mm"),
+    ("ome.PhysicalSizeX", "ome.PhysicalSizeXUnit"),
+    ("ome.PhysicalSizeY", "ome.PhysicalSizeYUnit"),
+    ("czi.ScalingX", "m"),
+    ("czi.ScalingY", "m"),
+)
+
+
+def _mpp_physical_size(p: Mapping[str, str]) -> float | None:
+    """µm per pixel from a size with a unit (DICOM PixelSpacing, OME PhysicalSize, CZI scaling): the mean of
+    x and y; an unknown unit gives nothing (OME's default unit is µm)."""
+    for (kx, ux), (ky, uy) in zip(_PHYSICAL[::2], _PHYSICAL[1::2]):
+        got = []
+        for key, unit in ((kx, ux), (ky, uy)):
+            name = unit if unit in LENGTH_UNITS_UM else p.get(unit, "µm").strip()
+            if (v := _positive(p.get(key))) is not None and name in LENGTH_UNITS_UM:
+                got.append(v * LENGTH_UNITS_UM[name])
+        if got:
+            return sum(got) / len(got)
+    return None
+
+
 _UNIT_UM = {"centimeter": 1e4, "centimetre": 1e4, "inch": 25400.0, "cm": 1e4}
 
 
@@ -91,6 +121,7 @@ MPP_RULES: tuple[Callable[[Mapping[str, str]], float | None], ...] = (
     _mpp_openslide,
     _mpp_aperio,
     _mpp_vendor_resolution,
+    _mpp_physical_size,
     _mpp_tiff,
 )
 

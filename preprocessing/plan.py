@@ -36,10 +36,7 @@ BAGS_DIR, THUMBS_DIR, LOCKS_DIR, COORDS_DIR, STALE_DIR = "bags", "thumbnails", "
 
 
 def file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+    return max(source_stat(path)[0], 0)
 
 
 @dataclass(frozen=True)
@@ -100,12 +97,14 @@ def settings_fingerprint(cfg: PreprocessConfig, weights_sha256: str) -> dict[str
 
 
 def source_stat(path: Path) -> tuple[int, int]:
-    """(size, mtime in ns) of a slide file; (-1, -1) when it cannot be read."""
+    """(size, mtime in ns) of a slide file; of a slide folder (DICOM WSI), its files' summed size and latest
+    mtime; (-1, -1) when it cannot be read."""
     try:
-        st = path.stat()
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        stats = [p.stat() for p in files]
     except OSError:
         return -1, -1
-    return int(st.st_size), int(st.st_mtime_ns)
+    return int(sum(st.st_size for st in stats)), int(max((st.st_mtime_ns for st in stats), default=0))
 
 
 def source_mismatch(attrs: Any, task: SlideTask) -> str | None:
@@ -221,7 +220,7 @@ def plan_slides(cfg: PreprocessConfig) -> list[SlideTask]:
     paths = find_slides(cfg.input)
     if not paths:
         raise SlideError(f"--input {cfg.input}: no slides found in this folder (searched recursively for "
-                         f"{', '.join(SLIDE_EXTENSIONS)}); check the path")
+                         f"{', '.join(SLIDE_EXTENSIONS)} and DICOM WSI folders); check the path")
     if wanted is not None:
         missing = wanted - {slide_id_of(p) for p in paths}
         if missing:

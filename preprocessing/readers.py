@@ -7,10 +7,14 @@ the rules of :mod:`preprocessing.mpp` (never guessed; implausible values rejecte
 
 ``.tif``/``.tiff`` files that OpenSlide cannot open (plain stripped TIFFs) are read whole by
 :class:`TiffImageReader` (one level; mpp from ``--mpp-csv`` or a plausible TIFF resolution).
+
+Readers in modules of their own (``MODULE_READERS``: OME-TIFF, CZI; ``FOLDER_READERS``: a DICOM WSI folder
+is one slide) build on the classes here, so they are imported when first needed.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -21,6 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .file_checks import MAX_DECODE_PIXELS, declared_image_size, unreadable_reason
 from .mpp import magnification_from_properties, mpp_from_properties, tiff_resolution_properties
 from .tiff_tiles import TiffLevels, TileDecodeError
 
@@ -41,6 +46,9 @@ __all__ = [
     "slide_id_of",
     "TiffImageReader",
     "FALLBACK_READERS",
+    "MODULE_READERS",
+    "FOLDER_READERS",
+    "reader_class",
 ]
 
 class SlideError(ValueError):
@@ -265,34 +273,12 @@ class OpenSlideReader(SlideReader):
         self._slide.close()
 
 
-# plain images are decoded whole into memory: 3 bytes per pixel (OpenCV refuses more than this by default)
-MAX_DECODE_PIXELS = 1 << 30
-
-
-def _declared_image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) a PNG or TIFF header declares, read without decoding; None when unknown."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(24)
-        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-            return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-        if head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
-                return int(page.imagewidth), int(page.imagelength)
-    except Exception as e:  # noqa: BLE001 - only a pre-check: the decoder reports a broken file
-        log.debug("%s: image size not known before decoding: %s", path, e)
-    return None
-
-
 class ImageReader(SlideReader):
     """Plain images (png, jpg, ...): one level, no embedded mpp (it must come from ``--mpp-csv``)."""
 
     def __init__(self, path: str | Path, mpp: float | None = None):
         self.path = Path(path)
-        size = _declared_image_size(self.path)
+        size = declared_image_size(self.path)
         if size is not None and size[0] * size[1] > MAX_DECODE_PIXELS:
             raise UnreadableSlideError(
                 f"{self.path}: declares {size[0]} x {size[1]} px, too large to decode whole as a plain image "
@@ -351,39 +337,52 @@ READERS: dict[str, type[SlideReader]] = {
                                          ".vmu", ".svslide")},
     **{ext: ImageReader for ext in (".png", ".jpg", ".jpeg")},
 }
-SLIDE_EXTENSIONS = tuple(READERS)
+# formats whose readers live in modules of their own, imported when first needed: extension -> "module:Class"
+MODULE_READERS: dict[str, str] = {".ome.tif": "readers_ome:OmeTiffReader", ".ome.tiff": "readers_ome:OmeTiffReader",
+                                  ".czi": "readers_czi:CziReader"}
+# a folder holding files of this extension is one slide when the class's is_slide_folder(folder, names) says so
+FOLDER_READERS: dict[str, str] = {".dcm": "readers_dicom:DicomReader"}
+SLIDE_EXTENSIONS = tuple(READERS) + tuple(MODULE_READERS)
 # plain images: taken as slides only when their mpp is given (--mpp-csv) or they are listed in --slides
 IMAGE_EXTENSIONS = tuple(ext for ext, cls in READERS.items() if cls is ImageReader)
 # extension -> reader tried when the READERS one cannot open the file
 FALLBACK_READERS: dict[str, type[SlideReader]] = {".tif": TiffImageReader, ".tiff": TiffImageReader}
 
 
-def _check_readable(path: Path) -> None:
-    """Raise a clear error when this process may not read ``path`` (OpenSlide would only say "Unsupported or
-    missing image file")."""
-    try:
-        with open(path, "rb") as fh:
-            fh.read(1)
-    except PermissionError:
-        raise UnreadableSlideError(f"{path}: permission denied: this user cannot read the file; make it readable "
-                                   "(e.g. chmod a+r) or run as a user who can") from None
-    except OSError as e:
-        raise UnreadableSlideError(f"{path}: cannot read the file: {e.strerror or e}") from None
+def _load(spec: str) -> type[SlideReader]:  # "module:Class" of this package
+    return getattr(importlib.import_module(f"{__package__}.{spec.split(':')[0]}"), spec.split(":")[1])
+
+
+def reader_class(path: str | Path) -> tuple[str, type[SlideReader]] | None:
+    """(extension, reader) registered for ``path``: a folder's by the extension of its files, a file's by the
+    longest registered extension its name ends with (``.ome.tif`` before ``.tif``); None when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            exts = {os.path.splitext(n)[1].lower() for n in os.listdir(path)}
+        except OSError as e:
+            raise UnreadableSlideError(f"{path}: cannot list the folder: {e.strerror or e}") from None
+        return next(((ext, _load(spec)) for ext, spec in FOLDER_READERS.items() if ext in exts), None)
+    name = path.name.lower()
+    ext = max((e for e in (*READERS, *MODULE_READERS) if name.endswith(e)), key=len, default=None)
+    return None if ext is None else (ext, READERS.get(ext) or _load(MODULE_READERS[ext]))
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
-    """Open ``path`` with the reader registered for its extension; ``mpp`` overrides the file's."""
+    """Open ``path`` (a file, or a slide folder) with the reader registered for it; ``mpp`` overrides the file's."""
     path = Path(path)
-    cls = READERS.get(path.suffix.lower())
-    if cls is None:
-        raise SlideError(f"{path}: no reader for extension {path.suffix!r}; known: {', '.join(SLIDE_EXTENSIONS)}")
-    if not path.is_file():
+    if (match := reader_class(path)) is None:
+        raise SlideError(f"{path}: no reader for extension {path.suffix!r}; known: {', '.join(SLIDE_EXTENSIONS)}, "
+                         f"or a folder of {', '.join(FOLDER_READERS)} files")
+    ext, cls = match
+    if not path.exists():
         raise UnreadableSlideError(f"{path}: no such file")
-    _check_readable(path)
+    if path.is_file() and (why := unreadable_reason(path)):
+        raise UnreadableSlideError(why)
     try:
         return cls(path, mpp=mpp)
     except UnreadableSlideError as first:
-        fallback = FALLBACK_READERS.get(path.suffix.lower())
+        fallback = FALLBACK_READERS.get(ext)
         if fallback is None:
             raise
         try:
@@ -395,8 +394,12 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
 
 
 def slide_id_of(path: str | Path) -> str:
-    """The slide id: the file name without its extension."""
-    return Path(path).stem
+    """The slide id: a slide folder's name (also for the path of a file in it), else the file name without
+    its last extension."""
+    p = Path(path)
+    if p.suffix.lower() in FOLDER_READERS:
+        return p.parent.name
+    return p.name if p.is_dir() else p.stem
 
 
 def _walk_error(e: OSError) -> None:
@@ -404,7 +407,7 @@ def _walk_error(e: OSError) -> None:
 
 
 def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
-    """All slide files under ``root`` (recursive, following folder links; a folder reached twice, e.g. by a
+    """All slides under ``root``: files, and folders that are one slide (recursive, following folder links; a folder reached twice, e.g. by a
     link cycle, is searched once and the link is logged), sorted by path. Raises if two share a slide id."""
     root = Path(root)
     if not root.is_dir():
@@ -433,6 +436,10 @@ def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS) 
             if (here / d).is_symlink():
                 log.info("%s: following folder link to %s", here / d, os.path.realpath(here / d))
         found += [here / f for f in filenames if Path(f).suffix.lower() in exts]
+        for ext, spec in FOLDER_READERS.items():
+            members = sorted(f for f in filenames if Path(f).suffix.lower() == ext)
+            if members and _load(spec).is_slide_folder(here, members):
+                found.append(here)
     found.sort()
     seen: dict[str, Path] = {}
     for p in found:

@@ -99,6 +99,15 @@ class TiffLevels:
             return None
         return cls(tif, levels, downsamples)
 
+    @classmethod
+    def from_pages(cls, tif, pages: Sequence, downsamples: Sequence[float]) -> TiffLevels:
+        """Region reads from ``pages`` (level i = ``pages[i]``, e.g. an OME-TIFF's SubIFD pyramid) of the open
+        ``tif``; a level whose page is not plain tiled 8-bit RGB is left out (``read`` answers None)."""
+        return cls(tif, {i: _Level(p) for i, p in enumerate(pages) if _usable(p)}, downsamples)
+
+    def has_level(self, level: int) -> bool:
+        return level in self._levels
+
     def _tile(self, level: int, lv: _Level, index: int) -> np.ndarray:
         key = (level, index)
         hit = self._cache.get(key)

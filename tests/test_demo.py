@@ -168,6 +168,10 @@ def test_demo_end_to_end_and_attention_on_tumour(tmp_path: Path, capsys) -> None
         assert (out / "eval" / run / "calibration.json").is_file()
     assert "## demo / abmil /" in (out / "report" / "summary.md").read_text()  # the dataset is named
     assert res.summary is not None and set(res.summary["protocol"]) >= {"lp", "head", "cc"}
+    page = (out / "report" / "report.html").read_text()  # the demo's page, with every run's pages linked
+    assert res.paths["html"] == out / "report" / "report.html" and page.count("<img ") >= 2 * 2
+    for run in ("abmil_ce", "abmil_ncmi"):
+        assert f'href="../eval/{run}/report.html"' in page and f'href="../predict/{run}/report.html"' in page
 
     # the trained ABMIL CE attends to tumour: pooled over every tumour slide of the cohort
     model = load_mil_module(out / "runs" / "abmil_ce" / "checkpoints" / "best.ckpt")[0].model

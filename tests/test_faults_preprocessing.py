@@ -172,7 +172,7 @@ def test_output_that_is_a_file_is_refused(tmp_path, tissue, capsys):
 
 @pytest.mark.fault(kind="unclear")
 def test_permission_denied_on_a_slide_says_so(tmp_path, tissue, capsys, monkeypatch):
-    from preprocessing import readers
+    from preprocessing import file_checks as readers  # the readability check lives there
 
     inp, out = tmp_path / "in", tmp_path / "out"
     _slide(inp, tissue, name="good.svs")

@@ -162,6 +162,8 @@ def test_evaluate_writes_calibration_and_ood_section(trained, tmp_path: Path, ob
     assert len(ood["flagged_ood"]) == round(ood["flagged_ood_share"] * 6)
     assert "## Out-of-distribution flag" in (out / "report.md").read_text()
     assert "## Out-of-distribution detection" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()  # evaluate writes its page last, with the OOD block and provenance
+    assert "Out-of-distribution detection" in page and report["provenance"]["checkpoint_sha256"] in page
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -204,6 +206,8 @@ def test_predict_without_and_with_labels(trained, tmp_path: Path, capsys) -> Non
     assert "## Predicted classes" in summary and "Flagged slides" in summary
     meta = json.loads((out / "predict.json").read_text())
     assert meta["ood_score"] == calib.default_score and meta["mismatches"] == {}
+    page = (out / "report.html").read_text()  # predict writes its page last: a row per slide
+    assert page.count('<tr class="flag">') == int(df["ood_flag"].sum()) and all(s in page for s in df["slide_id"])
 
     # with labels (a slide list with a label column): the labels are kept and scored
     lst = tmp_path / "list.csv"

@@ -4,7 +4,7 @@
     wsi-ncmi demo --out demo_out --quick    # 20 smaller slides, fewer epochs
 
 Stages: cohort -> wsi-preprocess -> split -> fit (ABMIL, TransMIL, AEM, ASMIL, each with CE and NCMI; --quick:
-ABMIL only) -> evaluate -> report -> heatmaps.
+ABMIL only) -> evaluate -> report -> heatmaps. The last line names ``OUT/report/report.html``, the page to open.
 A second run reuses the cohort and the bags. Exit status 0 when every stage succeeded, 1 otherwise.
 """
 
@@ -105,5 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         _say()
         for s in failed:
             _say(f"  {s.status.upper()}: {s.name}: {s.detail}")
-        return 1
-    return 0
+    if "html" in res.paths:  # the last line: the page to open
+        _say()
+        _say(f"open the report page: {res.paths['html']}")
+    return 1 if failed else 0

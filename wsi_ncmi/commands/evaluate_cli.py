@@ -11,7 +11,8 @@ the report there; several ``--seeds``: ``--out/seed<k>/``; ``embeddings.npz``, `
 Bags with NaN/inf features are named when they are read; ``--allow-patient-leak`` is recorded in ``report.json``.
 
 `report` accepts run folders or ``report.json`` files (folders are searched recursively, so either layout
-above works) and writes ``summary.json``, ``summary.csv`` and ``summary.md`` into ``--out``.
+above works) and writes ``summary.json``, ``summary.csv``, ``summary.md`` and ``report.html`` (mean ± std and
+links to each run's own page, :mod:`wsi_ncmi.evaluation.html_report`) into ``--out``.
 
 Data options not given on the command line (``label_map``, ``num_classes``, ``fold`` and, when omitted,
 ``bags_dir`` / ``split_csv``) are taken from the checkpoint's datamodule hyper-parameters.
@@ -151,4 +152,12 @@ def main_report(argv: list[str] | None = None) -> int:
     _echo((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     n = sum(g["n_runs"] for g in summary["groups"])
     _echo(f"{n} runs in {len(summary['groups'])} groups → {Path(args.out) / 'summary.json'}")
+    from wsi_ncmi.evaluation.html_report import write_html_report
+
+    try:
+        page = write_html_report(args.out)
+    except ReportError as err:
+        _echo(f"wsi-ncmi report: error: {err}", err=True)
+        return 2
+    _echo(f"report page → {page}")
     return 0

@@ -120,6 +120,7 @@ def _evaluate(argv: list[str]) -> int:
     from wsi_ncmi.natural.evaluate import write_json
     from wsi_ncmi.natural.probe import LinearProbeConfig
     from wsi_ncmi.natural.run import DATA_OVERRIDES, NaturalEvalError, evaluate_checkpoint
+    from wsi_ncmi.training.checkpoint import CheckpointError
 
     args = _eval_parser().parse_args(argv)
     ckpt = Path(args.ckpt).expanduser()
@@ -135,8 +136,9 @@ def _evaluate(argv: list[str]) -> int:
             lp=LinearProbeConfig(epochs=args.lp_epochs, lr=args.lp_lr, batch_size=args.lp_batch_size),
             lp_dtype=getattr(torch, args.lp_dtype),
         )
-    except NaturalEvalError as err:
-        raise SystemExit(f"wsi-ncmi natural evaluate: {err}") from err
+    except (NaturalEvalError, CheckpointError) as err:
+        print(f"wsi-ncmi natural evaluate: error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else ckpt.with_suffix(".eval.json")
     write_json(out, result)
     print(f"{'protocol':<8} {'top1':>7} {'top5':>7}")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_device", "read_weight_file", "resolve_device", "strip_prefixes", "tensors_only", "unwrap_state_dict"]
+__all__ = ["check_device", "read_error_line", "read_weight_file", "resolve_device", "strip_prefixes", "tensors_only", "unwrap_state_dict"]
 
 
 def read_weight_file(path: str | Path) -> Any:
@@ -40,6 +40,18 @@ def read_weight_file(path: str | Path) -> Any:
 
         return load_file(str(path), device="cpu")
     return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def read_error_line(err: BaseException) -> str:
+    """One line saying why a weight / checkpoint file could not be read (torch's weights-only refusal is many
+    lines long: it becomes the name of the Python object the file would have unpickled)."""
+    import re
+
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    if found:
+        return f"refused: it holds a Python object ({found.group(1)}) that only a full unpickle could rebuild"
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+    return f"{type(err).__name__}: {first[:200]}".rstrip(": ")
 
 
 def unwrap_state_dict(obj: Any, wrappers: tuple[str, ...] = ("state_dict", "model")) -> Any:

@@ -23,6 +23,9 @@ skipped, the others still run):
    ``cmu_small_region`` slide) -> ``OUT/report/heatmaps/<run>/``, plus an attention check against the
    ground-truth tumour masks (``attention_check.csv``): mean attention on tumour tiles vs the other
    tissue tiles of the same tumour slide.
+
+Last, ``OUT/report/report.html`` (:mod:`wsi_ncmi.evaluation.html_report`): the summary over runs, the heatmap
+thumbnails and links to every run's evaluate and predict page (each stage 5 / 6b folder has its own).
 """
 
 from __future__ import annotations
@@ -101,4 +104,13 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, config: DemoConf
         res.paths["summary"] = write_demo_summary(res)
     except OSError as e:
         log.warning("could not write the demo summary: %s", e)
+    if (cfg.out / "report" / "summary.json").is_file():
+        from wsi_ncmi.evaluation.html_report import write_html_report
+        from wsi_ncmi.evaluation.report_schema import ReportError
+
+        pages = sorted(cfg.out.glob("eval/*/report.html")) + sorted(cfg.out.glob("predict/*/report.html"))
+        try:  # last: the heatmaps it shows are drawn by the last stage
+            res.paths["html"] = write_html_report(cfg.out / "report", related=pages)
+        except (ReportError, OSError) as e:
+            log.warning("could not write the demo's report.html: %s", e)
     return res

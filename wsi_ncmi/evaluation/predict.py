@@ -3,7 +3,8 @@
 The library side of ``wsi-ncmi predict``: choose the bags (:func:`select_bags`), check them against what the
 checkpoint was trained on (:func:`check_bags`, :mod:`wsi_ncmi.data.provenance`), embed them and score them
 (:func:`predict_bags`), write ``predictions.csv`` / ``summary.md`` / ``predict.json`` (:func:`write_prediction`)
-and attention heatmaps where the slide file is at hand (:func:`write_heatmaps`). :func:`predict_module` is the
+and attention heatmaps where the slide file is at hand (:func:`write_heatmaps`), then ``report.html``
+(:mod:`.html_report`). :func:`predict_module` is the
 whole verb for a loaded ``MILModule`` (the command and the demo load it with
 ``wsi_ncmi.training.checkpoint.load_mil_module``: evaluation may not import training).
 
@@ -424,7 +425,9 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
                             "allow_mismatch": bool(allow_mismatch), "mismatches": mismatches,
                             "objective": module.objective, "preprocessed": preprocessed,
                             "classifier": pred.classifier, "temperature": pred.temperature,
-                            "classifier_dir": saved.source if saved is not None else ""}
+                            "classifier_dir": saved.source if saved is not None else "",
+                            "checkpoint_sha256": digest,
+                            "training_bags": dict(recorded.get("values") or {}) if isinstance(recorded, Mapping) else None}
     if cal is not None and cal.target_false_alarm is not None:
         meta["ood_rule"] = f"{cal.rule} quantile, target false-alarm rate {cal.target_false_alarm:g}"
     if heatmaps:
@@ -434,4 +437,7 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
     n_flag = "no calibration" if pred.threshold is None else f"{int(flags.fillna(False).astype(bool).sum())} flagged OOD"
     say(f"{len(pred.table)} slides predicted ({n_flag}; score {pred.score_name}) → {paths['predictions']}")
     say(paths["summary"].read_text(encoding="utf-8"))
+    from .html_report import write_html_report
+
+    say(f"report page → {write_html_report(out)}")
     return pred

@@ -21,6 +21,9 @@ embeds the train / val / test splits once with the frozen aggregator, then runs 
   :mod:`.calibration`), the report's ``calibration`` block, ``reliability.png`` and ``cal_prob_<class>``
   columns in ``predictions.csv``; the run folder's ``evaluations.json`` records where they are, for
   ``wsi-ncmi predict``.
+* ``report.html`` last (:mod:`.html_report`): everything above on one self-contained page. The report's
+  ``provenance`` block (checkpoint SHA-256, bags folder, the training bags' encoder record, config.yaml) is
+  what the page shows of where the numbers come from.
 
 Lines meant for the user (the calibration, each seed's summary table) go to ``echo`` (the command prints them).
 Errors the user can fix are :class:`EvaluateError`, whose message names the option as its command-line flag.
@@ -61,7 +64,7 @@ from .report import write_report
 from .report_schema import SPLITS, json_safe
 
 __all__ = ["EvaluateError", "EvaluateOptions", "evaluate_module", "find_metrics_csv", "fit_classifier", "run_dir",
-           "save_embeddings", "summary_lines", "training_seed"]
+           "run_provenance", "save_embeddings", "summary_lines", "training_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +136,16 @@ def find_metrics_csv(ckpt: Path) -> Path | None:
         return top
     hits = sorted(folder.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     return hits[-1] if hits else None
+
+
+def run_provenance(state: Mapping[str, Any], ckpt: Path, bags_dir: str | Path) -> dict[str, Any]:
+    """The report's ``provenance``: checkpoint SHA-256, bags folder, the training bags' record (encoder, weights,
+    mpp, ...; :mod:`wsi_ncmi.data.provenance`) and the run's ``config.yaml`` when there is one."""
+    recorded = state.get(CHECKPOINT_KEY)
+    config = run_dir(ckpt) / "config.yaml"
+    return {"checkpoint_sha256": sha256_of(ckpt), "bags_dir": str(bags_dir),
+            "training_bags": dict(recorded.get("values") or {}) if isinstance(recorded, Mapping) else None,
+            "config": str(config) if config.is_file() else None}
 
 
 def save_embeddings(path: Path, splits: Mapping[str, Any]) -> None:
@@ -247,7 +260,8 @@ def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt
     save_embeddings(out / "embeddings.npz", splits)
     extra: dict[str, Any] = {"checkpoint": str(ckpt), "loss": hp.get("loss") if module.objective == "head" else "ncmi",
                              "allow_patient_leak": bool(options.allow_patient_leak),
-                             "patient_leaks": list(getattr(dm, "patient_leaks", []))}
+                             "patient_leaks": list(getattr(dm, "patient_leaks", [])),
+                             "provenance": run_provenance(state, ckpt, dm.bags_dir)}
     if module.ncmi_loss is not None:
         nl = module.ncmi_loss
         extra.update(centroid_update=nl.centroid_update, tau=nl.tau, ncmi_variant=nl.variant)
@@ -287,4 +301,7 @@ def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt
 
         emb = {k: (s.normalized, s.labels) for k, s in splits.items()}
         write_run_plots(out, dm.class_names, metrics_csv=metrics_csv, embeddings=emb)
+    from .html_report import write_html_report
+
+    say(f"report page → {write_html_report(out)}")
     return written

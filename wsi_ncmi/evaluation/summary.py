@@ -28,7 +28,7 @@ from .paper import paper_for_protocol
 from .report import REPORT_JSON, TEST_TABLE_HEADER, format_number, read_report
 from .report_schema import NCMI_KEYS, SPLITS, ReportError, json_safe
 
-__all__ = ["find_reports", "aggregate_reports"]
+__all__ = ["find_reports", "aggregate_reports", "format_mean_std", "summarize_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ def _mean_std(values: list[float | None]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": n}
 
 
-def _summarize_group(reports: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_group(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std (``{"mean", "std", "n"}``) of every protocol / split / scalar metric and NCMI term of ``reports``."""
     metrics: dict[str, Any] = {}
     protos = list(dict.fromkeys(p for r in reports for p in r["metrics"]))
     for proto in protos:
@@ -80,11 +81,15 @@ def _summarize_group(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return {"metrics": metrics, "ncmi": ncmi}
 
 
-def _pm(stat: Mapping[str, Any], fmt: str = ".3f") -> str:
+def format_mean_std(stat: Mapping[str, Any], fmt: str = ".3f") -> str:
+    """``"mean ± std"`` of a :func:`summarize_group` entry ("mean (n=1)" for one run, "n/a" for none)."""
     if stat["mean"] is None:
         return "n/a"
     std = stat["std"]
     return f"{stat['mean']:{fmt}} ± {std:{fmt}}" if std is not None else f"{stat['mean']:{fmt}} (n=1)"
+
+
+_pm = format_mean_std
 
 
 def _summary_markdown(summary: Mapping[str, Any]) -> str:
@@ -196,7 +201,7 @@ def aggregate_reports(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.P
                 f"aggregate_reports: runs of {ds}/{model}/{obj} disagree on num_classes {sorted(map(str, classes))}"
             )
         num_classes = classes.pop()
-        stats = _summarize_group(reports)
+        stats = summarize_group(reports)
         paper = {
             proto: ref
             for proto in stats["metrics"]

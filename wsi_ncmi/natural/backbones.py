@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsi_ncmi.data.weights import read_weight_file, unwrap_state_dict
+from wsi_ncmi.data.weights import read_error_line, read_weight_file, unwrap_state_dict
 
 __all__ = ["BackboneError", "BACKBONES", "create_backbone", "create_classifier", "load_state_dict_file"]
 
@@ -39,7 +39,7 @@ def read_backbone_weights(path: str | Path) -> Any:
     except FileNotFoundError:
         raise BackboneError(f"weights file not found: {path}") from None
     except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear error
-        raise BackboneError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from err
+        raise BackboneError(f"{path}: cannot read weights ({read_error_line(err)})") from None
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ import torch
 from wsi_ncmi.data.atomic import atomic_output
 from wsi_ncmi.data.weights import strip_prefixes, unwrap_state_dict
 from wsi_ncmi.natural.backbones import BACKBONES, BackboneError, create_classifier, read_backbone_weights
-from wsi_ncmi.natural.legacy import migrate_hparams
 
 __all__ = [
     "METRIC_DATA",
@@ -158,8 +156,12 @@ def _load_image_module(spec: WeightSpec, sd: dict[str, Any], hparams: dict[str, 
 
     if spec.arch and spec.arch != hparams["backbone"]:
         raise NCMIMetricError(f"{spec.path}: the checkpoint is a {hparams['backbone']}, not a {spec.arch}")
-    accepted = set(inspect.signature(ImageModule.__init__).parameters) - {"self"}
-    kw = {k: v for k, v in migrate_hparams(hparams, spec.path).items() if k in accepted}
+    from wsi_ncmi.training.checkpoint import CheckpointError, checkpoint_hparams
+
+    try:  # the settings are data: every key a constructor argument, plain values only, no class named
+        kw = checkpoint_hparams(spec.path, {"hyper_parameters": hparams}, ImageModule)
+    except CheckpointError as err:
+        raise NCMIMetricError(str(err)) from None
     kw["weights"] = None  # the checkpoint's own tensors replace any initial weights
     module = ImageModule(**kw)
     try:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsi_ncmi.data.plain import PlainKwargs, PlainValueError, check_plain
 from wsi_ncmi.losses import create_loss
 from wsi_ncmi.metrics import topk_hits
 from wsi_ncmi.natural.backbones import create_backbone
@@ -88,14 +89,19 @@ class ImageModule(L.LightningModule):
         channels_last: run the backbone in channels-last memory format.
     """
 
+    #: what kind of checkpoint this module writes (``training.checkpoint.CHECKPOINT_KINDS``)
+    CHECKPOINT_KIND = "natural"
+    #: settings that define the network: a ``--ckpt_path`` whose values differ from the config's is refused
+    STRUCTURE_HPARAMS = ("backbone", "num_classes", "objective", "cifar_stem", "width", "proj_dim")
+
     def __init__(
         self,
         backbone: str = "resnet18",
         num_classes: int = 100,
         objective: str = "head",
         loss: str = "ce",
-        loss_kwargs: dict[str, Any] | None = None,
-        ncmi_kwargs: dict[str, Any] | None = None,
+        loss_kwargs: PlainKwargs | None = None,
+        ncmi_kwargs: PlainKwargs | None = None,
         cifar_stem: bool = True,
         weights: str | None = None,
         width: float = 1.0,
@@ -117,6 +123,11 @@ class ImageModule(L.LightningModule):
         channels_last: bool = True,
     ) -> None:
         super().__init__()
+        for name, kwargs in (("loss_kwargs", loss_kwargs), ("ncmi_kwargs", ncmi_kwargs)):
+            try:
+                check_plain(kwargs, f"model.{name}")
+            except PlainValueError as err:
+                raise ImageModuleError(str(err)) from None
         if objective not in OBJECTIVES:
             raise ImageModuleError(f"model.objective must be one of {OBJECTIVES}, got {objective!r}")
         if scheduler not in SCHEDULES:

@@ -3,15 +3,14 @@
 :func:`evaluate_checkpoint` is what ``wsi-ncmi natural evaluate`` does, without the argument parsing and the
 printing: the datamodule settings come from the checkpoint's ``datamodule_hyper_parameters`` (``data``
 overrides them, e.g. a moved ``root``; two views are always off), the :class:`ImageModule` is read with
-``weights_only=True`` (the hparams of older checkpoints renamed by :func:`wsi_ncmi.natural.legacy.migrate_hparams`),
-and :func:`wsi_ncmi.natural.evaluate.evaluate_image_model` streams head / CC / LP top-1/top-5 and the test split's
+``weights_only=True`` and rebuilt from its settings checked as plain data
+(:func:`wsi_ncmi.training.checkpoint.load_module`: nothing the file names is imported or built), and :func:`wsi_ncmi.natural.evaluate.evaluate_image_model` streams head / CC / LP top-1/top-5 and the test split's
 CMI/Γ/NCMI. The result dict also names the checkpoint, the run (``ImageModule.describe()``) and the data settings
 used.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,10 +19,10 @@ from typing import Any
 import torch
 
 from wsi_ncmi.data.weights import resolve_device
+from wsi_ncmi.training.checkpoint import checkpoint_hparams, load_module, read_checkpoint
 
 from .data import ImageDataModule
 from .evaluate import evaluate_image_model
-from .legacy import migrate_hparams
 from .module import ImageModule
 from .probe import LinearProbeConfig
 
@@ -49,21 +48,14 @@ class NaturalEvalError(ValueError):
     """A checkpoint that cannot be evaluated (unreadable, or not written by ``wsi-ncmi natural fit``)."""
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise NaturalEvalError(f"cannot read checkpoint {path}: {err}") from err
-
-
 def checkpoint_data_settings(path: str | Path, ckpt: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``ImageDataModule`` settings stored in a ``natural fit`` checkpoint (read with ``weights_only=True``
-    unless its dict ``ckpt`` is given)."""
+    unless its dict ``ckpt`` is given), checked as plain data of the datamodule's constructor."""
     path = Path(path)
-    ckpt = _read_checkpoint(path) if ckpt is None else ckpt
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     if "datamodule_hyper_parameters" not in ckpt:
         raise NaturalEvalError(f"{path} has no datamodule settings (not an image-track run?)")
-    return dict(ckpt["datamodule_hyper_parameters"])
+    return checkpoint_hparams(path, ckpt, ImageDataModule, key="datamodule_hyper_parameters")
 
 
 def evaluate_checkpoint(
@@ -80,20 +72,13 @@ def evaluate_checkpoint(
     Returns :func:`evaluate_image_model`'s dict plus ``checkpoint``, ``run`` and ``data`` (the settings used).
     """
     ckpt = Path(ckpt)
-    state = _read_checkpoint(ckpt)
+    module, state = load_module(ckpt, ImageModule, overrides={"weights": None})  # its own tensors replace weights
     data_kw = checkpoint_data_settings(ckpt, state)
     data_kw.update({k: v for k, v in (data or {}).items() if v is not None})
     data_kw["two_views"] = False
-    accepted = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self"}
-    data_kw = {k: v for k, v in data_kw.items() if k in accepted}  # drops Lightning's "_instantiator"
     dm = ImageDataModule(**data_kw)
     dm.setup("validate")
     device = resolve_device(device)
-    saved = dict(state.get("hyper_parameters") or {})
-    renamed = migrate_hparams(saved, ckpt)  # checkpoints saved before the ImageModule alignment
-    overrides = {k: v for k, v in renamed.items() if k not in saved or saved[k] != v}  # Lightning drops the old keys
-    module = ImageModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True, weights=None,
-                                              **overrides)  # fmt: skip
     module = module.to(device).eval()
     result = evaluate_image_model(
         module.backbone,

@@ -25,6 +25,16 @@ the model's ``in_dim``: what ``wsi-ncmi evaluate`` and the demo evaluate on.
 ...``) put in front of ``LightningCLI``: the ``--ckpt_path`` file goes through ``read_checkpoint`` before
 LightningCLI reads its hyper-parameters and before the trainer loads it, the trainer is always called with
 ``weights_only=True`` and ``--weights_only false`` is refused.
+
+**Hyper-parameters are data.** A checkpoint that passes ``weights_only=True`` can still hold strings that name
+code (a ``class_path`` under a kwargs dict, Lightning's ``_instantiator``), which Lightning or jsonargparse
+would import and instantiate. So no module is ever rebuilt by Lightning from a file: :func:`load_module` checks
+the file's ``hyper_parameters`` against the module's own constructor (:func:`checkpoint_hparams`: every key a
+constructor argument, every value plain data of the annotated type, no ``class_path`` anywhere, see
+:mod:`wsi_ncmi.data.plain`), calls the constructor itself (models, losses and optimizers are chosen by
+registry name there) and loads the state dict. The LightningCLIs merge the hyper-parameters of ``--ckpt_path``
+only after the same check, and refuse a checkpoint whose model differs from the config's
+(``STRUCTURE_HPARAMS`` of the module). A file of the other track is named as such (``CHECKPOINT_KIND``).
 """
 
 from __future__ import annotations
@@ -35,12 +45,22 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointError", "WeightsOnlyCLI", "checkpoint_datamodule", "load_mil_module", "read_checkpoint",
-           "resolve_ckpt_path"]
+__all__ = ["CheckpointError", "WeightsOnlyCLI", "checkpoint_datamodule", "checkpoint_hparams", "checkpoint_kind",
+           "load_mil_module", "load_module", "read_checkpoint", "resolve_ckpt_path"]
 
 logger = logging.getLogger(__name__)
 
-_FIT_HINT = "use a .ckpt written by `wsi-ncmi fit`"
+_FIT_HINT = "use a .ckpt written by `wsi-ncmi fit` (or `wsi-ncmi natural fit`)"
+#: Lightning's bookkeeping entry in hyper-parameters saved under LightningCLI: accepted with this value only, and
+#: never used (nothing a file names is imported)
+_LIGHTNING_INSTANTIATOR = {"_instantiator": "lightning.pytorch.cli.instantiate_module"}
+#: kind of checkpoint -> (the hyper-parameter that marks it, the commands that read it)
+CHECKPOINT_KINDS: dict[str, tuple[str, str]] = {
+    "mil": ("in_dim", "a MIL checkpoint (written by `wsi-ncmi fit`): use it with `wsi-ncmi evaluate | predict | "
+                      "heatmap --ckpt` or `wsi-ncmi fit | validate | test --ckpt_path`"),
+    "natural": ("backbone", "a natural-image checkpoint (written by `wsi-ncmi natural fit`): use it with "
+                            "`wsi-ncmi natural evaluate --ckpt` or `wsi-ncmi natural fit | validate | test --ckpt_path`"),
+}
 
 
 class CheckpointError(ValueError):
@@ -86,20 +106,79 @@ def read_checkpoint(path: str | Path, require_state_dict: bool = True) -> dict[s
     return obj
 
 
+def checkpoint_kind(hparams: Mapping[str, Any]) -> str | None:
+    """``"mil"`` / ``"natural"`` (:data:`CHECKPOINT_KINDS`) from the keys of a checkpoint's hyper-parameters."""
+    for kind, (marker, _) in CHECKPOINT_KINDS.items():
+        if marker in hparams:
+            return kind
+    return None
+
+
+def checkpoint_hparams(path: str | Path, checkpoint: Mapping[str, Any], module_cls: type,
+                       key: str = "hyper_parameters") -> dict[str, Any]:
+    """The constructor arguments of ``module_cls`` stored under ``checkpoint[key]``, checked as data.
+
+    ``module_cls.CHECKPOINT_KIND`` (when set) must be the file's kind (a natural-image checkpoint given to a MIL
+    command is named as such); every key must be a constructor argument and every value plain data of its
+    annotated type, with no ``class_path`` / ``init_args`` anywhere (:func:`wsi_ncmi.data.plain.check_signature_values`).
+    Nothing is imported or instantiated here. Raises :class:`CheckpointError`, one line naming ``path`` and the key.
+    """
+    from wsi_ncmi.data.plain import PlainValueError, check_signature_values
+
+    raw = checkpoint.get(key)
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{path}: {key} is a {type(raw).__name__}, not a dictionary of settings; {_FIT_HINT}")
+    expected = getattr(module_cls, "CHECKPOINT_KIND", None)
+    found = checkpoint_kind(raw) if key == "hyper_parameters" else None
+    if expected is not None and found is not None and found != expected:
+        raise CheckpointError(f"{path}: {CHECKPOINT_KINDS[found][1]}")
+    try:
+        return check_signature_values(module_cls, raw, f"{path}: {key}", ignore=_LIGHTNING_INSTANTIATOR)
+    except PlainValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def load_module(path: str | Path, module_cls: type, device: str = "cpu",
+                overrides: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """``(module, checkpoint)``: ``module_cls`` rebuilt from the checked hyper-parameters of ``path``
+    (:func:`checkpoint_hparams`, then ``overrides``) by its own constructor, its state dict loaded (strict), in
+    eval mode on ``device``. The file is read by :func:`read_checkpoint`; Lightning never instantiates from it.
+    Raises :class:`CheckpointError` in one line naming ``path``.
+    """
+    state = read_checkpoint(path)
+    hparams = checkpoint_hparams(path, state, module_cls)
+    hparams.update(overrides or {})
+    try:
+        module = module_cls(**hparams)
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{path}: its settings do not build a {module_cls.__name__} ({_first_line(err)})") from None
+    module.on_load_checkpoint(state)
+    try:
+        module.load_state_dict(state["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: its weights do not fit the model its settings describe "
+                              f"({_first_line(err)[:300]})") from None
+    module.eval()
+    return module.to(device), state
+
+
 def load_mil_module(path: str | Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     """``(module, checkpoint)``: the ``MILModule`` of ``path`` in eval mode on ``device`` and the checkpoint's
     dictionary (for what the module does not carry: datamodule hyper-parameters, provenance, training seed).
 
-    The file is read with :func:`read_checkpoint` before Lightning sees it (a missing, malicious, truncated or
-    foreign file raises :class:`CheckpointError` in one line naming it); Lightning then loads it with
-    ``weights_only=True`` on the CPU before the module moves to ``device``.
+    :func:`load_module` with ``MILModule``: a missing, malicious, truncated or foreign file, or one whose
+    settings are not plain data of the module's constructor, raises :class:`CheckpointError` in one line naming it.
     """
+    from wsi_ncmi.data import MILDataModule
     from wsi_ncmi.training.mil_module import MILModule
 
-    state = read_checkpoint(path)
-    module = MILModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
-    module.eval()
-    return module.to(device), state
+    module, state = load_module(path, MILModule, device)
+    # the datamodule settings are data too (checkpoint_datamodule builds from them): checked the same way
+    state["datamodule_hyper_parameters"] = checkpoint_hparams(path, state, MILDataModule,
+                                                              key="datamodule_hyper_parameters")
+    return module, state
 
 
 def checkpoint_datamodule(module: Any, checkpoint: Mapping[str, Any], bags_dir: str | Path | None = None,
@@ -169,15 +248,15 @@ class WeightsOnlyCLI:
     CLI hands to Lightning is read here first with ``weights_only=True`` and Lightning is told ``weights_only=True``
     (an explicit value: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` only changes torch's default)."""
 
-    _checked_ckpts: set[Path]
+    _checked_ckpts: dict[Path, dict[str, Any]]
 
-    def read_ckpt_once(self, path: str | Path) -> None:
-        """:func:`read_checkpoint` of ``path`` unless this CLI checked it already."""
-        checked = self.__dict__.setdefault("_checked_ckpts", set())
+    def read_ckpt_once(self, path: str | Path) -> dict[str, Any]:
+        """:func:`read_checkpoint` of ``path`` unless this CLI read it already; the checkpoint dictionary."""
+        checked = self.__dict__.setdefault("_checked_ckpts", {})
         path = Path(path)
         if path not in checked:
-            read_checkpoint(path)
-            checked.add(path)
+            checked[path] = read_checkpoint(path)
+        return checked[path]
 
     def checkpoint_dirs(self) -> list[str | Path | None]:
         """Where ``--ckpt_path last`` is looked up: the trainer's ``ModelCheckpoint`` folders (when set)."""
@@ -193,14 +272,39 @@ class WeightsOnlyCLI:
         if path is not None:
             self.read_ckpt_once(path)
 
+    def check_same_model(self, path: str | Path, hparams: Mapping[str, Any], model_cfg: Any) -> None:
+        """Refuse a ``--ckpt_path`` whose network settings (``STRUCTURE_HPARAMS`` of the model class) differ from
+        the config's: LightningCLI would silently train the checkpoint's model in this config's run folder."""
+        keys = getattr(self.model_class, "STRUCTURE_HPARAMS", ())  # type: ignore[attr-defined]
+        differ = []
+        for key in keys:
+            if key not in hparams or model_cfg is None or model_cfg.get(key) is None:
+                continue
+            mine = model_cfg.get(key)
+            mine = dict(mine) if isinstance(mine, Mapping) or hasattr(mine, "items") else mine
+            if mine != hparams[key]:
+                differ.append(f"{key}={hparams[key]!r} (config: {mine!r})")
+        if differ:
+            raise CheckpointError(
+                f"--ckpt_path {path}: the checkpoint was trained with {', '.join(differ)}; resume it with its own "
+                "config (-c <its run folder>/config.yaml) or start a new run without --ckpt_path"
+            )
+
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyper-parameters of a --ckpt_path file before anything is built: check it first
+        # LightningCLI merges the hyper-parameters of a --ckpt_path file into the config (and jsonargparse would
+        # build whatever class they name): they are checked as plain data of the module's constructor first,
+        # Lightning's own reader (which would also merge a `_class_path`) is never called
         config = self.config  # type: ignore[attr-defined]
         sub = config.get("subcommand")
         path = config[sub].get("ckpt_path") if sub else None
-        if path and Path(path).is_file():
-            self.read_ckpt_once(path)
-        super()._parse_ckpt_path()  # type: ignore[misc]
+        if not path or not Path(path).is_file():
+            return
+        state = self.read_ckpt_once(path)
+        hparams = checkpoint_hparams(path, state, self.model_class)  # type: ignore[attr-defined]
+        if not hparams:
+            return
+        self.check_same_model(path, hparams, config[sub].get("model"))
+        self.config = self.parser.parse_object({sub: {"model": hparams}}, config)  # type: ignore[attr-defined]
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)  # type: ignore[misc]

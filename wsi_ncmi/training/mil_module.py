@@ -68,6 +68,7 @@ import torch
 from torch import Tensor
 
 from wsi_ncmi.data.mil import MILDataModule
+from wsi_ncmi.data.plain import PlainKwargs, PlainValueError, check_plain
 from wsi_ncmi.losses import create_loss
 from wsi_ncmi.models import create_model
 from wsi_ncmi.ncmi import NCMILoss, ncmi_metric
@@ -97,16 +98,21 @@ class MILModule(pl.LightningModule):
     (``NCMILoss`` or None), ``objective``, ``hparams``, :meth:`embed`, :meth:`class_scores`.
     """
 
+    #: what kind of checkpoint this module writes (``training.checkpoint.CHECKPOINT_KINDS``)
+    CHECKPOINT_KIND = "mil"
+    #: settings that define the network: a ``--ckpt_path`` whose values differ from the config's is refused
+    STRUCTURE_HPARAMS = ("model", "model_kwargs", "objective", "in_dim", "num_classes")
+
     def __init__(
         self,
         model: str = "abmil",
-        model_kwargs: dict[str, Any] | None = None,
+        model_kwargs: PlainKwargs | None = None,
         in_dim: int = 1024,
         num_classes: int = 2,
         objective: str = "head",
         loss: str = "ce",
-        loss_kwargs: dict[str, Any] | None = None,
-        ncmi_kwargs: dict[str, Any] | None = None,
+        loss_kwargs: PlainKwargs | None = None,
+        ncmi_kwargs: PlainKwargs | None = None,
         optimizer: str = "adamw",
         lr: float = 1e-4,
         weight_decay: float = 1e-5,
@@ -121,6 +127,11 @@ class MILModule(pl.LightningModule):
         centroid_init: str = "public",
     ) -> None:
         super().__init__()
+        for name, kwargs in (("model_kwargs", model_kwargs), ("loss_kwargs", loss_kwargs), ("ncmi_kwargs", ncmi_kwargs)):
+            try:
+                check_plain(kwargs, f"MILModule: {name}")
+            except PlainValueError as err:
+                raise TrainingConfigError(str(err)) from None
         self.save_hyperparameters()
         if objective not in OBJECTIVES:
             raise TrainingConfigError(f"MILModule: objective must be one of {OBJECTIVES}, got {objective!r}")
