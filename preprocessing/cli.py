@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # our errors are ValueError subclasses naming the file / flag
         print(f"wsi-preprocess: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a write the run could not do (a full disk is handled per slide, this is the rest)
+        where = e.filename or cfg.output
+        print(f"wsi-preprocess: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(result.summary())
     if result.locked:
         print(f"{len(result.locked)} slide(s) were being processed by another process")
@@ -156,15 +160,14 @@ def main(argv: list[str] | None = None) -> int:
               f"more ({', '.join(gone[:5])}{', ...' if len(gone) > 5 else ''}); marked missing_source, bags kept",
               file=sys.stderr)
     failed = result.failed()
-    if result.stopped:
-        print(f"wsi-preprocess: {result.stopped}", file=sys.stderr)
     for sid in failed[:5]:  # the first problems, each naming its file; all of them are in the manifest
         print(f"wsi-preprocess: {sid}: {result.statuses[sid]}: {result.messages.get(sid, '')}", file=sys.stderr)
     if failed:
         print(f"wsi-preprocess: {len(failed)} slide(s) failed ({', '.join(failed[:5])}"
               f"{', ...' if len(failed) > 5 else ''}); see {cfg.output}/manifest.csv", file=sys.stderr)
-        return EXIT_SLIDES_FAILED
-    return 0
+    if result.stopped:  # the last line says why the run stopped early
+        print(f"wsi-preprocess: {result.stopped}", file=sys.stderr)
+    return EXIT_SLIDES_FAILED if failed or result.stopped else 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from wsi_ncmi.data.weights import (
+    nonfinite_keys,
     read_error_line,
     read_weight_file,
     strip_prefixes,
@@ -51,15 +52,20 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         sd = read_weight_file(path)
     except FileNotFoundError:
         raise EncoderError(f"--weights {path}: no such file") from None
-    except Exception as e:
-        if path.suffix == ".safetensors":  # the safetensors reader's own error, as before
-            raise
-        raise EncoderError(f"--weights {path}: not a tensors-only torch checkpoint ({read_error_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - any reader failure (safetensors, torch, OS) is one line naming the file
+        what = ("not a safetensors file (a pickled checkpoint renamed .safetensors?)" if path.suffix == ".safetensors"
+                else "not a tensors-only torch checkpoint")
+        raise EncoderError(f"--weights {path}: {what} ({read_error_line(e)})") from None
     # common wrappers (teacher: DINOv2 training)
     sd = unwrap_state_dict(sd, ("state_dict", "model", "module", "teacher"))
     if not isinstance(sd, dict):
         raise EncoderError(f"--weights {path}: expected a state dict, got {type(sd).__name__}")
-    return strip_prefixes(tensors_only(sd), ("module.",), every_key=False)
+    sd = strip_prefixes(tensors_only(sd), ("module.",), every_key=False)
+    bad = nonfinite_keys(sd)
+    if bad:
+        raise EncoderError(f"--weights {path}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {bad[:3]}); the "
+                           "file is corrupt or was saved from a diverged run")
+    return sd
 
 
 def _mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], ignore: tuple[str, ...]) -> str | None:

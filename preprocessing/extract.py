@@ -60,15 +60,16 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from .config import PreprocessConfig
-from .encoder_specs import check_recipe, resolve_spec
+from .encoder_specs import EncoderError, check_recipe, resolve_spec
 from .encoder_weights import RANDOM, sha256_file
 from .encoders import Encoder, build_encoder
 from .locks import release_lock
 from .manifest import MISSING_SOURCE, Manifest
+from .outdir import OUTPUT_SUBDIRS, check_writable, claim_folder, folder_settings
 from .plan import BAGS_DIR, LOCKS_DIR, SlideTask, bag_mismatch, plan_slides, settings_fingerprint
 from .readers import SlideError
 from .stream import SlideStream
-from .writer import FAILED_STATUSES, RunResult, SlideWriter
+from .writer import FAILED_STATUSES, RunResult, SlideWriter, retire_all_bags
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,16 @@ def _mark_missing_sources(manifest: Manifest, planned: set[str], input_dir: str)
     return [r["slide_id"] for r in gone]
 
 
+def _claim(out: Path, fp: dict[str, Any], extract: bool, overwrite: bool, redo: list[SlideTask]) -> dict[str, Any]:
+    """Check this run's settings against the folder's record (:mod:`preprocessing.outdir`); with ``--overwrite``
+    and other settings, the bags of slides this run does not redo are moved to ``stale/`` first. Returns the
+    folder-wide settings."""
+    folder = folder_settings(fp, extract)
+    if claim_folder(out, folder, overwrite):
+        retire_all_bags(out, keep={t.slide_id for t in redo})
+    return folder
+
+
 def _identity(msg: dict[str, Any]) -> dict[str, Any]:
     return msg  # no default_convert: numpy arrays and plans travel as they are
 
@@ -111,7 +122,16 @@ def _identity(msg: dict[str, Any]) -> dict[str, Any]:
 def _weights_sha(cfg: PreprocessConfig) -> str:
     if cfg.weights is None:
         return ""
-    return RANDOM if cfg.weights == RANDOM else sha256_file(cfg.weights)
+    if cfg.weights == RANDOM:
+        return RANDOM
+    path = Path(cfg.weights)
+    if not path.is_file():
+        what = "is a folder, expected a weight file" if path.is_dir() else "no such file"
+        raise EncoderError(f"--weights {path}: {what}")
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        raise EncoderError(f"--weights {path}: cannot read the file ({e.strerror or e})") from None
 
 
 def _loader_kwargs() -> dict[str, Any]:
@@ -157,6 +177,7 @@ def run(cfg: PreprocessConfig) -> RunResult:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SlideError(f"--output {out}: cannot create the folder: {e.strerror or e}") from None
+    check_writable(out, OUTPUT_SUBDIRS)  # a read-only folder fails here, before any slide is read
     result = RunResult()
     extract = "extract" in cfg.stage_set
     if extract:
@@ -166,6 +187,7 @@ def run(cfg: PreprocessConfig) -> RunResult:
         if cfg.weights is None:
             build_encoder(cfg.encoder, None)  # raises the clear "needs --weights" error
     fp = settings_fingerprint(cfg, _weights_sha(cfg))
+    claim_folder(out, folder_settings(fp, extract), cfg.overwrite, record=False)  # other settings: refused now
     manifest = Manifest(out / "manifest.csv")
     result.missing_source = _mark_missing_sources(manifest, {t.slide_id for t in tasks}, cfg.input)
     pending: list[SlideTask] = []
@@ -183,12 +205,14 @@ def run(cfg: PreprocessConfig) -> RunResult:
         pending.append(t)
     log.info("%d slide(s) in shard %s, %d pending", len(tasks), cfg.shard, len(pending))
     if not pending:
+        _claim(out, fp, extract, cfg.overwrite, [])  # every bag matches these settings: the folder's record agrees
         return result
     pending = [SlideTask(k, t.slide_id, t.path, t.mpp_override) for k, t in enumerate(pending)]
     encoder = build_encoder(cfg.encoder, cfg.weights, cfg.device, cfg.precision, cfg.compile,
                             kwargs=cfg.encoder_kwargs_dict, mean=cfg.mean, std=cfg.std, input_size=cfg.input_size,
                             tile_size=cfg.patch_size) if extract else None
-    writer = SlideWriter(cfg, pending, fp, encoder, out, result)
+    folder = _claim(out, fp, extract, cfg.overwrite, pending)  # after the weights were checked: no bad file recorded
+    writer = SlideWriter(cfg, pending, fp, encoder, out, result, folder)
     from tqdm.auto import tqdm
 
     slides_bar = tqdm(total=len(pending), desc="slides", unit="slide", disable=not cfg.progress)
@@ -217,6 +241,8 @@ def _consume(cfg: PreprocessConfig, it: Iterator[dict[str, Any]], writer: SlideW
         status = writer.end(msg)
         ended.add(msg["slide"])
         slides_bar.update(1)
+        if writer.result.stopped:  # a full disk / a folder taken over: every next slide would fail too
+            return []
         if cfg.fail_fast and status in FAIL_FAST_STATUSES:
             writer.result.stopped = (f"--fail-fast: {writer.tasks[msg['slide']].slide_id} ended with status "
                                      f"{status}: {msg['message']}")

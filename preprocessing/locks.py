@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from wsi_ncmi.data.atomic import fit_name
+
 log = logging.getLogger(__name__)
 
 __all__ = ["LockInfo", "try_lock", "release_lock", "read_lock", "is_stale", "file_lock", "HOST"]
@@ -93,7 +95,7 @@ def try_lock(path: str | Path, timeout_s: float = 6 * 3600, owner_pid: int | Non
                 continue  # released meanwhile
             if not is_stale(info, timeout_s):
                 return False
-            grave = path.with_name(f"{path.name}.stale.{os.getpid()}.{time.monotonic_ns()}")
+            grave = path.with_name(fit_name(path.name, f".stale.{os.getpid()}.{time.monotonic_ns()}"))
             try:
                 os.rename(path, grave)
             except FileNotFoundError:
@@ -111,8 +113,13 @@ def try_lock(path: str | Path, timeout_s: float = 6 * 3600, owner_pid: int | Non
             with contextlib.suppress(OSError):
                 os.unlink(grave)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(payload)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(payload)
+        except OSError:  # e.g. a full disk: no empty lock is left behind to block the slide later
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         return True
     return False
 

@@ -23,9 +23,15 @@ COLUMNS = ("slide_id", "path", "status", "n_tiles", "bad_tiles", "mpp", "effecti
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (fsync + rename); returns ``path``."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    """Write ``data`` to ``path`` atomically (fsync + rename); returns ``path``. An ``OSError`` (e.g. a full
+    disk, whose error names no file) is raised naming ``path``."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
     return Path(path)
 
 

@@ -217,7 +217,9 @@ def plan_slides(cfg: PreprocessConfig) -> list[SlideTask]:
     """
     wanted = _read_slide_list(cfg.slides)
     mpps = _read_mpp_csv(cfg.mpp_csv)
-    paths = find_slides(cfg.input)
+    out = Path(cfg.output)  # the output folder (or its sub-folders when it is --input itself) is not searched
+    exclude = [out / d for d in (BAGS_DIR, THUMBS_DIR, LOCKS_DIR, COORDS_DIR, STALE_DIR)] + [out]
+    paths = find_slides(cfg.input, exclude=exclude)
     if not paths:
         raise SlideError(f"--input {cfg.input}: no slides found in this folder (searched recursively for "
                          f"{', '.join(SLIDE_EXTENSIONS)} and DICOM WSI folders); check the path")

@@ -406,12 +406,16 @@ def _walk_error(e: OSError) -> None:
     log.warning("%s: cannot search this folder: %s", e.filename, e.strerror or e)
 
 
-def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
-    """All slides under ``root``: files, and folders that are one slide (recursive, following folder links; a folder reached twice, e.g. by a
-    link cycle, is searched once and the link is logged), sorted by path. Raises if two share a slide id."""
+def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS,
+                exclude: Iterable[str | Path] = ()) -> list[Path]:
+    """All slides under ``root``: files, and folders that are one slide (recursive, following folder links; a folder
+    reached twice, e.g. by a link cycle, is searched once and the link is logged), sorted by path. Raises if two
+    share a slide id. Folders in ``exclude`` (the output folder inside the input: its thumbnails are not slides)
+    are not searched."""
     root = Path(root)
     if not root.is_dir():
         raise SlideError(f"--input {root}: not a directory")
+    skip = {os.path.realpath(p) for p in exclude}
     exts = {e.lower() for e in extensions}
     found: list[Path] = []
     seen_dirs: dict[tuple[int, int], Path] = {}  # (device, inode) of every folder walked: cuts link cycles
@@ -432,6 +436,9 @@ def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS) 
         dirnames.sort()
         # MIRAX keeps its tiles in a folder named like the .mrxs file; never descend into those
         dirnames[:] = [d for d in dirnames if not (here / (d + ".mrxs")).is_file()]
+        for d in [d for d in dirnames if os.path.realpath(here / d) in skip]:
+            log.warning("%s: not searched for slides: it is the output folder (inside --input)", here / d)
+            dirnames.remove(d)
         for d in dirnames:
             if (here / d).is_symlink():
                 log.info("%s: following folder link to %s", here / d, os.path.realpath(here / d))

@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .config import PreprocessConfig
 from .locks import try_lock
 from .manifest import atomic_write_bytes
+from .outdir import disk_full_message, is_disk_full
 from .plan import (
     BAGS_DIR,
     COORDS_DIR,
@@ -115,7 +116,14 @@ class SlideStream(IterableDataset):
     def _slide(self, task: SlideTask) -> Iterator[dict[str, Any]]:
         cfg, t0 = self.cfg, time.time()
         lock = self.out / LOCKS_DIR / f"{task.slide_id}.lock"
-        if not try_lock(lock, cfg.lock_timeout, owner_pid=self.owner_pid):
+        try:
+            locked = try_lock(lock, cfg.lock_timeout, owner_pid=self.owner_pid)
+        except OSError as e:  # a full disk or a folder that became read-only: not this slide's fault
+            yield self._end(task, "error", disk_full_message(lock, e) if is_disk_full(e) else
+                            f"{lock}: cannot create the lock file ({e.strerror or e})", t0=t0,
+                            disk_full=is_disk_full(e), stop=True)
+            return
+        if not locked:
             yield self._end(task, "skipped", "locked by another process", locked=True, t0=t0)
             return
         bag = self.out / BAGS_DIR / f"{task.slide_id}.h5"
@@ -127,6 +135,10 @@ class SlideStream(IterableDataset):
         except UnreadableSlideError as e:
             yield self._end(task, "unreadable", str(e), t0=t0)
         except Exception as e:  # one bad slide must not stop the run
+            if is_disk_full(e):  # e.g. the thumbnail: the main process records it and stops the run
+                yield self._end(task, "error", disk_full_message(getattr(e, "filename", None) or self.out, e),
+                                t0=t0, disk_full=True, stop=True)
+                return
             log.error("%s: %s\n%s", task.path, e, traceback.format_exc())
             yield self._end(task, "error", f"{type(e).__name__}: {e}", t0=t0)
 

@@ -9,6 +9,7 @@ per slide.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -21,19 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsi_ncmi.data.atomic import fit_name
 from wsi_ncmi.data.bags import write_bag
 
 from .config import PreprocessConfig
 from .encoders import Encoder
 from .locks import HOST, release_lock
 from .manifest import Manifest, atomic_path, summary_table
+from .outdir import FolderSettingsError, check_free_space, disk_full_message, is_disk_full, verify_folder
 from .plan import BAGS_DIR, COORDS_DIR, LOCKS_DIR, STALE_DIR, SlideTask, source_stat, tiling_fingerprint
 from .presets import kwargs_to_json
 from .tiling import TilePlan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FAILED_STATUSES", "RETIRE_BAG_STATUSES", "RunResult", "SlideWriter", "free_name"]
+__all__ = ["FAILED_STATUSES", "RETIRE_BAG_STATUSES", "RunResult", "SlideWriter", "free_name", "retire_all_bags"]
 
 FAILED_STATUSES = ("unreadable", "error", "mpp_missing")  # a run with any of these exits non-zero
 # outcomes after which a previous bag of the slide no longer describes it: moved to STALE_DIR
@@ -62,8 +65,11 @@ class SlideWriter:
     """Main-process side: features per slide, bag / manifest writing, lock release."""
 
     def __init__(self, cfg: PreprocessConfig, tasks: list[SlideTask], fingerprint: dict[str, Any],
-                 encoder: Encoder | None, out: Path, result: RunResult):
+                 encoder: Encoder | None, out: Path, result: RunResult, folder: dict[str, Any] | None = None):
         self.cfg, self.tasks, self.fp, self.encoder, self.out, self.result = cfg, tasks, fingerprint, encoder, out, result
+        self.folder = folder  # the folder-wide settings this run claimed (re-checked before each write)
+        self.writing: Path | None = None  # the file being written
+        self.stop_reasons: list[str] = []  # why the run stops after the current slide (RunResult.stopped)
         self.manifest = Manifest(out / "manifest.csv")
         self.parts: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = {}
 
@@ -82,13 +88,27 @@ class SlideWriter:
             log.info("%s: skipped, locked by another process", task.slide_id)
             self.result.locked.append(task.slide_id)
             return "skipped"
+        keep_bag, self.writing = False, None
         try:
             status, message, n, nbad = self._finish(task, msg, parts)
-        except Exception as e:  # e.g. a write failure: record and go on
-            log.error("%s: %s\n%s", task.slide_id, e, traceback.format_exc())
-            status, message, n, nbad = "error", f"{type(e).__name__}: {e}", 0, 0
-        try:
-            if status in RETIRE_BAG_STATUSES and not msg.get("done"):
+        except FolderSettingsError as e:
+            status, message, n, nbad = "error", str(e), 0, 0
+            self._stop(str(e))
+            keep_bag = True
+        except Exception as e:  # e.g. a write failure: record and go on (a full disk: stop after this slide)
+            if is_disk_full(e):
+                where = getattr(e, "filename", None) or self.writing or self.out
+                status, message, n, nbad = "error", disk_full_message(where, e), 0, 0
+                self._stop(f"disk full: {message}")
+                keep_bag = True
+            else:
+                log.error("%s: %s\n%s", task.slide_id, e, traceback.format_exc())
+                status, message, n, nbad = "error", f"{type(e).__name__}: {e}", 0, 0
+        if msg.get("stop"):  # the reading side hit a full disk (thumbnail, lock) or could not lock
+            self._stop(f"disk full: {message}" if msg.get("disk_full") else message)
+            keep_bag = True
+        try:  # a full disk or a changed folder says nothing about the slide: its previous bag stays
+            if status in RETIRE_BAG_STATUSES and not msg.get("done") and not keep_bag:
                 moved = self._retire_bag(task, status)
                 if moved is not None:
                     message = f"{message}; previous bag moved to {moved}".lstrip("; ")
@@ -99,13 +119,28 @@ class SlideWriter:
         row = {"slide_id": task.slide_id, "path": str(task.path), "status": status, "n_tiles": n,
                "bad_tiles": nbad, "mpp": geo.get("mpp") or "", "effective_mpp": plan.effective_mpp if plan else "",
                "seconds": f"{time.time() - msg['t0']:.2f}", "message": message}
-        self.manifest.update(row, keep_ok=bool(msg.get("done")))
         self.result.statuses[task.slide_id] = status
         if message:
             self.result.messages[task.slide_id] = message
+        try:
+            self.manifest.update(row, keep_ok=bool(msg.get("done")))
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            self._stop(f"{'' if self.stop_reasons else 'disk full: '}{disk_full_message(self.manifest.path, e)}; "
+                       f"{task.slide_id} ended {status} but its manifest row could not be written")
         (log.info if status in ("ok", "skipped") else log.warning)(
             "%s: %s %s", task.slide_id, status, message or f"({n} tiles, {nbad} bad)")
         return status
+
+    def _stop(self, why: str) -> None:
+        """Stop the run after this slide (a full disk fails every next slide too); later reasons are added."""
+        self.stop_reasons.append(why)
+        first = self.stop_reasons[0]
+        hint = "free space, then rerun the same command" if first.startswith("disk full") else "fix it, then rerun"
+        self.result.stopped = (f"{'; '.join(self.stop_reasons)}; the run stopped here ({hint}: finished slides are "
+                               "kept and skipped)")
+        log.error("%s", why)
 
     def _retire_bag(self, task: SlideTask, status: str) -> Path | None:
         """Move ``bags/<id>.h5`` (made earlier, with other settings or another file) to ``stale/<id>.h5``, or
@@ -144,8 +179,10 @@ class SlideWriter:
         index, feats = index[order], feats[torch.as_tensor(order)]
         if len(bad):
             message = f"dropped {len(bad)} unreadable tile(s)"
-        write_bag(self.out / BAGS_DIR / f"{task.slide_id}.h5", feats.numpy(), coords[index], attrs,
-                  tissue_fraction=msg["tissue_fraction"][index], coords_attrs=coords_attrs)
+        bag = self.out / BAGS_DIR / f"{task.slide_id}.h5"
+        self._before_write(bag, feats.numel() * feats.element_size() + 16 * len(index))
+        write_bag(bag, feats.numpy(), coords[index], attrs, tissue_fraction=msg["tissue_fraction"][index],
+                  coords_attrs=coords_attrs)
         log.info("wrote %s (%d x %d) pid %d", task.slide_id, len(index), feats.shape[1], os.getpid())
         self.result.written.append(task.slide_id)
         assert plan is not None
@@ -174,6 +211,15 @@ class SlideWriter:
             "settings_json": json.dumps(self.fp, sort_keys=True), "host": HOST,
         }
 
+    def _before_write(self, path: Path, data_bytes: int) -> None:
+        """The folder still records this run's settings, and the disk has room for the file (+ 64 kB of HDF5
+        headers and the manifest); else OSError(ENOSPC) / FolderSettingsError before anything is written."""
+        self.writing = path  # named by a disk-full error that does not carry a file name
+        if self.folder is not None:
+            verify_folder(self.out, self.folder)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_free_space(path, data_bytes + (1 << 16))
+
     @staticmethod
     def _coords_attrs(msg: dict[str, Any]) -> dict[str, Any]:
         plan: TilePlan = msg["plan"]
@@ -188,26 +234,46 @@ class SlideWriter:
         import h5py
 
         path = self.out / COORDS_DIR / f"{task.slide_id}.h5"
+        self._before_write(path, 20 * len(coords))
+        buf = io.BytesIO()  # built in memory, then plain writes: a full disk never fails inside HDF5
+        with h5py.File(buf, "w") as f:
+            ds = f.create_dataset("coords", data=coords.astype(np.int64))
+            for k, v in coords_attrs.items():
+                ds.attrs[k] = v
+            f.create_dataset("tissue_fraction", data=frac.astype(np.float32))
+            for k, v in attrs.items():
+                if v is not None:
+                    f.attrs[k] = v
         with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as f:
-                ds = f.create_dataset("coords", data=coords.astype(np.int64))
-                for k, v in coords_attrs.items():
-                    ds.attrs[k] = v
-                f.create_dataset("tissue_fraction", data=frac.astype(np.float32))
-                for k, v in attrs.items():
-                    if v is not None:
-                        f.attrs[k] = v
+            tmp.write_bytes(buf.getvalue())
+
+
+def retire_all_bags(out: Path, keep: set[str]) -> list[Path]:
+    """Move every ``bags/*.h5`` but those of ``keep`` (slides this run redoes: replaced, or retired when their
+    redo fails) to ``stale/``, never overwriting a retired bag: the folder's settings changed (``--overwrite``),
+    so no bag made with the old ones may stay where training reads bags."""
+    moved = []
+    for bag in sorted((out / BAGS_DIR).glob("*.h5")):
+        if bag.stem in keep:
+            continue
+        dst = free_name(out / STALE_DIR, bag.stem, ".h5")
+        os.replace(bag, dst)
+        moved.append(dst)
+    if moved:
+        log.warning("%s: moved %d bag(s) made with the folder's previous settings to %s", out, len(moved),
+                    out / STALE_DIR)
+    return moved
 
 
 def free_name(folder: Path, stem: str, suffix: str) -> Path:
     """``folder/<stem><suffix>``, or ``folder/<stem>.<UTC time>[-k]<suffix>`` when that is taken: a path no
     file has, so moving a file there never overwrites one (the caller holds the slide's lock)."""
     folder.mkdir(parents=True, exist_ok=True)
-    dst = folder / f"{stem}{suffix}"
+    dst = folder / fit_name(stem, suffix)
     if not os.path.lexists(dst):
         return dst
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     k = 0
-    while os.path.lexists(dst := folder / f"{stem}.{stamp}{f'-{k}' if k else ''}{suffix}"):
+    while os.path.lexists(dst := folder / fit_name(f"{stem}.{stamp}{f'-{k}' if k else ''}", suffix)):
         k += 1
     return dst

@@ -19,6 +19,7 @@ SEG_TILE = ["--stages", "seg,tile", "--workers", "0", "--seg-mpp", "4", "--targe
             "--min-tissue", "0.5", "--no-progress"]
 EXTRACT = ["--workers", "0", "--seg-mpp", "4", "--target-mpp", "2", "--patch-size", "32", "--min-tissue", "0.5",
            "--no-progress", "--encoder", "test_resnet", "--weights", "random", "--device", "cpu", "--batch-size", "64"]
+REFUSED = ["--max-side-px", "100", "--overwrite"]  # redo the slide and make it fail (its 500 px exceed the limit)
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +93,13 @@ def test_second_failed_redo_keeps_both_stale_bags(tmp_path, tissue, capsys, capl
     base = ["--input", inp, "--output", out, *EXTRACT]
     assert _cli(base, capsys)[0] == 0
     first = read_bag(out / "bags" / "s.h5").features
-    assert _cli([*base, "--target-mpp", "0.2"], capsys)[0] == 3  # finer than the slide: fails, bag retired
+    assert _cli([*base, *REFUSED], capsys)[0] == 3  # the slide is refused now: it fails, its bag is retired
     assert (out / "stale" / "s.h5").is_file()
     assert _cli([*base, "--min-tissue", "0.9"], capsys)[0] == 0  # a new, different bag
     second = read_bag(out / "bags" / "s.h5").features
     assert second.shape != first.shape
     before = _snapshot(tmp_path, out)
-    rc, _, err = _cli([*base, "--min-tissue", "0.9", "--target-mpp", "0.2"], capsys)  # fails again
+    rc, _, err = _cli([*base, "--min-tissue", "0.9", *REFUSED], capsys)  # fails again
     assert rc == 3 and "s" in err and "manifest.csv" in err
     kept = sorted((out / "stale").glob("s*.h5"))
     assert len(kept) == 2, kept

@@ -101,13 +101,13 @@ def test_preset_state_dict_loads_through_the_cli(tmp_path, monkeypatch):
         tiles = torch.from_numpy(np.stack([read_tile(r, bag.coords[i], plan) for i in rows]))
     np.testing.assert_allclose(np.asarray(bag.features[rows]), _direct(ref, tiles, 64).numpy(), rtol=1e-4,
                                atol=1e-4)
-    # another normalisation is another bag: the resume fingerprint includes it
+    # another normalisation is another bag: the folder's settings include it (--overwrite takes the folder over)
     settings = json.loads(bag.attrs["settings_json"])
     assert settings["mean"] == list(IMAGENET_MEAN) and settings["input_size"] == 64
     code = main(["--input", str(tmp_path / "in"), "--output", str(out), "--encoder", "tiny_uni", "--weights",
                  str(weights), "--target-mpp", "2", "--patch-size", "32", "--workers", "0", "--device", "cpu",
                  "--seg-mpp", "4", "--min-tissue", "0.5", "--features-dtype", "float32", "--no-progress",
-                 "--mean", "0.5", "0.5", "0.5"])
+                 "--mean", "0.5", "0.5", "0.5", "--overwrite"])
     assert code == 0 and "mean=[0.5, 0.5, 0.5]" in read_bag(out / "bags" / "s.h5").attrs["normalization"]
 
 

@@ -127,10 +127,11 @@ def test_resume_skips_and_redoes(slides, tmp_path):
     assert read_manifest(tmp_path / "manifest.csv")["s025"]["status"] == "ok"  # a skip keeps the ok row
     (tmp_path / "bags" / "s050.h5").unlink()
     assert run(cfg).written == ["s050"]
-    other = run(replace(cfg, encoder="resnet10t"))
+    other = run(replace(cfg, encoder="resnet10t", overwrite=True))  # other settings: the folder is taken over
     assert sorted(other.written) == ["s025", "s050"]
     assert read_bag(tmp_path / "bags" / "s025.h5").attrs["encoder"] == "resnet10t"
-    assert run(replace(cfg, encoder="resnet10t", target_mpp=4.0, patch_size=16)).written == ["s025", "s050"]
+    assert run(replace(cfg, encoder="resnet10t", target_mpp=4.0, patch_size=16, overwrite=True)).written == [
+        "s025", "s050"]
 
 
 def test_two_processes_share_one_folder(slides, tmp_path):

@@ -331,7 +331,7 @@ def test_reduced_swiglu_register_preset_extracts_a_real_slide(tmp_path, monkeypa
     # a run off the recipe is warned about
     caplog.clear()
     with caplog.at_level("WARNING"):
-        assert main([*args, "--patch-size", "112", "--input-size", "224"]) == 0
+        assert main([*args, "--patch-size", "112", "--input-size", "224", "--overwrite"]) == 0
     assert "published for 224-px tiles" in caplog.text
 
 

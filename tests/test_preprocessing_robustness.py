@@ -45,8 +45,9 @@ def test_failed_redo_moves_the_old_bag_out_of_bags(tmp_path, tissue):
     _one_slide(inp, tissue)
     cfg = _cfg(inp, out)
     assert run(cfg).statuses == {"s": "ok"}
-    # target finer than the slide's 0.5 µm/px: the redo fails; the 2.0 µm/px bag must not stay in bags/
-    res = run(replace(cfg, target_mpp=0.2))
+    # target finer than the slide's 0.5 µm/px (the folder's settings change: --overwrite): the redo fails; the
+    # 2.0 µm/px bag must not stay in bags/
+    res = run(replace(cfg, target_mpp=0.2, overwrite=True))
     row = read_manifest(out / "manifest.csv")["s"]
     assert res.statuses == {"s": "error"} and row["status"] == "error"
     assert float(row["mpp"]) == 0.5  # MppTooCoarseError rows carry the slide's mpp

@@ -78,12 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigComposeError as err:
         print(f"wsi-ncmi natural: {err}", file=sys.stderr)
         return 2
+    from wsi_ncmi.natural.backbones import BackboneError
+    from wsi_ncmi.natural.datasets import ImageDataError
     from wsi_ncmi.training.checkpoint import CheckpointError
+
+    from .errors import one_line
 
     try:
         NaturalCLI(args)
-    except CheckpointError as err:
-        print(f"wsi-ncmi natural {argv[0]}: error: {err}", file=sys.stderr)
+    except (CheckpointError, BackboneError, ImageDataError) as err:  # a bad checkpoint, weight file or data file
+        print(f"wsi-ncmi natural {argv[0]}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -129,6 +129,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from preprocessing.config import ConfigError
+    from preprocessing.encoder_specs import EncoderError
+    from preprocessing.readers import SlideError
     from preprocessing.replay import ReplayError
     from wsi_ncmi.data.bags import BagError
     from wsi_ncmi.data.provenance import ProvenanceError
@@ -140,7 +142,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.training.checkpoint import CheckpointError
 
     return (PredictError, ProvenanceError, ReplayError, ConfigError, BagError, OODError, EmbedError, MILInputError,
-            CheckpointError, ClassifierError)
+            CheckpointError, ClassifierError, EncoderError, SlideError)  # Encoder/SlideError: --weights, --slides-dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,36 @@
 """Atomic file output for results a user keeps: write beside the target, fsync, ``os.replace``.
 
 A reader (or a crash) never sees a half-written file; on an error the temporary file is removed and the
-previous version of the target, if any, is left as it was.
+previous version of the target, if any, is left as it was. Temporary names stay within the file system's
+255-byte limit however long the target's name is (:func:`fit_name`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_output", "atomic_write_text"]
+__all__ = ["NAME_MAX", "atomic_output", "atomic_write_text", "fit_name"]
+
+NAME_MAX = 255  # bytes in one file name on Linux / macOS file systems
+
+
+def fit_name(stem: str, suffix: str, limit: int = NAME_MAX) -> str:
+    """``stem + suffix``, or, when that is longer than ``limit`` bytes (UTF-8), the start of ``stem``, ``~`` and
+    12 hex digits of its sha1, then ``suffix``: a name that fits, distinct for distinct stems. Internal names
+    (temporary files, retired copies, broken locks) add to a user's file name; a legal 245-character slide name
+    must not make them too long for the file system."""
+    name = stem + suffix
+    if len(name.encode("utf-8")) <= limit:
+        return name
+    tag = "~" + hashlib.sha1(stem.encode("utf-8")).hexdigest()[:12]
+    room = limit - len((tag + suffix).encode("utf-8"))
+    head = stem.encode("utf-8")[:max(room, 0)].decode("utf-8", "ignore")
+    return head + tag + suffix
 
 
 def _new_temp(path: Path) -> Path:
@@ -20,7 +38,7 @@ def _new_temp(path: Path) -> Path:
     give it (0o666 less the umask). ``tempfile.mkstemp`` would create it 0o600 and the finished file would
     keep that mode, unreadable to the group whatever the user's umask."""
     for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        tmp = path.parent / fit_name(f".{path.name}", f".{secrets.token_hex(6)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:

@@ -9,8 +9,8 @@ Schema (``SCHEMA_VERSION = 1``), file ``<slide_id>.h5``:
 - root attrs: ``schema_version``, ``slide_id``, ``source_path``, ``source_size``, ``slide_mpp``, ``target_mpp``,
   ``effective_mpp``, ``encoder``, ``weights_sha256``, ``embed_dim``, ``precision``, ``normalization``, ``created_by``
 
-Files are written to ``<slide_id>.h5.tmp`` (flushed and fsync'ed) and renamed with ``os.replace``, so a
-killed writer leaves a ``.tmp`` file and never a half-written ``.h5``.
+A bag is built in memory, written to ``<slide_id>.h5.tmp`` (fsync'ed) and renamed with ``os.replace``, so a
+killed writer leaves a ``.tmp`` file and never a half-written ``.h5``, and a full disk is a plain ``OSError``.
 
 Readers also accept feature files written by CLAM (``features`` + ``coords``, no attributes) and TRIDENT
 (``features`` + ``coords`` with attributes on the datasets).
@@ -22,6 +22,7 @@ validators would spread one schema over several files.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ import h5py
 import numpy as np
 
 from wsi_ncmi import __version__
+from wsi_ncmi.data.atomic import fit_name
 
 log = logging.getLogger(__name__)
 
@@ -260,27 +262,24 @@ def write_bag(
     c_attrs.update(coords_attrs or {})
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = path.with_name(fit_name(path.stem, path.suffix + TMP_SUFFIX))  # <id>.h5.tmp, shortened if too long
     try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset(
-                FEATURES, data=feats, chunks=(min(n, CHUNK_ROWS), d), compression=compression
-            )
-            ds = f.create_dataset(COORDS, data=xy.astype(np.int64, copy=False))
-            for key, value in c_attrs.items():
-                if (v := _attr_value(value)) is not None:
-                    ds.attrs[key] = v
-            if tissue is not None:
-                f.create_dataset(TISSUE, data=tissue.astype(np.float32, copy=False))
-            for key, value in root.items():
-                if (v := _attr_value(value)) is not None:
-                    f.attrs[str(key)] = v
-            f.flush()
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(tmp, "wb") as fh:  # created first: a killed writer leaves this .tmp, never a half-written .h5
+            buf = io.BytesIO()  # built in memory: HDF5 never meets a failing disk (ENOSPC mid-write broke its state)
+            with h5py.File(buf, "w") as f:
+                f.create_dataset(FEATURES, data=feats, chunks=(min(n, CHUNK_ROWS), d), compression=compression)
+                ds = f.create_dataset(COORDS, data=xy.astype(np.int64, copy=False))
+                for key, value in c_attrs.items():
+                    if (v := _attr_value(value)) is not None:
+                        ds.attrs[key] = v
+                if tissue is not None:
+                    f.create_dataset(TISSUE, data=tissue.astype(np.float32, copy=False))
+                for key, value in root.items():
+                    if (v := _attr_value(value)) is not None:
+                        f.attrs[str(key)] = v
+            fh.write(buf.getbuffer())  # plain writes: a full disk is one OSError (ENOSPC)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

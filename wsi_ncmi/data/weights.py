@@ -10,6 +10,7 @@ A leaf: it imports torch (and safetensors lazily), nothing of ours, so ``preproc
 * :func:`strip_prefixes`: wrapper prefixes (``module.`` of DDP, ``_orig_mod.`` of torch.compile) removed,
   either only while *every* key carries one (a whole-model wrapper) or key by key.
 * :func:`tensors_only`: the tensor entries of a mapping.
+* :func:`nonfinite_keys`: the keys whose floating tensors hold NaN or inf (a corrupt file, a diverged run).
 * :func:`resolve_device`: ``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; :func:`check_device`: the
   one "is the CUDA device asked for there" check (``wsi-preprocess`` and ``wsi-ncmi evaluate`` word it alike).
 """
@@ -23,7 +24,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_device", "read_error_line", "read_weight_file", "resolve_device", "strip_prefixes", "tensors_only", "unwrap_state_dict"]
+__all__ = ["check_device", "nonfinite_keys", "read_error_line", "read_weight_file", "resolve_device", "strip_prefixes",
+           "tensors_only", "unwrap_state_dict"]
 
 
 def read_weight_file(path: str | Path) -> Any:
@@ -86,6 +88,13 @@ def strip_prefixes(sd: Mapping[str, Any], prefixes: tuple[str, ...], *, every_ke
 def tensors_only(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The entries of ``obj`` whose value is a tensor (drops step counters, config strings, ...)."""
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def nonfinite_keys(sd: Mapping[str, Any]) -> list[str]:
+    """Keys of ``sd`` whose floating-point tensor holds NaN or inf (sorted). Attention-mask buffers (a key
+    ending in ``mask``) may hold -inf by design and are not checked."""
+    return sorted(k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                  and not str(k).endswith("mask") and not bool(torch.isfinite(v).all()))
 
 
 def resolve_device(name: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsi_ncmi.data.weights import read_error_line, read_weight_file, unwrap_state_dict
+from wsi_ncmi.data.weights import nonfinite_keys, read_error_line, read_weight_file, unwrap_state_dict
 
 __all__ = ["BackboneError", "BACKBONES", "create_backbone", "create_classifier", "load_state_dict_file"]
 
@@ -32,14 +32,20 @@ class BackboneError(ValueError):
 def read_backbone_weights(path: str | Path) -> Any:
     """The object stored in ``path`` (:func:`wsi_ncmi.data.weights.read_weight_file`: safetensors, or a torch
     file read with ``weights_only=True``, never unpickled code). Raises :class:`BackboneError` naming the file
-    when it is missing or unreadable."""
+    when it is missing, unreadable, or its tensors hold NaN / inf."""
     path = Path(path).expanduser()
     try:
-        return read_weight_file(path)
+        obj = read_weight_file(path)
     except FileNotFoundError:
         raise BackboneError(f"weights file not found: {path}") from None
     except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear error
         raise BackboneError(f"{path}: cannot read weights ({read_error_line(err)})") from None
+    sd = unwrap_state_dict(obj, ("state_dict", "model", "module"))
+    bad = nonfinite_keys(sd) if isinstance(sd, dict) else []
+    if bad:
+        raise BackboneError(f"{path}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {bad[:3]}); the file is "
+                            "corrupt or was saved from a diverged run")
+    return obj
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
