@@ -46,7 +46,7 @@ from wsi_ncmi.evaluation.predict import embed_bags
 from wsi_ncmi.training import MILModule
 
 SCORES = (("ncmi", "ncmi_xi"), ("ncmi", "ncmi_means"), ("ncmi", "radius"), ("ncmi", "msp"), ("ncmi", "energy"),
-          ("head", "msp"), ("head", "energy"), ("head", "radius"))
+          ("ncmi", "input_z"), ("head", "msp"), ("head", "energy"), ("head", "radius"), ("head", "input_z"))
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -120,7 +120,8 @@ def _flagged(cal: Any, thresholds: dict[str, float], splits: dict[str, Any], emb
     def scores(s: Any) -> dict[str, np.ndarray]:
         return compute_scores(score_inputs(logits=s.logits, log_probs=s.log_probs, ncmi_loss=ncmi_loss,
                                            class_means=cal.class_means_array(), embeddings=s.embeddings,
-                                           train_mean=cal.train_mean_array()))
+                                           train_mean=cal.train_mean_array(), input_means=s.input_means,
+                                           input_stats=cal.input_stats()))
 
     test, bad = scores(splits["test"]), scores(emb)
     return {k: (float((test[k] > t).mean()), float((bad[k] > t).mean())) for k, t in thresholds.items()}
@@ -185,7 +186,7 @@ def _pm(values: list[float]) -> str:
 def table(name: str, res: dict[str, Any], n_seeds: int, alpha: float = 0.1) -> list[str]:
     lines = [f"### {name}", "",
              f"Test accuracy of the runs' own classifier: NCMI (ξ) {_pm(res['accuracy']['ncmi'])}, "
-             f"CE (head) {_pm(res['accuracy']['head'])}; default OOD score of the NCMI run: "
+             f"CE (head) {_pm(res['accuracy']['head'])}; default OOD score (NCMI run): "
              + ", ".join(f"{s} ×{res['default'].count(s)}" for s in sorted(set(res["default"]))), ""]
     for kind, per in res["scores"].items():
         lines += [f"OOD = `{kind}` ({n_seeds} seed(s), mean ± std). Flagged: share of test (ID) slides and of OOD "

@@ -68,6 +68,7 @@ def test_embed_split_contents_and_modes(bags) -> None:
     with torch.no_grad():
         ref = model.forward_features(batch["features"], batch["mask"]).embedding.numpy()
     np.testing.assert_allclose(s.embeddings[:1], ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.input_means[0], batch["features"][0].float().mean(0).numpy(), rtol=1e-5)
     with pytest.raises(EmbedError):
         embed_split(model, [])
     with pytest.raises(EmbedError, match="dict"):

@@ -9,6 +9,7 @@ from wsi_ncmi.evaluation.ood import Calibration, OODError, ScoreInputs
 from wsi_ncmi.evaluation.ood_threshold import (
     apply_rule,
     conformal_threshold,
+    loo_input_z,
     ood_report_markdown,
     ood_rule_block,
     reference_scores,
@@ -68,3 +69,21 @@ def test_apply_rule_uses_out_of_fold_training_scores_and_the_block_lists_flags()
     assert {"score", "threshold", "rule", "target_false_alarm", "flagged_test"} <= set(block)
     text = "\n".join(ood_report_markdown(block))
     assert "## Out-of-distribution flag" in text and "| OOD bags | 1 |" in text
+
+
+def test_leave_one_out_input_z_matches_brute_force() -> None:
+    x = np.random.default_rng(3).standard_normal((12, 5)) * [1, 2, 3, 4, 5]
+    got = loo_input_z(x)
+    for i in range(12):
+        rest = np.delete(x, i, 0)
+        z = (x[i] - rest.mean(0)) / rest.std(0)
+        assert got[i] == pytest.approx(np.sqrt((z**2).mean()), rel=1e-9)
+
+
+def test_input_z_is_the_rms_z_score_of_the_bag_mean_feature() -> None:
+    from wsi_ncmi.evaluation.ood import compute_scores, score_inputs
+
+    mean, std = np.array([0.0, 1.0, 2.0]), np.array([1.0, 2.0, 4.0])
+    bags = np.array([[0.0, 1.0, 2.0], [1.0, 3.0, 6.0]])  # at the mean; one std off in every dimension
+    s = compute_scores(score_inputs(logits=np.zeros((2, 2)), input_means=bags, input_stats=(mean, std)))
+    np.testing.assert_allclose(s["input_z"], [0.0, 1.0])

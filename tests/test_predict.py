@@ -134,27 +134,28 @@ def test_evaluate_writes_calibration_and_ood_section(trained, tmp_path: Path, ob
                        log_probs=emb["val_log_probs"] if objective == "ncmi" else None,
                        ncmi_loss=module.ncmi_loss, class_means=cal.class_means_array(),
                        embeddings=emb["val_embeddings"], train_mean=cal.train_mean_array())
-    scores = compute_scores(val)
+    scores = compute_scores(val)  # every score but input_z (embeddings.npz holds no input means)
     np.testing.assert_allclose(cal.train_mean_array(), emb["train_embeddings"].astype(np.float64).mean(0))
     expected = {"ncmi_xi", "ncmi_means", "msp", "energy", "radius"} if objective == "ncmi" else {"msp", "energy",
                                                                                                    "radius"}
-    assert set(cal.thresholds) == set(scores) == expected
-    # the conformal rule at the default false-alarm rate 0.1: val (8) + out-of-fold train (20) slides for radius,
-    # val alone (8 < 9: too few for 10 %, so the maximum, bound 1/9) for the others
+    assert set(cal.thresholds) == set(scores) | {"input_z"} and set(scores) == expected
+    assert len(cal.input_mean) == len(cal.input_std) == DIM  # the training bags' mean input feature and its std
+    # the conformal rule at the default false-alarm rate 0.1: val (8) + out-of-fold train (20) slides for radius and
+    # input_z, val alone (8 < 9: too few for 10 %, so the maximum, bound 1/9) for the others
     assert cal.rule == "conformal" and cal.target_false_alarm == 0.1
     for name, s in scores.items():
         n = cal.n_reference[name]
-        assert n == (28 if name == "radius" else 8)
+        assert n == (28 if name == "radius" else 8) and cal.n_reference["input_z"] == 28
         assert cal.false_alarm_bound[name] == pytest.approx(0.1 if n == 28 else 1 / 9)
         if n == 8:
             assert cal.thresholds[name] == pytest.approx(s.max())
-    assert cal.n_val == 8 and cal.default_score == ("msp" if objective == "head" else "radius")
+    assert cal.n_val == 8 and cal.default_score == "input_z"
     if objective == "ncmi":
         assert set(cal.choice) == {"ncmi_xi", "ncmi_means"}
         assert np.asarray(cal.class_means).shape == (C, module.model.embed_dim)
     report = json.loads((out / "report.json").read_text())
     ood = report["ood"]
-    assert ood["n_id"] == 12 and ood["n_ood"] == 6 and set(ood["scores"]) == expected
+    assert ood["n_id"] == 12 and ood["n_ood"] == 6 and set(ood["scores"]) == expected | {"input_z"}
     for m in ood["scores"].values():
         assert 0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["fpr_at_95tpr"] <= 1.0
     assert ood["score"] == cal.default_score and ood["threshold"] == pytest.approx(cal.thresholds[cal.default_score])
@@ -196,7 +197,7 @@ def test_predict_without_and_with_labels(trained, tmp_path: Path, capsys) -> Non
     assert list(df.columns[:7]) == ["slide_id", "prediction", "prob_0", "prob_1", "ood_score", "ood_flag", "kl_0"]
     assert "kl_1" in df.columns and "label" not in df.columns and len(df) == 12 + 6
     np.testing.assert_allclose(df[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(df["ood_score"], df["ood_radius"], rtol=1e-6)  # the NCMI runs' default
+    np.testing.assert_allclose(df["ood_score"], df["ood_input_z"], rtol=1e-6)  # the default score
     np.testing.assert_allclose(df["ood_ncmi_xi"], df[["kl_0", "kl_1"]].min(axis=1), rtol=1e-4)
     calib = Calibration.read(cal)
     assert (df["ood_flag"] == (df["ood_score"] > calib.thresholds[calib.default_score])).all()

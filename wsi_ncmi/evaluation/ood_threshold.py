@@ -6,7 +6,9 @@ slide has to be further out than every one of them to be flagged. Here:
 
 * **reference scores** (:func:`reference_scores`): the validation slides (never used to fit anything) plus,
   where a score can be computed *out of fold* for the training slides (:data:`OOF_SCORES`), those too:
-  ``radius``, with the mean embedding computed without the slide (:func:`loo_radius`). Not ``ncmi_means``:
+  ``input_z`` against the mean / std of the other training bags (:func:`loo_input_z`; the encoder was not
+  trained on them, so they are fair references) and ``radius`` against the mean embedding of the others
+  (:func:`loo_radius`; conservative: training slides' embeddings come out longer). Not ``ncmi_means``:
   leave-one-out class means of p are exact, but the aggregator itself was trained on those
   slides and pulls them towards their class, so they still score lower than new slides (bench/ood.py measured
   24-32 % of in-distribution test slides flagged at a 10 % target with them). ξ and the head's MSP / energy
@@ -17,9 +19,9 @@ slide has to be further out than every one of them to be flagged. Here:
   average. When n is too small for α (k > n) the largest reference score is used and the achievable rate,
   1/(n + 1), is recorded instead. The default α is 0.1: with the ~30 reference slides of a small cohort
   (validation + training), α = 0.05 gives back the maximum;
-* **default score**: ``radius`` for NCMI runs (:data:`NCMI_DEFAULT`; NCMI's loss never sees it, so training
-  slides are fair references, and it separated the demo's IHC-only slides far better than the KL distances);
-  CE runs keep the calibration's (``msp``).
+* **default score**: ``input_z`` for every run (:data:`DEFAULT_SCORE`): "does this tissue look like the
+  cohort's", independent of what the model learnt; on the demo it separated the IHC-only slides with a wide
+  margin where the model scores (radius, KL distances, MSP) ranked them well but not above every ordinary slide.
 
 :func:`apply_rule` replaces a :class:`~.ood.Calibration`'s thresholds by the rule's; :func:`ood_rule_block` is
 the report's ``ood`` fields (``score``, ``threshold``, ``rule``, ``target_false_alarm``, ``flagged_test``, …) and
@@ -37,10 +39,10 @@ import numpy as np
 
 from wsi_ncmi.data.markdown import markdown_table
 
-from .ood import Calibration, OODError, ScoreInputs, compute_scores, ood_markdown, score_inputs
+from .ood import DEFAULT_TPR, OOD_SCORERS, Calibration, OODError, ScoreInputs, compute_scores, score_inputs
 
-__all__ = ["DEFAULT_FALSE_ALARM", "NCMI_DEFAULT", "OOF_SCORES", "RULE", "apply_rule", "conformal_threshold",
-           "evaluate_rule", "loo_radius", "ood_report_markdown", "ood_rule_block",
+__all__ = ["DEFAULT_FALSE_ALARM", "DEFAULT_SCORE", "OOF_SCORES", "RULE", "apply_rule", "conformal_threshold",
+           "evaluate_rule", "loo_input_z", "loo_radius", "ood_markdown", "ood_report_markdown", "ood_rule_block",
            "reference_scores"]
 
 logger = logging.getLogger(__name__)
@@ -71,13 +73,23 @@ def loo_radius(embeddings: np.ndarray) -> np.ndarray:
     return np.linalg.norm(f - f.mean(axis=0), axis=1) * n / (n - 1)
 
 
+def loo_input_z(input_means: np.ndarray) -> np.ndarray:
+    """``input_z`` [N] of each training bag against the mean and std of the *other* training bags (exact)."""
+    x = np.asarray(input_means, dtype=np.float64)  # [N, D]
+    n = x.shape[0]
+    mean = (x.sum(axis=0) - x) / (n - 1)  # [N, D] leave-one-out
+    var = ((x**2).sum(axis=0) - x**2) / (n - 1) - mean**2
+    return np.sqrt((((x - mean) / np.maximum(np.sqrt(np.maximum(var, 0.0)), 1e-6)) ** 2).mean(axis=1))
+
+
 # score name -> out-of-fold scores [N] of the training split (train EmbeddedSplit, num_classes)
 OOF_SCORES: dict[str, Callable[[Any, int], np.ndarray]] = {
     "radius": lambda train, c: loo_radius(train.embeddings),
+    "input_z": lambda train, c: loo_input_z(train.input_means),
 }
-# the default score of NCMI runs (CE runs keep the calibration's): AUROC 0.98-1.00 vs 0.69-0.87 for ncmi_xi on
-# the demo's IHC-only slides (bench/results/ood.md)
-NCMI_DEFAULT = "radius"
+# the default score of every run: the input shift flagged the demo's IHC-only slides with a 2.6x margin, whatever
+# the model; the model scores (radius, KL distances, MSP) missed some (bench/results/ood.md)
+DEFAULT_SCORE = "input_z"
 
 
 def reference_scores(val_inputs: ScoreInputs, train: Any = None, num_classes: int | None = None,
@@ -86,8 +98,8 @@ def reference_scores(val_inputs: ScoreInputs, train: Any = None, num_classes: in
     ref = compute_scores(val_inputs)
     if use_train and train is not None and num_classes is not None:
         for name, fn in OOF_SCORES.items():
-            needs = "embeddings" if name == "radius" else "log_probs"
-            if name in ref and getattr(train, needs, None) is not None and len(train) > num_classes:
+            needs = {"radius": "embeddings", "input_z": "input_means"}[name]
+            if name in ref and getattr(train, needs, None) is not None and len(train) > 2:
                 ref[name] = np.r_[ref[name], fn(train, num_classes)]
     return ref
 
@@ -131,15 +143,15 @@ def evaluate_rule(cal: Calibration, splits: Mapping[str, Any], ncmi_loss: Any, n
                   alpha: float = DEFAULT_FALSE_ALARM) -> dict[str, Any]:
     """Apply the rule to ``cal`` (from :func:`~.ood.evaluate_ood` on the same embedded ``splits``) and return the
     report's ``ood`` fields for the test split (and the embedded ``ood`` bags)."""
-    means, center = cal.class_means_array(), cal.train_mean_array()
+    means, center, stats = cal.class_means_array(), cal.train_mean_array(), cal.input_stats()
 
     def inputs(s: Any) -> ScoreInputs:
         return score_inputs(logits=s.logits, log_probs=s.log_probs, ncmi_loss=ncmi_loss, class_means=means,
-                            embeddings=s.embeddings, train_mean=center)
+                            embeddings=s.embeddings, train_mean=center, input_means=s.input_means, input_stats=stats)
 
     apply_rule(cal, reference_scores(inputs(splits["val"]), splits["train"], num_classes), alpha)
-    if ncmi_loss is not None and NCMI_DEFAULT in cal.thresholds:
-        cal.default_score = NCMI_DEFAULT
+    if DEFAULT_SCORE in cal.thresholds:
+        cal.default_score = DEFAULT_SCORE
     test = compute_scores(inputs(splits["test"]))
     if ood is None:
         return ood_rule_block(cal, splits["test"].slide_ids, test)
@@ -164,6 +176,22 @@ def ood_report_markdown(block: Mapping[str, Any]) -> list[str]:
     if "scores" in block:
         lines += ood_markdown(block)
     return lines
+
+
+def ood_markdown(block: Mapping[str, Any]) -> list[str]:
+    """Lines of the ``report.md`` section for an ``ood`` block."""
+    fpr_key = f"fpr_at_{round(float(block.get('tpr', DEFAULT_TPR)) * 100)}tpr"
+    lines = ["", "## Out-of-distribution detection", "",
+             f"In-distribution: the {block['id_split']} split ({block['n_id']} slides); OOD: {block['n_ood']} bags "
+             f"from `{block['ood_bags']}`. AUROC: OOD = positive, higher score = more OOD; FPR@95TPR: share of OOD "
+             "slides kept at the threshold that keeps 95 % of in-distribution slides (lower is better)."
+             + (f" Default score of this run: `{block['default_score']}`." if block.get("default_score") else ""),
+             ""]
+    rows = [
+        [name, f"{m['auroc']:.3f}", f"{m[fpr_key]:.3f}", OOD_SCORERS[name].description if name in OOD_SCORERS else ""]
+        for name, m in block["scores"].items()
+    ]
+    return lines + markdown_table(["score", "AUROC", "FPR@95TPR", "description"], rows)
 
 
 def _share(v: float | None) -> str:

@@ -210,8 +210,9 @@ def predict_bags(
         raise OODError("the calibration holds NCMI class means but the checkpoint is not an NCMI run: "
                        "was it made from another checkpoint?")
     inputs = score_inputs(logits=emb.logits, log_probs=emb.log_probs, ncmi_loss=ncmi_loss, class_means=means,
-                          embeddings=emb.embeddings,
-                          train_mean=calibration.train_mean_array() if calibration is not None else None)
+                          embeddings=emb.embeddings, input_means=emb.input_means,
+                          train_mean=calibration.train_mean_array() if calibration is not None else None,
+                          input_stats=calibration.input_stats() if calibration is not None else None)
     if inputs.logits is None or inputs.logits.shape[1] != len(names):
         raise PredictError(f"the model gives {None if inputs.logits is None else inputs.logits.shape[1]} class "
                            f"scores but {len(names)} class names are known ({names})")
