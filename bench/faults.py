@@ -8,6 +8,8 @@ Runs, in this process through ``pytest.main`` with a small collecting plugin:
 * ``tests/test_faults_preprocessing.py`` (``wsi-preprocess`` cases; skipped with a note when absent),
 * ``tests/test_faults_training.py`` (``wsi-ncmi fit|validate|test|evaluate|heatmap`` cases),
 * ``tests/test_faults_inputs.py`` (full disk, read-only / shared output folder, weight files, long names, CIFAR),
+* ``tests/test_faults_bags_use.py`` / ``tests/test_faults_outputs.py`` (bags a model must not use; what the
+  commands write: run-folder lock, interrupted evaluate, full disk, read-only and wrong-kind output paths),
 * the crash-recovery tests listed in ``CRASH_TESTS`` (a writer killed with SIGKILL, a reader process dying,
   a resumed run, a failed atomic write).
 
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from wsi_ncmi.data.atomic import atomic_write_text  # noqa: E402
 
 FAULT_FILES = ("tests/test_faults_preprocessing.py", "tests/test_faults_training.py", "tests/test_faults_inputs.py",
-               "tests/test_checkpoint_trust.py")
+               "tests/test_checkpoint_trust.py", "tests/test_faults_bags_use.py", "tests/test_faults_outputs.py")
 # (test id, what it kills / breaks): recovery tests of earlier work that belong in the same tally
 CRASH_TESTS = (
     ("tests/test_bags.py::test_killed_writer_never_leaves_an_invalid_bag", "bag writer killed with SIGKILL"),

@@ -65,8 +65,8 @@ def run_one(model: str, objective: str, bags: list[torch.Tensor], labels: torch.
                 named, _ = module._objective({"features": x, "mask": None, "label": y.view(1)})
             opt.zero_grad(set_to_none=True)
             named["loss"].backward()
-            if module._manual_xi:
-                module._centroid_sgd_step()
+            if module.ncmi_training is not None:
+                module.ncmi_training.before_optimizer_step()
             opt.step()
             module.model.on_after_optimizer_step()
 
@@ -124,8 +124,8 @@ def _plain_epochs(model: str, objective: str, bags, labels, n_train: int, epochs
                 named, _ = module._objective({"features": data[i][None], "mask": None, "label": y[i:i + 1]})
             opt.zero_grad(set_to_none=True)
             named["loss"].backward()
-            if module._manual_xi:
-                module._centroid_sgd_step()
+            if module.ncmi_training is not None:
+                module.ncmi_training.before_optimizer_step()
             opt.step()
             sched.step()
             module.model.on_after_optimizer_step()

@@ -29,6 +29,7 @@ CASES = {
             "--threads", "1"],
     "extract": ["--tiles", "40", "--tiles-per-slide", "20", "--slide-mpp", "0.5", "--encoders", "--batch-size", "16",
                 "--workers", "0", "--device", "cpu"],
+    "ncmi_equivalence": ["--models", "abmil", "--epochs", "1", "--natural-epochs", "1"],
     # two quick cases of the fault suite (the whole suite takes about a minute)
     "faults": ["-k", "natural_track or killed_writer"],
 }
@@ -43,6 +44,8 @@ def test_bench_script_runs_on_cpu(script: str, tmp_path: Path) -> None:
         args += ["--out", str(tmp_path / "bags")]
     if script == "faults":
         args += ["--out", str(tmp_path / "faults.md")]
+    if script == "ncmi_equivalence":
+        args += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "numbers.json")]
     if script == "mil_benchmark":
         args += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "mil_benchmark.md")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}

@@ -292,3 +292,15 @@ def test_old_fit_checkpoints_keep_loading(mil, tmp_path) -> None:
     sd = {k: v for k, v in module.state_dict().items()}
     assert all(torch.equal(sd[k], v) for k, v in state["state_dict"].items())
     assert torch.isfinite(module.embed(x)).all()
+
+
+def test_a_folder_given_as_checkpoint_is_named_as_a_folder(mil, tmp_path, capsys) -> None:
+    from wsi_ncmi.commands.train_cli import main_fit
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    args = ["--data.bags_dir", str(mil["bags"]), "--data.split_csv", str(mil["split"]),
+            "--trainer.default_root_dir", str(tmp_path / "run"), *MIL_ARGS, "--ckpt_path", str(folder)]
+    assert main_fit(args) == 2
+    line = _one_line_naming(capsys.readouterr().err, folder)
+    assert "a folder, not a checkpoint file" in line

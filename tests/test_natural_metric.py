@@ -146,7 +146,7 @@ def _lightning_ckpt(tmp_path: Path, objective: str, num_classes: int = 3) -> Pat
 def test_lightning_checkpoints_of_natural_fit_ce_and_ncmi(tmp_path: Path, capsys) -> None:
     ce, ncmi = _lightning_ckpt(tmp_path, "ce"), _lightning_ckpt(tmp_path, "ncmi")
     sd, hp = read_weights(ncmi)
-    assert hp is not None and hp["objective"] == "ncmi" and any(k.startswith("criterion.") for k in sd)
+    assert hp is not None and hp["objective"] == "ncmi" and any(k.startswith("ncmi_training.loss.") for k in sd)
     assert not any(k.startswith("head.") for k in sd)
     data = _imagefolder(tmp_path / "val")
     rc, rep = _run(tmp_path, "--weights", str(ce), str(ncmi), "--data", str(data), "--image-size", "16")

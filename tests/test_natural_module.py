@@ -36,8 +36,8 @@ def test_training_step_returns_finite_loss_and_logs_terms(loss: str) -> None:
     assert "train/loss" in logged
     if objective == "ncmi":
         assert m.head is None and {"train/cmi", "train/gamma"} <= set(logged)
-        assert m.criterion.xi.grad is not None and m.criterion.xi.grad.abs().sum() > 0
-        assert m._train_acc is not None and int(m._train_acc.counts.sum()) == 8
+        assert m.ncmi.xi.grad is not None and m.ncmi.xi.grad.abs().sum() > 0
+        assert m.ncmi_training.train_cc.count == 8
     else:
         assert m.head is not None and m.head.weight.grad is not None
 
@@ -57,10 +57,10 @@ def test_ncmi_centroids_get_their_own_param_group() -> None:
     m = ImageModule(objective="ncmi", centroid_lr=3.0, centroid_momentum=0.95, lr=0.1, weight_decay=5e-4, **TINY)
     groups = {g["name"]: g for g in m.param_groups()}
     assert set(groups) == {"main", "centroids"}
-    assert groups["centroids"]["params"] == [m.criterion.xi]
+    assert groups["centroids"]["params"] == [m.ncmi.xi]
     assert groups["centroids"]["lr"] == 3.0 and groups["centroids"]["momentum"] == 0.95
     assert groups["centroids"]["weight_decay"] == 0.0
-    assert all(p is not m.criterion.xi for p in groups["main"]["params"])
+    assert all(p is not m.ncmi.xi for p in groups["main"]["params"])
     n_main = sum(p.numel() for p in groups["main"]["params"])
     assert n_main == sum(p.numel() for p in m.backbone.parameters())
     frozen = ImageModule(objective="ncmi", ncmi_kwargs={"centroid_update": "frozen"}, **TINY)
@@ -69,7 +69,7 @@ def test_ncmi_centroids_get_their_own_param_group() -> None:
 
 def test_ablation_switches_reach_the_loss() -> None:
     m = ImageModule(objective="ncmi", ncmi_kwargs={"use_nsf": False, "use_centering": False, "tau": 0.7}, **TINY)
-    assert m.criterion.use_nsf is False and m.criterion.use_centering is False and m.criterion.tau == 0.7
+    assert m.ncmi.use_nsf is False and m.ncmi.use_centering is False and m.ncmi.tau == 0.7
     assert m.describe()["use_nsf"] is False
 
 
@@ -87,8 +87,8 @@ def test_validation_logs_topk_and_dataset_ncmi() -> None:
         m.validation_step((x, y), 0)
         m.validation_step((x[:3], y[:3]), 1)  # two batches: the dataset metric is over both
         m.on_validation_epoch_end()
-        p = m.criterion.log_probs(m.forward_features(torch.cat([x, x[:3]]))).exp()
-    for key in ("val/top1", "val/top5", "val/top_cc1", "val/top_xi1", "val/cmi", "val/gamma", "val/ncmi",
+        p = m.ncmi.log_probs(m.forward_features(torch.cat([x, x[:3]]))).exp()
+    for key in ("val/top1", "val/top5", "val/cc_accuracy", "val/cc_top5", "val/xi_accuracy", "val/xi_top5", "val/cmi", "val/gamma", "val/ncmi",
                 "val/batch_cmi", "val/batch_gamma"):
         assert key in logged, key
     assert logged["val/top5"] == 1.0  # 4 classes: top-5 always hits

@@ -93,7 +93,7 @@ def test_every_aggregator_learns(bags, tmp_path, model, objective):
 def test_online_cc_accuracy_is_nearest_train_class_mean():
     module = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi")
     module.trainer = lightning.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    cc, sum_fn = module._train_cc, module._sum_over_ranks
+    cc, sum_fn = module.ncmi_training.train_cc, module._sum_over_ranks
     assert cc.accuracy(torch.full((3, 4), 0.25), torch.zeros(3, dtype=torch.long), sum_fn) is None
     class0 = torch.tensor([[0.75, 0.25, 0.0, 0.0]] * 4)  # class means: [.75 .25 0 0]
     class1 = torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 2)  # and [0 0 .5 .5]
@@ -175,25 +175,25 @@ def _one_step(module: MILModule) -> torch.Tensor:
     module.ncmi_loss.center.update(torch.randn(4, module.model.embed_dim))
     named, _ = module._objective(batch)
     named["loss"].backward()
-    module._centroid_sgd_step()
+    module.ncmi_training.before_optimizer_step()
     return before
 
 
 def test_centroid_sgd_moves_xi_and_keeps_momentum():
     module = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi", centroid_lr=0.5)
-    assert module._manual_xi and "xi_momentum" in dict(module.named_buffers())
+    assert module.ncmi_training.manual_xi and "ncmi_training.xi_momentum" in dict(module.named_buffers())
     assert all(p is not module.ncmi_loss.xi for g in [module.model.parameters()] for p in g)
     before = _one_step(module)
     assert not torch.equal(before, module.ncmi_loss.xi) and module.ncmi_loss.xi.grad is None
-    assert module.xi_momentum.abs().sum() > 0
+    assert module.ncmi_training.xi_momentum.abs().sum() > 0
 
 
 def test_centroid_group_and_frozen_modes():
     grouped = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi", centroid_optimizer="group")
-    assert not grouped._manual_xi
+    assert not grouped.ncmi_training.manual_xi
     frozen = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi",
                        ncmi_kwargs={"centroid_update": "frozen"})
-    assert not frozen._manual_xi and not frozen.ncmi_loss.xi.requires_grad
+    assert not frozen.ncmi_training.manual_xi and not frozen.ncmi_loss.xi.requires_grad
 
 
 def test_bad_module_arguments():
@@ -289,7 +289,7 @@ def test_fit_setup_lists_the_bags_folder_once_and_reads_each_header_once(bags, t
     from wsi_ncmi.data.provenance import datamodule_provenance
     from wsi_ncmi.training.cli import MILCLI
 
-    calls = {"list_bags": [], "read_header": []}
+    calls = {"list_bags": [], "check_header": []}  # check_header: read_header plus the checks of a usable bag
 
     def counting(name):
         real = getattr(bags_mod, name)
@@ -314,7 +314,7 @@ def test_fit_setup_lists_the_bags_folder_once_and_reads_each_header_once(bags, t
     assert datamodule_provenance(dm) is not None
     n_slides = len(dm.table)
     assert calls["list_bags"] == [str(bags[0])]
-    assert len(calls["read_header"]) == n_slides == len(set(calls["read_header"]))
+    assert len(calls["check_header"]) == n_slides == len(set(calls["check_header"]))
 
 # --------------------------------------------------------------------------------- schedule / metrics
 def test_cosine_schedule_with_warmup():
@@ -392,15 +392,15 @@ def test_datamodule_without_num_classes_works_with_a_logger(tmp_path):
 def test_centroid_sgd_step_skips_a_non_finite_gradient():
     module = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi", centroid_lr=0.5,
                        centroid_momentum=0.9)
-    xi = module.ncmi_loss.xi
-    before, mom = xi.detach().clone(), module.xi_momentum.clone()
+    xi, ncmi = module.ncmi_loss.xi, module.ncmi_training
+    before, mom = xi.detach().clone(), ncmi.xi_momentum.clone()
     xi.grad = torch.full_like(xi, float("nan"))
-    module._centroid_sgd_step()
-    assert torch.equal(xi.detach(), before) and torch.equal(module.xi_momentum, mom) and xi.grad is None
+    ncmi.before_optimizer_step()
+    assert torch.equal(xi.detach(), before) and torch.equal(ncmi.xi_momentum, mom) and xi.grad is None
     g = torch.ones_like(xi)
     xi.grad = g.clone()
-    module._centroid_sgd_step()
-    assert torch.allclose(module.xi_momentum, 0.9 * mom + g)
+    ncmi.before_optimizer_step()
+    assert torch.allclose(ncmi.xi_momentum, 0.9 * mom + g)
     assert torch.allclose(xi.detach(), before - 0.5 * (0.9 * mom + g))
 
 

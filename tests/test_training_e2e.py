@@ -161,7 +161,7 @@ class _CentroidProbe(lightning.Callback):
         # callbacks run before the module's own hook, which takes the centroid step
         xi = self._xi(pl_module)
         self.steps.append({"micro_batch": len(self.changed), "xi": xi.detach().clone(),
-                           "grad": xi.grad.detach().clone(), "momentum": pl_module.xi_momentum.detach().clone()})
+                           "grad": xi.grad.detach().clone(), "momentum": pl_module.ncmi_training.xi_momentum.detach().clone()})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         assert self._xi_before is not None
@@ -205,7 +205,7 @@ def test_bf16_mixed_accumulation_steps_centroids_once_per_optimizer_step(bags, t
         torch.testing.assert_close(step["momentum"], momentum)
         momentum = 0.9 * momentum + step["grad"]  # paper Alg. 1: buf ← μ·buf + ∇ξ; ξ ← ξ − lr·buf
         torch.testing.assert_close(step["xi_after"], step["xi"] - 0.1 * momentum)
-    torch.testing.assert_close(module.xi_momentum, momentum)
+    torch.testing.assert_close(module.ncmi_training.xi_momentum, momentum)
     assert module.ncmi_loss.xi.dtype == torch.float32
     center = module.ncmi_loss.center  # the EMA feature center stays float32 and finite under autocast
     assert bool(center.initialized) and center.center.dtype == torch.float32

@@ -85,8 +85,9 @@ def _echo(text: str, err: bool = False) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from wsi_ncmi.data.outputs import check_output_dir
     from wsi_ncmi.evaluation.probe import DEFAULT_CS
-    from wsi_ncmi.evaluation.run import EvaluateError, EvaluateOptions, evaluate_module
+    from wsi_ncmi.evaluation.run import EvaluateError, EvaluateOptions, check_out_folder, evaluate_module
     from wsi_ncmi.training.checkpoint import checkpoint_datamodule, load_mil_module
 
     options = EvaluateOptions(
@@ -99,8 +100,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     options.check()
     ckpt = Path(args.ckpt)
+    if ckpt.is_dir():
+        raise EvaluateError(f"--ckpt {ckpt}: is a folder; give the checkpoint file (e.g. {ckpt / 'best.ckpt'})")
     if not ckpt.is_file():
         raise EvaluateError(f"--ckpt {ckpt}: no such file")
+    check_out_folder(check_output_dir(args.out, "--out"))  # before any work: a file, read-only, a foreign folder
     module, state = load_mil_module(ckpt, args.device)
     dm = checkpoint_datamodule(module, state, bags_dir=args.bags_dir, split_csv=args.split_csv, fold=args.fold,
                                num_workers=args.num_workers, allow_patient_leak=args.allow_patient_leak)
@@ -111,6 +115,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.data import BagError, SplitError
     from wsi_ncmi.data.mil import MILDataError
+    from wsi_ncmi.data.outputs import OutputError
     from wsi_ncmi.data.provenance import ProvenanceError
     from wsi_ncmi.data.split_check import PreflightError
     from wsi_ncmi.evaluation.embed import EmbedError
@@ -123,7 +128,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.training.checkpoint import CheckpointError
 
     return (EvaluateError, BagError, SplitError, MILDataError, EmbedError, ProbeError, ReportError,
-            MILInputError, CheckpointError, PreflightError, OODError, ProvenanceError, PredictError)
+            MILInputError, CheckpointError, PreflightError, OODError, ProvenanceError, PredictError, OutputError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         from wsi_ncmi.commands.errors import one_line
 
         _echo(f"wsi-ncmi evaluate: error: {one_line(err)}", err=True)
+        return 2
+    except OSError as err:  # disk full, read-only, ... while writing --out (an earlier report there is kept)
+        from wsi_ncmi.commands.errors import write_failure
+
+        line = write_failure(err, f"--out {args.out}")
+        if line is None:
+            raise
+        kept = "; the earlier report in --out is unchanged" if (Path(args.out) / "report.json").is_file() else ""
+        _echo(f"wsi-ncmi evaluate: error: {line}{kept}", err=True)
         return 2
 
 

@@ -133,11 +133,12 @@ def _side_path(value: str | None, png: Path, suffix: str) -> Path | None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from preprocessing.readers import SlideError
     from wsi_ncmi.data.bags import BagError
+    from wsi_ncmi.data.outputs import OutputError
     from wsi_ncmi.evaluation.heatmap import HeatmapError
     from wsi_ncmi.models import MILInputError
     from wsi_ncmi.training.checkpoint import CheckpointError
 
-    return HeatmapError, BagError, CheckpointError, SlideError, MILInputError
+    return HeatmapError, BagError, CheckpointError, SlideError, MILInputError, OutputError
 
 
 def _run(args: argparse.Namespace) -> list[str]:
@@ -174,15 +175,26 @@ def _run(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("ckpt", "slide", "bag"):
-        if not Path(getattr(args, name)).is_file():
-            sys.stderr.write(f"wsi-ncmi heatmap: error: --{name} {getattr(args, name)}: no such file\n")
+        path = Path(getattr(args, name))
+        if not path.is_file():
+            why = "is a folder; give the file" if path.is_dir() else "no such file"
+            sys.stderr.write(f"wsi-ncmi heatmap: error: --{name} {path}: {why}\n")
             return 2
+    from wsi_ncmi.commands.errors import one_line, write_failure
+
     try:
+        from wsi_ncmi.data.outputs import check_output_file
+
+        check_output_file(args.out, "--out")  # not a folder, its folder writable: before any work
         lines = _run(args)
     except _user_errors() as e:
-        from wsi_ncmi.commands.errors import one_line
-
         sys.stderr.write(f"wsi-ncmi heatmap: error: {one_line(e)}\n")
+        return 2
+    except OSError as e:  # disk full, read-only, ... while writing --out
+        line = write_failure(e, f"--out {args.out}")
+        if line is None:
+            raise
+        sys.stderr.write(f"wsi-ncmi heatmap: error: {line}\n")
         return 2
     for line in lines:
         _say(line)

@@ -12,7 +12,9 @@ default the report's primary, temperature-scaled) and the OOD calibration come f
 folder of the checkpoint (recorded in its run folder, or ``--eval DIR``; :mod:`wsi_ncmi.evaluation.classifier_io`).
 
 Exit codes: 0 done; 2 a user error (message on stderr); 3 preprocessing left some slides failed (the others
-are predicted; see ``OUT/features/manifest.csv``).
+are predicted; see ``OUT/features/manifest.csv``). Every bag is checked before anything runs (exit 2 naming it): a
+``<slide_id>.h5`` entry that is a folder, an empty bag, another feature dim, coords rows other than feature rows
+or a renamed bag are refused, also under ``--allow-mismatch``; no slide is left out of the predictions silently.
 """
 
 from __future__ import annotations
@@ -91,11 +93,14 @@ def _preprocess(args: argparse.Namespace, recorded: dict[str, Any] | None, out: 
 
 def _predict(args: argparse.Namespace) -> int:
     from wsi_ncmi.data.bags import list_bags
+    from wsi_ncmi.data.outputs import check_output_dir
     from wsi_ncmi.data.provenance import CHECKPOINT_KEY
     from wsi_ncmi.evaluation.predict import PredictError, predict_module, read_slide_list, select_bags
     from wsi_ncmi.training.checkpoint import load_mil_module, read_checkpoint
 
-    ckpt, out = Path(args.ckpt), Path(args.out)
+    ckpt, out = Path(args.ckpt), check_output_dir(args.out, "--out")
+    if ckpt.is_dir():
+        raise PredictError(f"--ckpt {ckpt}: is a folder; give the checkpoint file (e.g. {ckpt / 'best.ckpt'})")
     if not ckpt.is_file():
         raise PredictError(f"--ckpt {ckpt}: no such file")
     if args.weights and not args.slides_dir:
@@ -133,6 +138,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from preprocessing.readers import SlideError
     from preprocessing.replay import ReplayError
     from wsi_ncmi.data.bags import BagError
+    from wsi_ncmi.data.outputs import OutputError
     from wsi_ncmi.data.provenance import ProvenanceError
     from wsi_ncmi.evaluation.classifier_io import ClassifierError
     from wsi_ncmi.evaluation.embed import EmbedError
@@ -142,7 +148,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.training.checkpoint import CheckpointError
 
     return (PredictError, ProvenanceError, ReplayError, ConfigError, BagError, OODError, EmbedError, MILInputError,
-            CheckpointError, ClassifierError, EncoderError, SlideError)  # Encoder/SlideError: --weights, --slides-dir
+            CheckpointError, ClassifierError, EncoderError, SlideError, OutputError)  # Encoder/SlideError: --weights,
+                                                                                      # --slides-dir, folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,4 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         from wsi_ncmi.commands.errors import one_line
 
         _echo(f"wsi-ncmi predict: error: {one_line(err)}", err=True)
+        return 2
+    except OSError as err:  # disk full, read-only, ... while writing --out
+        from wsi_ncmi.commands.errors import write_failure
+
+        line = write_failure(err, f"--out {args.out}")
+        if line is None:
+            raise
+        _echo(f"wsi-ncmi predict: error: {line}", err=True)
         return 2

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import sys
 
-from wsi_ncmi.commands.errors import one_line
+from wsi_ncmi.commands.errors import one_line, write_failure
 from wsi_ncmi.data import BagError, SplitError
+from wsi_ncmi.data.locks import LockHeldError
 from wsi_ncmi.data.mil import MILDataError
+from wsi_ncmi.data.outputs import OutputError
 from wsi_ncmi.data.split_check import PreflightError
 from wsi_ncmi.models.base import MILConfigError, MILInputError
 from wsi_ncmi.training import ConfigComposeError, TrainingConfigError
@@ -24,7 +26,17 @@ from wsi_ncmi.training.cli import run_cli
 __all__ = ["main_fit", "main_test", "main_validate"]
 
 _USER_ERRORS = (PreflightError, SplitError, BagError, MILDataError, MILConfigError, TrainingConfigError,
-                ConfigComposeError, CheckpointError, MILInputError)
+                ConfigComposeError, CheckpointError, MILInputError, LockHeldError, OutputError)
+
+
+def _run_folder(argv: list[str]) -> str | None:
+    """The ``--trainer.default_root_dir`` given on the command line (named when a write fails), or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--trainer.default_root_dir" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--trainer.default_root_dir="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def _main(subcommand: str, argv: list[str] | None) -> int:
@@ -33,6 +45,12 @@ def _main(subcommand: str, argv: list[str] | None) -> int:
         run_cli(subcommand, argv)
     except _USER_ERRORS as exc:
         print(f"wsi-ncmi {subcommand}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, read-only, ... while writing the run folder
+        line = write_failure(exc, _run_folder(argv) or "the run folder (--trainer.default_root_dir)")
+        if line is None:
+            raise
+        print(f"wsi-ncmi {subcommand}: error: {line}", file=sys.stderr)
         return 2
     return 0
 

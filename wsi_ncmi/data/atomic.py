@@ -8,13 +8,17 @@ previous version of the target, if any, is left as it was. Temporary names stay 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["NAME_MAX", "atomic_output", "atomic_write_text", "fit_name"]
+__all__ = ["NAME_MAX", "atomic_output", "atomic_write_text", "fit_name", "staged_folder"]
+
+logger = logging.getLogger(__name__)
 
 NAME_MAX = 255  # bytes in one file name on Linux / macOS file systems
 
@@ -72,3 +76,37 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
     return path
+
+
+@contextmanager
+def staged_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a new, empty folder ``.<name>.<random>.partial`` beside ``path`` to fill; on success it takes the
+    place of ``path`` (a previous ``path`` is first renamed to ``.<name>.<random>.old`` and deleted after the
+    swap), on an exception it is deleted and ``path`` is left as it was.
+
+    So a folder of results is never seen half-written or mixed with an older run's files: a killed process
+    leaves the old folder intact plus a ``.partial`` sibling (safe to delete). Only a kill between the two renames
+    leaves the old folder as ``.<name>.*.old`` beside no ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(6)
+    stage = path.parent / fit_name(f".{path.name}.{token}", ".partial")
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = path.parent / fit_name(f".{path.name}.{token}", ".old")
+    if path.exists():
+        os.rename(path, old)
+    try:
+        os.rename(stage, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.rename(old, path)
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    logger.debug("%s: replaced by a complete new version", path)

@@ -432,6 +432,38 @@ def read_header(path: str | os.PathLike) -> tuple[int, int, np.dtype]:
         raise BagError(f"{path}: cannot read header: {exc}") from exc
 
 
+def check_header(path: str | os.PathLike) -> tuple[int, int, np.dtype]:
+    """:func:`read_header` plus the checks a bag must pass before a model uses it (no feature data is read):
+    floating-point features with at least one row, as many ``coords`` rows as feature rows (when it has coords),
+    and a recorded ``slide_id`` equal to the file's name (a renamed or copied bag would be used as another
+    slide). Raises :class:`BagError` naming the file and the problem."""
+    path = Path(path)
+    try:
+        with _open(path) as f:
+            ds, (n, d), _ = _features_layout(path, f)
+            coords = f[COORDS] if COORDS in f else None
+            n_coords = int(coords.shape[-2]) if isinstance(coords, h5py.Dataset) and coords.ndim >= 2 else None
+            recorded = _from_attr(f.attrs["slide_id"]) if "slide_id" in f.attrs else None
+            dtype = ds.dtype
+    except BagError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+        raise BagError(f"{path}: cannot read header: {exc}") from exc
+    if dtype.kind != "f":
+        raise BagError(f"{path}: features must be floating point (float16 or float32), got {dtype}; "
+                       "re-extract the slide or convert the features")
+    if n == 0:
+        raise BagError(f"{path}: bag has zero rows (no tissue tile); re-extract the slide or drop it from the table")
+    if n_coords is not None and n_coords != n:
+        raise BagError(f"{path}: {n} feature rows but {n_coords} coords rows; the bag is inconsistent, re-extract "
+                       "the slide")
+    name = _slide_id_from_path(path)
+    if recorded not in (None, "") and str(recorded) != name:
+        raise BagError(f"{path}: the bag records slide_id {str(recorded)!r} but its file name says {name!r} "
+                       f"(renamed or copied?); name it {recorded}.h5 or re-extract slide {name!r}")
+    return n, d, dtype
+
+
 # ---------------------------------------------------------------------------------- inspect / validate
 def inspect_bag(path: str | os.PathLike) -> dict[str, Any]:
     """Schema and provenance of one bag from its header (no feature data is read)."""

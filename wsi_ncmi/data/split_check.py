@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from wsi_ncmi.data.bags import list_bags, read_header
+from wsi_ncmi.data.bags import check_header, list_bags
 from wsi_ncmi.data.splits import SplitError, check_table, load_split, patient_leaks, select_fold
 
 __all__ = [
@@ -67,13 +67,22 @@ def _names(items: Sequence[str]) -> str:
     return shown + (f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else "")
 
 
+def _classes(ids: Sequence[int]) -> str:
+    """``[a, b, ...]`` of class ids, at most ``_SHOW`` of them (a config with 10^6 classes gives a short line)."""
+    shown = ", ".join(str(i) for i in ids[:_SHOW])
+    return f"[{shown}" + (f", ... ({len(ids) - _SHOW} more)]" if len(ids) > _SHOW else "]")
+
+
 def missing_bags_message(
     missing: Sequence[str], n_slides: int, where: str, bags_dir: str | os.PathLike
 ) -> str:
-    """``"<k> of <n> slides in <where> have no bag in <bags_dir>: a, b, ... (m more)"``."""
-    return (
-        f"{len(missing)} of {n_slides} slides in {where} have no bag in {bags_dir}: {_names(list(missing))}"
-    )
+    """``"<k> of <n> slides in <where> have no bag in <bags_dir>: a, b, ... (m more)"``; a shown slide whose
+    ``<id>.h5`` exists but is not a file (a folder, a broken link) is marked so."""
+    shown = [s if (Path(bags_dir) / f"{s}.h5").is_file() or not os.path.lexists(Path(bags_dir) / f"{s}.h5")
+             else f"{s} ({s}.h5 is {'a folder' if (Path(bags_dir) / f'{s}.h5').is_dir() else 'not a file'})"
+             for s in list(missing)[:_SHOW]]
+    return (f"{len(missing)} of {n_slides} slides in {where} have no bag in {bags_dir}: "
+            f"{_names(shown + list(missing)[_SHOW:])}")
 
 
 def locate_bags(slide_ids: Iterable[str], bags_dir: str | os.PathLike) -> tuple[dict[str, Path], list[str]]:
@@ -114,9 +123,10 @@ class SplitBags:
         )
 
     def header(self, slide_id: str) -> tuple[int, int, np.dtype]:
-        """(N, D, dtype) of one slide's bag, read on first use."""
+        """(N, D, dtype) of one slide's bag, read and checked (:func:`~wsi_ncmi.data.bags.check_header`) on first
+        use."""
         if slide_id not in self._headers:
-            self._headers[slide_id] = read_header(self.paths[slide_id])
+            self._headers[slide_id] = check_header(self.paths[slide_id])  # refuses bags a model must not use
         return self._headers[slide_id]
 
     def dims(self) -> dict[str, int]:
@@ -349,7 +359,7 @@ def preflight_check(
         bad = sorted({v for v in labels if v < 0 or v >= num_classes})
         if bad:
             problems.append(
-                f"{split_csv}: labels {bad} are outside [0, {num_classes - 1}] "
+                f"{split_csv}: labels {_classes(bad)} are outside [0, {num_classes - 1}] "
                 f"(num_classes={num_classes}); fix the table or data.num_classes"
             )
     splits = [str(s) for s in table["split"]]
@@ -364,7 +374,7 @@ def preflight_check(
         untrained = [c for c in range(n_cls) if counts["train"].get(c, 0) == 0]
         if untrained:
             problems.append(
-                f"{split_csv}: classes {untrained} have no slide in the train split "
+                f"{split_csv}: classes {_classes(untrained)} have no slide in the train split "
                 f"(num_classes={n_cls}); fix the table or data.num_classes"
             )
 
@@ -373,7 +383,7 @@ def preflight_check(
 
     absent = [c for c in range(n_cls) if counts.get("val", {}).get(c, 0) == 0]
     if "val" in counts and absent:
-        logger.warning("pre-flight: classes %s have no slide in the val split", absent)
+        logger.warning("pre-flight: classes %s have no slide in the val split", _classes(absent))
     logger.info("pre-flight ok: %d slides, D=%s, counts %s", len(ids), common, counts)
     return PreflightReport(
         n_slides=len(ids),

@@ -22,12 +22,10 @@ smallest ``kl_``), and ``ood_<score>`` columns hold every score the run has.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wsi_ncmi.data.atomic import atomic_write_text
-from wsi_ncmi.data.bags import BagError, list_bags, read_features
-from wsi_ncmi.data.markdown import markdown_table
+from wsi_ncmi.data.bags import BagError, check_header, list_bags, read_features
 from wsi_ncmi.data.provenance import CHECKPOINT_KEY, ProvenanceError, bag_mismatches, bag_provenance
 from wsi_ncmi.models import MILAggregator
 from wsi_ncmi.ncmi import NCMILoss
@@ -45,7 +41,6 @@ from wsi_ncmi.ncmi import NCMILoss
 from .classifier_io import SavedClassifier, classify, load_evaluation
 from .embed import embed_split
 from .ood import (
-    OOD_SCORERS,
     Calibration,
     OODError,
     ScoreInputs,
@@ -54,10 +49,12 @@ from .ood import (
     score_inputs,
     sha256_of,
 )
+from .predict_output import write_prediction
 
 __all__ = [
     "PredictError",
     "Prediction",
+    "check_bag_files",
     "check_bags",
     "predict_bags",
     "predict_module",
@@ -70,7 +67,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS_CSV, SUMMARY_MD, PREDICT_JSON = "predictions.csv", "summary.md", "predict.json"
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".png", ".jpg", ".jpeg")
 
 
@@ -107,8 +103,18 @@ def read_slide_list(csv: str | os.PathLike, base_dir: str | os.PathLike | None =
 
 
 def select_bags(bags_dir: str | os.PathLike, slides: pd.DataFrame | None = None) -> dict[str, Path]:
-    """``{slide_id: bag path}``: every bag in ``bags_dir``, or the listed ones (all must exist)."""
+    """``{slide_id: bag path}``: every bag in ``bags_dir``, or the listed ones (all must exist). A wanted
+    ``<slide_id>.h5`` that is not a file (a folder, a broken link) is refused, not skipped: no slide is left out
+    of the predictions silently."""
     bags = list_bags(bags_dir)  # BagError names the folder when it does not exist
+    wanted = None if slides is None else set(slides["slide_id"])
+    odd = [p for p in sorted(Path(bags_dir).glob("*.h5"))
+           if not p.is_file() and (wanted is None or p.name[: -len(".h5")] in wanted)]
+    if odd:
+        kind = "a folder" if odd[0].is_dir() else "not a readable file"
+        raise PredictError(f"{odd[0]}: is {kind}, not a bag file"
+                           + (f" (and {len(odd) - 1} more: {', '.join(p.name for p in odd[1:4])})" if len(odd) > 1
+                              else "") + "; move it away (or list the other slides with --slides) and run again")
     if slides is not None:
         missing = [s for s in slides["slide_id"] if s not in bags]
         if missing:
@@ -149,6 +155,17 @@ def check_bags(bags: Mapping[str, Path], checkpoint: Mapping[str, Any], ckpt_nam
     for sid, why in bad.items():
         logger.warning("%s: %s (--allow-mismatch)", bags[sid], "; ".join(why))
     return bad
+
+
+def check_bag_files(bags: Mapping[str, Path], in_dim: int) -> None:
+    """Every bag can be run by a model taking ``in_dim`` features: :func:`~wsi_ncmi.data.bags.check_header`
+    (at least one row, float features, coords rows = feature rows, not renamed) and D = ``in_dim``. Checked
+    before anything runs, also under ``--allow-mismatch`` (which allows other preprocessing, not broken bags)."""
+    for path in bags.values():
+        _, d, _ = check_header(path)
+        if d != in_dim:
+            raise BagError(f"{path}: features have D={d} but the checkpoint's model takes D={in_dim}; a bag made "
+                           "with another encoder cannot be predicted, even with --allow-mismatch")
 
 
 # --------------------------------------------------------------------------------------- predicting
@@ -258,74 +275,6 @@ def _kl_table(inputs: ScoreInputs, score: str) -> np.ndarray | None:
     return inputs.kl_means if score == "ncmi_means" and inputs.kl_means is not None else inputs.kl_xi
 
 
-# ------------------------------------------------------------------------------------------ writing
-def _fmt(v: Any) -> str:
-    return "—" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
-
-
-def summary_markdown(pred: Prediction, meta: Mapping[str, Any]) -> str:
-    """``summary.md``: counts per class, the OOD score and threshold, flagged slides, mismatches, metrics."""
-    t = pred.table
-    lines = ["# Predictions", "",
-             f"- checkpoint: `{meta.get('checkpoint')}`", f"- bags: `{meta.get('bags_dir')}` ({len(t)} slides)"]
-    if meta.get("preprocessed"):
-        lines.append(f"- preprocessed from `{meta['preprocessed']['slides_dir']}` with the checkpoint's recorded "
-                     "settings")
-    if pred.classifier:
-        src = (f"from `{meta['classifier_dir']}`, temperature {pred.temperature:.4g} fitted on validation"
-               if meta.get("classifier_dir") else "the run's own scores: no evaluation folder, uncalibrated")
-        lines.append(f"- classifier: `{pred.classifier}` ({src})")
-    desc = OOD_SCORERS[pred.score_name].description
-    if pred.threshold is None:
-        lines.append(f"- OOD score: `{pred.score_name}` ({desc}); **no calibration**: scores only, no flag "
-                     "(run `wsi-ncmi evaluate` on the checkpoint and pass its `calibration.json`)")
-    else:
-        lines.append(f"- OOD score: `{pred.score_name}` ({desc}); threshold {pred.threshold:.4g} from "
-                     f"`{meta.get('calibration')}` ({meta.get('ood_rule', 'keeps ≥ 95 % of validation slides')}); "
-                     "flag = score > threshold")
-    lines += ["", "## Predicted classes", ""]
-    flags = t["ood_flag"].fillna(False).astype(bool)
-    per_class = [(n, t["prediction"] == n) for n in pred.class_names]
-    lines += markdown_table(["class", "slides", "flagged OOD"],
-                            [[n, int(sel.sum()), int((sel & flags).sum())] for n, sel in per_class])
-    lines += ["", f"## Flagged slides ({int(flags.sum())}): do not trust these predictions", ""]
-    if flags.any():
-        flagged = t[flags].sort_values("ood_score", ascending=False).itertuples()
-        lines += markdown_table(["slide", "prediction", "ood_score"],
-                                [[r.slide_id, r.prediction, f"{r.ood_score:.4g}"] for r in flagged])
-    else:
-        lines.append("none" if pred.threshold is not None else "not computed (no calibration)")
-    mism = meta.get("mismatches") or {}
-    if mism:
-        lines += ["", f"## Provenance mismatches ({len(mism)} slides, allowed with --allow-mismatch)", ""]
-        lines += [f"- {sid}: {'; '.join(w)}" for sid, w in mism.items()]
-    if pred.metrics is not None:
-        m = pred.metrics
-        lines += ["", "## Against the given labels", "",
-                  f"macro-F1 {_fmt(m['macro_f1'])}, macro-AUC {_fmt(m['macro_auc'])}, accuracy {_fmt(m['accuracy'])}"]
-    hm = meta.get("heatmaps") or {}
-    if hm:
-        lines += ["", "## Heatmaps", ""]
-        lines += [f"- {sid}: {v}" for sid, v in hm.items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_prediction(out_dir: str | os.PathLike, pred: Prediction, meta: Mapping[str, Any]) -> dict[str, Path]:
-    """Write ``predictions.csv``, ``summary.md`` and ``predict.json`` (settings, calibration, mismatches)."""
-    out = Path(out_dir)
-    paths = {"predictions": out / PREDICTIONS_CSV, "summary": out / SUMMARY_MD, "json": out / PREDICT_JSON}
-    atomic_write_text(paths["predictions"], pred.table.to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(paths["summary"], summary_markdown(pred, meta))
-    flags = pred.table["ood_flag"].fillna(False).astype(bool)
-    doc = {**meta, "ood_score": pred.score_name, "threshold": pred.threshold, "n_slides": len(pred.table),
-           "n_flagged": int(flags.sum()) if pred.threshold is not None else None,
-           "counts": {n: int((pred.table["prediction"] == n).sum()) for n in pred.class_names},
-           "metrics": pred.metrics, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    atomic_write_text(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
-    logger.info("wrote %d predictions to %s", len(pred.table), out)
-    return paths
-
-
 # ----------------------------------------------------------------------------------------- heatmaps
 def slide_file(bag_path: Path, slides_dir: str | os.PathLike | None = None) -> Path | None:
     """The slide a bag was made from: ``slides_dir/<slide_id>.<ext>`` (searched recursively) or the bag's
@@ -397,6 +346,7 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
     say = echo or (lambda _line: None)
     ckpt, out = Path(ckpt), Path(out_dir)
     mismatches = check_bags(bags, checkpoint, str(ckpt), allow_mismatch=allow_mismatch)
+    check_bag_files(bags, module.model.in_dim)
     recorded = checkpoint.get(CHECKPOINT_KEY)
     class_names = list((recorded or {}).get("class_names") or []) or [str(i) for i in range(module.num_classes)]
     digest = sha256_of(ckpt)

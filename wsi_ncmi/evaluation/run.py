@@ -25,6 +25,11 @@ embeds the train / val / test splits once with the frozen aggregator, then runs 
   ``provenance`` block (checkpoint SHA-256, bags folder, the training bags' encoder record, config.yaml) is
   what the page shows of where the numbers come from.
 
+Everything is written into a new sibling folder ``.<out>.<random>.partial`` that replaces ``out`` only once complete
+(:func:`wsi_ncmi.data.atomic.staged_folder`): an evaluation that fails, is interrupted or killed leaves an earlier
+report in ``out`` intact (a killed one also leaves its ``.partial`` folder, safe to delete). Because ``out`` is
+replaced as a whole, an existing ``out`` that holds anything but an earlier evaluation is refused.
+
 Lines meant for the user (the calibration, each seed's summary table) go to ``echo`` (the command prints them).
 Errors the user can fix are :class:`EvaluateError`, whose message names the option as its command-line flag.
 """
@@ -39,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_ncmi.data.atomic import atomic_output
+from wsi_ncmi.data.atomic import atomic_output, staged_folder
 from wsi_ncmi.data.official import detect_dataset
 from wsi_ncmi.data.provenance import CHECKPOINT_KEY
 from wsi_ncmi.data.weights import check_device
@@ -57,7 +62,7 @@ from .embed import embed_splits
 from .ood import CALIBRATION_JSON, evaluate_ood, sha256_of
 from .ood_threshold import DEFAULT_FALSE_ALARM, evaluate_rule
 from .paper import paper_for_protocol
-from .predict import check_bags, embed_bags, select_bags
+from .predict import check_bag_files, check_bags, embed_bags, select_bags
 from .probe import DEFAULT_CS
 from .protocols import evaluate_run
 from .report import write_report
@@ -176,15 +181,31 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+#: what marks a folder as an earlier `wsi-ncmi evaluate` output (which may be replaced as a whole)
+_EVALUATE_OUTPUTS = ("report.json", "embeddings.npz", CALIBRATION_JSON)
+
+
+def check_out_folder(out: str | Path) -> Path:
+    """``out`` may receive an evaluation: it does not exist, is empty, or holds an earlier evaluation (it is
+    replaced as a whole, so a folder with other files, e.g. a run folder with its checkpoints, is refused)."""
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (any((out / n).is_file() for n in _EVALUATE_OUTPUTS)
+                                                     or any(out.glob("seed*/report.json"))):
+        raise EvaluateError(f"--out {out}: the folder exists and holds no earlier evaluation (no report.json); "
+                            "evaluate replaces --out as a whole, so give a new or empty folder")
+    return out
+
+
 def _ood_calibration(module: Any, splits: Mapping[str, Any], state: Mapping[str, Any], num_classes: int,
                      class_names: list[str], ckpt: Path, out: Path, extra: dict[str, Any], options: EvaluateOptions,
-                     echo: Callable[[str], None]) -> None:
+                     echo: Callable[[str], None], shown: Path) -> None:
     """``calibration.json`` (OOD thresholds: :mod:`.ood_threshold`) and ``extra["ood"]`` (the flag rule on test; with
-    ``ood_bags``, also the AUROC of every score)."""
+    ``ood_bags``, also the AUROC of every score); ``out`` is the staged folder that becomes ``shown``."""
     ood = None
     if options.ood_bags:
         bags = select_bags(options.ood_bags)
         check_bags(bags, state, str(ckpt), allow_mismatch=CHECKPOINT_KEY not in state)
+        check_bag_files(bags, module.model.in_dim)
         ood = embed_bags(module.model, bags, ncmi_loss=module.ncmi_loss, device=options.device)
     calibration, block = evaluate_ood(splits, module.ncmi_loss, num_classes, class_names, ckpt, ood,
                                       str(options.ood_bags or ""))
@@ -194,7 +215,7 @@ def _ood_calibration(module: Any, splits: Mapping[str, Any], state: Mapping[str,
     echo(f"OOD flag: {rule['score']} > {rule['threshold']:.4g} ({calibration.rule}, false alarms ≤ "
          f"{options.false_alarm:g}; {len(rule['flagged_test'])} of {len(splits['test'])} test slides flagged"
          + (f", {len(rule['flagged_ood'])} of {len(ood)} OOD bags" if ood is not None else "")
-         + f") → {out / CALIBRATION_JSON}")
+         + f") → {shown / CALIBRATION_JSON}")
     if block is not None:
         echo("OOD vs test: " + ", ".join(f"{k} AUROC {v['auroc']:.3f}" for k, v in block["scores"].items()))
 
@@ -245,9 +266,7 @@ def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt
     module docstring). Returns ``{probe seed: folder of its report.json}``."""
     options = options or EvaluateOptions()
     say = echo or (lambda _line: None)
-    ckpt, out = Path(ckpt), Path(out)
-    hp = dict(module.hparams)
-    num_classes = int(hp["num_classes"])
+    ckpt, out = Path(ckpt), check_out_folder(out)
     dm = datamodule
     if dm.in_dim != module.model.in_dim:
         raise EvaluateError(
@@ -256,7 +275,23 @@ def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt
     dataset = detect_dataset(dm.split_csv) if options.dataset == "auto" else options.dataset.lower()
     loaders = {s: dm.dataloader(s, shuffle=False) for s in SPLITS}
     splits = embed_splits(module.model, loaders, device=options.device, ncmi_loss=module.ncmi_loss)
+    lines: list[str] = []  # said once the folder is in place
+    with staged_folder(out) as stage:
+        written = _write_outputs(module, state, dm, splits, ckpt, stage, out, dataset, options, lines.append)
+    for line in lines:
+        say(line)
+    final = {seed: out / folder.relative_to(stage) for seed, folder in written.items()}
+    record_evaluation(ckpt, sha256_of(ckpt), out, final[options.seeds[0]])  # for `wsi-ncmi predict`
+    return final
 
+
+def _write_outputs(module: Any, state: Mapping[str, Any], dm: Any, splits: Mapping[str, Any], ckpt: Path, out: Path,
+                   shown: Path, dataset: str, options: EvaluateOptions,
+                   say: Callable[[str], None]) -> dict[int, Path]:
+    """Everything of :func:`evaluate_module` after the embedding, written into ``out`` (the staged folder that
+    becomes ``shown``)."""
+    hp = dict(module.hparams)
+    num_classes = int(hp["num_classes"])
     save_embeddings(out / "embeddings.npz", splits)
     extra: dict[str, Any] = {"checkpoint": str(ckpt), "loss": hp.get("loss") if module.objective == "head" else "ncmi",
                              "allow_patient_leak": bool(options.allow_patient_leak),
@@ -269,7 +304,7 @@ def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt
     if options.metrics_csv and not metrics_csv.is_file():
         raise EvaluateError(f"--metrics-csv {metrics_csv}: no such file")
 
-    _ood_calibration(module, splits, state, num_classes, dm.class_names, ckpt, out, extra, options, say)
+    _ood_calibration(module, splits, state, num_classes, dm.class_names, ckpt, out, extra, options, say, shown)
 
     train_seed = training_seed(state, ckpt)
     multi = len(options.seeds) > 1
@@ -292,10 +327,10 @@ def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt
             from .plots import write_report_plots
 
             write_report_plots(seed_dir, report, preds)
-        say(f"\n{dataset} / {hp['model']} / {module.objective} — seed {seed} → {seed_dir / 'report.json'}")
+        say(f"\n{dataset} / {hp['model']} / {module.objective} — seed {seed} → "
+            f"{shown / seed_dir.relative_to(out) / 'report.json'}")
         say("\n".join(summary_lines(report)))
         written[seed] = seed_dir
-    record_evaluation(ckpt, digest, out, written[options.seeds[0]])
     if options.plots:
         from .plots import write_run_plots
 
@@ -303,5 +338,5 @@ def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt
         write_run_plots(out, dm.class_names, metrics_csv=metrics_csv, embeddings=emb)
     from .html_report import write_html_report
 
-    say(f"report page → {write_html_report(out)}")
+    say(f"report page → {shown / write_html_report(out).relative_to(out)}")
     return written

@@ -132,8 +132,8 @@ class _ImageModuleScorer:
 
     def __call__(self, x: Any) -> Any:
         m = self.module
-        log_p = m.criterion.log_probs(m.forward_features(x))  # [B, D]
-        return -m.criterion.centroid_kl(log_p), log_p.exp()  # [B, C], [B, D]
+        log_p = m.ncmi.log_probs(m.forward_features(x))  # [B, D]
+        return -m.ncmi.centroid_kl(log_p), log_p.exp()  # [B, C], [B, D]
 
     def eval(self) -> _ImageModuleScorer:
         self.module.eval()

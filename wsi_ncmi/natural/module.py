@@ -1,32 +1,12 @@
 """Lightning module for the natural-image track: a ResNet trained with a head loss, NCMI or a contrastive loss.
 
-``objective`` means what it means for :class:`~wsi_ncmi.training.MILModule` (plus ``"contrastive"``):
-
-* ``"head"``: backbone → ``head`` Linear(D, C) → ``create_loss(loss, **loss_kwargs)`` on the logits
-  (logits losses: ce, label_smoothing, focal, poly, squentropy, occe, milloss).
-* ``"ncmi"``: no classifier; :class:`~wsi_ncmi.ncmi.NCMILoss` ``(num_classes, D, **ncmi_kwargs)`` on the
-  pooled feature [B, D]. The centroid parameters ξ form their own SGD param group (``centroid_lr`` /
-  ``centroid_momentum``, no weight decay, and by default no lr schedule), which is the paper's Alg. 1
-  separate centroid optimizer expressed as a param group.
-* ``"contrastive"``: an embedding loss (``loss="supcon"``): a projection MLP (D → D → ``proj_dim``) feeds it
-  two views ``[B, 2, 3, H, W]``; a linear ``head`` trained with CE on the *detached* feature (an online
-  probe, it cannot move the backbone) gives the per-epoch validation accuracy.
-
-The lr schedule is :mod:`wsi_ncmi.training.optim`'s (``scheduler``: cosine | linear | constant | multistep |
-none, per optimizer step, after ``warmup_epochs``; ``milestones`` in epochs after the warm-up, ``lr_gamma``),
-one :class:`~wsi_ncmi.training.optim.WarmupSchedule` per param group.
-
-Validation accuracy per epoch (``val/top1``, ``val/top5``):
-* head losses and supcon: the linear head.
-* ncmi: nearest-centroid (CC) on the simplex, argmin_v KL(p ‖ s^v). Two sets of centroids are logged:
-  ``val/top1_cc`` uses closed-form centroids s^v = mean of p over the **training samples seen during
-  the current epoch** (accumulated from the training batches with their augmentation while the network
-  changes, so a cheap approximation of paper Eq. 6 — ``wsi-ncmi natural evaluate`` recomputes them
-  exactly over the un-augmented training set); ``val/top1_xi`` uses the running learned centroids
-  q = NSF(ξ) (nearest of the K centroids of a class). ``val_centroids`` picks which one is ``val/top1``
-  (default ``"train"``; it falls back to ``"xi"`` before the first training epoch, e.g. sanity checks).
-Dataset-level CMI / Γ / NCMI of the validation split (``val/cmi``, ``val/gamma``, ``val/ncmi``) use the
-softmax of the head (head losses, contrastive probe) or the NSF probabilities (ncmi).
+``objective``: ``"head"`` (backbone → Linear head → ``create_loss(loss)`` on the logits), ``"ncmi"`` (no head;
+the NCMI objective on the pooled feature [B, D], with its ξ step, center / ξ initialisation, DDP handling and
+online CC held by :class:`~wsi_ncmi.training.ncmi_objective.NCMITraining`, as in ``MILModule``) or
+``"contrastive"`` (an embedding loss such as ``supcon`` on a projection of two views, plus a linear head trained
+with CE on the *detached* feature as an online probe). The lr schedule is :mod:`wsi_ncmi.training.optim`'s, one
+schedule per parameter group. Logged names: docs/ncmi_mil.md "Metric names"; ``val/top1`` / ``val/top5`` are
+the head's, or for NCMI the CC selected by ``val_centroids``.
 """
 
 from __future__ import annotations
@@ -44,8 +24,8 @@ from wsi_ncmi.data.plain import PlainKwargs, PlainValueError, check_plain
 from wsi_ncmi.losses import create_loss
 from wsi_ncmi.metrics import topk_hits
 from wsi_ncmi.natural.backbones import create_backbone
-from wsi_ncmi.ncmi import CentroidAccumulator, NCMIMetricAccumulator
-from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
+from wsi_ncmi.ncmi import NCMILoss, NCMIMetricAccumulator
+from wsi_ncmi.training.ncmi_objective import NCMIConfigError, NCMIHooks, NCMITraining, metric_name
 from wsi_ncmi.training.optim import SCHEDULES, WarmupSchedule, build_group_scheduler
 
 __all__ = ["OBJECTIVES", "ImageModule", "ImageModuleError"]
@@ -60,7 +40,7 @@ class ImageModuleError(ValueError):
 OBJECTIVES = ("head", "ncmi", "contrastive")
 
 
-class ImageModule(L.LightningModule):
+class ImageModule(NCMIHooks, L.LightningModule):
     """ResNet + objective for CIFAR-100 / ImageNet-style training (see the module docstring).
 
     Args:
@@ -78,6 +58,10 @@ class ImageModule(L.LightningModule):
         width: backbone channel multiplier (1.0 standard; smaller for CPU demos/tests).
         lr, momentum, weight_decay, nesterov: SGD for backbone + head.
         centroid_lr, centroid_momentum: SGD of the ξ param group (NCMI with ``centroid_update="sgd"``).
+        centroid_init: ``"public"`` (the public code's axis init) or ``"class_means"`` (ξ from the training class
+            means before the first step, one no-grad pass; as ``MILModule``).
+        center_init_batches: set the NCMI feature center from the mean feature of this many training batches
+            before the first step (0: the first training batch initialises it, as before).
         centroid_schedule: apply the lr schedule to the ξ group too (default: constant centroid lr).
         centroid_start_epoch: ξ keeps lr 0 before this epoch (the public CIFAR script starts at 30).
         scheduler: a :data:`wsi_ncmi.training.optim.SCHEDULES` name, stepped per optimizer step, after
@@ -93,6 +77,8 @@ class ImageModule(L.LightningModule):
     CHECKPOINT_KIND = "natural"
     #: settings that define the network: a ``--ckpt_path`` whose values differ from the config's is refused
     STRUCTURE_HPARAMS = ("backbone", "num_classes", "objective", "cifar_stem", "width", "proj_dim")
+    #: state-dict keys of NCMI checkpoints written before NCMITraining held the loss -> their names now
+    NCMI_LEGACY_KEYS = {"criterion.": "ncmi_training.loss."}
 
     def __init__(
         self,
@@ -121,6 +107,8 @@ class ImageModule(L.LightningModule):
         val_centroids: str = "train",
         proj_dim: int = 128,
         channels_last: bool = True,
+        centroid_init: str = "public",
+        center_init_batches: int = 0,
     ) -> None:
         super().__init__()
         for name, kwargs in (("loss_kwargs", loss_kwargs), ("ncmi_kwargs", ncmi_kwargs)):
@@ -142,10 +130,15 @@ class ImageModule(L.LightningModule):
         self.objective = objective
         self.num_classes = num_classes
         self.backbone, self.feature_dim = create_backbone(backbone, cifar_stem=cifar_stem, weights=weights, width=width)
+        self.ncmi_training: NCMITraining | None = None
+        self.criterion: nn.Module | None = None
         if objective == "ncmi":
             self.loss_name = "ncmi"
-            self.criterion = create_loss("ncmi", num_classes=num_classes, embed_dim=self.feature_dim,
-                                         **(ncmi_kwargs or {}))  # fmt: skip
+            try:
+                self.ncmi_training = NCMITraining(num_classes, self.feature_dim, ncmi_kwargs, "group", centroid_lr,
+                                                  centroid_momentum, centroid_init, center_init_batches)
+            except NCMIConfigError as err:
+                raise ImageModuleError(f"model.{err}") from None
         else:
             self.loss_name = str(loss).lower()
             self.criterion = create_loss(loss, **(loss_kwargs or {}))
@@ -156,7 +149,7 @@ class ImageModule(L.LightningModule):
                     f"model.loss {loss!r} works on {kind}s; objective {objective!r} needs a loss on {want}s"
                     + (" (use objective='ncmi' for NCMI)" if hasattr(self.criterion, "xi") else "")
                 )
-        self.input_kind: str = getattr(self.criterion, "input_kind", "logits")
+        self.input_kind: str = "embedding" if self.criterion is None else getattr(self.criterion, "input_kind", "logits")
         self.is_ncmi = objective == "ncmi"
         self.is_contrastive = objective == "contrastive"
         # head: the classifier for head losses, an online probe on detached features for supcon
@@ -167,16 +160,14 @@ class ImageModule(L.LightningModule):
             self.proj = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, proj_dim))
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        self._train_acc: CentroidAccumulator | None = None
-        self._val_centroids: Tensor | None = None  # [C, D] closed-form train centroids for this val epoch
+        self._val_centroids: Tensor | None = None  # [C, D] online train class means for this val epoch
         self._val_metric: NCMIMetricAccumulator | None = None  # streamed dataset-level CMI / Γ / NCMI
-        self._cc_source_logged = False
 
     # ------------------------------------------------------------------------------ forward pieces
     @property
-    def ncmi(self) -> nn.Module | None:
+    def ncmi(self) -> NCMILoss | None:
         """The NCMILoss (holds ξ and the feature center) when ``objective == "ncmi"``, else None."""
-        return self.criterion if self.is_ncmi else None
+        return self.ncmi_training.loss if self.ncmi_training is not None else None
 
     def forward_features(self, x: Tensor) -> Tensor:
         """images [B, 3, H, W] -> pooled feature [B, D]."""
@@ -187,15 +178,23 @@ class ImageModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         """Class scores [B, C]: head logits, or −KL to the running centroids q = NSF(ξ) for NCMI."""
         feat = self.forward_features(x)
-        if self.is_ncmi:
-            return self.criterion.class_scores(feat)
+        if self.ncmi is not None:
+            return self.ncmi.class_scores(feat)
         assert self.head is not None
         return self.head(feat)
 
     # ------------------------------------------------------------------------------ training
-    def on_train_epoch_start(self) -> None:
-        if self.is_ncmi:
-            self._train_acc = CentroidAccumulator(self.num_classes, self.feature_dim)
+    @torch.no_grad()
+    def ncmi_embed_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Features [B, D] (eval mode, first view, on the device) and labels [B] of a training batch."""
+        x, y = batch
+        x = x[:, 0] if x.ndim == 5 else x
+        was_training = self.training
+        self.eval()
+        try:
+            return self.forward_features(x.to(self.device)).float(), y.to(self.device).long()
+        finally:
+            self.train(was_training)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch  # [B, 3, H, W] (or [B, V, 3, H, W] for supcon), [B]
@@ -207,6 +206,7 @@ class ImageModule(L.LightningModule):
             feat = self.forward_features(x.flatten(0, 1))  # [B*V, D]
             assert self.proj is not None and self.head is not None
             z = self.proj(feat).view(bsz, views, -1)  # [B, V, P]
+            assert self.criterion is not None
             out = dict(self.criterion(z, y))
             probe = F.cross_entropy(self.head(feat.detach().view(bsz, views, -1)[:, 0]), y)
             out["probe_ce"] = probe
@@ -215,13 +215,11 @@ class ImageModule(L.LightningModule):
             if x.ndim == 5:
                 x = x[:, 0]
             feat = self.forward_features(x)  # [B, D]
-            if self.is_ncmi:
-                out = dict(self.criterion(feat, y))
-                if self._train_acc is not None and self.criterion.last_log_probs is not None:
-                    with torch.no_grad():  # the loss's own ln p of this batch
-                        self._train_acc.update(self.criterion.last_log_probs.exp(), y)
+            if self.ncmi_training is not None:
+                out = dict(self.ncmi_training(feat, y, self.ncmi_ddp_sum()))
+                self.ncmi_training.observe_train(y)  # the loss's own ln p of this batch, into the online CC
             else:
-                assert self.head is not None
+                assert self.head is not None and self.criterion is not None
                 out = dict(self.criterion(self.head(feat), y))
             total = out["loss"]
         for name, value in out.items():
@@ -233,7 +231,7 @@ class ImageModule(L.LightningModule):
     def _world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
 
-    def _reduce_sum(self, t: Tensor) -> Tensor:
+    def _sum_over_ranks(self, t: Tensor) -> Tensor:
         if self._world_size() > 1:
             return self.all_gather(t).sum(dim=0)
         return t
@@ -241,16 +239,17 @@ class ImageModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_metric = None
         self._val_centroids = None
-        acc = self._train_acc
-        if self.is_ncmi and acc is not None and acc.sums is not None:
-            # classes unseen this epoch get NaN rows: unreachable for kl_rows_to_centroids
-            self._val_centroids = acc.compute(allow_empty=True, sum_fn=self._reduce_sum).float()
+        if self.ncmi_training is not None:  # classes unseen this epoch get NaN rows: never the nearest
+            self._val_centroids = self.ncmi_training.train_cc.centroids(self._sum_over_ranks)
 
-    def _log_topk(self, prefix: str, scores: Tensor, y: Tensor) -> None:
+    def _log_topk(self, centroids: str | None, scores: Tensor, y: Tensor) -> None:
+        """Top-1 / top-5 of ``scores`` [B, C]: ``val/top{k}`` (``centroids`` None) or the NCMI names of
+        ``centroids`` ("xi" | "cc", :func:`~wsi_ncmi.training.ncmi_objective.metric_name`)."""
         hits = topk_hits(scores, y, (1, 5))
         n = y.shape[0]
         for k, h in hits.items():
-            self.log(f"{prefix}{k}", h.float() / n, batch_size=n, sync_dist=True, prog_bar=prefix == "val/top" and k == 1)
+            name = f"val/top{k}" if centroids is None else f"val/{metric_name(centroids, k)}"
+            self.log(name, h.float() / n, batch_size=n, sync_dist=True, prog_bar=name == "val/top1")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -258,19 +257,20 @@ class ImageModule(L.LightningModule):
             x = x[:, 0]
         feat = self.forward_features(x)  # [B, D]
         n = y.shape[0]
-        if self.is_ncmi:
-            out = self.criterion(feat, y)
-            log_p = self.criterion.log_probs(feat)  # [B, D]
+        if self.ncmi_training is not None:
+            loss = self.ncmi_training.loss
+            out = self.ncmi_training(feat, y)
+            log_p = loss.log_probs(feat)  # [B, D]
             probs = log_p.exp()
-            xi_scores = -self.criterion.centroid_kl(log_p)  # [B, C]
-            self._log_topk("val/top_xi", xi_scores, y)
+            xi_scores = -loss.centroid_kl(log_p)  # [B, C]
+            self._log_topk("xi", xi_scores, y)
             main = xi_scores
             if self._val_centroids is not None:
-                cc_scores = -kl_rows_to_centroids(probs, self._val_centroids.to(probs.dtype))
-                self._log_topk("val/top_cc", cc_scores, y)
+                cc_scores = -self.ncmi_training.train_cc.kl(probs, self._val_centroids)  # [B, C] float64
+                self._log_topk("cc", cc_scores, y)
                 if self.hparams.val_centroids == "train":
                     main = cc_scores
-            self._log_topk("val/top", main, y)
+            self._log_topk(None, main, y)
             for name, value in out.items():  # batch-level terms; val/cmi, val/gamma, val/ncmi are dataset-level
                 key = "val/loss" if name == "loss" else f"val/batch_{name}"
                 self.log(key, value, batch_size=n, sync_dist=True)
@@ -278,10 +278,11 @@ class ImageModule(L.LightningModule):
             assert self.head is not None
             logits = self.head(feat)
             probs = logits.float().softmax(dim=1)
-            self._log_topk("val/top", logits, y)
+            self._log_topk(None, logits, y)
             if self.is_contrastive:
                 self.log("val/probe_ce", F.cross_entropy(logits, y), batch_size=n, sync_dist=True)
             else:
+                assert self.criterion is not None
                 for name, value in self.criterion(logits, y).items():
                     if isinstance(value, Tensor) and value.numel() == 1:
                         self.log(f"val/{name}", value, batch_size=n, sync_dist=True)
@@ -294,7 +295,7 @@ class ImageModule(L.LightningModule):
         if acc is None:
             return
         if self._world_size() > 1:  # the metric's sums over all ranks' samples
-            acc.reduce(self._reduce_sum)
+            acc.reduce(self._sum_over_ranks)
         if int((acc.class_counts > 0).sum()) < 2:
             return  # Γ needs two classes (tiny fast_dev_run batches)
         metric = acc.compute()
@@ -315,21 +316,15 @@ class ImageModule(L.LightningModule):
     def param_groups(self) -> list[dict[str, Any]]:
         """SGD param groups: backbone/head/projection (+ loss params except ξ) and, for NCMI, ξ alone."""
         hp = self.hparams
-        xi = getattr(self.criterion, "xi", None) if self.is_ncmi else None
+        xi = self.ncmi.xi if self.ncmi is not None else None
         main = [p for n, p in self.named_parameters() if p.requires_grad and not (xi is not None and p is xi)]
         groups: list[dict[str, Any]] = [
             {"name": "main", "params": main, "lr": hp.lr, "momentum": hp.momentum, "weight_decay": hp.weight_decay}
         ]
-        if xi is not None and xi.requires_grad:
-            groups.append(
-                {
-                    "name": "centroids",
-                    "params": [xi],
-                    "lr": hp.centroid_lr,
-                    "momentum": hp.centroid_momentum,
-                    "weight_decay": 0.0,
-                }
-            )
+        xi_group = (self.ncmi_training.xi_param_group(name="centroids", momentum=hp.centroid_momentum)
+                    if self.ncmi_training is not None else None)
+        if xi_group is not None:
+            groups.append(xi_group)
         return groups
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -348,11 +343,7 @@ class ImageModule(L.LightningModule):
         schedules = [main]
         if len(opt.param_groups) > 1:  # ξ: 0 before centroid_start_epoch, then the main shape or constant
             start = int(round(hp.centroid_start_epoch * per_epoch))
-            if hp.centroid_schedule:
-                schedules.append(WarmupSchedule(main.shape, total, main.warmup_steps, main.min_lr_ratio,
-                                                main.milestones, main.gamma, start_step=start))  # fmt: skip
-            else:
-                schedules.append(WarmupSchedule("constant", total, start_step=start))
+            schedules.append(NCMITraining.xi_schedule(main, start, follow_main=hp.centroid_schedule))
         sched = build_group_scheduler(opt, schedules)
         logger.info(
             "ImageModule: objective=%s, SGD lr=%s (%s, %d warm-up steps of %d), groups=%s",
@@ -363,13 +354,6 @@ class ImageModule(L.LightningModule):
     def describe(self) -> dict[str, Any]:
         """What a run used (logged into evaluation JSON): objective, loss, centroid mode, val CC source."""
         info: dict[str, Any] = {"objective": self.objective, "loss": self.loss_name, "backbone": self.hparams.backbone}
-        if self.is_ncmi:
-            c = self.criterion
-            info.update(
-                centroid_update=c.centroid_update,
-                variant=c.variant,
-                use_nsf=c.use_nsf,
-                use_centering=c.use_centering,
-                val_centroids=self.hparams.val_centroids,
-            )
+        if self.ncmi_training is not None:
+            info.update(self.ncmi_training.describe(), val_centroids=self.hparams.val_centroids)
         return info

@@ -1,4 +1,5 @@
-"""Training callbacks: exact resume of the random number generators, and an always-current ``last.ckpt``.
+"""Training callbacks: exact resume of the random number generators, an always-current ``last.ckpt``, and
+checkpoint files that are never left half-written (:class:`AtomicCheckpointIO`).
 
 Lightning checkpoints hold the model (incl. buffers such as the NCMI ``FeatureCenter`` and the centroids),
 the optimizer, the schedulers and the loop counters, but not the global RNG states. ``RNGStateCheckpoint``
@@ -17,16 +18,22 @@ States are stored as tensors / ints only, so checkpoints load with ``torch.load(
 
 from __future__ import annotations
 
+import io
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["LastCheckpoint", "RNGStateCheckpoint", "capture_rng_state", "restore_rng_state"]
+from wsi_ncmi.data.atomic import atomic_output
+from wsi_ncmi.data.outputs import output_error
+
+__all__ = ["AtomicCheckpointIO", "LastCheckpoint", "RNGStateCheckpoint", "capture_rng_state", "restore_rng_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,3 +105,30 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str | None = None) -> None:
         super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
                          save_last=False, enable_version_counter=False)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Save checkpoints to a temporary file in the target's own folder, fsync it and rename it over the target.
+
+    Lightning's local save goes through fsspec, which writes to the system temp folder and then copies the file
+    into place: a full disk (or a kill) during the copy left a truncated ``best.ckpt`` / ``last.ckpt`` in place of
+    the good one. Here the previous file stays intact until the new one is complete, and a failed write is an
+    :class:`~wsi_ncmi.data.outputs.OutputError` naming the checkpoint (one line in `wsi-ncmi fit`).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own way
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        try:
+            buffer = io.BytesIO()  # serialised first: a failed write is then an OSError (ENOSPC, ...), not a
+            torch.save(checkpoint, buffer)  # RuntimeError of torch's C++ file writer
+            with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+                fh.write(buffer.getbuffer())
+        except OSError as exc:
+            err = output_error(exc, path)
+            if err is None:
+                raise
+            kept = f"; the previous {path.name} is kept" if path.is_file() else ""
+            raise type(err)(f"{path}: cannot write the checkpoint: {exc.strerror or exc}{kept}") from exc

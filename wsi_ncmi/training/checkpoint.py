@@ -83,6 +83,8 @@ def read_checkpoint(path: str | Path, require_state_dict: bool = True) -> dict[s
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file; {_FIT_HINT}, e.g. <run>/checkpoints/best.ckpt")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:

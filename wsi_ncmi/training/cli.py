@@ -18,6 +18,10 @@ feature dims, labels vs ``data.num_classes``, a patient in two splits unless ``-
 which is then recorded in ``config.yaml``) and the checkpoint of ``--ckpt_path`` (``last`` resolved to the
 newest ``last*.ckpt``) is read with ``weights_only=True``; Lightning then loads it with ``weights_only=True``
 too (``--weights_only false`` is refused).
+
+A ``fit`` holds ``<run>/fit.lock`` (:mod:`wsi_ncmi.data.locks`) while it runs: a second ``fit`` into the same run
+folder is refused in one line naming the holder, and the lock of a process that died is taken over. Checkpoints
+are written to a temporary file and renamed (:class:`~wsi_ncmi.training.callbacks.AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from wsi_ncmi.data import MILDataModule
+from wsi_ncmi.data.locks import acquire_folder_lock, release_folder_lock
+from wsi_ncmi.data.outputs import check_output_dir
 from wsi_ncmi.data.split_check import check_patient_leak, offer_split_bags, preflight_check
 
-from .callbacks import LastCheckpoint, RNGStateCheckpoint
+from .callbacks import AtomicCheckpointIO, LastCheckpoint, RNGStateCheckpoint
 from .checkpoint import WeightsOnlyCLI
 from .compose import expand_config_args
 from .mil_module import MILModule
@@ -52,6 +58,7 @@ CHECKPOINT_DEFAULTS: dict[str, Any] = {
     "checkpoint.enable_version_counter": False,
 }
 _LEAK_FLAG = "--allow_patient_leak true"
+RUN_LOCK = "fit.lock"
 
 
 class MILCLI(WeightsOnlyCLI, LightningCLI):
@@ -121,7 +128,21 @@ class MILCLI(WeightsOnlyCLI, LightningCLI):
             root = cfg.trainer.default_root_dir or "."
             version = "" if self.subcommand == "fit" else self.subcommand
             kwargs["logger"] = RunCSVLogger(save_dir=root, name="", version=version)
-        return super().instantiate_trainer(**kwargs)
+        if cfg.trainer.plugins is None:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit":  # the last step before anything is written into the run folder
+            root = check_output_dir(cfg.trainer.default_root_dir or ".", "--trainer.default_root_dir")
+            self._run_lock = acquire_folder_lock(root, RUN_LOCK, "wsi-ncmi fit")
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            if getattr(self, "_run_lock", None) is not None:
+                release_folder_lock(self._run_lock)
+                self._run_lock = None
 
 
 def run_cli(subcommand: str, argv: list[str]) -> MILCLI:

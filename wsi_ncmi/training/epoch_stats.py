@@ -1,9 +1,8 @@
-"""What ``MILModule`` accumulates over an epoch for its epoch-level logs.
+"""What ``MILModule`` accumulates over an epoch for its epoch-level logs (the online CC of NCMI runs is
+:mod:`wsi_ncmi.training.ncmi_objective`'s).
 
 * :class:`TermSums`: Σ value·B of every named loss term over the training epoch, kept on the device (no host
   sync per step) and turned into epoch means once, with one sum over the DDP ranks.
-* :class:`OnlineClassMeans`: per-class sums of p over the epoch's training bags, for ``val/cc_accuracy`` (the
-  CC protocol of NCMI.md §3 done online: nearest class mean by KL).
 * :func:`gather_eval`: one key of the validation/test step records, gathered from every rank, with the bags
   repeated by the distributed sampler's padding dropped (by :func:`slide_key`).
 
@@ -19,10 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wsi_ncmi.ncmi import CentroidAccumulator
-from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
-
-__all__ = ["OnlineClassMeans", "TermSums", "gather_eval", "slide_key"]
+__all__ = ["TermSums", "gather_eval", "slide_key"]
 
 SumFn = Callable[[Tensor], Tensor]
 
@@ -53,33 +49,6 @@ class TermSums:
         totals = sum_fn(torch.cat([sums, sums.new_tensor([float(count)])]))  # [K + 1]
         means = totals[:-1] / totals[-1].clamp_min(1.0)
         return list(zip(keys, means.tolist(), strict=True))
-
-
-class OnlineClassMeans:
-    """Class means of p over the epoch's training bags (as the model was when each bag went through)."""
-
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = int(num_classes)
-        self._sums: CentroidAccumulator | None = None
-
-    def reset(self) -> None:
-        self._sums = None
-
-    @torch.no_grad()
-    def update(self, log_p: Tensor, target: Tensor) -> None:
-        """Add p [B, D] (from the loss's ln p of this batch) to the per-class sums of the epoch."""
-        if self._sums is None:
-            self._sums = CentroidAccumulator(self.num_classes, log_p.shape[1])
-        # float64 sums and centroids; the loss already saw these labels (no per-step host sync here)
-        self._sums.update(log_p.detach().double().exp(), target, check_labels=False)
-
-    def accuracy(self, p: Tensor, labels: Tensor, sum_fn: SumFn | None = None) -> float | None:
-        """Accuracy of the nearest (KL) class mean for p [N, D]; None before any training bag this epoch."""
-        if self._sums is None:
-            return None
-        centroids = self._sums.compute(allow_empty=True, sum_fn=sum_fn)  # [C, D]; NaN rows: no bag this epoch
-        kl = kl_rows_to_centroids(p.double().to(centroids.device), centroids)  # [N, C], inf for NaN rows
-        return float((kl.argmin(1) == labels.to(kl.device)).double().mean())
 
 
 def slide_key(slide_id: str) -> int:

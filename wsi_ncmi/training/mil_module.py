@@ -1,58 +1,14 @@
 """``MILModule``: train a MIL aggregator with a head loss (CE & co.) or with NCMI on the slide embedding.
 
-Objectives (``objective``):
+``objective="head"``: logits = aggregator head(embedding), loss = ``create_loss(loss, **loss_kwargs)``, validation
+scores softmax(logits). ``objective="ncmi"``: the head is removed and the NCMI objective, its ξ step, center / ξ
+initialisation, DDP handling and online CC are :class:`~wsi_ncmi.training.ncmi_objective.NCMITraining`'s; validation
+scores are softmax(−KL(p ‖ q^v)) to the learned centroids. The model's weighted auxiliary losses (AEM entropy,
+ASMIL alignment) are added in both cases. What is logged, and the DDP behaviour, are documented in
+docs/ncmi_mil.md ("Training" and "Metric names") and docs/internals.md.
 
-* ``"head"``: logits = aggregator head(embedding); loss = ``create_loss(loss, **loss_kwargs)`` on the logits.
-  Validation scores are softmax(logits).
-* ``"ncmi"``: the head is removed (``reset_classifier(0)``); loss = :class:`~wsi_ncmi.ncmi.NCMILoss` on the
-  embedding (NCMI.md §1-2). Validation scores are softmax(−KL(p ‖ q^v)) with q^v = NSF(ξ^v) the *learned*
-  centroids (the nearest of the K centroids of each class), so ``val/accuracy`` = ``val/xi_accuracy`` is the
-  centroid-comparison accuracy with the training-time centroids ξ (these scores drive ``val/macro_f1``,
-  ``val/macro_auc`` and the checkpoint monitor). ``val/cc_accuracy`` is the CC protocol of NCMI.md §3 done
-  online: centroids s^y = class means of p over the epoch's training bags (as the model was when each bag
-  went through, in train mode), nearest by KL. The exact closed-form CC (a frozen pass over the training
-  split) is computed by ``wsi_ncmi.evaluation`` after training.
-
-Before the first training step of a fresh NCMI run the feature center is set to the mean raw embedding of
-``center_init_batches`` training batches (0 keeps the first-batch initialisation of ``FeatureCenter``) and,
-with ``centroid_init="class_means"``, ξ from the training class means (``"public"`` keeps the public code's
-axis init): one no-grad pass, all-reduced on DDP (:func:`wsi_ncmi.training.ncmi_updates.init_from_training_bags`).
-
-The model's weighted auxiliary losses (AEM entropy, ASMIL alignment) are added to the objective in both cases.
-
-Centroid optimisation (``objective="ncmi"``, ``centroid_update="sgd"``), ``centroid_optimizer``:
-
-* ``"sgd"`` (default, the paper's Alg. 1): ξ is *not* in the main optimizer; after the backward pass of each
-  optimizer step (``on_before_optimizer_step``) ξ takes one SGD step with momentum
-  (``centroid_lr``, ``centroid_momentum``; the momentum buffer is saved in checkpoints). ξ is not
-  gradient-clipped and its lr is not scheduled. Under fp16 GradScaler training the gradient is unscaled
-  first and a step with a non-finite gradient is skipped.
-* ``"group"``: ξ is a parameter group of the main optimizer with lr ``centroid_lr`` and no weight decay
-  (follows the main optimizer's rule, its schedule and its gradient clipping).
-
-Logged: ``train/loss`` (total), ``train/<loss name>`` (the objective term: ``train/ce``, ``train/ncmi`` …),
-every other term the loss returns (``train/cmi``, ``train/gamma``), every aux term (``train/aem_entropy``),
-``train/lr``; per validation epoch ``val/loss``, ``val/accuracy``, ``val/macro_f1``, ``val/macro_auc``,
-``val/f1_plus_auc`` and, for NCMI, ``val/cmi``, ``val/gamma``, ``val/ncmi`` (dataset level, closed-form
-class means of the validation split, :func:`wsi_ncmi.ncmi.ncmi_metric`), ``val/xi_accuracy`` and
-``val/cc_accuracy`` (see above; not logged before the first training epoch).
-The same names with ``test/`` are logged by ``trainer.test``.
-
-``class_weights``: an explicit list [C], or ``"balanced"``: w_c = n / (C · n_c) from the label counts of the
-datamodule's training split (``dataset("train").labels``), set in ``setup("fit")`` and saved in checkpoints
-(the loss's ``weight`` buffer). Head objective only.
-
-Multi-GPU / multi-process (``trainer.devices: N``, ``trainer.strategy: ddp``):
-
-* validation / test outputs are gathered from all ranks and de-duplicated by slide id (the distributed
-  sampler pads the last rank with repeated bags), so epoch metrics are over every bag exactly once;
-* the NCMI ``FeatureCenter`` EMA is fed the *global* batch mean (per-rank sums and counts all-reduced before
-  the center update), so every rank holds the same center as one process with the global batch would; the
-  center warm-up (``center_init_batches``) is all-reduced the same way;
-* ξ (``centroid_update="sgd"``) is a parameter of the DDP-wrapped module, so its gradient is all-reduced and
-  the manual centroid SGD step is identical on every rank; with ``centroid_update="ema"`` each rank moves ξ
-  with its local assignments and ξ is then averaged across ranks after every optimizer step (an
-  approximation of the global-batch EMA that keeps the ranks identical).
+``class_weights``: a list [C], or ``"balanced"``: w_c = n / (C · n_c) from the training split's label counts, set
+in ``setup("fit")`` and saved in checkpoints (the loss's ``weight`` buffer). Head objective only.
 """
 
 from __future__ import annotations
@@ -73,8 +29,16 @@ from wsi_ncmi.losses import create_loss
 from wsi_ncmi.models import create_model
 from wsi_ncmi.ncmi import NCMILoss, ncmi_metric
 
-from .epoch_stats import OnlineClassMeans, TermSums, gather_eval, slide_key
-from .ncmi_updates import centroid_sgd_step, global_mean, init_from_training_bags
+from .epoch_stats import TermSums, gather_eval, slide_key
+from .ncmi_objective import (
+    CENTROID_INITS,
+    CENTROID_OPTIMIZERS,
+    NCMIConfigError,
+    NCMIHooks,
+    NCMITraining,
+    check_centroid_settings,
+    metric_name,
+)
 from .optim import build_optimizer, build_scheduler
 from .val_metrics import epoch_metrics
 
@@ -83,25 +47,26 @@ __all__ = ["OBJECTIVES", "CENTROID_OPTIMIZERS", "CENTROID_INITS", "MILModule", "
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("head", "ncmi")
-CENTROID_OPTIMIZERS = ("sgd", "group")
-CENTROID_INITS = ("public", "class_means")
 
 
 class TrainingConfigError(ValueError):
     """Invalid MILModule arguments, or a module that does not match its data."""
 
 
-class MILModule(pl.LightningModule):
+class MILModule(NCMIHooks, pl.LightningModule):
     """LightningModule for slide-level MIL classification (see the module docstring).
 
     Public attributes used by evaluation: ``model`` (the aggregator; Identity head for NCMI), ``ncmi_loss``
-    (``NCMILoss`` or None), ``objective``, ``hparams``, :meth:`embed`, :meth:`class_scores`.
+    (``NCMILoss`` or None), ``ncmi_training`` (its :class:`NCMITraining` or None), ``objective``, ``hparams``,
+    :meth:`embed`, :meth:`class_scores`.
     """
 
     #: what kind of checkpoint this module writes (``training.checkpoint.CHECKPOINT_KINDS``)
     CHECKPOINT_KIND = "mil"
     #: settings that define the network: a ``--ckpt_path`` whose values differ from the config's is refused
     STRUCTURE_HPARAMS = ("model", "model_kwargs", "objective", "in_dim", "num_classes")
+    #: state-dict keys of checkpoints written before NCMITraining held the loss -> their names now
+    NCMI_LEGACY_KEYS = {"ncmi_loss.": "ncmi_training.loss.", "xi_momentum": "ncmi_training.xi_momentum"}
 
     def __init__(
         self,
@@ -135,12 +100,10 @@ class MILModule(pl.LightningModule):
         self.save_hyperparameters()
         if objective not in OBJECTIVES:
             raise TrainingConfigError(f"MILModule: objective must be one of {OBJECTIVES}, got {objective!r}")
-        if centroid_optimizer not in CENTROID_OPTIMIZERS:
-            raise TrainingConfigError(
-                f"MILModule: centroid_optimizer must be one of {CENTROID_OPTIMIZERS}, got {centroid_optimizer!r}"
-            )
-        if centroid_init not in CENTROID_INITS:
-            raise TrainingConfigError(f"MILModule: centroid_init must be one of {CENTROID_INITS}, got {centroid_init!r}")
+        try:
+            check_centroid_settings(centroid_optimizer, centroid_init)
+        except NCMIConfigError as err:
+            raise TrainingConfigError(f"MILModule: {err}") from None
         if num_classes < 2:
             raise TrainingConfigError(f"MILModule: num_classes must be >= 2, got {num_classes}")
         if isinstance(class_weights, str) and class_weights != "balanced":
@@ -154,12 +117,16 @@ class MILModule(pl.LightningModule):
         self.objective = objective
         self.num_classes = int(num_classes)
         self.model = create_model(model, in_dim=in_dim, num_classes=num_classes, **(model_kwargs or {}))
-        self.ncmi_loss: NCMILoss | None = None
+        self.ncmi_training: NCMITraining | None = None
         if objective == "ncmi":
             if class_weights is not None:
                 raise TrainingConfigError("MILModule: class_weights is only supported with objective='head'")
             self.model.reset_classifier(0)
-            self.ncmi_loss = NCMILoss(num_classes, self.model.embed_dim, **(ncmi_kwargs or {}))
+            try:
+                self.ncmi_training = NCMITraining(num_classes, self.model.embed_dim, ncmi_kwargs, centroid_optimizer,
+                                                  centroid_lr, centroid_momentum, centroid_init, center_init_batches)
+            except NCMIConfigError as err:
+                raise TrainingConfigError(f"MILModule: {err}") from None
             self.criterion: torch.nn.Module | None = None
             self.loss_name = "ncmi"
         else:
@@ -177,15 +144,13 @@ class MILModule(pl.LightningModule):
                     f"MILModule: loss {loss!r} works on embeddings; use objective='ncmi' or a logits loss"
                 )
             self.loss_name = str(loss).lower()
-        self._manual_xi = (
-            self.ncmi_loss is not None and self.ncmi_loss.centroid_update == "sgd" and centroid_optimizer == "sgd"
-        )
-        if self._manual_xi:
-            assert self.ncmi_loss is not None
-            self.register_buffer("xi_momentum", torch.zeros_like(self.ncmi_loss.xi))  # [C*K, D]
         self._eval_outputs: list[dict[str, Tensor]] = []
-        self._train_cc = OnlineClassMeans(self.num_classes)  # class sums of p over this epoch's training bags
         self._train_sums = TermSums()  # Σ value·B of every loss term this epoch
+
+    @property
+    def ncmi_loss(self) -> NCMILoss | None:
+        """The NCMI loss (ξ, the feature center) of an NCMI run, else None."""
+        return self.ncmi_training.loss if self.ncmi_training is not None else None
 
     # ------------------------------------------------------------------------------- checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -201,27 +166,11 @@ class MILModule(pl.LightningModule):
         if provenance is not None:
             checkpoint[CHECKPOINT_KEY] = provenance
 
-    # --------------------------------------------------------------------- NCMI warm-up (ncmi_updates)
-    def on_train_start(self) -> None:
-        loss = self.ncmi_loss
-        if loss is None:
-            return
-        n_center = int(self.hparams.center_init_batches)
-        if not loss.use_centering or bool(loss.center.initialized):
-            n_center = 0
-        # a resumed run (global_step > 0) has its ξ from the checkpoint
-        class_means = self.hparams.centroid_init == "class_means" and self.global_step == 0
-        if n_center <= 0 and not class_means:
-            return
-        dm = getattr(self.trainer, "datamodule", None)
-        loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
-
-        def embed_batch(batch: Any) -> tuple[Tensor, Tensor]:  # eval mode, on the device: [B, E], [B]
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
-            return self.embed(batch["features"], batch.get("mask")).float(), batch["label"].long()
-
-        init_from_training_bags(loss, loader, embed_batch, self.num_classes, n_center, class_means,
-                                self._sum_over_ranks)
+    # --------------------------------------------------------------------- NCMI center / ξ init pass
+    def ncmi_embed_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Slide embeddings [B, E] (eval mode, on the device) and labels [B] of a training batch."""
+        batch = self.transfer_batch_to_device(batch, self.device, 0)
+        return self.embed(batch["features"], batch.get("mask")).float(), batch["label"].long()
 
     def _sum_over_ranks(self, t: Tensor) -> Tensor:
         """``t`` summed over the DDP ranks (``t`` itself in a single process or outside a trainer)."""
@@ -262,20 +211,11 @@ class MILModule(pl.LightningModule):
         # bags travel in their stored dtype (usually float16); compute starts from float32 on the device
         out = self.model(batch["features"].float(), batch.get("mask"))  # [B, N, D]
         target = batch["label"].long()
-        inputs = out.embedding if self.ncmi_loss is not None else out.logits
-        criterion = self.ncmi_loss if self.ncmi_loss is not None else self.criterion
-        assert criterion is not None
-        center = self.ncmi_loss.center if self.ncmi_loss is not None and self.ncmi_loss.use_centering else None
-        if center is not None and center.training and self._trainer is not None and self.trainer.world_size > 1:
-            # DDP: fold the global batch mean into the EMA here, then keep the loss from updating it locally
-            center.update(global_mean(inputs, self._sum_over_ranks)[0][None])
-            center.eval()
-            try:
-                terms = dict(criterion(inputs, target))
-            finally:
-                center.train()
+        if self.ncmi_training is not None:
+            terms = dict(self.ncmi_training(out.embedding, target, self.ncmi_ddp_sum()))
         else:
-            terms = dict(criterion(inputs, target))
+            assert self.criterion is not None
+            terms = dict(self.criterion(out.logits, target))
         main = terms.pop("loss")
         named = {self.loss_name: main, **{k: v for k, v in terms.items() if k != self.loss_name}}
         total = main
@@ -298,8 +238,8 @@ class MILModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         named, _ = self._objective(batch)
-        if self.ncmi_loss is not None and self.ncmi_loss.last_log_probs is not None:
-            self._train_cc.update(self.ncmi_loss.last_log_probs, batch["label"].long())
+        if self.ncmi_training is not None:
+            self.ncmi_training.observe_train(batch["label"].long())
         bs = int(batch["label"].shape[0])
         self._train_sums.add(named, bs)
         if (self.global_step + 1) % max(1, int(self.trainer.log_every_n_steps)) == 0:
@@ -310,27 +250,12 @@ class MILModule(pl.LightningModule):
                      prog_bar=True, logger=False)
         return named["loss"]
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._manual_xi:
-            self._centroid_sgd_step()
-
-    def _centroid_sgd_step(self) -> None:
-        """The manual ξ step (:func:`~wsi_ncmi.training.ncmi_updates.centroid_sgd_step`)."""
-        assert self.ncmi_loss is not None
-        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
-        centroid_sgd_step(self.ncmi_loss.xi, self.xi_momentum, self.hparams.centroid_lr,
-                          self.hparams.centroid_momentum, scaler)
-
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+        super().optimizer_step(*args, **kwargs)  # (NCMIHooks: EMA centroids averaged over DDP ranks)
         self.model.on_after_optimizer_step()
-        loss = self.ncmi_loss
-        if loss is not None and loss.centroid_update == "ema" and self.trainer.world_size > 1:
-            with torch.no_grad():  # each rank moved ξ with its own assignments: average them
-                loss.xi.copy_(self.trainer.strategy.reduce(loss.xi.detach().clone(), reduce_op="mean"))
 
     def on_train_epoch_start(self) -> None:
-        self._train_cc.reset()
+        super().on_train_epoch_start()  # the online CC starts empty
         self._train_sums.reset()
         # training draws (instance subsets/dropout, balanced bag order) follow (seed, epoch): exact resume
         dm = getattr(self.trainer, "datamodule", None)
@@ -386,12 +311,12 @@ class MILModule(pl.LightningModule):
         scores, labels = self._gather("scores"), self._gather("label")
         metrics = epoch_metrics(scores.cpu().numpy(), labels.cpu().numpy())
         metrics["loss"] = float(self._gather("loss").mean())
-        if self.ncmi_loss is not None:
+        if self.ncmi_training is not None:
             p = self._gather("p")  # [N, D]
-            metrics["xi_accuracy"] = metrics["accuracy"]
-            cc = self._train_cc.accuracy(p, labels, self._sum_over_ranks)
+            metrics[metric_name("xi")] = metrics["accuracy"]  # the scores are softmax(−KL to ξ)
+            cc = self.ncmi_training.train_cc.accuracy(p, labels, self._sum_over_ranks)
             if cc is not None:
-                metrics["cc_accuracy"] = cc
+                metrics[metric_name("cc")] = cc
             if labels.unique().numel() >= 2:  # Γ = 0 with one class (e.g. the sanity check): no NCMI metric
                 metrics.update(ncmi_metric(p.cpu().double(), labels.cpu(), self.num_classes))
         self._eval_outputs = []
@@ -402,8 +327,9 @@ class MILModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups: list[dict[str, Any]] = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
-        if self.ncmi_loss is not None and self.ncmi_loss.xi.requires_grad and not self._manual_xi:
-            groups.append({"params": [self.ncmi_loss.xi], "lr": hp.centroid_lr, "weight_decay": 0.0})
+        xi_group = self.ncmi_training.xi_param_group() if self.ncmi_training is not None else None
+        if xi_group is not None:
+            groups.append(xi_group)
         extra = [p for p in self.criterion.parameters() if p.requires_grad] if self.criterion is not None else []
         if extra:
             groups.append({"params": extra})
