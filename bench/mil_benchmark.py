@@ -105,7 +105,7 @@ def run_one(job: dict) -> dict:
     lp = report["protocol_info"]["lp"]
     return {**{k: job[k] for k in ("task", "model", "objective", "seed")}, "metrics": metrics, "fit_s": fit_s,
             "total_s": time.perf_counter() - t0, "lp_input": lp["kept_input"],
-            "lp_input_val_scores": lp["input_val_scores"]}
+            "lp_input_val_scores": lp["input_val_scores"], "calibration": report.get("calibration")}
 
 
 def _fmt(values: list[float]) -> str:
@@ -122,6 +122,31 @@ def table(results: list[dict], tasks: list[str], models: list[str]) -> list[str]
                 f1 = [r["metrics"][proto]["macro_f1"] for r in rows]
                 auc = [r["metrics"][proto]["macro_auc"] for r in rows if r["metrics"][proto]["macro_auc"] is not None]
                 lines.append(f"| {task} | {model} | {label} | {_fmt(f1)} | {_fmt(auc)} | {len(rows)} |")
+    return lines
+
+
+def calibration(results: list[dict], tasks: list[str], models: list[str]) -> list[str]:
+    """Test calibration of each run's primary classifier (NCMI: LP, CE: head) before / after the temperature
+    `wsi-ncmi evaluate` fits on val (issue #27)."""
+    lines = ["Calibration of the primary classifier on test (temperature fitted on val; mean ± std over seeds):", "",
+             "| task | aggregator | run | classifier | T per seed | ECE before | ECE after | mean max-p (correct) before "
+             "| mean max-p (correct) after | Brier before | Brier after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        for model in models:
+            for objective in OBJECTIVES:
+                rows = [r["calibration"] for r in results if (r["task"], r["model"], r["objective"]) ==
+                        (task, model, objective) and r.get("calibration")]
+                if not rows:
+                    continue
+
+                def col(when: str, key: str, rows: list[dict] = rows) -> str:
+                    return _fmt([c["test"][when][key] for c in rows if c["test"][when][key] is not None])
+
+                temps = ", ".join(f"{c['temperature']:.3g}" for c in rows)  # per seed: T spans decades
+                lines.append(f"| {task} | {model} | {objective} | {rows[0]['classifier']} | "
+                             f"{temps} | {col('before', 'ece')} | {col('after', 'ece')} "
+                             f"| {col('before', 'mean_max_prob_correct')} | {col('after', 'mean_max_prob_correct')} "
+                             f"| {col('before', 'brier')} | {col('after', 'brier')} |")
     return lines
 
 
@@ -211,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                "seed std ≤ 2× CE's):", ""]
     lines += verdict(results, args.tasks, args.models)
     lines += [""] + lp_inputs(results, args.tasks, args.models)
+    lines += [""] + calibration(results, args.tasks, args.models)
     text = "\n".join(lines) + "\n"
     print(text)
     (work / "results.json").write_text(json.dumps(results, indent=1))

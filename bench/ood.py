@@ -40,12 +40,13 @@ import torch
 from wsi_ncmi.data import MILDataModule
 from wsi_ncmi.data.bags import list_bags, write_bag
 from wsi_ncmi.evaluation.embed import embed_splits
-from wsi_ncmi.evaluation.ood import evaluate_ood
+from wsi_ncmi.evaluation.ood import compute_scores, evaluate_ood, score_inputs
+from wsi_ncmi.evaluation.ood_threshold import evaluate_rule
 from wsi_ncmi.evaluation.predict import embed_bags
 from wsi_ncmi.training import MILModule
 
-SCORES = (("ncmi", "ncmi_xi"), ("ncmi", "ncmi_means"), ("ncmi", "msp"), ("ncmi", "energy"),
-          ("head", "msp"), ("head", "energy"))
+SCORES = (("ncmi", "ncmi_xi"), ("ncmi", "ncmi_means"), ("ncmi", "radius"), ("ncmi", "msp"), ("ncmi", "energy"),
+          ("ncmi", "input_z"), ("head", "msp"), ("head", "energy"), ("head", "radius"), ("head", "input_z"))
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -113,14 +114,34 @@ def fit(bags: Path, split: Path, objective: str, seed: int, epochs: int, lr: flo
     return module.eval(), dm
 
 
-def score_run(module: MILModule, dm: MILDataModule, ood: dict[str, dict[str, Path]]) -> dict[str, Any]:
-    """{kind: ood block} and the calibration's default score, via the `evaluate --ood-bags` code."""
+def _flagged(cal: Any, thresholds: dict[str, float], splits: dict[str, Any], emb: Any,
+             ncmi_loss: Any) -> dict[str, tuple[float, float]]:
+    """{score: (share of test slides, share of OOD bags) above ``thresholds[score]``}."""
+    def scores(s: Any) -> dict[str, np.ndarray]:
+        return compute_scores(score_inputs(logits=s.logits, log_probs=s.log_probs, ncmi_loss=ncmi_loss,
+                                           class_means=cal.class_means_array(), embeddings=s.embeddings,
+                                           train_mean=cal.train_mean_array(), input_means=s.input_means,
+                                           input_stats=cal.input_stats()))
+
+    test, bad = scores(splits["test"]), scores(emb)
+    return {k: (float((test[k] > t).mean()), float((bad[k] > t).mean())) for k, t in thresholds.items()}
+
+
+def score_run(module: MILModule, dm: MILDataModule, ood: dict[str, dict[str, Path]],
+              alpha: float = 0.1) -> dict[str, Any]:
+    """{kind: ood block (+ flagged shares under the old and the new threshold rule)} and the default score, via
+    the `evaluate --ood-bags` code."""
     splits = embed_splits(module.model, {s: dm.dataloader(s) for s in ("train", "val", "test")},
                           ncmi_loss=module.ncmi_loss)
     out: dict[str, Any] = {}
     for kind, bags in ood.items():
         emb = embed_bags(module.model, bags, ncmi_loss=module.ncmi_loss)
         cal, block = evaluate_ood(splits, module.ncmi_loss, dm.num_classes, dm.class_names, None, emb, kind)
+        old = _flagged(cal, dict(cal.thresholds), splits, emb, module.ncmi_loss)  # ≥ 95 % of val kept
+        evaluate_rule(cal, splits, module.ncmi_loss, dm.num_classes, emb, alpha)
+        new = _flagged(cal, dict(cal.thresholds), splits, emb, module.ncmi_loss)
+        for name, m in block["scores"].items():
+            m["flag_old"], m["flag_new"] = old[name], new[name]
         out[kind] = block
         out["default"] = cal.default_score
     out["accuracy"] = _accuracy(module, splits["test"])
@@ -134,7 +155,7 @@ def _accuracy(module: MILModule, test: Any) -> float:
 
 
 def run_task(name: str, data: dict[str, Any], seeds: list[int], epochs: int, lr: float, model_kwargs: dict,
-             balanced: bool, root: Path, per_seed_data: bool = False, make=None) -> dict[str, Any]:
+             balanced: bool, root: Path, per_seed_data: bool = False, make=None, alpha: float = 0.1) -> dict[str, Any]:
     """results[kind][(objective, score)] = [(auroc, fpr)] per seed, + accuracy and default picks."""
     res: dict[str, Any] = {"scores": {}, "accuracy": {"ncmi": [], "head": []}, "default": []}
     for seed in seeds:
@@ -143,14 +164,14 @@ def run_task(name: str, data: dict[str, Any], seeds: list[int], epochs: int, lr:
         for objective in ("ncmi", "head"):
             t0 = time.perf_counter()
             module, dm = fit(d["bags"], d["split"], objective, seed, epochs, lr, model_kwargs, balanced, root)
-            r = score_run(module, dm, ood)
+            r = score_run(module, dm, ood, alpha)
             res["accuracy"][objective].append(r["accuracy"])
             if objective == "ncmi":
                 res["default"].append(r["default"])
             for kind in ood:
                 for score, m in r[kind]["scores"].items():
                     res["scores"].setdefault(kind, {}).setdefault((objective, score), []).append(
-                        (m["auroc"], m["fpr_at_95tpr"]))
+                        (m["auroc"], m["fpr_at_95tpr"], *m["flag_old"], *m["flag_new"]))
             logging.getLogger("bench.ood").info("%s seed %d %s: %.1f s", name, seed, objective,
                                                 time.perf_counter() - t0)
     return res
@@ -162,20 +183,24 @@ def _pm(values: list[float]) -> str:
     return f"{a.mean():.3f} ± {a.std(ddof=1):.3f}" if a.size > 1 else f"{a.mean():.3f}"
 
 
-def table(name: str, res: dict[str, Any], n_seeds: int) -> list[str]:
+def table(name: str, res: dict[str, Any], n_seeds: int, alpha: float = 0.1) -> list[str]:
     lines = [f"### {name}", "",
              f"Test accuracy of the runs' own classifier: NCMI (ξ) {_pm(res['accuracy']['ncmi'])}, "
-             f"CE (head) {_pm(res['accuracy']['head'])}; NCMI distance picked on validation: "
+             f"CE (head) {_pm(res['accuracy']['head'])}; default OOD score (NCMI run): "
              + ", ".join(f"{s} ×{res['default'].count(s)}" for s in sorted(set(res["default"]))), ""]
     for kind, per in res["scores"].items():
-        lines += [f"OOD = `{kind}` ({n_seeds} seed(s), mean ± std):", "",
-                  "| run | score | AUROC ↑ | FPR@95TPR ↓ |", "|---|---|---|---|"]
-        best = max(np.mean([a for a, _ in v]) for v in per.values())
+        lines += [f"OOD = `{kind}` ({n_seeds} seed(s), mean ± std). Flagged: share of test (ID) slides and of OOD "
+                  "bags above the threshold; *old* = keep ≥ 95 % of validation (`evaluate` before issue #27), *new* = "
+                  f"conformal quantile of validation + out-of-fold training scores at false-alarm rate {alpha:g}:", "",
+                  "| run | score | AUROC ↑ | FPR@95TPR ↓ | ID flagged, old | OOD flagged, old | ID flagged, new ↓ "
+                  "| OOD flagged, new ↑ |", "|---|---|---|---|---|---|---|---|"]
+        best = max(np.mean([v[0] for v in vals]) for vals in per.values())
         for (objective, score), vals in sorted(per.items(), key=lambda kv: [k for k in SCORES].index(kv[0])):
-            au = _pm([a for a, _ in vals])
-            mark = " **best**" if np.isclose(np.mean([a for a, _ in vals]), best) else ""
+            cols = list(zip(*vals))  # auroc, fpr, id_old, ood_old, id_new, ood_new: one tuple per seed
+            mark = " **best**" if np.isclose(np.mean(cols[0]), best) else ""
             run = "NCMI" if objective == "ncmi" else "CE"
-            lines.append(f"| {run} | {score} | {au}{mark} | {_pm([f for _, f in vals])} |")
+            lines.append(f"| {run} | {score} | {_pm(list(cols[0]))}{mark} | "
+                         + " | ".join(_pm(list(c)) for c in cols[1:]) + " |")
         lines.append("")
     return lines
 
@@ -206,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-out", default=None, help="a finished `wsi-ncmi demo --out` folder with OOD extras")
     p.add_argument("--demo-epochs", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--false-alarm", type=float, default=0.1, help="target false-alarm rate of the new threshold rule")
+    p.add_argument("--skip-witness", action="store_true", help="only the demo cohort (with --demo-out)")
     p.add_argument("--out", default=None, help="also write the markdown here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -223,15 +250,18 @@ def main(argv: list[str] | None = None) -> int:
         def make(seed: int) -> dict[str, Any]:
             return make_task(root / f"witness{seed}", args, seed)
 
-        res = run_task("witness", {}, args.seeds, args.epochs, args.lr, kw, False, root, per_seed_data=True, make=make)
-        lines += table(f"Witness task: {args.classes} classes, D={args.dim}, {args.n_slides} ID slides, ABMIL "
-                       f"(inner {args.dim}), {args.epochs} epochs, lr {args.lr}; data and training seeded per seed",
-                       res, len(args.seeds))
+        a = args.false_alarm
+        if not args.skip_witness:
+            res = run_task("witness", {}, args.seeds, args.epochs, args.lr, kw, False, root, per_seed_data=True,
+                           make=make, alpha=a)
+            lines += table(f"Witness task: {args.classes} classes, D={args.dim}, {args.n_slides} ID slides, ABMIL "
+                           f"(inner {args.dim}), {args.epochs} epochs, lr {args.lr}; data and training seeded per "
+                           "seed", res, len(args.seeds), a)
         if args.demo_out:
             d = demo_data(Path(args.demo_out))
-            res = run_task("demo", d, args.seeds, args.demo_epochs, 5e-4, {}, True, root)
+            res = run_task("demo", d, args.seeds, args.demo_epochs, 5e-4, {}, True, root, alpha=a)
             lines += table(f"Demo cohort `{args.demo_out}` (ABMIL defaults, {args.demo_epochs} epochs, lr 5e-4, "
-                           f"balanced sampler)", res, len(args.seeds))
+                           f"balanced sampler)", res, len(args.seeds), a)
     lines += [f"Total time {time.perf_counter() - t0:.0f} s ({torch.get_num_threads()} threads)."]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -68,6 +68,7 @@ def test_embed_split_contents_and_modes(bags) -> None:
     with torch.no_grad():
         ref = model.forward_features(batch["features"], batch["mask"]).embedding.numpy()
     np.testing.assert_allclose(s.embeddings[:1], ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.input_means[0], batch["features"][0].float().mean(0).numpy(), rtol=1e-5)
     with pytest.raises(EmbedError):
         embed_split(model, [])
     with pytest.raises(EmbedError, match="dict"):
@@ -134,12 +135,14 @@ def test_cli_evaluate_and_report_on_real_checkpoints(bags, tmp_path: Path, capsy
     assert ncmi_report["objective"] == "ncmi" and set(ncmi_report["metrics"]) == {"lp", "cc"}
     assert ncmi_report["model"] == "abmil" and ncmi_report["centroid_update"] == "sgd"
     for name in ("report.md", "predictions.csv", "roc_lp_test.png", "roc_cc_test.png", "embedding_pca.png",
-                 "training_curves.png", "embeddings.npz"):
+                 "training_curves.png", "embeddings.npz", "reliability.png", "classifier.npz", "classifier.json"):
         assert (outs[0] / name).stat().st_size > 0, name
     assert "0.701" in (outs[0] / "report.md").read_text()  # bracs (3 classes) / abmil / +NCMI-LP row
     with np.load(outs[0] / "embeddings.npz", allow_pickle=False) as npz:
         assert npz["test_log_probs"].shape[0] == ncmi_report["n_slides"]["test"]
-    for k in (0, 1):  # two LP seeds -> one folder each
+    assert ncmi_report["calibration"]["classifier"] == "lp" and ncmi_report["calibration"]["reliability_png"]
+    for k in (0, 1):  # two LP seeds -> one folder each, each with its classifier; the run folder points at seed 0
+        assert (outs[1] / f"seed{k}" / "classifier.npz").is_file()
         head = read_report(outs[1] / f"seed{k}" / "report.json")
         assert set(head["metrics"]) == {"lp", "head"}
         assert head["protocol_info"]["lp"]["input"] == "raw slide embedding f"  # --lp-input raw
@@ -150,6 +153,8 @@ def test_cli_evaluate_and_report_on_real_checkpoints(bags, tmp_path: Path, capsy
     lp_info = ncmi_report["protocol_info"]["lp"]  # default --lp-input auto: both inputs fitted, one kept
     assert lp_info["lp_input"] == "auto" and set(lp_info["input_val_scores"]) == {"normalized", "raw"}
     assert "lp" in capsys.readouterr().out
+    pointers = json.loads((tmp_path / "run_head" / "evaluations.json").read_text())
+    assert [Path(v["classifier_dir"]) for v in pointers.values()] == [(outs[1] / "seed0").resolve()]
 
     rc = main(["report", str(outs[0]), str(outs[1]), "--out", str(tmp_path / "summary")])
     assert rc == 0

@@ -132,21 +132,36 @@ def test_evaluate_writes_calibration_and_ood_section(trained, tmp_path: Path, ob
 
     val = score_inputs(logits=emb["val_logits"] if objective == "head" else None,
                        log_probs=emb["val_log_probs"] if objective == "ncmi" else None,
-                       ncmi_loss=module.ncmi_loss, class_means=cal.class_means_array())
-    scores = compute_scores(val)
-    expected = {"ncmi_xi", "ncmi_means", "msp", "energy"} if objective == "ncmi" else {"msp", "energy"}
-    assert set(cal.thresholds) == set(scores) == expected
-    for name, s in scores.items():  # ≥ 95 % of the validation slides stay in distribution
-        assert (s <= cal.thresholds[name]).mean() >= 0.95 and cal.val_kept[name] >= 0.95
-    assert cal.n_val == 8 and cal.default_score == ("msp" if objective == "head" else cal.default_score)
+                       ncmi_loss=module.ncmi_loss, class_means=cal.class_means_array(),
+                       embeddings=emb["val_embeddings"], train_mean=cal.train_mean_array())
+    scores = compute_scores(val)  # every score but input_z (embeddings.npz holds no input means)
+    np.testing.assert_allclose(cal.train_mean_array(), emb["train_embeddings"].astype(np.float64).mean(0))
+    expected = {"ncmi_xi", "ncmi_means", "msp", "energy", "radius"} if objective == "ncmi" else {"msp", "energy",
+                                                                                                   "radius"}
+    assert set(cal.thresholds) == set(scores) | {"input_z"} and set(scores) == expected
+    assert len(cal.input_mean) == len(cal.input_std) == DIM  # the training bags' mean input feature and its std
+    # the conformal rule at the default false-alarm rate 0.1: val (8) + out-of-fold train (20) slides for radius and
+    # input_z, val alone (8 < 9: too few for 10 %, so the maximum, bound 1/9) for the others
+    assert cal.rule == "conformal" and cal.target_false_alarm == 0.1
+    for name, s in scores.items():
+        n = cal.n_reference[name]
+        assert n == (28 if name == "radius" else 8) and cal.n_reference["input_z"] == 28
+        assert cal.false_alarm_bound[name] == pytest.approx(0.1 if n == 28 else 1 / 9)
+        if n == 8:
+            assert cal.thresholds[name] == pytest.approx(s.max())
+    assert cal.n_val == 8 and cal.default_score == "input_z"
     if objective == "ncmi":
-        assert cal.default_score in ("ncmi_xi", "ncmi_means") and set(cal.choice) == {"ncmi_xi", "ncmi_means"}
+        assert set(cal.choice) == {"ncmi_xi", "ncmi_means"}
         assert np.asarray(cal.class_means).shape == (C, module.model.embed_dim)
     report = json.loads((out / "report.json").read_text())
     ood = report["ood"]
-    assert ood["n_id"] == 12 and ood["n_ood"] == 6 and set(ood["scores"]) == expected
+    assert ood["n_id"] == 12 and ood["n_ood"] == 6 and set(ood["scores"]) == expected | {"input_z"}
     for m in ood["scores"].values():
         assert 0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["fpr_at_95tpr"] <= 1.0
+    assert ood["score"] == cal.default_score and ood["threshold"] == pytest.approx(cal.thresholds[cal.default_score])
+    assert set(ood["flagged_test"]) <= set(pd.read_csv(trained["split"]).query("split == 'test'")["slide_id"])
+    assert len(ood["flagged_ood"]) == round(ood["flagged_ood_share"] * 6)
+    assert "## Out-of-distribution flag" in (out / "report.md").read_text()
     assert "## Out-of-distribution detection" in (out / "report.md").read_text()
     page = (out / "report.html").read_text()  # evaluate writes its page last, with the OOD block and provenance
     assert "Out-of-distribution detection" in page and report["provenance"]["checkpoint_sha256"] in page
@@ -182,7 +197,8 @@ def test_predict_without_and_with_labels(trained, tmp_path: Path, capsys) -> Non
     assert list(df.columns[:7]) == ["slide_id", "prediction", "prob_0", "prob_1", "ood_score", "ood_flag", "kl_0"]
     assert "kl_1" in df.columns and "label" not in df.columns and len(df) == 12 + 6
     np.testing.assert_allclose(df[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(df["ood_score"], df[["kl_0", "kl_1"]].min(axis=1), rtol=1e-4)
+    np.testing.assert_allclose(df["ood_score"], df["ood_input_z"], rtol=1e-6)  # the default score
+    np.testing.assert_allclose(df["ood_ncmi_xi"], df[["kl_0", "kl_1"]].min(axis=1), rtol=1e-4)
     calib = Calibration.read(cal)
     assert (df["ood_flag"] == (df["ood_score"] > calib.thresholds[calib.default_score])).all()
     ood = df["slide_id"].str.startswith("ood_")
@@ -211,12 +227,20 @@ def test_predict_without_and_with_labels(trained, tmp_path: Path, capsys) -> Non
 def test_predict_ce_run_without_calibration_warns_and_does_not_flag(trained, tmp_path: Path, caplog) -> None:
     from wsi_ncmi.commands.predict_cli import main as predict_main
 
+    ckpt = tmp_path / "never_evaluated" / "checkpoints" / "best.ckpt"  # a copy nobody ran `evaluate` on
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(trained["head"], ckpt)
     out = tmp_path / "pred"
-    assert predict_main(["--ckpt", str(trained["head"]), "--bags", str(trained["ood"]), "--out", str(out)]) == 0
+    assert predict_main(["--ckpt", str(ckpt), "--bags", str(trained["ood"]), "--out", str(out)]) == 0
     df = pd.read_csv(out / "predictions.csv")
     assert df["ood_flag"].isna().all() and {"ood_msp", "ood_energy"} <= set(df.columns)
     assert not any(c.startswith("kl_") for c in df.columns)
     assert any("no calibration" in r.getMessage() for r in caplog.records)
+    assert any("no classifier.json" in r.getMessage() for r in caplog.records)
+    meta = json.loads((out / "predict.json").read_text())
+    assert meta["classifier"] == "head" and meta["temperature"] == 1.0  # the run's own head, uncalibrated
+    rc = predict_main(["--ckpt", str(ckpt), "--bags", str(trained["ood"]), "--out", str(out), "--classifier", "lp"])
+    assert rc == 2  # the LP exists only in an evaluation folder
 
 
 def test_predict_refuses_a_calibration_of_another_checkpoint(trained, tmp_path: Path, capsys) -> None:
@@ -312,3 +336,58 @@ def test_calibrate_on_constructed_inputs_picks_the_better_centroids() -> None:
     cal = calibrate(ScoreInputs(logits=-good, kl_xi=good, kl_means=bad), y)
     assert cal.default_score == "ncmi_xi"
     assert calibrate(ScoreInputs(logits=rng.random((40, 2))), y).default_score == "msp"
+
+
+# ------------------------------------------------------------------- the report's classifier (issue #27)
+@pytest.mark.parametrize("which", ["lp", "cc"])
+def test_predict_reproduces_evaluate_test_predictions(trained, tmp_path: Path, which: str, capsys) -> None:
+    from wsi_ncmi.commands.predict_cli import main as predict_main
+
+    ev = tmp_path / "eval"
+    _evaluate(trained, "ncmi", ev)
+    test = pd.read_csv(trained["split"]).query("split == 'test'")
+    lst = tmp_path / "test.csv"
+    test[["slide_id"]].to_csv(lst, index=False)
+    out = tmp_path / "pred"
+    rc = predict_main(["--ckpt", str(trained["ncmi"]), "--bags", str(trained["bags"]), "--slides", str(lst),
+                       "--out", str(out), "--classifier", which, "--eval", str(ev)])
+    assert rc == 0, capsys.readouterr().err
+    got = pd.read_csv(out / "predictions.csv", dtype={"prediction": str})
+    ref = pd.read_csv(ev / "predictions.csv").query(f"protocol == '{which}' and split == 'test'")
+    assert list(got["slide_id"]) == list(ref["slide_id"])
+    assert list(got["prediction"]) == [str(p) for p in ref["prediction"]]  # the same classes, slide by slide
+    np.testing.assert_allclose(got[["prob_0", "prob_1"]], ref[["cal_prob_0", "cal_prob_1"]], rtol=1e-5, atol=1e-6)
+    meta = json.loads((out / "predict.json").read_text())
+    saved = json.loads((ev / "classifier.json").read_text())
+    assert meta["classifier"] == which and meta["temperature"] == pytest.approx(saved["temperatures"][which])
+
+
+def test_predict_defaults_to_the_reports_primary_classifier(trained, tmp_path: Path, capsys) -> None:
+    from wsi_ncmi.commands.predict_cli import main as predict_main
+
+    for objective, primary in (("ncmi", "lp"), ("head", "head")):
+        ev = tmp_path / f"eval_{objective}"
+        _evaluate(trained, objective, ev)  # recorded in the run folder: predict finds it without --eval
+        saved = json.loads((ev / "classifier.json").read_text())
+        assert saved["primary"] == primary
+        out = tmp_path / f"pred_{objective}"
+        rc = predict_main(["--ckpt", str(trained[objective]), "--bags", str(trained["ood"]), "--out", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        meta = json.loads((out / "predict.json").read_text())
+        assert meta["classifier"] == primary and Path(meta["classifier_dir"]) == ev.resolve()
+        assert Path(meta["calibration"]) == (ev / "calibration.json").resolve()  # the OOD flag is there by default
+        assert pd.read_csv(out / "predictions.csv")["ood_flag"].notna().all()
+        cal = json.loads((ev / "report.json").read_text())["calibration"]
+        assert cal["classifier"] == primary and cal["temperature"] == pytest.approx(saved["temperatures"][primary])
+        assert set(cal["test"]) == {"before", "after"} and "## Calibration" in (ev / "report.md").read_text()
+
+
+def test_predict_refuses_a_classifier_of_another_run(trained, tmp_path: Path, capsys) -> None:
+    from wsi_ncmi.commands.predict_cli import main as predict_main
+
+    ev = tmp_path / "eval_head"
+    _evaluate(trained, "head", ev)
+    rc = predict_main(["--ckpt", str(trained["ncmi"]), "--bags", str(trained["ood"]), "--out", str(tmp_path / "p"),
+                       "--eval", str(ev)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "another checkpoint" in err and "classifier.json" in err and len(err.strip().splitlines()) == 1

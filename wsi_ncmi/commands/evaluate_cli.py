@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ood-bags", default=None,
                    help="folder of out-of-distribution bags: AUROC / FPR@95TPR of each OOD score against the test "
                         "split (report.json `ood`, report.md)")
+    p.add_argument("--ood-false-alarm", type=float, default=0.1,
+                   help="target false-alarm rate of the OOD flag: the share of in-distribution slides it may flag "
+                        "(default 0.1; the threshold is a conformal quantile of validation + out-of-fold scores)")
     return p
 
 
@@ -93,6 +96,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         dataset=args.dataset, metrics_csv=Path(args.metrics_csv) if args.metrics_csv else None,
         plots=not args.no_plots, allow_patient_leak=args.allow_patient_leak, ood_bags=args.ood_bags,
+        false_alarm=args.ood_false_alarm,
     )
     options.check()
     ckpt = Path(args.ckpt)

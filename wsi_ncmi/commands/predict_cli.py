@@ -7,7 +7,9 @@
 trained on before anything runs. ``--slides-dir``: ``wsi-preprocess`` with the checkpoint's recorded
 settings into ``OUT/features/`` (resumable: finished slides are skipped), then the same. Writes
 ``OUT/predictions.csv``, ``OUT/summary.md``, ``OUT/predict.json`` (and ``OUT/heatmaps/`` with ``--heatmaps``);
-see :mod:`wsi_ncmi.evaluation.predict` and :mod:`wsi_ncmi.evaluation.ood`.
+see :mod:`wsi_ncmi.evaluation.predict` and :mod:`wsi_ncmi.evaluation.ood`. The classifier (``--classifier``,
+default the report's primary, temperature-scaled) and the OOD calibration come from the `wsi-ncmi evaluate`
+folder of the checkpoint (recorded in its run folder, or ``--eval DIR``; :mod:`wsi_ncmi.evaluation.classifier_io`).
 
 Exit codes: 0 done; 2 a user error (message on stderr); 3 preprocessing left some slides failed (the others
 are predicted; see ``OUT/features/manifest.csv``). Every bag is checked before anything runs (exit 2 naming it): a
@@ -33,6 +35,7 @@ def _echo(text: str, err: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from wsi_ncmi.evaluation.classifier_io import CLASSIFIERS
     from wsi_ncmi.evaluation.ood import OOD_SCORERS
 
     p = argparse.ArgumentParser(prog="wsi-ncmi predict", description=__doc__.splitlines()[0])
@@ -48,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="calibration.json of `wsi-ncmi evaluate` (default: one made from this "
                                          "checkpoint under its run folder, else none and a warning)")
     p.add_argument("--ood-score", choices=sorted(OOD_SCORERS), help="OOD score (default: the calibration's)")
+    p.add_argument("--eval", dest="eval_dir", help="the `wsi-ncmi evaluate --out` folder of this checkpoint (default: "
+                                                   "the one evaluate recorded in the run folder)")
+    p.add_argument("--classifier", choices=list(CLASSIFIERS),
+                   help="lp | cc | xi | head (default: the report's primary protocol, temperature-scaled)")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="predict on bags that differ from the training bags (recorded in the output)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (aggregator and encoder)")
@@ -120,6 +127,7 @@ def _predict(args: argparse.Namespace) -> int:
     predict_module(module, state, ckpt, bags, out, bags_dir=bags_dir, slides=slides, slides_csv=args.slides,
                    calibration=args.calibration, ood_score=args.ood_score, allow_mismatch=args.allow_mismatch,
                    heatmaps=args.heatmaps, slides_dir=args.slides_dir, device=args.device, preprocessed=pre,
+                   eval_dir=args.eval_dir, classifier=args.classifier,
                    echo=_echo)
     return rc
 
@@ -132,6 +140,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.data.bags import BagError
     from wsi_ncmi.data.outputs import OutputError
     from wsi_ncmi.data.provenance import ProvenanceError
+    from wsi_ncmi.evaluation.classifier_io import ClassifierError
     from wsi_ncmi.evaluation.embed import EmbedError
     from wsi_ncmi.evaluation.ood import OODError
     from wsi_ncmi.evaluation.predict import PredictError
@@ -139,7 +148,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from wsi_ncmi.training.checkpoint import CheckpointError
 
     return (PredictError, ProvenanceError, ReplayError, ConfigError, BagError, OODError, EmbedError, MILInputError,
-            CheckpointError, EncoderError, SlideError, OutputError)  # EncoderError / SlideError: --weights, --slides-dir, folder
+            CheckpointError, ClassifierError, EncoderError, SlideError, OutputError)  # Encoder/SlideError: --weights,
+                                                                                      # --slides-dir, folder
 
 
 def main(argv: list[str] | None = None) -> int:

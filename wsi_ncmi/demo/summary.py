@@ -22,8 +22,8 @@ def ood_markdown(table: pd.DataFrame) -> str:
     lines = ["# Out-of-distribution flag (`wsi-ncmi predict`)", "",
              "OOD slides (`ood_ihc_*`): tissue made only of the IHC texture, which the labelled cohort holds only "
              "as a small distractor patch. Each run predicts them together with its test slides (in distribution) "
-             "and the unlabelled real slide, with the threshold calibrated on its validation split (95 % of "
-             "validation slides kept). `auroc_vs_test`: the score's AUROC, OOD slides vs the test split "
+             "and the unlabelled real slide, with the threshold of its `calibration.json` (a conformal quantile of "
+             "validation + out-of-fold training scores, target false-alarm rate 0.1). `auroc_vs_test`: the score's AUROC, OOD slides vs the test split "
              "(`eval/<run>/report.md`).", ""]
     for run, part in table.groupby("run", sort=False):
         by_kind = part.groupby("kind")["ood_flag"].agg(["sum", "count"])

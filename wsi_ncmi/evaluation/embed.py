@@ -49,6 +49,7 @@ class EmbeddedSplit:
     logits: np.ndarray | None = None  # [N, C] head logits (aggregators with a head)
     log_probs: np.ndarray | None = None  # [N, E] ln p on the NCMI simplex (NCMI runs)
     normalized: np.ndarray | None = None  # [N, E] centred, L2-normalised embeddings (the LP input)
+    input_means: np.ndarray | None = None  # [N, D] each bag's mean instance feature (padding excluded; OOD input_z)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -111,7 +112,7 @@ def embed_split(
     if ncmi_loss is not None:
         ncmi_loss.eval().to(device)
     ids: list[str] = []
-    labels, embs, logits, log_probs, normed = [], [], [], [], []
+    labels, embs, logits, log_probs, normed, in_means = [], [], [], [], [], []
     iterator = loader
     if progress:
         from tqdm.auto import tqdm
@@ -123,6 +124,8 @@ def embed_split(
             x = x.to(device, non_blocking=True).float()  # [B, N, D]
             mask = None if mask is None else mask.to(device, non_blocking=True)
             feats = model.forward_features(x, mask)
+            keep = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float()  # [B, N]
+            in_means.append(((x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)).cpu())  # [B, D]
             emb = feats.embedding.float()  # [B, E]
             embs.append(emb.cpu())
             labels.append(y.cpu().long())
@@ -145,6 +148,7 @@ def embed_split(
         logits=torch.cat(logits).numpy() if logits else None,
         log_probs=torch.cat(log_probs).numpy() if log_probs else None,
         normalized=torch.cat(normed).numpy() if normed else None,
+        input_means=torch.cat(in_means).double().numpy(),
     )
     if out.normalized is None and center is not None:
         out.normalized = center_and_normalize(out.embeddings, center)

@@ -10,19 +10,20 @@ Every score is "higher = more out-of-distribution" and lives in the registry :da
   training bags.
 * ``msp``        −max_c softmax(logits)_c (maximum softmax probability, Hendrycks & Gimpel).
 * ``energy``     −logsumexp_c logits_c (energy score, Liu et al., temperature 1).
+* ``radius``     ‖f − m‖₂ to the training mean embedding m (in the calibration): the length NCMI's NSF discards.
+* ``input_z``    the bag's mean instance feature (the aggregator's *input*) as a root-mean-square z-score
+  against the training bags' (per feature dimension; mean and std stored in the calibration): does the tissue
+  look like the cohort's at all, whatever the model. The default of every run (:mod:`.ood_threshold`).
 
 The logits are the head's for CE runs and −KL(p ‖ q^v) (the ξ class scores MILModule validates with) for
 NCMI runs, so MSP and energy exist for both objectives and the comparison is like for like.
 
-Which NCMI distance is the default (:func:`choose_default_score`): both centroid sets are scored as
-nearest-centroid classifiers on the **validation** split (macro-F1 + macro-AUC of softmax(−KL)) and the
-better one is used (ties: the class means). A centroid set that describes the classes better on held-out
-in-distribution slides is the better yardstick of "far from every class". CE runs default to ``msp``.
+:func:`choose_default_score` ranks the two NCMI centroid sets as nearest-centroid classifiers on validation
+(macro-F1 + macro-AUC; ties: the class means); :mod:`.ood_threshold` then makes ``input_z`` the default.
 
-Calibration (:func:`calibrate`): for each score, the threshold t is the ⌈0.95·n⌉-th smallest validation
-score, so at least 95 % of validation slides (in-distribution by construction) have score ≤ t (TPR ≥ 95 %,
-in-distribution = positive); a slide is flagged when its score > t. :class:`Calibration` is written as
-``calibration.json`` by ``wsi-ncmi evaluate`` and read by ``wsi-ncmi predict``.
+Calibration (:func:`calibrate`): per score, the ⌈0.95·n⌉-th smallest validation score (≥ 95 % kept); evaluate
+replaces it by :mod:`.ood_threshold`'s rule. :class:`Calibration` is ``calibration.json`` (evaluate writes it,
+predict reads it); a slide is flagged when its score > its threshold.
 
 Metrics (:func:`ood_metrics`): AUROC of the score for "is OOD" (OOD = positive) and FPR@95TPR, the share
 of OOD slides kept as in-distribution at the threshold calibrated on the in-distribution scores.
@@ -45,7 +46,6 @@ import numpy as np
 import torch
 
 from wsi_ncmi.data.atomic import atomic_write_text
-from wsi_ncmi.data.markdown import markdown_table
 from wsi_ncmi.ncmi import NCMILoss
 from wsi_ncmi.ncmi.centroids import class_centroids, kl_rows_to_centroids
 
@@ -60,7 +60,6 @@ __all__ = [
     "choose_default_score",
     "compute_scores",
     "find_calibration",
-    "ood_markdown",
     "ood_metrics",
     "ood_section",
     "register_scorer",
@@ -90,6 +89,8 @@ class ScoreInputs:
     logits: np.ndarray | None = None  # [N, C] head logits (CE) or −KL(p ‖ q^v) (NCMI)
     kl_xi: np.ndarray | None = None  # [N, C] KL(p ‖ nearest learned centroid of class v)
     kl_means: np.ndarray | None = None  # [N, C] KL(p ‖ training class mean s^v)
+    radius: np.ndarray | None = None  # [N, 1] ‖f − m‖ to the training mean embedding m
+    input_z: np.ndarray | None = None  # [N, 1] RMS z-score of the bag's mean input feature vs the training bags
 
     def __len__(self) -> int:
         for t in (self.logits, self.kl_xi, self.kl_means):
@@ -121,16 +122,30 @@ def score_inputs(
     log_probs: np.ndarray | None = None,
     ncmi_loss: NCMILoss | None = None,
     class_means: np.ndarray | None = None,
+    embeddings: np.ndarray | None = None,
+    train_mean: np.ndarray | None = None,
+    input_means: np.ndarray | None = None,
+    input_stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ScoreInputs:
     """Build :class:`ScoreInputs` from a split's head ``logits`` [N, C] (CE runs) or NCMI ``log_probs``
-    [N, D] (with the run's ``ncmi_loss`` for ξ and, optionally, training ``class_means`` [C, D])."""
+    [N, D] (with the run's ``ncmi_loss`` for ξ and, optionally, training ``class_means`` [C, D]); with the slide
+    ``embeddings`` [N, E] and the ``train_mean`` [E], also the radius; with the bags' ``input_means`` [N, D] and
+    the training bags' (mean [D], std [D]) ``input_stats``, also ``input_z``."""
+    z = None
+    if input_means is not None and input_stats is not None:
+        dev = (np.asarray(input_means, dtype=np.float64) - input_stats[0]) / np.maximum(input_stats[1], 1e-6)
+        z = np.sqrt((dev**2).mean(axis=1, keepdims=True))  # [N, 1]
+    radius = None
+    if embeddings is not None and train_mean is not None:
+        diff = np.asarray(embeddings, dtype=np.float64) - np.asarray(train_mean, dtype=np.float64)[None, :]
+        radius = np.linalg.norm(diff, axis=1, keepdims=True)  # [N, 1]
     if log_probs is not None and ncmi_loss is not None:
         kl = xi_kl(ncmi_loss, log_probs)
         means = None if class_means is None else _means_kl(log_probs, class_means)
-        return ScoreInputs(logits=-kl, kl_xi=kl, kl_means=means)
+        return ScoreInputs(logits=-kl, kl_xi=kl, kl_means=means, radius=radius, input_z=z)
     if logits is None:
         raise OODError("score_inputs: need head logits (CE run) or NCMI log-probs with the run's NCMI loss")
-    return ScoreInputs(logits=np.asarray(logits, dtype=np.float64))
+    return ScoreInputs(logits=np.asarray(logits, dtype=np.float64), radius=radius, input_z=z)
 
 
 # ----------------------------------------------------------------------------------------- scorers
@@ -179,6 +194,16 @@ def _msp(logits: np.ndarray) -> np.ndarray:
 def _energy(logits: np.ndarray) -> np.ndarray:
     m = logits.max(axis=1)
     return -(m + np.log(np.exp(logits - m[:, None]).sum(axis=1)))
+
+
+@register_scorer("radius", "radius", "‖f − training mean embedding‖₂ (the radial part NCMI's simplex discards)")
+def _radius(table: np.ndarray) -> np.ndarray:
+    return table[:, 0]
+
+
+@register_scorer("input_z", "input_z", "RMS z-score of the bag's mean input feature against the training bags")
+def _input_z(table: np.ndarray) -> np.ndarray:
+    return table[:, 0]
 
 
 def available_scores(inputs: ScoreInputs) -> list[str]:
@@ -272,10 +297,17 @@ class Calibration:
     val_quantiles: dict[str, dict[str, float]] = field(default_factory=dict)
     choice: dict[str, float] = field(default_factory=dict)  # val macro-F1 + AUC per NCMI centroid set
     class_means: list[list[float]] | None = None  # [C, D] training class means of p (NCMI runs)
+    train_mean: list[float] | None = None  # [E] training mean slide embedding (the radius score)
+    input_mean: list[float] | None = None  # [D] training bags' mean input feature, and its std (input_z)
+    input_std: list[float] | None = None
     class_names: list[str] = field(default_factory=list)
     checkpoint: str = ""
     checkpoint_sha256: str = ""
     created: str = ""
+    rule: str = "val_tpr"  # "conformal": thresholds of evaluation.ood_threshold.apply_rule
+    target_false_alarm: float | None = None
+    false_alarm_bound: dict[str, float] = field(default_factory=dict)
+    n_reference: dict[str, int] = field(default_factory=dict)
 
     def write(self, path: str | os.PathLike) -> Path:
         return atomic_write_text(path, json.dumps(asdict(self), indent=2, allow_nan=False) + "\n")
@@ -300,6 +332,12 @@ class Calibration:
 
     def class_means_array(self) -> np.ndarray | None:
         return None if self.class_means is None else np.asarray(self.class_means, dtype=np.float64)
+
+    def train_mean_array(self) -> np.ndarray | None:
+        return None if self.train_mean is None else np.asarray(self.train_mean, dtype=np.float64)
+
+    def input_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return None if self.input_mean is None else (np.asarray(self.input_mean), np.asarray(self.input_std))
 
 
 def calibrate(
@@ -370,22 +408,6 @@ def ood_section(
             "tpr": tpr, "default_score": default_score, "scores": per}
 
 
-def ood_markdown(block: Mapping[str, Any]) -> list[str]:
-    """Lines of the ``report.md`` section for an ``ood`` block."""
-    fpr_key = f"fpr_at_{round(float(block.get('tpr', DEFAULT_TPR)) * 100)}tpr"
-    lines = ["", "## Out-of-distribution detection", "",
-             f"In-distribution: the {block['id_split']} split ({block['n_id']} slides); OOD: {block['n_ood']} bags "
-             f"from `{block['ood_bags']}`. AUROC: OOD = positive, higher score = more OOD; FPR@95TPR: share of OOD "
-             "slides kept at the threshold that keeps 95 % of in-distribution slides (lower is better)."
-             + (f" Default score of this run: `{block['default_score']}`." if block.get("default_score") else ""),
-             ""]
-    rows = [
-        [name, f"{m['auroc']:.3f}", f"{m[fpr_key]:.3f}", OOD_SCORERS[name].description if name in OOD_SCORERS else ""]
-        for name, m in block["scores"].items()
-    ]
-    return lines + markdown_table(["score", "AUROC", "FPR@95TPR", "description"], rows)
-
-
 def evaluate_ood(
     splits: Mapping[str, Any],
     ncmi_loss: NCMILoss | None,
@@ -406,12 +428,19 @@ def evaluate_ood(
     if ncmi_loss is not None:
         tr = splits["train"]
         means = training_class_means(tr.log_probs, tr.labels, num_classes)  # [C, D]
+    center = splits["train"].embeddings.astype(np.float64).mean(axis=0)  # [E]
+    tin = splits["train"].input_means
+    stats = None if tin is None else (tin.astype(np.float64).mean(axis=0), tin.astype(np.float64).std(axis=0))
 
     def inputs(s: Any) -> ScoreInputs:
-        return score_inputs(logits=s.logits, log_probs=s.log_probs, ncmi_loss=ncmi_loss, class_means=means)
+        return score_inputs(logits=s.logits, log_probs=s.log_probs, ncmi_loss=ncmi_loss, class_means=means,
+                            embeddings=s.embeddings, train_mean=center, input_means=s.input_means, input_stats=stats)
 
     cal = calibrate(inputs(splits["val"]), splits["val"].labels, tpr, class_means=means, class_names=class_names,
                     checkpoint=checkpoint)
+    cal.train_mean = center.tolist()
+    if stats is not None:
+        cal.input_mean, cal.input_std = stats[0].tolist(), stats[1].tolist()
     logger.info("OOD calibration on %d validation slides: default %s, thresholds %s", cal.n_val, cal.default_score,
                 {k: round(v, 4) for k, v in cal.thresholds.items()})
     block = None

@@ -9,8 +9,11 @@ whole verb for a loaded ``MILModule`` (the command and the demo load it with
 ``wsi_ncmi.training.checkpoint.load_mil_module``: evaluation may not import training).
 
 ``predictions.csv``: ``slide_id, [label,] prediction, prob_<class>…, ood_score, ood_flag, [kl_<class>…],
-ood_<score>…``. ``prediction`` is the class name; the probabilities are the run's own class scores
-(softmax of the head for CE runs, softmax(−KL(p ‖ q^v)) with the learned centroids ξ for NCMI runs).
+ood_<score>…``. ``prediction`` is the class name; the probabilities are those of the classifier the report
+measured (``--classifier``, default the report's primary protocol: LP for NCMI runs, the head for CE runs), read
+from the evaluation folder (:mod:`.classifier_io`) and temperature-scaled on validation (:mod:`.calibration`).
+Without an evaluation folder: the run's own class scores (softmax of the head, or softmax(−KL(p ‖ ξ))),
+uncalibrated, and a warning.
 ``ood_score`` is the run's OOD score (:mod:`wsi_ncmi.evaluation.ood`; the calibration's default unless
 another is asked for), ``ood_flag`` is ``ood_score > threshold`` (empty without a calibration), ``kl_<class>``
 (NCMI runs) is KL(p ‖ centroid of that class) for the centroids of the OOD score (so ``ood_score`` = the
@@ -19,12 +22,10 @@ smallest ``kl_``), and ``ood_<score>`` columns hold every score the run has.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wsi_ncmi.data.atomic import atomic_write_text
 from wsi_ncmi.data.bags import BagError, check_header, list_bags, read_features
-from wsi_ncmi.data.markdown import markdown_table
 from wsi_ncmi.data.provenance import CHECKPOINT_KEY, ProvenanceError, bag_mismatches, bag_provenance
 from wsi_ncmi.models import MILAggregator
 from wsi_ncmi.ncmi import NCMILoss
 
+from .classifier_io import SavedClassifier, classify, load_evaluation
 from .embed import embed_split
 from .ood import (
-    OOD_SCORERS,
     Calibration,
     OODError,
     ScoreInputs,
@@ -50,6 +49,7 @@ from .ood import (
     score_inputs,
     sha256_of,
 )
+from .predict_output import write_prediction
 
 __all__ = [
     "PredictError",
@@ -67,7 +67,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS_CSV, SUMMARY_MD, PREDICT_JSON = "predictions.csv", "summary.md", "predict.json"
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".png", ".jpg", ".jpeg")
 
 
@@ -186,6 +185,8 @@ class Prediction:
     threshold: float | None
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # every available score [N]
     metrics: dict[str, Any] | None = None  # classification metrics when labels were given
+    classifier: str = ""  # lp | cc | xi | head
+    temperature: float = 1.0
 
 
 def _labels(values: Sequence[str], class_names: Sequence[str], where: str) -> np.ndarray:
@@ -212,16 +213,23 @@ def predict_bags(
     labels: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     labels_source: str = "--slides",
+    classifier: SavedClassifier | None = None,
+    which: str | None = None,
 ) -> Prediction:
     """Embed ``bags`` with the frozen ``model`` and predict (module docstring). ``score`` overrides the
-    calibration's default OOD score (without a calibration: ``ncmi_xi`` for NCMI runs, ``msp`` otherwise)."""
+    calibration's default OOD score (without a calibration: ``ncmi_xi`` for NCMI runs, ``msp`` otherwise).
+    ``classifier`` / ``which``: the saved classifier of `wsi-ncmi evaluate` and which of its classifiers to use
+    (:func:`.classifier_io.classify`)."""
     names = [str(c) for c in class_names]
     emb = embed_split(model, _batches(bags), device=device, ncmi_loss=ncmi_loss)
     means = calibration.class_means_array() if calibration is not None else None
     if means is not None and ncmi_loss is None:
         raise OODError("the calibration holds NCMI class means but the checkpoint is not an NCMI run: "
                        "was it made from another checkpoint?")
-    inputs = score_inputs(logits=emb.logits, log_probs=emb.log_probs, ncmi_loss=ncmi_loss, class_means=means)
+    inputs = score_inputs(logits=emb.logits, log_probs=emb.log_probs, ncmi_loss=ncmi_loss, class_means=means,
+                          embeddings=emb.embeddings, input_means=emb.input_means,
+                          train_mean=calibration.train_mean_array() if calibration is not None else None,
+                          input_stats=calibration.input_stats() if calibration is not None else None)
     if inputs.logits is None or inputs.logits.shape[1] != len(names):
         raise PredictError(f"the model gives {None if inputs.logits is None else inputs.logits.shape[1]} class "
                            f"scores but {len(names)} class names are known ({names})")
@@ -235,8 +243,7 @@ def predict_bags(
         if name not in calibration.thresholds:
             raise OODError(f"the calibration has no threshold for {name!r} (has {sorted(calibration.thresholds)})")
         threshold = float(calibration.thresholds[name])
-    z = inputs.logits - inputs.logits.max(axis=1, keepdims=True)
-    proba = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # [N, C]
+    proba, used, temperature = classify(emb, classifier, which, ncmi_loss)  # [N, C] calibrated
     table = pd.DataFrame({"slide_id": emb.slide_ids})
     y = None
     if labels is not None:
@@ -259,76 +266,13 @@ def predict_bags(
         from wsi_ncmi.metrics import classification_metrics
 
         metrics = classification_metrics(y, proba, len(names))
-    return Prediction(table, names, name, threshold, scores, metrics)
+    return Prediction(table, names, name, threshold, scores, metrics, used, temperature)
 
 
 def _kl_table(inputs: ScoreInputs, score: str) -> np.ndarray | None:
     if inputs.kl_xi is None:
         return None
     return inputs.kl_means if score == "ncmi_means" and inputs.kl_means is not None else inputs.kl_xi
-
-
-# ------------------------------------------------------------------------------------------ writing
-def _fmt(v: Any) -> str:
-    return "—" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
-
-
-def summary_markdown(pred: Prediction, meta: Mapping[str, Any]) -> str:
-    """``summary.md``: counts per class, the OOD score and threshold, flagged slides, mismatches, metrics."""
-    t = pred.table
-    lines = ["# Predictions", "",
-             f"- checkpoint: `{meta.get('checkpoint')}`", f"- bags: `{meta.get('bags_dir')}` ({len(t)} slides)"]
-    if meta.get("preprocessed"):
-        lines.append(f"- preprocessed from `{meta['preprocessed']['slides_dir']}` with the checkpoint's recorded "
-                     "settings")
-    desc = OOD_SCORERS[pred.score_name].description
-    if pred.threshold is None:
-        lines.append(f"- OOD score: `{pred.score_name}` ({desc}); **no calibration**: scores only, no flag "
-                     "(run `wsi-ncmi evaluate` on the checkpoint and pass its `calibration.json`)")
-    else:
-        lines.append(f"- OOD score: `{pred.score_name}` ({desc}); threshold {pred.threshold:.4g} from "
-                     f"`{meta.get('calibration')}` (keeps ≥ 95 % of validation slides); flag = score > threshold")
-    lines += ["", "## Predicted classes", ""]
-    flags = t["ood_flag"].fillna(False).astype(bool)
-    per_class = [(n, t["prediction"] == n) for n in pred.class_names]
-    lines += markdown_table(["class", "slides", "flagged OOD"],
-                            [[n, int(sel.sum()), int((sel & flags).sum())] for n, sel in per_class])
-    lines += ["", f"## Flagged slides ({int(flags.sum())}): do not trust these predictions", ""]
-    if flags.any():
-        flagged = t[flags].sort_values("ood_score", ascending=False).itertuples()
-        lines += markdown_table(["slide", "prediction", "ood_score"],
-                                [[r.slide_id, r.prediction, f"{r.ood_score:.4g}"] for r in flagged])
-    else:
-        lines.append("none" if pred.threshold is not None else "not computed (no calibration)")
-    mism = meta.get("mismatches") or {}
-    if mism:
-        lines += ["", f"## Provenance mismatches ({len(mism)} slides, allowed with --allow-mismatch)", ""]
-        lines += [f"- {sid}: {'; '.join(w)}" for sid, w in mism.items()]
-    if pred.metrics is not None:
-        m = pred.metrics
-        lines += ["", "## Against the given labels", "",
-                  f"macro-F1 {_fmt(m['macro_f1'])}, macro-AUC {_fmt(m['macro_auc'])}, accuracy {_fmt(m['accuracy'])}"]
-    hm = meta.get("heatmaps") or {}
-    if hm:
-        lines += ["", "## Heatmaps", ""]
-        lines += [f"- {sid}: {v}" for sid, v in hm.items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_prediction(out_dir: str | os.PathLike, pred: Prediction, meta: Mapping[str, Any]) -> dict[str, Path]:
-    """Write ``predictions.csv``, ``summary.md`` and ``predict.json`` (settings, calibration, mismatches)."""
-    out = Path(out_dir)
-    paths = {"predictions": out / PREDICTIONS_CSV, "summary": out / SUMMARY_MD, "json": out / PREDICT_JSON}
-    atomic_write_text(paths["predictions"], pred.table.to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(paths["summary"], summary_markdown(pred, meta))
-    flags = pred.table["ood_flag"].fillna(False).astype(bool)
-    doc = {**meta, "ood_score": pred.score_name, "threshold": pred.threshold, "n_slides": len(pred.table),
-           "n_flagged": int(flags.sum()) if pred.threshold is not None else None,
-           "counts": {n: int((pred.table["prediction"] == n).sum()) for n in pred.class_names},
-           "metrics": pred.metrics, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    atomic_write_text(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
-    logger.info("wrote %d predictions to %s", len(pred.table), out)
-    return paths
 
 
 # ----------------------------------------------------------------------------------------- heatmaps
@@ -383,6 +327,7 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
                    out_dir: str | os.PathLike, *, bags_dir: str | os.PathLike, slides: pd.DataFrame | None = None,
                    slides_csv: str | None = None, calibration: str | os.PathLike | None = None,
                    ood_score: str | None = None, allow_mismatch: bool = False, heatmaps: bool = False,
+                   eval_dir: str | os.PathLike | None = None, classifier: str | None = None,
                    slides_dir: str | os.PathLike | None = None, device: str = "cpu",
                    preprocessed: Mapping[str, Any] | None = None,
                    echo: Callable[[str], None] | None = None) -> Prediction:
@@ -391,41 +336,51 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
     ``out_dir``.
 
     The bags are checked against the checkpoint's training bags first (:func:`check_bags`; ``allow_mismatch``
-    records the differences instead). ``calibration``: a ``calibration.json`` (refused when made from another
-    checkpoint, unless ``allow_mismatch``); None: one made from ``ckpt`` under its run folder, else no OOD flag
-    and a warning. ``slides`` (from ``slides_csv``): the slide list, its ``label`` column scores the
+    records the differences instead). ``eval_dir`` (default: the folder `wsi-ncmi evaluate` recorded in the run
+    folder) holds the classifier (``classifier``: lp | cc | xi | head, default the report's primary) and
+    ``calibration.json``. ``calibration``: another ``calibration.json``; both are refused when made from another
+    checkpoint, unless ``allow_mismatch``; without one: one made from ``ckpt`` under its run folder, else no OOD
+    flag and a warning. ``slides`` (from ``slides_csv``): the slide list, its ``label`` column scores the
     predictions. Lines meant for the user go to ``echo``.
     """
     say = echo or (lambda _line: None)
     ckpt, out = Path(ckpt), Path(out_dir)
     mismatches = check_bags(bags, checkpoint, str(ckpt), allow_mismatch=allow_mismatch)
     check_bag_files(bags, module.model.in_dim)
-    cal_path = Path(calibration) if calibration else find_calibration(ckpt)
+    recorded = checkpoint.get(CHECKPOINT_KEY)
+    class_names = list((recorded or {}).get("class_names") or []) or [str(i) for i in range(module.num_classes)]
+    digest = sha256_of(ckpt)
+    saved, found = load_evaluation(ckpt, digest, int(module.model.embed_dim), len(class_names), class_names,
+                                   module.ncmi_loss, eval_dir, allow_mismatch)
+    cal_path = Path(calibration) if calibration else (found.calibration or find_calibration(ckpt))
     cal = Calibration.read(cal_path) if cal_path else None
     if cal is None:
         logger.warning("no calibration.json for %s: OOD scores are written without a flag "
-                       "(run `wsi-ncmi evaluate` and pass --calibration)", ckpt)
-    elif cal.checkpoint_sha256 and calibration:
-        if cal.checkpoint_sha256 != sha256_of(ckpt):
+                       "(run `wsi-ncmi evaluate` on the checkpoint, or pass --eval DIR)", ckpt)
+    elif cal.checkpoint_sha256:
+        if cal.checkpoint_sha256 != digest:
             msg = f"--calibration {cal_path} was made from another checkpoint ({cal.checkpoint}), not {ckpt}"
             if not allow_mismatch:
                 raise OODError(msg + "; its thresholds do not apply (--allow-mismatch to use it anyway)")
             logger.warning("%s (--allow-mismatch)", msg)
             mismatches = {**mismatches, "(calibration)": [msg]}
 
-    recorded = checkpoint.get(CHECKPOINT_KEY)
-    class_names = list((recorded or {}).get("class_names") or []) or [str(i) for i in range(module.num_classes)]
     labels = None
     if slides is not None and "label" in slides.columns:
         lab = slides.set_index("slide_id")["label"]
         labels = [lab[s] for s in bags]
     pred = predict_bags(module.model, bags, class_names, ncmi_loss=module.ncmi_loss, calibration=cal,
-                        score=ood_score, labels=labels, device=device, labels_source=str(slides_csv))
+                        score=ood_score, labels=labels, device=device, labels_source=str(slides_csv),
+                        classifier=saved, which=classifier)
     meta: dict[str, Any] = {"checkpoint": str(ckpt), "bags_dir": str(bags_dir), "calibration": str(cal_path or ""),
                             "allow_mismatch": bool(allow_mismatch), "mismatches": mismatches,
                             "objective": module.objective, "preprocessed": preprocessed,
-                            "checkpoint_sha256": sha256_of(ckpt),
+                            "classifier": pred.classifier, "temperature": pred.temperature,
+                            "classifier_dir": saved.source if saved is not None else "",
+                            "checkpoint_sha256": digest,
                             "training_bags": dict(recorded.get("values") or {}) if isinstance(recorded, Mapping) else None}
+    if cal is not None and cal.target_false_alarm is not None:
+        meta["ood_rule"] = f"{cal.rule} quantile, target false-alarm rate {cal.target_false_alarm:g}"
     if heatmaps:
         meta["heatmaps"] = write_heatmaps(module.model, bags, out / "heatmaps", slides_dir=slides_dir, device=device)
     paths = write_prediction(out, pred, meta)

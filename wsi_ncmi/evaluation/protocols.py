@@ -52,6 +52,7 @@ class ProtocolResult:
 
     proba: dict[str, np.ndarray]
     info: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, np.ndarray] = field(default_factory=dict)  # the fitted arrays (evaluation.classifier_io)
 
 
 @dataclass
@@ -117,10 +118,12 @@ def _run_lp(splits: Mapping[str, EmbeddedSplit], ctx: _Context) -> ProtocolResul
         "input_val_scores": {name: round(score, 6) for name, (_, score) in fitted.items()},
         "solver": probe.solver,
     }
+    model = probe.model_
+    state = {"coef": model.coef_, "intercept": model.intercept_, "classes": model.classes_.astype(np.int64)}
     if len(names) > 1:
         logger.info("linear probe input: %s (best val score per input: %s)", chosen,
                     ", ".join(f"{n} {fitted[n][1]:.4f}" for n in names))
-    return ProtocolResult(proba, info)
+    return ProtocolResult(proba, info, state)
 
 
 def _run_cc(splits: Mapping[str, EmbeddedSplit], ctx: _Context) -> ProtocolResult:
@@ -128,7 +131,8 @@ def _run_cc(splits: Mapping[str, EmbeddedSplit], ctx: _Context) -> ProtocolResul
     clf = fit_centroid_classifier(tr.log_probs, tr.labels, ctx.num_classes)
     proba = {name: np.asarray(clf.predict_proba(s.probs()), dtype=np.float64) for name, s in splits.items()}
     return ProtocolResult(
-        proba, {"centroids": "mean of train simplex points (Eq. 6)", "scores": "softmax(-KL)"}
+        proba, {"centroids": "mean of train simplex points (Eq. 6)", "scores": "softmax(-KL)"},
+        {"means": clf.centroids_.cpu().numpy()},
     )
 
 
@@ -184,12 +188,14 @@ def evaluate_run(
     lp_input: str = "auto",
     protocols: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    fitted: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Run every applicable protocol on embedded ``splits`` (must hold train, val and test).
 
     ``lp_input``: the linear probe's input, one of :data:`LP_INPUT_CHOICES` (module docstring). ``seed`` seeds the linear probe; ``train_seed`` is the seed the checkpoint was trained with (reported as
     ``"seed"`` when given). ``protocols`` restricts the protocols (default: all that apply). Returns the report dict (module
     docstring) and the predictions table (``protocol, split, slide_id, label, prediction, prob_<class>...``).
+    ``fitted``, when given, receives each protocol's fitted arrays (``lp``: coef, intercept, classes; ``cc``: means).
     """
     missing = [s for s in SPLITS if s not in splits]
     if missing:
@@ -219,6 +225,8 @@ def evaluate_run(
             continue
         result = run(ordered, ctx)
         info[proto] = result.info
+        if fitted is not None and result.state:
+            fitted[proto] = result.state
         metrics[proto] = {}
         for split, s in ordered.items():
             proba = result.proba[split]  # [N, C]

@@ -156,10 +156,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             ["split", "CMI", "Γ", "NCMI"],
             [[s, *(format_number(b[k], ".4g") for k in NCMI_KEYS)] for s, b in report["ncmi"].items()],
         )
-    if report.get("ood"):
-        from .ood import ood_markdown
+    if report.get("calibration"):
+        from .calibration import calibration_markdown
 
-        lines += ood_markdown(report["ood"])
+        lines += calibration_markdown(report["calibration"])
+    if report.get("ood"):
+        from .ood_threshold import ood_report_markdown
+
+        lines += ood_report_markdown(report["ood"])
     for proto, per_split in report["metrics"].items():
         if "test" not in per_split:
             continue

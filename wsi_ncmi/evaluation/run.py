@@ -14,7 +14,13 @@ embeds the train / val / test splits once with the frozen aggregator, then runs 
   The report's ``seed`` is the training seed stored in the checkpoint (or, for checkpoints without one,
   ``seed_everything`` of the run folder's ``config.yaml``; else the probe seed);
 * ``embeddings.npz`` (slide ids, labels, embeddings, LP inputs and NCMI log-probs per split; no pickles);
-* ``calibration.json`` (OOD thresholds at 95 % TPR on val) and, with ``ood_bags``, the report's ``ood`` block;
+* ``calibration.json`` (OOD thresholds, a conformal quantile at ``false_alarm``, :mod:`.ood_threshold`) and the
+  report's ``ood`` block (the flag on the test split; with ``ood_bags``, each score's AUROC);
+* next to each ``report.json``: ``classifier.npz`` / ``classifier.json`` (the fitted LP and CC as plain arrays,
+  the report's primary protocol and a temperature per classifier fitted on val, :mod:`.classifier_io`,
+  :mod:`.calibration`), the report's ``calibration`` block, ``reliability.png`` and ``cal_prob_<class>``
+  columns in ``predictions.csv``; the run folder's ``evaluations.json`` records where they are, for
+  ``wsi-ncmi predict``.
 * ``report.html`` last (:mod:`.html_report`): everything above on one self-contained page. The report's
   ``provenance`` block (checkpoint SHA-256, bags folder, the training bags' encoder record, config.yaml) is
   what the page shows of where the numbers come from.
@@ -43,17 +49,27 @@ from wsi_ncmi.data.official import detect_dataset
 from wsi_ncmi.data.provenance import CHECKPOINT_KEY
 from wsi_ncmi.data.weights import check_device
 
+from .calibration import (
+    RELIABILITY_PNG,
+    apply_temperature,
+    calibration_block,
+    fit_temperature,
+    plot_reliability,
+    protocol_probabilities,
+)
+from .classifier_io import SavedClassifier, record_evaluation
 from .embed import embed_splits
 from .ood import CALIBRATION_JSON, evaluate_ood, sha256_of
+from .ood_threshold import DEFAULT_FALSE_ALARM, evaluate_rule
 from .paper import paper_for_protocol
 from .predict import check_bag_files, check_bags, embed_bags, select_bags
 from .probe import DEFAULT_CS
 from .protocols import evaluate_run
 from .report import write_report
-from .report_schema import SPLITS
+from .report_schema import SPLITS, json_safe
 
-__all__ = ["EvaluateError", "EvaluateOptions", "evaluate_module", "find_metrics_csv", "run_dir", "run_provenance",
-           "save_embeddings", "summary_lines", "training_seed"]
+__all__ = ["EvaluateError", "EvaluateOptions", "evaluate_module", "find_metrics_csv", "fit_classifier", "run_dir",
+           "run_provenance", "save_embeddings", "summary_lines", "training_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +94,7 @@ class EvaluateOptions:
     plots: bool = True
     allow_patient_leak: bool = False  # recorded in the report
     ood_bags: str | None = None  # folder of out-of-distribution bags
+    false_alarm: float = DEFAULT_FALSE_ALARM  # target false-alarm rate of the OOD flag (evaluation.ood_threshold)
 
     def check(self) -> None:
         """Raise :class:`EvaluateError` for a device that is not there or repeated seeds."""
@@ -85,6 +102,8 @@ class EvaluateOptions:
             check_device(self.device)
         except ValueError as e:
             raise EvaluateError(str(e)) from None
+        if not 0 < self.false_alarm < 1:
+            raise EvaluateError(f"--ood-false-alarm {self.false_alarm}: must be in (0, 1)")
         if len(set(self.seeds)) != len(self.seeds):
             raise EvaluateError(f"--seeds {list(self.seeds)}: seeds must be distinct")
 
@@ -180,7 +199,8 @@ def check_out_folder(out: str | Path) -> Path:
 def _ood_calibration(module: Any, splits: Mapping[str, Any], state: Mapping[str, Any], num_classes: int,
                      class_names: list[str], ckpt: Path, out: Path, extra: dict[str, Any], options: EvaluateOptions,
                      echo: Callable[[str], None], shown: Path) -> None:
-    """``calibration.json`` (OOD thresholds at 95 % TPR on val) and, with ``ood_bags``, ``extra["ood"]``."""
+    """``calibration.json`` (OOD thresholds: :mod:`.ood_threshold`) and ``extra["ood"]`` (the flag rule on test; with
+    ``ood_bags``, also the AUROC of every score); ``out`` is the staged folder that becomes ``shown``."""
     ood = None
     if options.ood_bags:
         bags = select_bags(options.ood_bags)
@@ -189,11 +209,53 @@ def _ood_calibration(module: Any, splits: Mapping[str, Any], state: Mapping[str,
         ood = embed_bags(module.model, bags, ncmi_loss=module.ncmi_loss, device=options.device)
     calibration, block = evaluate_ood(splits, module.ncmi_loss, num_classes, class_names, ckpt, ood,
                                       str(options.ood_bags or ""))
+    rule = evaluate_rule(calibration, splits, module.ncmi_loss, num_classes, ood, options.false_alarm)
     calibration.write(out / CALIBRATION_JSON)
-    echo(f"OOD calibration ({calibration.default_score} default, 95 % TPR on val) → {shown / CALIBRATION_JSON}")
+    extra["ood"] = {**(block or {}), **rule}
+    echo(f"OOD flag: {rule['score']} > {rule['threshold']:.4g} ({calibration.rule}, false alarms ≤ "
+         f"{options.false_alarm:g}; {len(rule['flagged_test'])} of {len(splits['test'])} test slides flagged"
+         + (f", {len(rule['flagged_ood'])} of {len(ood)} OOD bags" if ood is not None else "")
+         + f") → {shown / CALIBRATION_JSON}")
     if block is not None:
-        extra["ood"] = block
         echo("OOD vs test: " + ", ".join(f"{k} AUROC {v['auroc']:.3f}" for k, v in block["scores"].items()))
+
+
+def fit_classifier(module: Any, splits: Mapping[str, Any], report: dict[str, Any], preds: Any,
+                   fitted: Mapping[str, Mapping[str, np.ndarray]], checkpoint_sha256: str,
+                   seed_dir: Path | None = None) -> tuple[SavedClassifier, Any]:
+    """Temperatures of every classifier fitted on val, ``report["calibration"]`` (the primary protocol), the
+    ``cal_prob_<class>`` columns of ``preds`` and the :class:`SavedClassifier`; with ``seed_dir``, the
+    reliability diagram there. Returns the classifier and the extended predictions table."""
+    names = list(report["class_names"])
+    temps = {}
+    for proto in report["metrics"]:
+        temps[proto] = fit_temperature(*protocol_probabilities(preds, proto, "val", names))
+    nl = module.ncmi_loss
+    lp_center = None
+    if nl is not None:
+        lp_center = nl.center.center.detach().cpu().double().numpy() if nl.use_centering else None
+    elif "lp" in fitted:
+        lp_center = splits["train"].embeddings.astype(np.float64).mean(axis=0)  # [E], as embed_splits
+    lp_info = report.get("protocol_info", {}).get("lp", {})
+    saved = SavedClassifier.from_fit(fitted, module.objective, names, int(module.model.embed_dim), lp_center,
+                                     lp_info.get("kept_input"), temps, checkpoint_sha256)
+    if nl is not None:
+        temps["xi"] = saved.temperatures["xi"] = fit_temperature(saved.proba("xi", splits["val"], nl),
+                                                                 splits["val"].labels)
+    cols = [f"prob_{n}" for n in names]
+    cal = np.zeros((len(preds), len(names)))  # [rows, C]
+    for proto in report["metrics"]:
+        rows = (preds["protocol"] == proto).to_numpy()
+        cal[rows] = apply_temperature(preds.loc[rows, cols].to_numpy(dtype=np.float64), temps[proto])
+    preds = preds.assign(**{f"cal_prob_{n}": cal[:, i] for i, n in enumerate(names)})
+    primary = saved.primary if saved.primary in report["metrics"] else "lp"
+    png = RELIABILITY_PNG if seed_dir is not None else None
+    val, test = (protocol_probabilities(preds, primary, s, names) for s in ("val", "test"))
+    report["calibration"] = json_safe(calibration_block(primary, temps[primary], val, test, png,
+                                                        {k: v for k, v in temps.items() if k != primary}))
+    if seed_dir is not None:
+        plot_reliability(seed_dir / RELIABILITY_PNG, *test, temps[primary], title=f"{primary}, test split")
+    return saved, preds
 
 
 def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt: str | Path, out: str | Path,
@@ -218,7 +280,9 @@ def evaluate_module(module: Any, state: Mapping[str, Any], datamodule: Any, ckpt
         written = _write_outputs(module, state, dm, splits, ckpt, stage, out, dataset, options, lines.append)
     for line in lines:
         say(line)
-    return {seed: out / folder.relative_to(stage) for seed, folder in written.items()}
+    final = {seed: out / folder.relative_to(stage) for seed, folder in written.items()}
+    record_evaluation(ckpt, sha256_of(ckpt), out, final[options.seeds[0]])  # for `wsi-ncmi predict`
+    return final
 
 
 def _write_outputs(module: Any, state: Mapping[str, Any], dm: Any, splits: Mapping[str, Any], ckpt: Path, out: Path,
@@ -245,14 +309,19 @@ def _write_outputs(module: Any, state: Mapping[str, Any], dm: Any, splits: Mappi
     train_seed = training_seed(state, ckpt)
     multi = len(options.seeds) > 1
     written: dict[int, Path] = {}
+    digest = sha256_of(ckpt)
     for seed in options.seeds:
+        fitted: dict[str, dict[str, np.ndarray]] = {}
         report, preds = evaluate_run(
             splits, num_classes, dataset=dataset, split_csv=str(dm.split_csv), model=str(hp["model"]),
             objective=module.objective, seed=seed, train_seed=train_seed, class_names=dm.class_names,
             class_weight=options.class_weight, Cs=tuple(options.Cs), refit=options.refit, extra=extra,
-            solver=options.solver, lp_input=options.lp_input,
+            solver=options.solver, lp_input=options.lp_input, fitted=fitted,
         )
         seed_dir = out / f"seed{seed}" if multi else out
+        saved, preds = fit_classifier(module, splits, report, preds, fitted, digest,
+                                      seed_dir if options.plots else None)
+        saved.write(seed_dir)
         write_report(seed_dir, report, preds)
         if options.plots:
             from .plots import write_report_plots

@@ -220,6 +220,7 @@ def checkpoint_datamodule(module: Any, checkpoint: Mapping[str, Any], bags_dir: 
             num_classes=num_classes,
             fold=fold,
             pin_memory=False,
+            cache="none",  # each bag is embedded once, at its stored dtype, as `wsi-ncmi predict` reads it
         )
     if dm.num_classes != num_classes:
         raise CheckpointError(
