@@ -28,3 +28,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Commands called in-process (`preprocessing.cli.main`, `wsi_ncmi.cli.main`) configure the root logger with
+    a handler on the test's captured stderr, which pytest closes after the test; later records (Lightning's
+    "Seed set to 0") would then print "--- Logging error ---" into the next test's stderr. Put the root and the
+    lightning loggers back as they were."""
+    import logging
+
+    names = ("", "lightning", "lightning.pytorch", "lightning.fabric")
+    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).level, logging.getLogger(n).propagate)
+             for n in names}
+    yield
+    for n, (handlers, level, propagate) in saved.items():
+        lg = logging.getLogger(n)
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
