@@ -38,7 +38,9 @@ SETTINGS_FILE = "settings.json"
 OUTPUT_SUBDIRS = (BAGS_DIR, THUMBS_DIR, LOCKS_DIR, COORDS_DIR, STALE_DIR)  # checked writable
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 TILING_KEYS = ("target_mpp", "patch_size")  # recorded by every run (a seg,tile run has no encoder)
-PER_SLIDE_KEYS = ("overlap", "min_tissue", "mpp_tolerance", "tissue")  # choose tiles, do not change features
+# choose tiles, or change pixels by well under a grey level (read path: fast vs exact decode, feature cosine
+# >= 0.998): a bag made otherwise is redone, the folder is not refused
+PER_SLIDE_KEYS = ("overlap", "min_tissue", "mpp_tolerance", "tissue", "read_path")
 
 
 class FolderSettingsError(SlideError):
