@@ -8,13 +8,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["ConfigError", "PreprocessConfig", "load_yaml", "STAGES", "READ_PATHS"]
 
 STAGES = ("seg", "tile", "extract")
 READ_PATHS = ("fast", "exact")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An invalid setting; the message names the flag / YAML key."""
 
 

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsi_ncmi.errors import UserError
+
 from .presets import BUILDERS, IMAGENET_MEAN, IMAGENET_STD, PRESETS, Preset, resolve_kwargs
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ __all__ = [
 DEFAULT_PRECISION = "bf16"  # CUDA autocast of encoders without a published precision
 
 
-class EncoderError(ValueError):
+class EncoderError(UserError):
     """Unknown encoder, missing or incompatible weights."""
 
 

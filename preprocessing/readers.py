@@ -24,6 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from wsi_ncmi.errors import UserError
+
 from .file_checks import MAX_DECODE_PIXELS, declared_image_size, unreadable_reason
 from .mpp import magnification_from_properties, mpp_from_properties, tiff_resolution_properties
 from .tiff_tiles import TiffLevels, TileDecodeError
@@ -50,7 +52,7 @@ __all__ = [
     "load_reader",
 ]
 
-class SlideError(ValueError):
+class SlideError(UserError):
     """A slide cannot be used; the message names the file."""
 
 

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from wsi_ncmi.errors import UserError
+
 from .config import ConfigError, PreprocessConfig
 from .encoder_weights import RANDOM, sha256_file
 from .plan import IMPLIED_SETTINGS, settings_fingerprint
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 _NOT_COMPARED = frozenset({"compute_precision", "weights_sha256"})
 
 
-class ReplayError(ValueError):
+class ReplayError(UserError):
     """The recorded settings cannot be reproduced (unknown encoder, changed defaults, other weights)."""
 
 

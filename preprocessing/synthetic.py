@@ -22,6 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from wsi_ncmi.errors import UserError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class SyntheticError(ValueError):
+class SyntheticError(UserError):
     """Bad arguments to a synthetic-slide writer."""
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from wsi_ncmi.errors import UserError
+
 from .jpeg_tiles import REDUCE_FLAGS, decode_reduced, stream_prefix, tile_stream
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ FAST_VENDORS = ("aperio", "generic-tiff")
 _CACHE_TILES = 64  # decoded tiles kept (a grid that does not align with the tiles reuses neighbours)
 
 
-class TileDecodeError(ValueError):
+class TileDecodeError(UserError):
     """A TIFF tile could not be read or decoded."""
 
 

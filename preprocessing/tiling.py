@@ -14,16 +14,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["TilePlan", "MppTooCoarseError", "EffectiveMppError", "plan_tiles", "grid_coords", "DEFAULT_TOLERANCE"]
 
 DEFAULT_TOLERANCE = 0.05
 
 
-class MppTooCoarseError(ValueError):
+class MppTooCoarseError(UserError):
     """The slide's pixels are larger than the target pixel size (beyond the tolerance)."""
 
 
-class EffectiveMppError(ValueError):
+class EffectiveMppError(UserError):
     """Whole-pixel reads cannot reach the target pixel size within the tolerance (tiny patch sizes)."""
 
 

@@ -34,6 +34,8 @@ import torch
 from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["MetricsError", "classification_metrics", "macro_ovr_auc", "binary_auc", "topk_hits",
            "SCALAR_METRICS"]
 
@@ -41,7 +43,7 @@ __all__ = ["MetricsError", "classification_metrics", "macro_ovr_auc", "binary_au
 SCALAR_METRICS = ("macro_f1", "macro_auc", "accuracy", "balanced_accuracy")
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError):
     """Bad input to a metric (shape mismatch, label out of range, non-finite probabilities)."""
 
 

@@ -25,6 +25,8 @@ import logging
 import sys
 from pathlib import Path
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["main", "main_report", "build_parser", "build_report_parser"]
 
 logger = logging.getLogger(__name__)
@@ -112,31 +114,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from wsi_ncmi.data import BagError, SplitError
-    from wsi_ncmi.data.mil import MILDataError
-    from wsi_ncmi.data.outputs import OutputError
-    from wsi_ncmi.data.provenance import ProvenanceError
-    from wsi_ncmi.data.split_check import PreflightError
-    from wsi_ncmi.evaluation.embed import EmbedError
-    from wsi_ncmi.evaluation.ood import OODError
-    from wsi_ncmi.evaluation.predict import PredictError
-    from wsi_ncmi.evaluation.probe import ProbeError
-    from wsi_ncmi.evaluation.report_schema import ReportError
-    from wsi_ncmi.evaluation.run import EvaluateError
-    from wsi_ncmi.models import MILInputError
-    from wsi_ncmi.training.checkpoint import CheckpointError
-
-    return (EvaluateError, BagError, SplitError, MILDataError, EmbedError, ProbeError, ReportError,
-            MILInputError, CheckpointError, PreflightError, OODError, ProvenanceError, PredictError, OutputError)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`wsi-ncmi evaluate ...`; returns 0 on success, 2 on a user error (message on stderr)."""
     args = build_parser().parse_args(argv)
     try:
         return _evaluate(args)
-    except _user_errors() as err:
+    except UserError as err:
         from wsi_ncmi.commands.errors import one_line
 
         _echo(f"wsi-ncmi evaluate: error: {one_line(err)}", err=True)

@@ -23,6 +23,8 @@ import logging
 import sys
 from pathlib import Path
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger(__name__)
@@ -61,17 +63,6 @@ def _side_path(value: str | None, png: Path, suffix: str) -> Path | None:
     if value is None:
         return None
     return png.with_suffix(suffix) if value == _AUTO else Path(value)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from preprocessing.readers import SlideError
-    from wsi_ncmi.data.bags import BagError
-    from wsi_ncmi.data.outputs import OutputError
-    from wsi_ncmi.evaluation.heatmap import HeatmapError
-    from wsi_ncmi.models import MILInputError
-    from wsi_ncmi.training.checkpoint import CheckpointError
-
-    return HeatmapError, BagError, CheckpointError, SlideError, MILInputError, OutputError
 
 
 def _run(args: argparse.Namespace) -> list[str]:
@@ -121,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_output_file(args.out, "--out")  # not a folder, its folder writable: before any work
         lines = _run(args)
-    except _user_errors() as e:
+    except UserError as e:
         sys.stderr.write(f"wsi-ncmi heatmap: error: {one_line(e)}\n")
         return 2
     except OSError as e:  # disk full, read-only, ... while writing --out

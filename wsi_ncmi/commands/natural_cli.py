@@ -19,6 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
@@ -48,16 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigComposeError as err:
         print(f"wsi-ncmi natural: {err}", file=sys.stderr)
         return 2
-    from wsi_ncmi.natural.backbones import BackboneError
     from wsi_ncmi.natural.cli import NaturalCLI
-    from wsi_ncmi.natural.datasets import ImageDataError
-    from wsi_ncmi.training.checkpoint import CheckpointError
 
     from .errors import one_line
 
     try:
         NaturalCLI(args)
-    except (CheckpointError, BackboneError, ImageDataError) as err:  # a bad checkpoint, weight file or data file
+    except UserError as err:  # a bad checkpoint, weight file, data file or setting
         print(f"wsi-ncmi natural {argv[0]}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
@@ -94,8 +93,7 @@ def _evaluate(argv: list[str]) -> int:
 
     from wsi_ncmi.natural.evaluate import write_json
     from wsi_ncmi.natural.probe import LinearProbeConfig
-    from wsi_ncmi.natural.run import DATA_OVERRIDES, NaturalEvalError, evaluate_checkpoint
-    from wsi_ncmi.training.checkpoint import CheckpointError
+    from wsi_ncmi.natural.run import DATA_OVERRIDES, evaluate_checkpoint
 
     args = _eval_parser().parse_args(argv)
     ckpt = Path(args.ckpt).expanduser()
@@ -111,7 +109,7 @@ def _evaluate(argv: list[str]) -> int:
             lp=LinearProbeConfig(epochs=args.lp_epochs, lr=args.lp_lr, batch_size=args.lp_batch_size),
             lp_dtype=getattr(torch, args.lp_dtype),
         )
-    except (NaturalEvalError, CheckpointError) as err:
+    except UserError as err:
         print(f"wsi-ncmi natural evaluate: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else ckpt.with_suffix(".eval.json")

@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger(__name__)
@@ -132,32 +134,12 @@ def _predict(args: argparse.Namespace) -> int:
     return rc
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from preprocessing.config import ConfigError
-    from preprocessing.encoder_specs import EncoderError
-    from preprocessing.readers import SlideError
-    from preprocessing.replay import ReplayError
-    from wsi_ncmi.data.bags import BagError
-    from wsi_ncmi.data.outputs import OutputError
-    from wsi_ncmi.data.provenance import ProvenanceError
-    from wsi_ncmi.evaluation.classifier_io import ClassifierError
-    from wsi_ncmi.evaluation.embed import EmbedError
-    from wsi_ncmi.evaluation.ood import OODError
-    from wsi_ncmi.evaluation.predict import PredictError
-    from wsi_ncmi.models import MILInputError
-    from wsi_ncmi.training.checkpoint import CheckpointError
-
-    return (PredictError, ProvenanceError, ReplayError, ConfigError, BagError, OODError, EmbedError, MILInputError,
-            CheckpointError, ClassifierError, EncoderError, SlideError, OutputError)  # Encoder/SlideError: --weights,
-                                                                                      # --slides-dir, folder
-
-
 def main(argv: list[str] | None = None) -> int:
     """`wsi-ncmi predict ...`; 0 on success, 2 on a user error, 3 when some slides failed preprocessing."""
     args = build_parser().parse_args(argv)
     try:
         return _predict(args)
-    except _user_errors() as err:
+    except UserError as err:
         from wsi_ncmi.commands.errors import one_line
 
         _echo(f"wsi-ncmi predict: error: {one_line(err)}", err=True)

@@ -13,20 +13,11 @@ from __future__ import annotations
 import sys
 
 from wsi_ncmi.commands.errors import one_line, write_failure
-from wsi_ncmi.data import BagError, SplitError
-from wsi_ncmi.data.locks import LockHeldError
-from wsi_ncmi.data.mil import MILDataError
-from wsi_ncmi.data.outputs import OutputError
-from wsi_ncmi.data.split_check import PreflightError
-from wsi_ncmi.models.base import MILConfigError, MILInputError
-from wsi_ncmi.training import ConfigComposeError, TrainingConfigError
-from wsi_ncmi.training.checkpoint import CheckpointError
+from wsi_ncmi.errors import UserError
 from wsi_ncmi.training.cli import run_cli
 
 __all__ = ["main_fit", "main_test", "main_validate"]
 
-_USER_ERRORS = (PreflightError, SplitError, BagError, MILDataError, MILConfigError, TrainingConfigError,
-                ConfigComposeError, CheckpointError, MILInputError, LockHeldError, OutputError)
 
 
 def _run_folder(argv: list[str]) -> str | None:
@@ -43,7 +34,7 @@ def _main(subcommand: str, argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         run_cli(subcommand, argv)
-    except _USER_ERRORS as exc:
+    except UserError as exc:
         print(f"wsi-ncmi {subcommand}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, read-only, ... while writing the run folder

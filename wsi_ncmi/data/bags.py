@@ -37,6 +37,7 @@ import numpy as np
 
 from wsi_ncmi import __version__
 from wsi_ncmi.data.atomic import fit_name
+from wsi_ncmi.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ ROOT_ATTR_KEYS = (
 FORMATS = ("wsi_ncmi", "clam", "trident")
 
 
-class BagError(ValueError):
+class BagError(UserError):
     """A bag file is missing, unreadable or does not follow the schema; the message names the file."""
 
 

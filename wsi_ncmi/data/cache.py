@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from wsi_ncmi.data.bags import BagError, read_features, read_header
+from wsi_ncmi.errors import UserError
 
 __all__ = ["CACHE_MODES", "BagCache", "CacheError", "available_memory", "bags_nbytes", "headers_nbytes",
            "resolve_cache_mode"]
@@ -36,7 +37,7 @@ CACHE_MODES = ("auto", "none", "ram", "device")
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A requested cache cannot be built (does not fit the budget, unknown mode, bad bag)."""
 
 

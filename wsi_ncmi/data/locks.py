@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["HOST", "LockHeldError", "acquire_folder_lock", "lock_holder", "release_folder_lock"]
 
 logger = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ HOST = socket.gethostname()
 OWNERLESS_GRACE_S = 10.0
 
 
-class LockHeldError(ValueError):
+class LockHeldError(UserError):
     """Another process holds the lock of an output folder; the message names the folder and the holder."""
 
 

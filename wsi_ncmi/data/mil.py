@@ -25,11 +25,12 @@ from wsi_ncmi.data.bags import BagError, read_bag, read_features
 from wsi_ncmi.data.cache import CACHE_MODES, BagCache, CacheError, headers_nbytes, resolve_cache_mode
 from wsi_ncmi.data.split_check import locate_bags, missing_bags_message, split_bags_for
 from wsi_ncmi.data.splits import SPLITS, load_split, select_fold
+from wsi_ncmi.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class MILDataError(ValueError):
+class MILDataError(UserError):
     """The split table and the bags folder do not make a usable dataset; the message names the split CSV."""
 
 

@@ -12,6 +12,8 @@ import errno
 import os
 from pathlib import Path
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["OUTPUT_ERRNOS", "OutputError", "check_output_dir", "check_output_file", "output_error"]
 
 #: errors of a write the user fixes (free space, permissions, another path), not a bug of ours
@@ -19,7 +21,7 @@ OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES
                            errno.ENOTDIR, errno.EISDIR, errno.EFBIG, errno.ENAMETOOLONG})
 
 
-class OutputError(ValueError):
+class OutputError(UserError):
     """An output path cannot be written (a file where a folder is needed, read-only, disk full, ...)."""
 
 

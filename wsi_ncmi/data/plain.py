@@ -12,7 +12,7 @@ kwargs dict of a YAML config, where it is never needed.
   key known, every value plain and of the annotated type (``int``, ``float``, ``str``, ``bool``, unions,
   ``Literal``, ``list[...]``, ``dict[str, ...]``, ``Any`` = any plain value).
 
-A leaf: standard library only.
+A leaf: standard library and :mod:`wsi_ncmi.errors` only.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Union
+
+from wsi_ncmi.errors import UserError
 
 __all__ = ["CODE_KEYS", "PlainKwargs", "PlainValue", "PlainValueError", "Scalar", "check_plain",
            "check_signature_values"]
@@ -39,7 +41,7 @@ _MAX_ITEMS = 100_000
 _MAX_TEXT = 80  # how much of an offending value a message quotes
 
 
-class PlainValueError(ValueError):
+class PlainValueError(UserError):
     """A value that is not plain data (or not of the expected type); the message names where it was found."""
 
 

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from wsi_ncmi.errors import UserError
+
 from .bags import BagError, inspect_bag
 
 __all__ = [
@@ -49,7 +51,7 @@ _FLOAT_KEYS = frozenset({"target_mpp"})
 _INT_KEYS = frozenset({"embed_dim", "patch_size"})
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(UserError):
     """New bags do not match what a checkpoint was trained on, or a checkpoint records no provenance."""
 
 

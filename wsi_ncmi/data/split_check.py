@@ -41,6 +41,7 @@ import pandas as pd
 
 from wsi_ncmi.data.bags import check_header, list_bags
 from wsi_ncmi.data.splits import SplitError, check_table, load_split, patient_leaks, select_fold
+from wsi_ncmi.errors import UserError
 
 __all__ = [
     "SplitBags",
@@ -267,7 +268,7 @@ def validate_split(
 
 
 # ---------------------------------------------------------------------------------------- pre-flight
-class PreflightError(ValueError):
+class PreflightError(UserError):
     """The split table and the bags folder are inconsistent (missing bags, dims, labels)."""
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 
 from wsi_ncmi.data.atomic import atomic_output
 from wsi_ncmi.data.markdown import markdown_table
+from wsi_ncmi.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ SPLITS = ("train", "val", "test")
 STRATEGIES = ("holdout", "kfold", "center")
 
 
-class SplitError(ValueError):
+class SplitError(UserError):
     """A split table is malformed or violates its protocol; the message names the file (and row)."""
 
 

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from wsi_ncmi.data.atomic import atomic_output, atomic_write_text
+from wsi_ncmi.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ N_OOD, N_OOD_QUICK = 3, 2
 _MIN_TUMOUR_RADIUS = 320  # level-0 px (160 um): a tumour region covers several 224-px (level-0) tiles
 
 
-class CohortError(ValueError):
+class CohortError(UserError):
     """The cohort cannot be built (missing texture packages, bad arguments, bad mask file)."""
 
 

@@ -9,10 +9,12 @@ from typing import Any
 
 import pandas as pd
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["DEMO_DATASET", "QUICK_RUNS", "RUNS", "DemoConfig", "DemoError", "DemoResult", "StageResult"]
 
 
-class DemoError(ValueError):
+class DemoError(UserError):
     """A demo stage could not run (names the stage and the reason)."""
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from wsi_ncmi.data.atomic import atomic_output, atomic_write_text
+from wsi_ncmi.errors import UserError
 
 from .embed import EmbeddedSplit, center_and_normalize
 
@@ -56,7 +57,7 @@ ARRAYS = ("lp_coef", "lp_intercept", "lp_classes", "lp_center", "cc_means")
 FORMAT = 1
 
 
-class ClassifierError(ValueError):
+class ClassifierError(UserError):
     """A saved classifier cannot be used (bad file, wrong shape, unknown classifier); names the file."""
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsi_ncmi.errors import UserError
 from wsi_ncmi.models import MILAggregator
 from wsi_ncmi.ncmi import NCMILoss
 
@@ -35,7 +36,7 @@ __all__ = ["EmbedError", "EmbeddedSplit", "embed_split", "embed_splits", "center
 logger = logging.getLogger(__name__)
 
 
-class EmbedError(ValueError):
+class EmbedError(UserError):
     """A split could not be embedded (empty loader, batch without the expected keys, ...)."""
 
 

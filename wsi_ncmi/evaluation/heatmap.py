@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from wsi_ncmi.data.atomic import atomic_output, atomic_write_text
+from wsi_ncmi.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 
-class HeatmapError(ValueError):
+class HeatmapError(UserError):
     """Bad input to a heatmap function (names the argument or file and the problem)."""
 
 

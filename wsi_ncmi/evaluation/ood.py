@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from wsi_ncmi.data.atomic import atomic_write_text
+from wsi_ncmi.errors import UserError
 from wsi_ncmi.ncmi import NCMILoss
 from wsi_ncmi.ncmi.centroids import class_centroids, kl_rows_to_centroids
 
@@ -77,7 +78,7 @@ CE_DEFAULT = "msp"
 NCMI_SCORES = ("ncmi_xi", "ncmi_means")
 
 
-class OODError(ValueError):
+class OODError(UserError):
     """OOD scores cannot be computed / calibrated, or a calibration file is invalid (names the file)."""
 
 

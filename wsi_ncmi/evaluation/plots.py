@@ -25,6 +25,7 @@ from sklearn.metrics import auc as area_under_curve
 from sklearn.metrics import roc_curve
 
 from wsi_ncmi.data.atomic import atomic_output
+from wsi_ncmi.errors import UserError
 
 __all__ = [
     "PlotError",
@@ -41,7 +42,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class PlotError(ValueError):
+class PlotError(UserError):
     """A figure cannot be drawn from the given data (names the file or argument)."""
 
 

@@ -35,6 +35,7 @@ import torch
 
 from wsi_ncmi.data.bags import BagError, check_header, list_bags, read_features
 from wsi_ncmi.data.provenance import CHECKPOINT_KEY, ProvenanceError, bag_mismatches, bag_provenance
+from wsi_ncmi.errors import UserError
 from wsi_ncmi.models import MILAggregator
 from wsi_ncmi.ncmi import NCMILoss
 
@@ -70,7 +71,7 @@ logger = logging.getLogger(__name__)
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".png", ".jpg", ".jpeg")
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
     """Prediction cannot run (no bags, unknown slide, bad slide list, …); the message names the file."""
 
 

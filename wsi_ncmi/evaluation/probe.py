@@ -34,6 +34,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from wsi_ncmi.errors import UserError
 from wsi_ncmi.metrics import MetricsError, classification_metrics
 from wsi_ncmi.ncmi import NearestCentroidClassifier
 
@@ -47,7 +48,7 @@ CLASS_WEIGHTS = (None, "balanced")
 SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky", "sag", "saga")  # the multinomial-capable solvers
 
 
-class ProbeError(ValueError):
+class ProbeError(UserError):
     """Bad input to a probe (shapes, labels, unknown option, not fitted)."""
 
 

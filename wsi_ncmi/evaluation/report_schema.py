@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_ncmi.errors import UserError
 from wsi_ncmi.metrics import SCALAR_METRICS
 
 __all__ = [
@@ -64,7 +65,7 @@ RESERVED_KEYS = {
 }
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """A run cannot be evaluated or reports cannot be read / aggregated (names the file or argument)."""
 
 

@@ -48,6 +48,7 @@ from wsi_ncmi.data.atomic import atomic_output, staged_folder
 from wsi_ncmi.data.official import detect_dataset
 from wsi_ncmi.data.provenance import CHECKPOINT_KEY
 from wsi_ncmi.data.weights import check_device
+from wsi_ncmi.errors import UserError
 
 from .calibration import (
     RELIABILITY_PNG,
@@ -74,7 +75,7 @@ __all__ = ["EvaluateError", "EvaluateOptions", "evaluate_module", "find_metrics_
 logger = logging.getLogger(__name__)
 
 
-class EvaluateError(ValueError):
+class EvaluateError(UserError):
     """An option of the evaluation is wrong (the message names it as its `wsi-ncmi evaluate` flag)."""
 
 

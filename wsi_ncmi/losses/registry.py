@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["LossError", "register_loss", "create_loss", "list_losses", "INPUT_KINDS"]
 
 INPUT_KINDS = ("logits", "embedding")
@@ -25,7 +27,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 T = TypeVar("T", bound=Callable[..., nn.Module])
 
 
-class LossError(ValueError):
+class LossError(UserError):
     """Unknown loss name, bad loss argument or bad loss input."""
 
 

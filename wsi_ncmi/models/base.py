@@ -26,16 +26,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from wsi_ncmi.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["BagFeatures", "MILAggregator", "MILConfigError", "MILInputError", "MILOutput"]
 
 
-class MILInputError(ValueError):
+class MILInputError(UserError):
     """A bag given to an aggregator is malformed (shape, dimension, mask or values)."""
 
 
-class MILConfigError(ValueError):
+class MILConfigError(UserError):
     """An aggregator was constructed with invalid arguments."""
 
 

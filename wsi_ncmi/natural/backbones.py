@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from wsi_ncmi.data.weights import nonfinite_keys, read_error_line, read_weight_file, unwrap_state_dict
+from wsi_ncmi.errors import UserError
 
 __all__ = ["BackboneError", "BACKBONES", "create_backbone", "create_classifier", "load_state_dict_file"]
 
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """Unknown backbone name, unreadable weight file or mismatching weights."""
 
 

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from wsi_ncmi.errors import UserError
+
 __all__ = [
     "CIFAR100",
     "CIFAR100_LAYOUT",
@@ -46,7 +48,7 @@ CIFAR100_LAYOUT = (
 )
 
 
-class ImageDataError(ValueError):
+class ImageDataError(UserError):
     """A natural-image dataset is missing, malformed or unsafe (names the path and the problem)."""
 
 

@@ -25,6 +25,7 @@ import torch
 
 from wsi_ncmi.data.atomic import atomic_output
 from wsi_ncmi.data.weights import strip_prefixes, unwrap_state_dict
+from wsi_ncmi.errors import UserError
 from wsi_ncmi.natural.backbones import BACKBONES, BackboneError, create_classifier, read_backbone_weights
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class NCMIMetricError(ValueError):
+class NCMIMetricError(UserError):
     """A bad ``wsi-ncmi ncmi-metric`` input: weight spec, checkpoint or data folder (names which and why)."""
 
 

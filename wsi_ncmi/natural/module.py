@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsi_ncmi.data.plain import PlainKwargs, PlainValueError, check_plain
+from wsi_ncmi.errors import UserError
 from wsi_ncmi.losses import create_loss
 from wsi_ncmi.metrics import topk_hits
 from wsi_ncmi.natural.backbones import create_backbone
@@ -33,7 +34,7 @@ __all__ = ["OBJECTIVES", "ImageModule", "ImageModuleError"]
 logger = logging.getLogger(__name__)
 
 
-class ImageModuleError(ValueError):
+class ImageModuleError(UserError):
     """Bad ImageModule configuration (names the argument)."""
 
 

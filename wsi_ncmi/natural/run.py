@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from wsi_ncmi.data.weights import resolve_device
+from wsi_ncmi.errors import UserError
 from wsi_ncmi.training.checkpoint import checkpoint_hparams, load_module, read_checkpoint
 
 from .data import ImageDataModule
@@ -44,7 +45,7 @@ DATA_OVERRIDES: dict[str, type] = {
 }
 
 
-class NaturalEvalError(ValueError):
+class NaturalEvalError(UserError):
     """A checkpoint that cannot be evaluated (unreadable, or not written by ``wsi-ncmi natural fit``)."""
 
 

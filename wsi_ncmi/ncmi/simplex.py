@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["NCMIError", "nsf", "log_nsf", "FeatureCenter"]
 
 
-class NCMIError(ValueError):
+class NCMIError(UserError):
     """Bad input to the NCMI core (wrong shape, label out of range, non-finite values, ...)."""
 
 

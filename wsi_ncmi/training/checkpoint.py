@@ -45,6 +45,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["CheckpointError", "WeightsOnlyCLI", "checkpoint_datamodule", "checkpoint_hparams", "checkpoint_kind",
            "load_mil_module", "load_module", "read_checkpoint", "resolve_ckpt_path"]
 
@@ -63,7 +65,7 @@ CHECKPOINT_KINDS: dict[str, tuple[str, str]] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file cannot be used; the message (one line) names the file and the problem."""
 
 

@@ -19,13 +19,15 @@ from typing import Any
 
 import yaml
 
+from wsi_ncmi.errors import UserError
+
 __all__ = ["BASE_KEY", "ConfigComposeError", "compose_config", "deep_merge", "expand_config_args"]
 
 BASE_KEY = "__base__"
 _CONFIG_FLAGS = ("-c", "--config")
 
 
-class ConfigComposeError(ValueError):
+class ConfigComposeError(UserError):
     """A config file is missing, not a YAML mapping, or its ``__base__`` chain is invalid."""
 
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from wsi_ncmi.data.mil import MILDataModule
 from wsi_ncmi.data.plain import PlainKwargs, PlainValueError, check_plain
+from wsi_ncmi.errors import UserError
 from wsi_ncmi.losses import create_loss
 from wsi_ncmi.models import create_model
 from wsi_ncmi.ncmi import NCMILoss, ncmi_metric
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 OBJECTIVES = ("head", "ncmi")
 
 
-class TrainingConfigError(ValueError):
+class TrainingConfigError(UserError):
     """Invalid MILModule arguments, or a module that does not match its data."""
 
 

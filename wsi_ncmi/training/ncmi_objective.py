@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from wsi_ncmi.errors import UserError
 from wsi_ncmi.losses import LossError, create_loss
 from wsi_ncmi.ncmi import CentroidAccumulator, NCMILoss
 from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
@@ -41,7 +42,7 @@ METRIC_NAMES = {"xi": "xi_accuracy", "cc": "cc_accuracy"}
 SumFn = Callable[[Tensor], Tensor]
 
 
-class NCMIConfigError(ValueError):
+class NCMIConfigError(UserError):
     """An invalid NCMI training setting (the holding module re-raises it as its own configuration error)."""
 
 

@@ -27,6 +27,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from wsi_ncmi.errors import UserError
+
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 
-class OptimConfigError(ValueError):
+class OptimConfigError(UserError):
     """An unknown optimizer / scheduler name or an invalid setting."""
 
 
