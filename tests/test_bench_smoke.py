@@ -21,6 +21,7 @@ CASES = {
                        "--fit-epochs", "1", "2", "--models", "abmil", "--threads", "1"],
     "mil_benchmark": ["--families", "digits4", "--draws", "0", "--models", "abmil", "--seeds", "0", "--epochs", "1",
                       "--bags", "20", "--jobs", "1"],
+    "mil_families": ["--families", "digits4", "--draws", "0", "--scale", "0.1"],
     "training": ["--bags", "3", "--instances", "8", "--dim", "16", "--epochs", "1", "--precision", "32-true",
                  "--models", "abmil", "--threads", "1"],
     "natural_step": ["--model", "resnet18", "--batch", "4", "--size", "32", "--classes", "5", "--cifar-stem",
@@ -43,6 +44,8 @@ def test_bench_script_runs_on_cpu(script: str, tmp_path: Path) -> None:
         args += ["--out", str(tmp_path / "bags")]
     if script == "faults":
         args += ["--out", str(tmp_path / "faults.md")]
+    if script == "mil_families":
+        args += ["--work", str(tmp_path / "work")]
     if script == "mil_benchmark":
         args += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "mil_benchmark.md")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
