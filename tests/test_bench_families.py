@@ -169,3 +169,13 @@ def test_separability_tells_separable_from_identical_pools() -> None:
     low, high = camelyon.separability(same), camelyon.separability(apart)
     assert low["tile_tumour_auc"] < 0.7 and high["tile_tumour_auc"] > 0.95
     assert low["centre_accuracy"] < 0.45 and high["centre_accuracy"] > 0.9
+
+
+def test_a_changed_recipe_rebuilds_the_cohort_without_stale_bags(tmp_path: Path) -> None:
+    fam = F.FAMILIES["witness_c2"]
+    fam.make(0, out=tmp_path, n_bags=12, scale=0.1)
+    cohort = fam.make(0, out=tmp_path, n_bags=8, scale=0.1)  # same folder, new recipe
+    assert len(list(cohort.bags_dir.glob("*.h5"))) == 8 and len(pd.read_csv(cohort.splits["default"])) == 8
+    stamp = (cohort.bags_dir.parent / "recipe.json").stat().st_mtime_ns
+    fam.make(0, out=tmp_path, n_bags=8, scale=0.1)  # unchanged recipe: reused, not rewritten
+    assert (cohort.bags_dir.parent / "recipe.json").stat().st_mtime_ns == stamp

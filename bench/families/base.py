@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -125,7 +126,10 @@ def write_cohort(root: Path, bags: Iterable[tuple[str, np.ndarray]], tables: dic
     from wsi_ncmi.data.splits import write_split
 
     bags_dir = root / "bags"
-    bags_dir.mkdir(parents=True, exist_ok=True)
+    (root / "recipe.json").unlink(missing_ok=True)  # a rebuild: no stamp until it is complete
+    if bags_dir.is_dir():
+        shutil.rmtree(bags_dir)  # bags of an older recipe must not linger beside the new ones
+    bags_dir.mkdir(parents=True)
     for sid, feats in bags:  # feats [n, D]
         n = len(feats)
         coords = np.stack([np.arange(n) * TILE, np.zeros(n)], axis=1).astype(np.int64)  # [n, 2]
