@@ -1,22 +1,27 @@
-"""CE vs NCMI on witness-instance MIL tasks that can tell the objectives apart (issue #13).
+"""CE vs NCMI on task families of witness-instance MIL (issues #13, #23).
 
-    python bench/mil_benchmark.py        # 3 tasks × {abmil, aem} × {CE, CE @ NCMI lr, NCMI} × 3 seeds, ~15-20 min
-    python bench/mil_benchmark.py --jobs 2 --out bench/results/mil_benchmark.md
-    python bench/mil_benchmark.py --tasks digits4 --models abmil --seeds 0 --epochs 2 --bags 40   # smoke
+    python bench/mil_benchmark.py --families c17 --models abmil --seeds 0 1 --draws 0     # a first look
+    python bench/mil_benchmark.py --jobs 2 --out bench/results/mil_benchmark_table.md   # every family, tuning draws
+    python bench/mil_benchmark.py --held-out --out bench/results/mil_heldout.md         # ONCE, recipe frozen
+    python bench/mil_benchmark.py --full ...                                            # paper-scale (GPU)
 
-Tasks (``bench/mil_tasks.py``): real H&E textures encoded by the packaged MobileNetV2 with a 1-5 % tumour
-share (2 and 4 classes), and a 4-class witness task on scikit-learn's real handwritten digits (1-4 %).
+Families (``bench/families/``): ``texture2``, ``texture4``, ``digits4`` (the original tasks), the witness grid
+``witness_*`` (width 256-1,536, share 0.3-5 %, 2-7 classes, CAMELYON-17 balance), ``c17`` (the CAMELYON-17-shaped
+cohort of ``splits/``: protocols ``official``, ``loco0`` … ``loco4``) and ``bracs`` (``7class``, ``3class``).
+Name a protocol as ``family:protocol`` (default: the family's first). Every family is generated per *draw*
+(seed from family name and draw): recipes are tuned on the tuning draws 0-4 (the default); the held-out draws
+100-104 run only with ``--held-out``, which refuses to start while ``configs/mil``, the NCMI / training code or
+the families have uncommitted changes and records the commit of the frozen recipe in the results.
 
 Every run is the product's own path, in-process: ``wsi-ncmi fit`` with the shipped leaf configs
 (``configs/mil/camelyon17/<aggregator>_{ce,ncmi}.yaml``; only the epoch count, the seed, the class count and the
-data paths are overridden), bags served from the RAM cache, then
-``wsi-ncmi evaluate`` on the best checkpoint (val macro-F1 + macro-AUC): test macro-F1 / macro-AUC of the CE
-head, of the linear probe on the CE embedding (CE-LP), of the linear probe on the NCMI embedding (NCMI-LP;
-both probes with evaluate's default ``--lp-input auto``, whose kept input is listed under the table) and of the
-nearest-centroid protocol (NCMI-CC). A control, "CE head @ NCMI lr" (objective ``ce_lr``), trains the CE leaf
-with the NCMI leaf's learning rate and warm-up, so that the table shows which part of a gap is the objective and
-which the learning rate. Mean ± std over seeds (the training seed; each task's bags
-are one fixed draw). ``--jobs`` runs that many trainings in parallel processes, one thread each.
+data paths are overridden), bags served from the RAM cache, then ``wsi-ncmi evaluate`` on the best checkpoint
+(val macro-F1 + macro-AUC): test macro-F1 / macro-AUC of the CE head, of the linear probe on the frozen CE
+embedding (CE-LP), of the linear probe on the NCMI embedding (NCMI-LP; both probes with evaluate's default
+``--lp-input auto``) and of the nearest-centroid protocol (NCMI-CC). A control, "CE head @ NCMI lr" (objective
+``ce_lr``), trains the CE leaf with the NCMI leaf's learning rate and warm-up. Each cell: mean ± sample std and a
+95 % Student-t interval of the mean over all its runs (seeds × draws pooled). ``--jobs`` runs that many trainings
+in parallel processes, one thread each.
 """
 
 from __future__ import annotations
@@ -33,13 +38,13 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from mil_tasks import TASKS, build_task, load_pools  # noqa: E402
+from families import FAMILIES, TUNING_DRAWS, parse_task  # noqa: E402
+from families.guard import HeldOutError, choose_draws, frozen_recipe  # noqa: E402
+from families.stats import fmt, summary  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "mil"
 # "ce_lr": the control — the CE leaf config trained with the NCMI leaf's learning rate and warm-up, so that a gap
@@ -79,7 +84,7 @@ def shipped_fit_args(model: str, objective: str, bags: str, split: str, classes:
 
 
 def run_one(job: dict) -> dict:
-    """Fit one aggregator × objective × seed through `wsi-ncmi fit`, evaluate it; return its test metrics."""
+    """Fit one aggregator × objective × seed on one draw through `wsi-ncmi fit`, evaluate it; return test metrics."""
     import torch
 
     _quiet()
@@ -91,37 +96,39 @@ def run_one(job: dict) -> dict:
     args = shipped_fit_args(job["model"], job["objective"], job["bags"], job["split"], job["classes"],
                             job["epochs"], run)
     args += ["--data.cache", "ram", "--seed_everything", str(job["seed"]), "--trainer.enable_progress_bar", "false"]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         run_cli("fit", args)
         fit_s = time.perf_counter() - t0
         rc = evaluate_main(["--ckpt", str(run / "checkpoints" / "best.ckpt"), "--out", str(run / "eval"),
-                            "--dataset", job["task"], "--no-plots"])
+                            "--dataset", job["task"].replace(":", "-"), "--no-plots"])
     if rc != 0:
         raise RuntimeError(f"evaluate failed for {job}")
     report = json.loads((run / "eval" / "report.json").read_text())
     metrics = {proto: {k: report["metrics"][proto]["test"][k] for k in ("macro_f1", "macro_auc")}
                for proto in report["metrics"]}
     lp = report["protocol_info"]["lp"]
-    return {**{k: job[k] for k in ("task", "model", "objective", "seed")}, "metrics": metrics, "fit_s": fit_s,
-            "total_s": time.perf_counter() - t0, "lp_input": lp["kept_input"],
-            "lp_input_val_scores": lp["input_val_scores"], "calibration": report.get("calibration")}
+    return {**{k: job[k] for k in ("task", "draw", "model", "objective", "seed")}, "metrics": metrics,
+            "fit_s": fit_s, "total_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            "lp_input": lp["kept_input"], "lp_input_val_scores": lp["input_val_scores"],
+            "calibration": report.get("calibration")}
 
 
-def _fmt(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "—"
+def _cell(results: list[dict], task: str, model: str, objective: str, proto: str, key: str) -> list[float]:
+    """Every run's test ``key`` of one table cell (seeds × draws pooled); AUC may be None (one class in test)."""
+    return [r["metrics"][proto][key] for r in results
+            if (r["task"], r["model"], r["objective"]) == (task, model, objective) and proto in r["metrics"]
+            and r["metrics"][proto][key] is not None]
 
 
 def table(results: list[dict], tasks: list[str], models: list[str]) -> list[str]:
-    lines = ["| task | aggregator | protocol | test macro-F1 | test macro-AUC | seeds |", "|---|---|---|---|---|---|"]
+    lines = ["| task | aggregator | protocol | test macro-F1 | test macro-AUC | runs |", "|---|---|---|---|---|---|"]
     for task in tasks:
         for model in models:
             for objective, proto, label in PROTOCOLS:
-                rows = [r for r in results if (r["task"], r["model"], r["objective"]) == (task, model, objective)
-                        and proto in r["metrics"]]
-                f1 = [r["metrics"][proto]["macro_f1"] for r in rows]
-                auc = [r["metrics"][proto]["macro_auc"] for r in rows if r["metrics"][proto]["macro_auc"] is not None]
-                lines.append(f"| {task} | {model} | {label} | {_fmt(f1)} | {_fmt(auc)} | {len(rows)} |")
+                f1 = _cell(results, task, model, objective, proto, "macro_f1")
+                auc = _cell(results, task, model, objective, proto, "macro_auc")
+                lines.append(f"| {task} | {model} | {label} | {fmt(f1)} | {fmt(auc)} | {len(f1)} |")
     return lines
 
 
@@ -140,7 +147,7 @@ def calibration(results: list[dict], tasks: list[str], models: list[str]) -> lis
                     continue
 
                 def col(when: str, key: str, rows: list[dict] = rows) -> str:
-                    return _fmt([c["test"][when][key] for c in rows if c["test"][when][key] is not None])
+                    return fmt([c["test"][when][key] for c in rows if c["test"][when][key] is not None])
 
                 temps = ", ".join(f"{c['temperature']:.3g}" for c in rows)  # per seed: T spans decades
                 lines.append(f"| {task} | {model} | {objective} | {rows[0]['classifier']} | "
@@ -160,86 +167,121 @@ def lp_inputs(results: list[dict], tasks: list[str], models: list[str]) -> list[
                         if (r["task"], r["model"], r["objective"]) == (task, model, objective)]
                 if kept:
                     out.append(f"{task} / {model} / {objective}: " + ", ".join(kept))
-    return ["LP input kept on validation per seed (`--lp-input auto`): " + "; ".join(out) + "."] if out else []
+    return ["LP input kept on validation per run (`--lp-input auto`): " + "; ".join(out) + "."] if out else []
 
 
 def verdict(results: list[dict], tasks: list[str], models: list[str], tol: float = 0.01) -> list[str]:
-    """The acceptance rule of issue #13 per task × aggregator: NCMI-LP ≥ CE head − tol (F1 and AUC), std ≤ 2×;
-    against the shipped CE recipe and against the ``ce_lr`` control."""
-    def vals(task: str, model: str, objective: str, proto: str, key: str) -> list[float]:
-        return [r["metrics"][proto][key] for r in results
-                if (r["task"], r["model"], r["objective"]) == (task, model, objective) and proto in r["metrics"]]
-
+    """The acceptance rule of issue #13 per task × aggregator: NCMI-LP mean ≥ CE head mean − tol (F1 and AUC),
+    sample std ≤ 2× CE's; against the shipped CE recipe and against the ``ce_lr`` control."""
     out = []
     for task in tasks:
         for model in models:
             for ce_obj, what in (("ce", "CE"), ("ce_lr", "CE @ NCMI lr")):
                 checks = []
                 for key in ("macro_f1", "macro_auc"):
-                    ce, nc = vals(task, model, ce_obj, "head", key), vals(task, model, "ncmi", "lp", key)
-                    if not ce or not nc:
+                    ce = summary(_cell(results, task, model, ce_obj, "head", key))
+                    nc = summary(_cell(results, task, model, "ncmi", "lp", key))
+                    if not ce["n"] or not nc["n"]:
                         continue
-                    ok_mean = np.mean(nc) >= np.mean(ce) - tol
-                    ok_std = np.std(nc) <= 2 * np.std(ce) + 1e-9
-                    checks.append(f"{key}: NCMI-LP {np.mean(nc):.3f} vs {what} {np.mean(ce):.3f} "
-                                  f"({'ok' if ok_mean else 'LOSES'}), std {np.std(nc):.3f} vs {np.std(ce):.3f} "
+                    ok_mean = nc["mean"] >= ce["mean"] - tol
+                    ok_std = nc["sd"] <= 2 * ce["sd"] + 1e-9
+                    checks.append(f"{key}: NCMI-LP {nc['mean']:.3f} vs {what} {ce['mean']:.3f} "
+                                  f"({'ok' if ok_mean else 'LOSES'}), std {nc['sd']:.3f} vs {ce['sd']:.3f} "
                                   f"({'ok' if ok_std else 'too noisy'})")
                 if checks:
                     out.append(f"- {task} / {model} vs {what}: " + "; ".join(checks))
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--models", nargs="+", default=["abmil", "aem"])
+    p.add_argument("--families", "--tasks", dest="tasks", nargs="+", default=list(FAMILIES),
+                   help="families, each as FAMILY or FAMILY:PROTOCOL (default: every family, its first protocol)")
+    p.add_argument("--draws", nargs="+", type=int, default=None,
+                   help=f"draws of each family (default: the tuning draws {list(TUNING_DRAWS)}; held-out draws "
+                        "(>= 100) need --held-out)")
+    p.add_argument("--held-out", action="store_true",
+                   help="run the held-out draws (default 100-104) once, on a recipe frozen in a commit")
+    p.add_argument("--models", nargs="+", default=["abmil", "aem", "asmil"])
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: each task's own)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: each family's own)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="bag-size scale, 1.0 = full size (default: each family's CPU scale)")
+    p.add_argument("--full", action="store_true", help="paper scale: --scale 1 and each family's full epochs (50)")
     p.add_argument("--bags", type=int, default=None,
-                   help="bags per task, train/val/test = 60/20/20 %% (default: each task's own)")
+                   help="bags per witness family, train/val/test = 60/20/20 %% (c17 and bracs are fixed cohorts)")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes (one thread each)")
     p.add_argument("--work", default=str(ROOT / "bench" / "out" / "mil_benchmark"), help="bags and runs (ignored folder)")
     p.add_argument("--out", default=None, help="write the markdown report here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[int], work: Path) -> list[dict]:
+    """Write (or reuse) every family × draw cohort; return one job per task × draw × model × seed × objective."""
+    jobs = []
+    for family, protocol in tasks:
+        fam = FAMILIES[family]
+        scale = args.scale if args.scale is not None else (1.0 if args.full else fam.cpu_scale)
+        epochs = args.epochs or (fam.full_epochs if args.full else fam.epochs)
+        n_bags = None if fam.fixed_cohort else args.bags
+        for draw in draws:
+            cohort = fam.make(draw, scale, out=work / "families", n_bags=n_bags)
+            task = f"{family}:{protocol}"
+            jobs += [{"task": task, "draw": draw, "model": m, "objective": o, "seed": s, "epochs": epochs,
+                      "threads": 1, "bags": str(cohort.bags_dir), "split": str(cohort.splits[protocol]),
+                      "classes": cohort.classes[protocol], "scale": scale,
+                      "run_dir": str(work / "runs" / f"{family}-{protocol}_d{draw}_{m}_{o}_s{s}")}
+                     for m in args.models for s in args.seeds for o in args.objectives]
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     _quiet()
+    try:
+        tasks = [parse_task(t) for t in args.tasks]
+        draws = choose_draws(args.draws, args.held_out)
+        frozen = frozen_recipe(ROOT) if args.held_out else None
+    except (ValueError, HeldOutError) as exc:
+        print(f"mil_benchmark: {exc}", file=sys.stderr)
+        return 2
     work = Path(args.work)
     t0 = time.perf_counter()
-    pools = load_pools(work, args.tasks)
-    data = {t: build_task(t, work, pools, n_bags=args.bags) for t in args.tasks}
+    jobs = prepare(args, tasks, draws, work)
     prep_s = time.perf_counter() - t0
-    jobs = [{"task": t, "model": m, "objective": o, "seed": s, "epochs": args.epochs or TASKS[t].epochs, "threads": 1,
-             "bags": str(data[t][0]), "split": str(data[t][1]), "classes": data[t][2],
-             "run_dir": str(work / "runs" / f"{t}_{m}_{o}_s{s}")}
-            for t in args.tasks for m in args.models for s in args.seeds for o in args.objectives]
     results = []
-    if args.jobs > 1:
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            for r in pool.map(run_one, jobs):
-                results.append(r)
-                print(f"  {r['task']} {r['model']} {r['objective']} seed {r['seed']}: "
-                      f"{ {k: round(v['macro_auc'] or 0, 3) for k, v in r['metrics'].items()} } {r['total_s']:.0f}s",
-                      flush=True)
-    else:
-        for job in jobs:
-            results.append(run_one(job))
+    with contextlib.ExitStack() as stack:
+        runner = stack.enter_context(ProcessPoolExecutor(max_workers=args.jobs)).map if args.jobs > 1 else map
+        for r in runner(run_one, jobs):
+            results.append(r)
+            print(f"  {r['task']} d{r['draw']} {r['model']} {r['objective']} seed {r['seed']}: "
+                  f"{ {k: round(v['macro_auc'] or 0, 3) for k, v in r['metrics'].items()} } {r['total_s']:.0f}s",
+                  flush=True)
     wall = time.perf_counter() - t0
     import torch
 
-    head = ["# MIL benchmark: CE vs NCMI on witness tasks (`bench/mil_benchmark.py`)", "",
-            f"torch {torch.__version__}, {os.cpu_count()} CPUs, --jobs {args.jobs}; "
-            + ", ".join(f"{t}: {args.bags or TASKS[t].n_bags} bags, {args.epochs or TASKS[t].epochs} epochs"
-                        for t in args.tasks)
-            + f"; seeds {args.seeds}; wall {wall / 60:.1f} min "
-            f"(data {prep_s:.0f} s, trainings {sum(r['total_s'] for r in results) / 60:.1f} CPU-min)", ""]
-    lines = head + table(results, args.tasks, args.models) + ["", "Acceptance (issue #13: NCMI-LP ≥ CE head − 0.01, "
-                                                               "seed std ≤ 2× CE's):", ""]
-    lines += verdict(results, args.tasks, args.models)
-    lines += [""] + lp_inputs(results, args.tasks, args.models)
-    lines += [""] + calibration(results, args.tasks, args.models)
+    names = [f"{f}:{p}" for f, p in tasks]
+    kind = "HELD-OUT draws" if args.held_out else "tuning draws (not for reporting: held-out numbers only)"
+    sizes = sorted({(j["task"], j["epochs"], j["scale"]) for j in jobs})
+    head = ["# MIL benchmark: CE vs NCMI on task families (`bench/mil_benchmark.py`)", "",
+            f"{kind} {draws}; seeds {args.seeds}; "
+            + ", ".join(f"{t}: {e} epochs, scale {s:g}" for t, e, s in sizes)
+            + f". torch {torch.__version__}, {os.cpu_count()} CPUs, --jobs {args.jobs}; wall {wall / 60:.1f} min "
+            f"(data {prep_s:.0f} s, trainings {sum(r['cpu_s'] for r in results) / 60:.1f} CPU-min).",
+            "Cells: mean ± sample std [95 % Student-t interval of the mean] over seeds × draws.", ""]
+    if frozen:
+        head[2:2] = [f"Frozen recipe: commit {frozen['recipe_commit']} (last change under configs/mil, the NCMI / "
+                     f"training code and the families); HEAD {frozen['head']}.", ""]
+    lines = head + table(results, names, args.models) + ["", "Acceptance (issue #13: NCMI-LP ≥ CE head − 0.01, "
+                                                           "seed std ≤ 2× CE's):", ""]
+    lines += verdict(results, names, args.models)
+    lines += [""] + lp_inputs(results, names, args.models)
+    lines += [""] + calibration(results, names, args.models)
     text = "\n".join(lines) + "\n"
     print(text)
-    (work / "results.json").write_text(json.dumps(results, indent=1))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "results.json").write_text(json.dumps({"frozen": frozen, "draws": draws, "results": results}, indent=1))
     if args.out:
         Path(args.out).write_text(text)
     return 0

@@ -19,8 +19,9 @@ CASES = {
                     "--warmup", "0", "--threads", "1"],
     "training --fit": ["--fit", "--bags", "4", "--val-bags", "4", "--instances", "8", "--dim", "16",
                        "--fit-epochs", "1", "2", "--models", "abmil", "--threads", "1"],
-    "mil_benchmark": ["--tasks", "digits4", "--models", "abmil", "--seeds", "0", "--epochs", "1", "--bags", "20",
-                      "--jobs", "1"],
+    "mil_benchmark": ["--families", "digits4", "--draws", "0", "--models", "abmil", "--seeds", "0", "--epochs", "1",
+                      "--bags", "20", "--jobs", "1"],
+    "mil_families": ["--families", "digits4", "--draws", "0", "--scale", "0.1"],
     "training": ["--bags", "3", "--instances", "8", "--dim", "16", "--epochs", "1", "--precision", "32-true",
                  "--models", "abmil", "--threads", "1"],
     "natural_step": ["--model", "resnet18", "--batch", "4", "--size", "32", "--classes", "5", "--cifar-stem",
@@ -51,6 +52,8 @@ def test_bench_script_runs_on_cpu(script: str, tmp_path: Path) -> None:
         args += ["--out", str(tmp_path / "faults.md")]
     if script == "ncmi_equivalence":
         args += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "numbers.json")]
+    if script == "mil_families":
+        args += ["--work", str(tmp_path / "work")]
     if script == "mil_benchmark":
         args += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "mil_benchmark.md")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
@@ -62,7 +65,8 @@ def test_bench_script_runs_on_cpu(script: str, tmp_path: Path) -> None:
     if script == "aggregators":
         assert (tmp_path / "aggregators.md").read_text().count("\n") >= 3
     if script == "mil_benchmark":  # the CE control at the NCMI learning rate is trained and reported
-        assert "CE head @ NCMI lr" in (tmp_path / "mil_benchmark.md").read_text()
+        text = (tmp_path / "mil_benchmark.md").read_text()
+        assert "CE head @ NCMI lr" in text and "CE-LP" in text and "tuning draws" in text
 
 
 def test_mil_benchmark_control_takes_the_ncmi_leafs_learning_rate() -> None:
