@@ -38,6 +38,7 @@ __all__ = [
     "TileReadError",
     "SlideReader",
     "OpenSlideReader",
+    "StoredLevelsReader",
     "ImageReader",
     "READERS",
     "SLIDE_EXTENSIONS",
@@ -198,7 +199,39 @@ class SlideReader(ABC):
 
 
 # ------------------------------------------------------------------------------------------- readers
-class OpenSlideReader(SlideReader):
+class StoredLevelsReader(SlideReader):
+    """A reader that knows its level geometry up front (``_dims``, ``_downs``) and its metadata as a properties
+    dict: the part OpenSlide, OME-TIFF and CZI readers share."""
+
+    _dims: tuple[tuple[int, int], ...]
+    _downs: tuple[float, ...]
+
+    def set_metadata(self, properties: dict[str, str], mpp: float | None, magnification_key: str | None = None) -> None:
+        """``properties``, ``mpp`` (the override, else by :mod:`preprocessing.mpp`'s rules; implausible values
+        named in ``mpp_rejected``) and ``magnification`` (``magnification_key``, else the OpenSlide rules)."""
+        self.properties = properties
+        rejected: list[str] = []
+        self.mpp = float(mpp) if mpp is not None else mpp_from_properties(properties, rejected)
+        self.mpp_rejected = "; ".join(rejected)  # implausible values found in the file
+        if magnification_key is None:
+            self.magnification = magnification_from_properties(properties)
+            return
+        try:
+            mag = float(properties.get(magnification_key, "nan"))
+        except ValueError:
+            mag = float("nan")
+        self.magnification = mag if np.isfinite(mag) and mag > 0 else None
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._dims
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._downs
+
+
+class OpenSlideReader(StoredLevelsReader):
     """Any format OpenSlide opens (svs, tif, ndpi, mrxs, scn, bif, vms, ...).
 
     After a failed region read OpenSlide puts the handle in an error state, so the reader reopens the
@@ -209,11 +242,7 @@ class OpenSlideReader(SlideReader):
         self.path = Path(path)
         self._slide = self._open()
         props = dict(self._slide.properties)
-        self.properties = props
-        rejected: list[str] = []
-        self.mpp = float(mpp) if mpp is not None else mpp_from_properties(props, rejected)
-        self.mpp_rejected = "; ".join(rejected)  # implausible values found in the file
-        self.magnification = magnification_from_properties(props)
+        self.set_metadata(props, mpp)
         self._dims = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
         self._downs = tuple(float(d) for d in self._slide.level_downsamples)
         # decode TIFF tiles directly where that reproduces OpenSlide's pixels (~4x faster per tile)
@@ -227,14 +256,6 @@ class OpenSlideReader(SlideReader):
             return openslide.OpenSlide(str(self.path))
         except (openslide.OpenSlideError, OSError) as e:
             raise UnreadableSlideError(f"{self.path}: cannot open with OpenSlide: {e}") from e
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims  # type: ignore[return-value]
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._downs
 
     def region_is_empty(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> bool:
         return self._fast is not None and self._fast.is_empty(location, level, size)

@@ -16,8 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .mpp import mpp_from_properties
-from .readers import SlideReader, TileReadError, UnreadableSlideError
+from .readers import StoredLevelsReader, TileReadError, UnreadableSlideError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ def czi_properties(metadata: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-class CziReader(SlideReader):
+class CziReader(StoredLevelsReader):
     """A CZI mosaic as a slide with virtual levels; region reads through libCZI."""
 
     def __init__(self, path: str | Path, mpp: float | None = None):
@@ -77,23 +76,7 @@ class CziReader(SlideReader):
             downs.append(float(ds))
             ds *= _LEVEL_STEP
         self._dims, self._downs = tuple(dims), tuple(downs)
-        self.properties = czi_properties(self._czi.metadata)
-        rejected: list[str] = []
-        self.mpp = float(mpp) if mpp is not None else mpp_from_properties(self.properties, rejected)
-        self.mpp_rejected = "; ".join(rejected)
-        try:
-            mag = float(self.properties.get("czi.NominalMagnification", "nan"))
-        except ValueError:
-            mag = float("nan")
-        self.magnification = mag if np.isfinite(mag) and mag > 0 else None
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims  # type: ignore[return-value]
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._downs
+        self.set_metadata(czi_properties(self._czi.metadata), mpp, "czi.NominalMagnification")
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         ds = self._downs[level]

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .mpp import mpp_from_properties
-from .readers import SlideReader, TileReadError, UnreadableSlideError
+from .readers import StoredLevelsReader, TileReadError, UnreadableSlideError
 from .tiff_tiles import TiffLevels, TileDecodeError
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ def ome_properties(xml: str, image: int = 0) -> dict[str, str]:
     return out
 
 
-class OmeTiffReader(SlideReader):
+class OmeTiffReader(StoredLevelsReader):
     """The largest RGB image of an OME-TIFF with its SubIFD pyramid."""
 
     def __init__(self, path: str | Path, mpp: float | None = None):
@@ -92,23 +91,7 @@ class OmeTiffReader(SlideReader):
             raise UnreadableSlideError(f"{self.path}: level 0 ({w0} x {h0} px) is not tiled 8-bit RGB; convert it "
                                        "to a tiled pyramid (e.g. vips tiffsave --tile --pyramid)")
         self._whole: dict[int, np.ndarray] = {}  # untiled levels, decoded once
-        self.properties = ome_properties(tif.ome_metadata or "", index)
-        rejected: list[str] = []
-        self.mpp = float(mpp) if mpp is not None else mpp_from_properties(self.properties, rejected)
-        self.mpp_rejected = "; ".join(rejected)
-        try:
-            mag = float(self.properties.get("ome.NominalMagnification", "nan"))
-        except ValueError:
-            mag = float("nan")
-        self.magnification = mag if np.isfinite(mag) and mag > 0 else None
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._dims  # type: ignore[return-value]
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._downs
+        self.set_metadata(ome_properties(tif.ome_metadata or "", index), mpp, "ome.NominalMagnification")
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         ds = self._downs[level]
