@@ -81,6 +81,9 @@ class Collector:
                 self.kinds[item.nodeid] = str(marker.kwargs.get("kind", "unknown"))
 
     def pytest_runtest_logreport(self, report: Any) -> None:
+        crash = any(report.nodeid.endswith(nodeid) for nodeid, _ in CRASH_TESTS)
+        if report.nodeid not in self.kinds and not crash:
+            return  # a unit test of a fault file (no `fault` marker): not a case of the suite
         case = self.cases.setdefault(report.nodeid, Case(report.nodeid, self.kinds.get(report.nodeid, CRASH_KIND)))
         case.seconds += float(report.duration)
         if report.failed:

@@ -236,6 +236,7 @@ def test_check_signature_values_checks_keys_and_annotated_types() -> None:
         assert says in str(err.value), str(err.value)
 
 
+@pytest.mark.fault(kind="code_exec")
 def test_the_module_refuses_a_class_path_in_kwargs_from_a_config(mil, tmp_path, capsys) -> None:
     from wsi_ncmi.commands.train_cli import main_fit
 
@@ -250,6 +251,7 @@ def test_the_module_refuses_a_class_path_in_kwargs_from_a_config(mil, tmp_path, 
     assert not marker.exists()
 
 
+@pytest.mark.fault(kind="traceback")
 def test_a_natural_checkpoint_given_to_a_mil_command_and_back_is_named(mil, natural, tmp_path, capsys) -> None:
     from wsi_ncmi.commands import evaluate_cli, natural_cli
 
@@ -294,6 +296,7 @@ def test_old_fit_checkpoints_keep_loading(mil, tmp_path) -> None:
     assert torch.isfinite(module.embed(x)).all()
 
 
+@pytest.mark.fault(kind="unclear")
 def test_a_folder_given_as_checkpoint_is_named_as_a_folder(mil, tmp_path, capsys) -> None:
     from wsi_ncmi.commands.train_cli import main_fit
 
