@@ -87,10 +87,8 @@ def _echo(text: str, err: bool = False) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from wsi_ncmi.data.outputs import check_output_dir
     from wsi_ncmi.evaluation.probe import DEFAULT_CS
-    from wsi_ncmi.evaluation.run import EvaluateError, EvaluateOptions, check_out_folder, evaluate_module
-    from wsi_ncmi.training.checkpoint import checkpoint_datamodule, load_mil_module
+    from wsi_ncmi.evaluation.run import EvaluateOptions, evaluate_checkpoint
 
     options = EvaluateOptions(
         seeds=tuple(args.seeds), class_weight=None if args.class_weight == "none" else args.class_weight,
@@ -100,17 +98,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         plots=not args.no_plots, allow_patient_leak=args.allow_patient_leak, ood_bags=args.ood_bags,
         false_alarm=args.ood_false_alarm,
     )
-    options.check()
-    ckpt = Path(args.ckpt)
-    if ckpt.is_dir():
-        raise EvaluateError(f"--ckpt {ckpt}: is a folder; give the checkpoint file (e.g. {ckpt / 'best.ckpt'})")
-    if not ckpt.is_file():
-        raise EvaluateError(f"--ckpt {ckpt}: no such file")
-    check_out_folder(check_output_dir(args.out, "--out"))  # before any work: a file, read-only, a foreign folder
-    module, state = load_mil_module(ckpt, args.device)
-    dm = checkpoint_datamodule(module, state, bags_dir=args.bags_dir, split_csv=args.split_csv, fold=args.fold,
-                               num_workers=args.num_workers, allow_patient_leak=args.allow_patient_leak)
-    evaluate_module(module, state, dm, ckpt, args.out, options, echo=_echo)
+    evaluate_checkpoint(args.ckpt, args.out, options, bags_dir=args.bags_dir, split_csv=args.split_csv,
+                        fold=args.fold, num_workers=args.num_workers, echo=_echo)
     return 0
 
 

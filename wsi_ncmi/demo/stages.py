@@ -137,16 +137,13 @@ def stage_train(cfg: DemoConfig, res: DemoResult, run: str) -> str:
 
 def stage_evaluate(cfg: DemoConfig, res: DemoResult, run: str, echo: Echo | None = None) -> str:
     """LP / CC / head report of the run (``wsi-ncmi evaluate``), scoring the OOD bags too."""
-    from wsi_ncmi.evaluation.run import EvaluateOptions, evaluate_module
-    from wsi_ncmi.training.checkpoint import checkpoint_datamodule, load_mil_module
+    from wsi_ncmi.evaluation.run import EvaluateOptions, evaluate_checkpoint
 
     out = cfg.out / "eval" / run
     ood = _ood_bags_dir(cfg)
-    ckpt = _ckpt(cfg, run)
-    module, state = load_mil_module(ckpt)
-    dm = checkpoint_datamodule(module, state, bags_dir=_bags_dir(cfg), split_csv=cfg.out / "split.csv")
     options = EvaluateOptions(dataset=DEMO_DATASET, ood_bags=str(ood) if ood else None)
-    evaluate_module(module, state, dm, ckpt, out, options, echo=echo)
+    evaluate_checkpoint(_ckpt(cfg, run), out, options, bags_dir=_bags_dir(cfg), split_csv=cfg.out / "split.csv",
+                        echo=echo)
     res.paths[f"eval:{run}"] = out
     return str(out)
 

@@ -69,7 +69,7 @@ from .protocols import evaluate_run
 from .report import write_report
 from .report_schema import SPLITS, json_safe
 
-__all__ = ["EvaluateError", "EvaluateOptions", "evaluate_module", "find_metrics_csv", "fit_classifier", "run_dir",
+__all__ = ["EvaluateError", "EvaluateOptions", "evaluate_checkpoint", "evaluate_module", "find_metrics_csv", "fit_classifier", "run_dir",
            "run_provenance", "save_embeddings", "summary_lines", "training_seed"]
 
 logger = logging.getLogger(__name__)
@@ -341,3 +341,30 @@ def _write_outputs(module: Any, state: Mapping[str, Any], dm: Any, splits: Mappi
 
     say(f"report page → {shown / write_html_report(out).relative_to(out)}")
     return written
+
+
+def evaluate_checkpoint(ckpt: str | Path, out: str | Path, options: EvaluateOptions | None = None, *,
+                        bags_dir: str | Path | None = None, split_csv: str | Path | None = None,
+                        fold: int | None = None, num_workers: int = 0,
+                        echo: Callable[[str], None] | None = None) -> dict[int, Path]:
+    """Evaluate the ``wsi-ncmi fit`` checkpoint ``ckpt`` into ``out`` in one call (what ``wsi-ncmi evaluate``, the
+    demo and ``bench/mil_benchmark.py`` do): check the paths, load the module as data
+    (:func:`wsi_ncmi.training.checkpoint.load_mil_module`), rebuild its datamodule (the recorded bags folder and
+    split table unless given) and run :func:`evaluate_module`. Returns ``{probe seed: folder of its report.json}``.
+    Raises a :class:`~wsi_ncmi.errors.UserError` (one line naming the file) for a bad checkpoint, split or bag."""
+    from wsi_ncmi.data.outputs import check_output_dir
+    from wsi_ncmi.training.checkpoint import checkpoint_datamodule, load_mil_module
+
+    options = options or EvaluateOptions()
+    options.check()
+    ckpt = Path(ckpt)
+    if ckpt.is_dir():
+        raise EvaluateError(f"--ckpt {ckpt}: is a folder; give the checkpoint file (e.g. {ckpt / 'best.ckpt'})")
+    if not ckpt.is_file():
+        raise EvaluateError(f"--ckpt {ckpt}: no such file")
+    check_out_folder(check_output_dir(out, "--out"))  # before any work: a file, read-only, a foreign folder
+    module, state = load_mil_module(ckpt, options.device)
+    dm = checkpoint_datamodule(module, state, bags_dir=bags_dir, split_csv=split_csv, fold=fold,
+                               num_workers=num_workers, allow_patient_leak=options.allow_patient_leak)
+    return evaluate_module(module, state, dm, ckpt, out, options, echo=echo)
+
