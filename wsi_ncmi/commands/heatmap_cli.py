@@ -8,11 +8,13 @@ the GeoJSON opens in QuPath (File > Import objects) as tiles classified into sco
 Scores are normalised per slide (``--normalize rank``, the default, or ``minmax`` / ``none``).
 
 The slide is opened exactly as ``wsi-preprocess`` opens it (``preprocessing.readers.open_slide``: OpenSlide
-formats, plain stripped TIFFs, png/jpg) and its pixel size is the one the bag records (``slide_mpp``: the file's
-plausible mpp or the ``--mpp-csv`` value used at extraction); only bags without it fall back to the file's mpp
-under preprocessing's plausibility rule (a 72-dpi TIFF has none). Before drawing, the bag is checked against the
-slide: its ``slide_id`` must be the slide's file name, its recorded ``source_size`` the file's size, and its
-tiles must lie inside the slide; a mismatch is refused unless ``--allow-slide-mismatch``. The checkpoint is read
+formats, OME-TIFF, CZI, plain stripped TIFFs, png/jpg, and a DICOM WSI folder, given as the folder or as one of
+its ``.dcm`` files) and its pixel size is the one the bag records (``slide_mpp``: the file's plausible mpp or the
+``--mpp-csv`` value used at extraction); only bags without it fall back to the file's mpp under preprocessing's
+plausibility rule (a 72-dpi TIFF has none). Before drawing, the bag is checked against the slide: its
+``slide_id`` must be the slide's id (file name, or folder name), its recorded ``source_size`` the slide's size as
+preprocessing computes it (``preprocessing.plan.source_stat``: a folder's summed file sizes), and its tiles must
+lie inside the slide; a mismatch is refused unless ``--allow-slide-mismatch``. The checkpoint is read
 with ``weights_only=True``. Errors are one line on stderr, exit code 2; nothing is written then.
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from wsi_ncmi.errors import UserError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "slide_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ def _say(line: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsi-ncmi heatmap", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="MILModule checkpoint (best.ckpt / last.ckpt)")
-    p.add_argument("--slide", required=True, help="the slide file the bag was extracted from")
+    p.add_argument("--slide", required=True, help="the slide the bag was extracted from: a file, or a DICOM WSI folder "
+                   "(or one of its .dcm files)")
     p.add_argument("--bag", required=True, help="the slide's HDF5 bag")
     p.add_argument("--out", required=True, help="output PNG")
     res = p.add_mutually_exclusive_group()
@@ -65,21 +68,31 @@ def _side_path(value: str | None, png: Path, suffix: str) -> Path | None:
     return png.with_suffix(suffix) if value == _AUTO else Path(value)
 
 
+def slide_path(path: Path) -> Path:
+    """The slide ``--slide`` names: a file, a slide folder, or the folder of a slide-folder file (a ``.dcm``
+    instance names its DICOM WSI folder, as ``preprocessing.readers.slide_id_of`` names its id)."""
+    from preprocessing.readers import FOLDER_READERS
+
+    return path.parent if path.is_file() and path.suffix.lower() in FOLDER_READERS else path
+
+
 def _run(args: argparse.Namespace) -> list[str]:
     """Draw the heatmap; return the lines to print."""
+    from preprocessing.plan import source_stat
     from preprocessing.readers import open_slide, slide_id_of
     from wsi_ncmi.data.bags import read_bag
     from wsi_ncmi.evaluation.heatmap import bag_patch_size_level0, slide_heatmap
     from wsi_ncmi.evaluation.heatmap_slide import check_bag_matches_slide, read_slide_thumbnail, recorded_mpp
     from wsi_ncmi.training.checkpoint import load_mil_module
 
-    out, slide = Path(args.out), Path(args.slide)
+    out, slide = Path(args.out), slide_path(Path(args.slide))
     model = load_mil_module(args.ckpt, args.device)[0].model
     bag = read_bag(args.bag, lazy=True)
     mpp = recorded_mpp(bag)
     with open_slide(slide, mpp=mpp) as reader:
         if not args.allow_slide_mismatch:
-            check_bag_matches_slide(bag, slide, slide_id_of(slide), reader.dimensions, bag_patch_size_level0(bag))
+            check_bag_matches_slide(bag, slide, slide_id_of(slide), reader.dimensions, bag_patch_size_level0(bag),
+                                    source_stat(slide)[0])
         thumb = read_slide_thumbnail(reader, mpp=args.mpp, level=args.level, max_side=args.max_side)
         slide_mpp = reader.mpp
     result = slide_heatmap(
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("ckpt", "slide", "bag"):
         path = Path(getattr(args, name))
-        if not path.is_file():
+        if not path.is_file() and not (name == "slide" and path.is_dir()):  # a slide may be a folder (DICOM WSI)
             why = "is a folder; give the file" if path.is_dir() else "no such file"
             sys.stderr.write(f"wsi-ncmi heatmap: error: --{name} {path}: {why}\n")
             return 2

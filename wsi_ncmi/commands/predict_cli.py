@@ -5,7 +5,8 @@
 
 ``--bags``: every bag of the folder (or those of ``--slides``), each checked against what the checkpoint was
 trained on before anything runs. ``--slides-dir``: ``wsi-preprocess`` with the checkpoint's recorded
-settings into ``OUT/features/`` (resumable: finished slides are skipped), then the same. Writes
+settings into ``OUT/features/`` (resumable: finished slides are skipped; the slides its discovery finds: files of
+every format it reads, OME-TIFF, CZI, DICOM WSI folders), then the same; heatmaps open them with its readers. Writes
 ``OUT/predictions.csv``, ``OUT/summary.md``, ``OUT/predict.json`` (and ``OUT/heatmaps/`` with ``--heatmaps``);
 see :mod:`wsi_ncmi.evaluation.predict` and :mod:`wsi_ncmi.evaluation.ood`. The classifier (``--classifier``,
 default the report's primary, temperature-scaled) and the OOD calibration come from the `wsi-ncmi evaluate`
@@ -93,6 +94,16 @@ def _preprocess(args: argparse.Namespace, recorded: dict[str, Any] | None, out: 
     return out / "features" / "bags", info, 3 if failed else 0
 
 
+def slide_paths(slides_dir: str | Path, exclude: Path) -> dict[str, Path]:
+    """``{slide_id: path}`` of the slides under ``slides_dir`` as ``wsi-preprocess`` finds them
+    (``preprocessing.discovery.find_slides``: every reader's extension, OME-TIFF, CZI, DICOM WSI folders),
+    not searching ``exclude`` (the output folder)."""
+    from preprocessing.discovery import find_slides
+    from preprocessing.readers import slide_id_of
+
+    return {slide_id_of(p): p for p in find_slides(slides_dir, exclude=[exclude])}
+
+
 def _predict(args: argparse.Namespace) -> int:
     from wsi_ncmi.data.bags import list_bags
     from wsi_ncmi.data.outputs import check_output_dir
@@ -125,10 +136,14 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         bags_dir = Path(args.bags)
         bags = select_bags(bags_dir, slides)
+    from preprocessing.readers import open_slide
+
+    found = slide_paths(args.slides_dir, out) if args.slides_dir and args.heatmaps else None
     module, _ = load_mil_module(ckpt, args.device)
     predict_module(module, state, ckpt, bags, out, bags_dir=bags_dir, slides=slides, slides_csv=args.slides,
                    calibration=args.calibration, ood_score=args.ood_score, allow_mismatch=args.allow_mismatch,
-                   heatmaps=args.heatmaps, slides_dir=args.slides_dir, device=args.device, preprocessed=pre,
+                   heatmaps=args.heatmaps, slide_paths=found, open_slide=open_slide, device=args.device,
+                   preprocessed=pre,
                    eval_dir=args.eval_dir, classifier=args.classifier,
                    echo=_echo)
     return rc

@@ -28,16 +28,17 @@ def recorded_mpp(bag: Any) -> float | None:
 
 
 def check_bag_matches_slide(bag: Any, slide: Path, slide_id: str, dimensions: tuple[int, int],
-                            patch_size_level0: float) -> None:
-    """Raise ``HeatmapError`` when the bag was not extracted from ``slide`` (whose id, as preprocessing names it,
-    is ``slide_id``): another ``slide_id``, another recorded ``source_size``, or tiles outside the slide's level-0
+                            patch_size_level0: float, source_size: int) -> None:
+    """Raise ``HeatmapError`` when the bag was not extracted from ``slide`` (whose id and source size, as
+    preprocessing computes them, are ``slide_id`` and ``source_size``: a file's bytes, a slide folder's summed
+    file bytes): another ``slide_id``, another recorded ``source_size``, or tiles outside the slide's level-0
     ``dimensions``."""
     problems = []
     if str(bag.slide_id) != slide_id:
         problems.append(f"its slide_id is {bag.slide_id!r}, the slide's is {slide_id!r}")
     size = bag.attrs.get("source_size")
-    if size is not None and int(size) > 0 and int(size) != slide.stat().st_size:
-        problems.append(f"it records a source of {int(size)} bytes, the slide has {slide.stat().st_size}")
+    if size is not None and int(size) > 0 and int(size) != source_size:
+        problems.append(f"it records a source of {int(size)} bytes, the slide has {source_size}")
     coords = np.asarray(bag.coords).reshape(-1, 2)  # [N, 2] level-0 (x, y)
     w0, h0 = dimensions
     outside = int(((coords[:, 0] >= w0) | (coords[:, 1] >= h0) | (coords + patch_size_level0 <= 0).any(1)).sum())

@@ -68,9 +68,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".png", ".jpg", ".jpeg")
-
-
 class PredictError(UserError):
     """Prediction cannot run (no bags, unknown slide, bad slide list, …); the message names the file."""
 
@@ -277,39 +274,54 @@ def _kl_table(inputs: ScoreInputs, score: str) -> np.ndarray | None:
 
 
 # ----------------------------------------------------------------------------------------- heatmaps
-def slide_file(bag_path: Path, slides_dir: str | os.PathLike | None = None) -> Path | None:
-    """The slide a bag was made from: ``slides_dir/<slide_id>.<ext>`` (searched recursively) or the bag's
-    recorded ``source_path`` when that file still exists; None otherwise."""
+def slide_file(bag_path: Path, slide_paths: Mapping[str, Path] | None = None) -> Path | None:
+    """The slide a bag was made from: ``slide_paths[<slide_id>]`` (the slides preprocessing finds in
+    ``--slides-dir``: files and DICOM WSI folders, listed by the command) or the bag's recorded ``source_path``
+    when that file or folder still exists; None otherwise."""
     from wsi_ncmi.data.bags import inspect_bag
 
     info = inspect_bag(bag_path)
-    sid = info["slide_id"]
-    if slides_dir is not None:
-        hits = sorted(p for p in Path(slides_dir).rglob(f"{sid}.*") if p.suffix.lower() in SLIDE_EXTENSIONS)
-        if hits:
-            return hits[0]
+    sid = str(info["slide_id"])
+    if slide_paths and sid in slide_paths:
+        return Path(slide_paths[sid])
     src = info["attrs"].get("source_path")
-    return Path(src) if src and Path(src).is_file() else None
+    return Path(src) if src and Path(src).exists() else None
+
+
+# open_slide(path, mpp) -> a context-managed preprocessing.readers slide reader (the command passes
+# preprocessing.readers.open_slide: this layer does not import preprocessing)
+SlideOpener = Callable[[Path, float | None], Any]
+
+
+def _thumbnail(open_slide: SlideOpener, slide: Path, bag: Path, max_side: int) -> tuple[np.ndarray, float]:
+    from wsi_ncmi.data.bags import read_bag
+
+    from .heatmap_slide import read_slide_thumbnail, recorded_mpp
+
+    with open_slide(slide, recorded_mpp(read_bag(bag, lazy=True))) as reader:
+        return read_slide_thumbnail(reader, max_side=max_side)
 
 
 def write_heatmaps(model: MILAggregator, bags: Mapping[str, Path], out_dir: str | os.PathLike,
-                   slides_dir: str | os.PathLike | None = None, device: str = "cpu",
-                   max_side: int = 1024) -> dict[str, str]:
-    """Attention heatmaps ``out_dir/<slide_id>.png`` for the slides whose file is available.
-    Returns ``{slide_id: png path or why it was skipped}``."""
-    from .heatmap import HeatmapError, slide_heatmap
+                   slide_paths: Mapping[str, Path] | None = None, device: str = "cpu",
+                   max_side: int = 1024, open_slide: SlideOpener | None = None) -> dict[str, str]:
+    """Attention heatmaps ``out_dir/<slide_id>.png`` for the slides whose file is available (see
+    :func:`slide_file`). The thumbnail is read through ``open_slide`` when given (every format preprocessing
+    reads), else with OpenSlide. Returns ``{slide_id: png path or why it was skipped}``."""
+    from .heatmap import slide_heatmap
 
     done: dict[str, str] = {}
     for sid, bag in bags.items():
-        slide = slide_file(bag, slides_dir)
+        slide = slide_file(bag, slide_paths)
         if slide is None:
             done[sid] = "skipped: slide file not found"
             continue
         png = Path(out_dir) / f"{sid}.png"
         try:
-            slide_heatmap(model, bag, slide, png, max_side=max_side, device=device,
+            thumb = _thumbnail(open_slide, slide, bag, max_side) if open_slide is not None else None
+            slide_heatmap(model, bag, slide, png, max_side=max_side, device=device, thumbnail=thumb,
                           csv_path=png.with_suffix(".tiles.csv"), title=f"{sid}: attention rank")
-        except (HeatmapError, BagError, OSError) as exc:
+        except (UserError, OSError) as exc:  # HeatmapError, BagError, a slide the reader refuses
             done[sid] = f"skipped: {exc}"
             logger.warning("heatmap of %s skipped: %s", sid, exc)
             continue
@@ -329,8 +341,8 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
                    slides_csv: str | None = None, calibration: str | os.PathLike | None = None,
                    ood_score: str | None = None, allow_mismatch: bool = False, heatmaps: bool = False,
                    eval_dir: str | os.PathLike | None = None, classifier: str | None = None,
-                   slides_dir: str | os.PathLike | None = None, device: str = "cpu",
-                   preprocessed: Mapping[str, Any] | None = None,
+                   slide_paths: Mapping[str, Path] | None = None, open_slide: SlideOpener | None = None,
+                   device: str = "cpu", preprocessed: Mapping[str, Any] | None = None,
                    echo: Callable[[str], None] | None = None) -> Prediction:
     """Predict ``bags`` with the loaded ``module`` (a ``MILModule``) of checkpoint ``ckpt`` (read as
     ``checkpoint``) and write ``predictions.csv``, ``summary.md``, ``predict.json`` (and ``heatmaps/``) into
@@ -342,7 +354,8 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
     ``calibration.json``. ``calibration``: another ``calibration.json``; both are refused when made from another
     checkpoint, unless ``allow_mismatch``; without one: one made from ``ckpt`` under its run folder, else no OOD
     flag and a warning. ``slides`` (from ``slides_csv``): the slide list, its ``label`` column scores the
-    predictions. Lines meant for the user go to ``echo``.
+    predictions. ``heatmaps`` draws the slides found by :func:`slide_file` in ``slide_paths`` (``{slide_id:
+    path}``), opened with ``open_slide``. Lines meant for the user go to ``echo``.
     """
     say = echo or (lambda _line: None)
     ckpt, out = Path(ckpt), Path(out_dir)
@@ -383,7 +396,8 @@ def predict_module(module: Any, checkpoint: Mapping[str, Any], ckpt: str | os.Pa
     if cal is not None and cal.target_false_alarm is not None:
         meta["ood_rule"] = f"{cal.rule} quantile, target false-alarm rate {cal.target_false_alarm:g}"
     if heatmaps:
-        meta["heatmaps"] = write_heatmaps(module.model, bags, out / "heatmaps", slides_dir=slides_dir, device=device)
+        meta["heatmaps"] = write_heatmaps(module.model, bags, out / "heatmaps", slide_paths=slide_paths,
+                                          device=device, open_slide=open_slide)
     paths = write_prediction(out, pred, meta)
     flags = pred.table["ood_flag"]
     n_flag = "no calibration" if pred.threshold is None else f"{int(flags.fillna(False).astype(bool).sum())} flagged OOD"
