@@ -1,12 +1,11 @@
 """Lightning module for the natural-image track: a ResNet trained with a head loss, NCMI or a contrastive loss.
 
 ``objective``: ``"head"`` (backbone → Linear head → ``create_loss(loss)`` on the logits), ``"ncmi"`` (no head;
-the NCMI objective on the pooled feature [B, D], with its ξ step, center / ξ initialisation, DDP handling and
-online CC held by :class:`~wsi_ncmi.training.ncmi_objective.NCMITraining`, as in ``MILModule``) or
-``"contrastive"`` (an embedding loss such as ``supcon`` on a projection of two views, plus a linear head trained
-with CE on the *detached* feature as an online probe). The lr schedule is :mod:`wsi_ncmi.training.optim`'s, one
-schedule per parameter group. Logged names: docs/ncmi_mil.md "Metric names"; ``val/top1`` / ``val/top5`` are
-the head's, or for NCMI the CC selected by ``val_centroids``.
+the NCMI objective of :class:`~wsi_ncmi.training.ncmi_objective.NCMITraining` on the pooled feature [B, D], as in
+``MILModule``) or ``"contrastive"`` (an embedding loss such as ``supcon`` on a projection of two views, plus a
+linear head trained with CE on the *detached* feature as an online probe). The lr schedule is
+:mod:`wsi_ncmi.training.optim`'s, one schedule per parameter group. What is logged: docs/ncmi_mil.md
+"Logged metrics".
 """
 
 from __future__ import annotations

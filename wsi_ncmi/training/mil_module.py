@@ -1,11 +1,10 @@
 """``MILModule``: train a MIL aggregator with a head loss (CE & co.) or with NCMI on the slide embedding.
 
 ``objective="head"``: logits = aggregator head(embedding), loss = ``create_loss(loss, **loss_kwargs)``, validation
-scores softmax(logits). ``objective="ncmi"``: the head is removed and the NCMI objective, its ξ step, center / ξ
-initialisation, DDP handling and online CC are :class:`~wsi_ncmi.training.ncmi_objective.NCMITraining`'s; validation
-scores are softmax(−KL(p ‖ q^v)) to the learned centroids. The model's weighted auxiliary losses (AEM entropy,
-ASMIL alignment) are added in both cases. What is logged, and the DDP behaviour, are documented in
-docs/ncmi_mil.md ("Training" and "Metric names") and docs/internals.md.
+scores softmax(logits). ``objective="ncmi"``: the head is removed and the NCMI objective is
+:class:`~wsi_ncmi.training.ncmi_objective.NCMITraining`'s; validation scores are softmax(−KL(p ‖ q^v)) to the learned
+centroids. The model's weighted auxiliary losses (AEM entropy, ASMIL alignment) are added in both cases. What is
+logged: docs/ncmi_mil.md "Logged metrics"; how NCMI is trained (ξ step, DDP): its "Training code" section.
 
 ``class_weights``: a list [C], or ``"balanced"``: w_c = n / (C · n_c) from the training split's label counts, set
 in ``setup("fit")`` and saved in checkpoints (the loss's ``weight`` buffer). Head objective only.

@@ -6,7 +6,7 @@ policy (``centroid_optimizer``: a manual SGD step after each backward, or a para
 optimizer, and the ξ group's lr schedule), the center / ξ initialisation pass before the first training step
 (``center_init_batches``, ``centroid_init``), the DDP handling of the feature center and of EMA centroids, the
 online CC accumulator (class means of p over the epoch's training samples) and the names of the accuracies it
-feeds (:data:`METRIC_NAMES`, documented in docs/ncmi_mil.md "Metric names"). :class:`NCMIHooks` is the
+feeds (:data:`METRIC_NAMES`, documented in docs/ncmi_mil.md "Logged metrics"). :class:`NCMIHooks` is the
 LightningModule mixin that calls it from Lightning's hooks.
 
 ``sum_fn`` is a sum over the DDP ranks (identity in a single process) given by the holding module.
