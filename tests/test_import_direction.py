@@ -19,11 +19,13 @@ TOP_FORBIDDEN: dict[str, tuple[str, ...]] = {
 }
 TOP_SHARED = ("wsi_ncmi.commands.errors",)
 
-# every layer may import the one error base (wsi_ncmi/errors.py, a leaf of the standard library only)
-SHARED_LEAVES = ("wsi_ncmi.errors",)
+# every layer may import the one error base (wsi_ncmi/errors.py, a leaf of the standard library only) and the
+# one check of fixed choices (wsi_ncmi/choices.py, a leaf of the standard library and errors.py)
+SHARED_LEAVES = ("wsi_ncmi.errors", "wsi_ncmi.choices")
 
 ALLOWED: dict[str, tuple[str, ...]] = {
     "wsi_ncmi.errors": (),
+    "wsi_ncmi.choices": (),
     "wsi_ncmi.ncmi": (),
     "wsi_ncmi.losses": ("wsi_ncmi.ncmi",),
     "wsi_ncmi.data": (),

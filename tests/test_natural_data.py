@@ -105,7 +105,7 @@ def test_cifar_datamodule_batches_and_class_names(tmp_path: Path) -> None:
 def test_datamodule_requires_root_for_cifar() -> None:
     with pytest.raises(ImageDataError, match="data.root"):
         ImageDataModule("cifar100")
-    with pytest.raises(ImageDataError, match="data.dataset"):
+    with pytest.raises(ImageDataError, match="ImageDataModule: dataset must be one of"):
         ImageDataModule("mnist")
 
 

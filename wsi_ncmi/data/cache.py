@@ -18,22 +18,26 @@ from __future__ import annotations
 
 import logging
 import os
+import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from wsi_ncmi.choices import check_choices
 from wsi_ncmi.data.bags import BagError, read_features, read_header
 from wsi_ncmi.errors import UserError
 
-__all__ = ["CACHE_MODES", "BagCache", "CacheError", "available_memory", "bags_nbytes", "headers_nbytes",
+__all__ = ["CACHE_MODES", "CacheMode", "BagCache", "CacheError", "available_memory", "bags_nbytes", "headers_nbytes",
            "resolve_cache_mode"]
 
 log = logging.getLogger(__name__)
 
-CACHE_MODES = ("auto", "none", "ram", "device")
+CacheMode = Literal["auto", "none", "ram", "device"]
+CACHE_MODES: tuple[str, ...] = typing.get_args(CacheMode)
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -75,15 +79,14 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def resolve_cache_mode(mode: str, needed: int, device: torch.device, budget: float, where: str) -> str:
+def resolve_cache_mode(mode: CacheMode, needed: int, device: torch.device, budget: float, where: str) -> str:
     """``none`` / ``ram`` / ``device`` for a split needing ``needed`` bytes.
 
     ``budget`` is the fraction of the available memory the cache may take. ``auto`` picks ``device`` when
     ``device`` is an accelerator and the bags fit its budget, else ``ram`` when they fit the host's, else
     ``none``. An explicit ``ram`` / ``device`` that does not fit raises :class:`CacheError`.
     """
-    if mode not in CACHE_MODES:
-        raise CacheError(f"{where}: cache must be one of {CACHE_MODES}, got {mode!r}")
+    check_choices(resolve_cache_mode, {"mode": mode}, where, CacheError)
     if not 0.0 < budget <= 1.0:
         raise CacheError(f"{where}: cache_budget must be in (0, 1], got {budget}")
     if mode == "none":

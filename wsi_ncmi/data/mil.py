@@ -12,7 +12,7 @@ import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -21,10 +21,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from wsi_ncmi.choices import check_choices
 from wsi_ncmi.data.bags import BagError, read_bag, read_features
-from wsi_ncmi.data.cache import CACHE_MODES, BagCache, CacheError, headers_nbytes, resolve_cache_mode
+from wsi_ncmi.data.cache import BagCache, CacheError, CacheMode, headers_nbytes, resolve_cache_mode
 from wsi_ncmi.data.split_check import locate_bags, missing_bags_message, split_bags_for
-from wsi_ncmi.data.splits import SPLITS, load_split, select_fold
+from wsi_ncmi.data.splits import SPLITS, Split, load_split, select_fold
 from wsi_ncmi.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class BagDataset(Dataset):
         self,
         split_csv: str | os.PathLike | pd.DataFrame,
         bags_dir: str | os.PathLike,
-        split: str = "train",
+        split: Split | Literal["all"] = "train",
         label_map: Mapping[Any, int] | None = None,
         max_instances: int | None = None,
         instance_dropout: float = 0.0,
@@ -86,8 +87,7 @@ class BagDataset(Dataset):
         bag_paths: Mapping[str, Path] | None = None,
     ) -> None:
         where = "split table" if isinstance(split_csv, pd.DataFrame) else str(split_csv)
-        if split not in (*SPLITS, "all"):
-            raise MILDataError(f"{where}: split must be one of {(*SPLITS, 'all')}, got {split!r}")
+        check_choices(BagDataset, locals(), where, MILDataError)
         if max_instances is not None and max_instances < 1:
             raise MILDataError(f"max_instances must be >= 1, got {max_instances}")
         if not 0.0 <= instance_dropout < 1.0:
@@ -286,7 +286,7 @@ class MILDataModule(L.LightningDataModule):
         balanced_sampler: bool = False,
         max_instances: int | None = None,
         instance_dropout: float = 0.0,
-        cache: str | bool = "auto",
+        cache: CacheMode | bool = "auto",
         cache_budget: float = 0.5,
         pin_memory: bool = True,
         label_map: dict[str, int] | None = None,
@@ -305,10 +305,8 @@ class MILDataModule(L.LightningDataModule):
         self.balanced_sampler = balanced_sampler
         self.max_instances = max_instances
         self.instance_dropout = instance_dropout
-        flags = {"true": "ram", "false": "none"}  # a boolean, also as the CLI spells it
-        self.cache = flags[str(cache).lower()] if str(cache).lower() in flags else str(cache)
-        if self.cache not in CACHE_MODES:
-            raise MILDataError(f"{split_csv}: cache must be one of {CACHE_MODES}, got {cache!r}")
+        check_choices(MILDataModule, {"cache": cache}, str(split_csv), MILDataError)
+        self.cache: CacheMode = ("ram" if cache else "none") if isinstance(cache, bool) else cache
         self.cache_budget = float(cache_budget)
         #: where ``device`` / ``auto`` caches live: the trainer's root device once ``setup`` ran, else set by
         #: callers that evaluate without a trainer

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("slide_id", "patient_id", "label", "split")
 OPTIONAL_COLUMNS = ("center", "fold", "label_name")
-SPLITS = ("train", "val", "test")
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = typing.get_args(Split)
 STRATEGIES = ("holdout", "kfold", "center")
 
 

@@ -26,26 +26,29 @@ from __future__ import annotations
 
 import logging
 import math
+import typing
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from wsi_ncmi.choices import check_choices
 from wsi_ncmi.errors import UserError
 from wsi_ncmi.metrics import MetricsError, classification_metrics
 from wsi_ncmi.ncmi import NearestCentroidClassifier
 
-__all__ = ["ProbeError", "LinearProbe", "DEFAULT_CS", "REFITS", "SOLVERS", "fit_centroid_classifier"]
+__all__ = ["ProbeError", "LinearProbe", "DEFAULT_CS", "REFITS", "SOLVERS", "Refit", "Solver", "fit_centroid_classifier"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 3, 13))
-REFITS = ("train", "train+val")
-CLASS_WEIGHTS = (None, "balanced")
-SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky", "sag", "saga")  # the multinomial-capable solvers
+Refit = Literal["train", "train+val"]
+Solver = Literal["lbfgs", "newton-cg", "newton-cholesky", "sag", "saga"]  # the multinomial-capable solvers
+REFITS: tuple[str, ...] = typing.get_args(Refit)
+SOLVERS: tuple[str, ...] = typing.get_args(Solver)
 
 
 class ProbeError(UserError):
@@ -77,22 +80,17 @@ class LinearProbe:
         self,
         num_classes: int,
         Cs: Sequence[float] = DEFAULT_CS,
-        class_weight: str | None = None,
+        class_weight: Literal["balanced"] | None = None,
         seed: int = 0,
-        refit: str = "train",
-        solver: str = "lbfgs",
+        refit: Refit = "train",
+        solver: Solver = "lbfgs",
         max_iter: int = 5000,
     ) -> None:
+        check_choices(LinearProbe, locals(), "LinearProbe", ProbeError)
         if num_classes < 2:
             raise ProbeError(f"LinearProbe: num_classes must be >= 2, got {num_classes}")
         if not Cs or any(not (c > 0) for c in Cs):
             raise ProbeError(f"LinearProbe: Cs must be a non-empty list of positive numbers, got {list(Cs)}")
-        if class_weight not in CLASS_WEIGHTS:
-            raise ProbeError(f"LinearProbe: class_weight must be one of {CLASS_WEIGHTS}, got {class_weight!r}")
-        if solver not in SOLVERS:
-            raise ProbeError(f"LinearProbe: solver must be one of {SOLVERS}, got {solver!r}")
-        if refit not in REFITS:
-            raise ProbeError(f"LinearProbe: refit must be one of {REFITS}, got {refit!r}")
         self.num_classes = int(num_classes)
         self.Cs = tuple(sorted(float(c) for c in Cs))
         self.class_weight = class_weight

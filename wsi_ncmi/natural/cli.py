@@ -13,6 +13,7 @@ import warnings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from wsi_ncmi.training.checkpoint import WeightsOnlyCLI
+from wsi_ncmi.training.cli_errors import OneLineParseErrors
 
 from .data import ImageDataModule
 from .module import ImageModule
@@ -20,7 +21,7 @@ from .module import ImageModule
 __all__ = ["ImageCLI", "NaturalCLI"]
 
 
-class ImageCLI(WeightsOnlyCLI, LightningCLI):
+class ImageCLI(OneLineParseErrors, WeightsOnlyCLI, LightningCLI):
     """LightningCLI of the image track: the data -> model class-count link, checkpoints read as data."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

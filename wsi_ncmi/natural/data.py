@@ -28,12 +28,14 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from wsi_ncmi.choices import check_choices
 
 from .datasets import CIFAR100, DigitsDataset, ImageDataError, cifar100_class_names, load_digits_arrays
 
@@ -42,6 +44,7 @@ __all__ = [
     "TwoViews",
     "ImageDataModule",
     "DATASETS",
+    "DatasetName",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
     "IMAGENET_MEAN",
@@ -118,18 +121,18 @@ _TRANSFORMS: dict[str, Callable[[bool, int, int, float], Callable]] = {
     "imagenet": _imagenet_transform,
     "digits": _digits_transform,
 }
+TransformFamily = Literal[tuple(_TRANSFORMS)]  # type: ignore[valid-type]  # the builders' names
 
 
 def build_transform(
-    family: str, train: bool, image_size: int, eval_size: int | None = None, crop_pct: float = 0.875
+    family: TransformFamily, train: bool, image_size: int, eval_size: int | None = None, crop_pct: float = 0.875
 ) -> Callable:
     """Image transform for ``family`` in {cifar, imagenet, digits}; output float [3, H, W], normalised.
 
     ``eval_size`` (default ``image_size``) is the evaluation resolution; for ``imagenet`` evaluation
     resizes the short side to ``eval_size / crop_pct`` and center-crops ``eval_size``.
     """
-    if family not in _TRANSFORMS:
-        raise ImageDataError(f"transform family must be one of {sorted(_TRANSFORMS)}, got {family!r}")
+    check_choices(build_transform, {"family": family}, "transform", ImageDataError)
     if not 0 < crop_pct <= 1:
         raise ImageDataError(f"crop_pct must be in (0, 1], got {crop_pct}")
     return _TRANSFORMS[family](train, image_size, eval_size or image_size, crop_pct)
@@ -196,6 +199,8 @@ DATASETS: dict[str, _Source] = {
     "imagefolder": _Source("imagenet", 224, True, _build_imagefolder, _imagefolder_names),
     "digits": _Source("digits", 32, False, _build_digits, lambda dm: [str(i) for i in range(10)]),
 }
+#: the dataset names as a type (jsonargparse validates them, ``--help`` lists them); built from the keys
+DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -220,7 +225,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        dataset: str = "cifar100",
+        dataset: DatasetName = "cifar100",
         root: str | None = None,
         batch_size: int = 128,
         num_workers: int = 4,
@@ -236,8 +241,7 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if dataset not in DATASETS:
-            raise ImageDataError(f"data.dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+        check_choices(ImageDataModule, {"dataset": dataset}, "ImageDataModule", ImageDataError)
         self.source = DATASETS[dataset]
         if self.source.needs_root and not root:
             raise ImageDataError(f"data.root is required for dataset={dataset!r}")

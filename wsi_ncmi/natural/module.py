@@ -1,35 +1,42 @@
 """Lightning module for the natural-image track: a ResNet trained with a head loss, NCMI or a contrastive loss.
 
 ``objective``: ``"head"`` (backbone → Linear head → ``create_loss(loss)`` on the logits), ``"ncmi"`` (no head;
-the NCMI objective on the pooled feature [B, D], with its ξ step, center / ξ initialisation, DDP handling and
-online CC held by :class:`~wsi_ncmi.training.ncmi_objective.NCMITraining`, as in ``MILModule``) or
-``"contrastive"`` (an embedding loss such as ``supcon`` on a projection of two views, plus a linear head trained
-with CE on the *detached* feature as an online probe). The lr schedule is :mod:`wsi_ncmi.training.optim`'s, one
-schedule per parameter group. Logged names: docs/ncmi_mil.md "Metric names"; ``val/top1`` / ``val/top5`` are
-the head's, or for NCMI the CC selected by ``val_centroids``.
+the NCMI objective of :class:`~wsi_ncmi.training.ncmi_objective.NCMITraining` on the pooled feature [B, D], as in
+``MILModule``) or ``"contrastive"`` (an embedding loss such as ``supcon`` on a projection of two views, plus a
+linear head trained with CE on the *detached* feature as an online probe). The lr schedule is
+:mod:`wsi_ncmi.training.optim`'s, one schedule per parameter group. What is logged: docs/ncmi_mil.md
+"Logged metrics".
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsi_ncmi.choices import check_choices
 from wsi_ncmi.data.plain import PlainKwargs, PlainValueError, check_plain
 from wsi_ncmi.errors import UserError
 from wsi_ncmi.losses import create_loss
 from wsi_ncmi.metrics import topk_hits
 from wsi_ncmi.natural.backbones import create_backbone
 from wsi_ncmi.ncmi import NCMILoss, NCMIMetricAccumulator
-from wsi_ncmi.training.ncmi_objective import NCMIConfigError, NCMIHooks, NCMITraining, metric_name
-from wsi_ncmi.training.optim import SCHEDULES, WarmupSchedule, build_group_scheduler
+from wsi_ncmi.training.ncmi_objective import (
+    CentroidInit,
+    NCMIConfigError,
+    NCMIHooks,
+    NCMITraining,
+    metric_name,
+)
+from wsi_ncmi.training.optim import ScheduleName, WarmupSchedule, build_group_scheduler
 
-__all__ = ["OBJECTIVES", "ImageModule", "ImageModuleError"]
+__all__ = ["OBJECTIVES", "ImageModule", "ImageModuleError", "Objective"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +45,8 @@ class ImageModuleError(UserError):
     """Bad ImageModule configuration (names the argument)."""
 
 
-OBJECTIVES = ("head", "ncmi", "contrastive")
+Objective = Literal["head", "ncmi", "contrastive"]
+OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
 
 
 class ImageModule(NCMIHooks, L.LightningModule):
@@ -85,7 +93,7 @@ class ImageModule(NCMIHooks, L.LightningModule):
         self,
         backbone: str = "resnet18",
         num_classes: int = 100,
-        objective: str = "head",
+        objective: Objective = "head",
         loss: str = "ce",
         loss_kwargs: PlainKwargs | None = None,
         ncmi_kwargs: PlainKwargs | None = None,
@@ -100,31 +108,26 @@ class ImageModule(NCMIHooks, L.LightningModule):
         centroid_momentum: float = 0.9,
         centroid_schedule: bool = False,
         centroid_start_epoch: float = 0.0,
-        scheduler: str = "cosine",
+        scheduler: ScheduleName = "cosine",
         milestones: list[int] | None = None,
         lr_gamma: float = 0.2,
         warmup_epochs: float = 0.0,
         min_lr_ratio: float = 0.0,
-        val_centroids: str = "train",
+        val_centroids: Literal["train", "xi"] = "train",
         proj_dim: int = 128,
         channels_last: bool = True,
-        centroid_init: str = "public",
+        centroid_init: CentroidInit = "public",
         center_init_batches: int = 0,
     ) -> None:
+        check_choices(ImageModule, locals(), "ImageModule", ImageModuleError)
         super().__init__()
         for name, kwargs in (("loss_kwargs", loss_kwargs), ("ncmi_kwargs", ncmi_kwargs)):
             try:
                 check_plain(kwargs, f"model.{name}")
             except PlainValueError as err:
                 raise ImageModuleError(str(err)) from None
-        if objective not in OBJECTIVES:
-            raise ImageModuleError(f"model.objective must be one of {OBJECTIVES}, got {objective!r}")
-        if scheduler not in SCHEDULES:
-            raise ImageModuleError(f"model.scheduler must be one of {sorted(SCHEDULES)}, got {scheduler!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ImageModuleError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-        if val_centroids not in ("train", "xi"):
-            raise ImageModuleError(f"model.val_centroids must be 'train' or 'xi', got {val_centroids!r}")
         if num_classes < 2:
             raise ImageModuleError(f"model.num_classes must be >= 2, got {num_classes}")
         self.save_hyperparameters()

@@ -56,19 +56,25 @@ module / features are float64) with autocast disabled.
 from __future__ import annotations
 
 import logging
+import typing
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsi_ncmi.choices import check_choices
+
 from .simplex import FeatureCenter, NCMIError, log_nsf
 
-__all__ = ["NCMILoss", "VARIANTS", "CENTROID_UPDATES", "init_centroids"]
+__all__ = ["NCMILoss", "VARIANTS", "CENTROID_UPDATES", "CentroidUpdate", "Variant", "init_centroids"]
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("paper", "official", "harmonic")
-CENTROID_UPDATES = ("sgd", "frozen", "ema")
+Variant = Literal["paper", "official", "harmonic"]
+CentroidUpdate = Literal["sgd", "frozen", "ema"]
+VARIANTS: tuple[str, ...] = typing.get_args(Variant)
+CENTROID_UPDATES: tuple[str, ...] = typing.get_args(CentroidUpdate)
 _OFFICIAL_EPS = 1e-10
 _DENOM_MIN = 1e-12
 
@@ -107,14 +113,15 @@ class NCMILoss(nn.Module):
         embed_dim: int,
         tau: float = 0.5,
         center_momentum: float = 0.9999,
-        variant: str = "paper",
-        centroid_update: str = "sgd",
+        variant: Variant = "paper",
+        centroid_update: CentroidUpdate = "sgd",
         centroids_per_class: int = 1,
         use_nsf: bool = True,
         use_centering: bool = True,
         ema_momentum: float = 0.99,
         check_finite: bool = False,
     ) -> None:
+        check_choices(NCMILoss, locals(), "NCMILoss", NCMIError)
         super().__init__()
         #: detached ln p [B, D] of the last ``forward`` (lets a trainer keep running class means of p
         #: without computing the simplex twice); None before the first call
@@ -127,12 +134,6 @@ class NCMILoss(nn.Module):
             raise NCMIError(f"NCMILoss: centroids_per_class must be >= 1, got {centroids_per_class}")
         if not tau > 0:
             raise NCMIError(f"NCMILoss: tau must be > 0, got {tau}")
-        if variant not in VARIANTS:
-            raise NCMIError(f"NCMILoss: variant must be one of {VARIANTS}, got {variant!r}")
-        if centroid_update not in CENTROID_UPDATES:
-            raise NCMIError(
-                f"NCMILoss: centroid_update must be one of {CENTROID_UPDATES}, got {centroid_update!r}"
-            )
         if not 0.0 <= ema_momentum <= 1.0:
             raise NCMIError(f"NCMILoss: ema_momentum must be in [0, 1], got {ema_momentum}")
         self.num_classes = int(num_classes)

@@ -41,6 +41,7 @@ from wsi_ncmi.data.split_check import check_patient_leak, offer_split_bags, pref
 
 from .callbacks import AtomicCheckpointIO, LastCheckpoint, RNGStateCheckpoint
 from .checkpoint import WeightsOnlyCLI
+from .cli_errors import OneLineParseErrors
 from .compose import expand_config_args
 from .mil_module import MILModule
 from .run_log import RunCSVLogger, TrimLogOnFitStart
@@ -61,7 +62,7 @@ _LEAK_FLAG = "--allow_patient_leak true"
 RUN_LOCK = "fit.lock"
 
 
-class MILCLI(WeightsOnlyCLI, LightningCLI):
+class MILCLI(OneLineParseErrors, WeightsOnlyCLI, LightningCLI):
     """LightningCLI with data → model links, a stable run-folder layout and pre-flight checks."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:

@@ -1,11 +1,10 @@
 """``MILModule``: train a MIL aggregator with a head loss (CE & co.) or with NCMI on the slide embedding.
 
 ``objective="head"``: logits = aggregator head(embedding), loss = ``create_loss(loss, **loss_kwargs)``, validation
-scores softmax(logits). ``objective="ncmi"``: the head is removed and the NCMI objective, its ξ step, center / ξ
-initialisation, DDP handling and online CC are :class:`~wsi_ncmi.training.ncmi_objective.NCMITraining`'s; validation
-scores are softmax(−KL(p ‖ q^v)) to the learned centroids. The model's weighted auxiliary losses (AEM entropy,
-ASMIL alignment) are added in both cases. What is logged, and the DDP behaviour, are documented in
-docs/ncmi_mil.md ("Training" and "Metric names") and docs/internals.md.
+scores softmax(logits). ``objective="ncmi"``: the head is removed and the NCMI objective is
+:class:`~wsi_ncmi.training.ncmi_objective.NCMITraining`'s; validation scores are softmax(−KL(p ‖ q^v)) to the learned
+centroids. The model's weighted auxiliary losses (AEM entropy, ASMIL alignment) are added in both cases. What is
+logged: docs/ncmi_mil.md "Logged metrics"; how NCMI is trained (ξ step, DDP): its "Training code" section.
 
 ``class_weights``: a list [C], or ``"balanced"``: w_c = n / (C · n_c) from the training split's label counts, set
 in ``setup("fit")`` and saved in checkpoints (the loss's ``weight`` buffer). Head objective only.
@@ -16,13 +15,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
 
+from wsi_ncmi.choices import check_choices
 from wsi_ncmi.data.mil import MILDataModule
 from wsi_ncmi.data.plain import PlainKwargs, PlainValueError, check_plain
 from wsi_ncmi.errors import UserError
@@ -34,20 +35,22 @@ from .epoch_stats import TermSums, gather_eval, slide_key
 from .ncmi_objective import (
     CENTROID_INITS,
     CENTROID_OPTIMIZERS,
+    CentroidInit,
+    CentroidOptimizer,
     NCMIConfigError,
     NCMIHooks,
     NCMITraining,
-    check_centroid_settings,
     metric_name,
 )
-from .optim import build_optimizer, build_scheduler
+from .optim import OptimizerName, ScheduleName, build_optimizer, build_scheduler
 from .val_metrics import epoch_metrics
 
-__all__ = ["OBJECTIVES", "CENTROID_OPTIMIZERS", "CENTROID_INITS", "MILModule", "TrainingConfigError"]
+__all__ = ["OBJECTIVES", "CENTROID_OPTIMIZERS", "CENTROID_INITS", "MILModule", "Objective", "TrainingConfigError"]
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = ("head", "ncmi")
+Objective = Literal["head", "ncmi"]
+OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
 
 
 class TrainingConfigError(UserError):
@@ -75,23 +78,24 @@ class MILModule(NCMIHooks, pl.LightningModule):
         model_kwargs: PlainKwargs | None = None,
         in_dim: int = 1024,
         num_classes: int = 2,
-        objective: str = "head",
+        objective: Objective = "head",
         loss: str = "ce",
         loss_kwargs: PlainKwargs | None = None,
         ncmi_kwargs: PlainKwargs | None = None,
-        optimizer: str = "adamw",
+        optimizer: OptimizerName = "adamw",
         lr: float = 1e-4,
         weight_decay: float = 1e-5,
-        centroid_optimizer: str = "sgd",
+        centroid_optimizer: CentroidOptimizer = "sgd",
         centroid_lr: float = 0.1,
         centroid_momentum: float = 0.9,
-        scheduler: str = "cosine",
+        scheduler: ScheduleName = "cosine",
         warmup_epochs: float = 0.0,
         min_lr_ratio: float = 0.0,
-        class_weights: list[float] | str | None = None,
+        class_weights: list[float] | Literal["balanced"] | None = None,
         center_init_batches: int = 16,
-        centroid_init: str = "public",
+        centroid_init: CentroidInit = "public",
     ) -> None:
+        check_choices(MILModule, locals(), "MILModule", TrainingConfigError)
         super().__init__()
         for name, kwargs in (("model_kwargs", model_kwargs), ("loss_kwargs", loss_kwargs), ("ncmi_kwargs", ncmi_kwargs)):
             try:
@@ -99,18 +103,8 @@ class MILModule(NCMIHooks, pl.LightningModule):
             except PlainValueError as err:
                 raise TrainingConfigError(str(err)) from None
         self.save_hyperparameters()
-        if objective not in OBJECTIVES:
-            raise TrainingConfigError(f"MILModule: objective must be one of {OBJECTIVES}, got {objective!r}")
-        try:
-            check_centroid_settings(centroid_optimizer, centroid_init)
-        except NCMIConfigError as err:
-            raise TrainingConfigError(f"MILModule: {err}") from None
         if num_classes < 2:
             raise TrainingConfigError(f"MILModule: num_classes must be >= 2, got {num_classes}")
-        if isinstance(class_weights, str) and class_weights != "balanced":
-            raise TrainingConfigError(
-                f"MILModule: class_weights must be a list of {num_classes} floats or 'balanced', got {class_weights!r}"
-            )
         if isinstance(class_weights, list | tuple) and len(class_weights) != num_classes:
             raise TrainingConfigError(
                 f"MILModule: class_weights has {len(class_weights)} entries for num_classes={num_classes}"

@@ -6,7 +6,7 @@ policy (``centroid_optimizer``: a manual SGD step after each backward, or a para
 optimizer, and the ξ group's lr schedule), the center / ξ initialisation pass before the first training step
 (``center_init_batches``, ``centroid_init``), the DDP handling of the feature center and of EMA centroids, the
 online CC accumulator (class means of p over the epoch's training samples) and the names of the accuracies it
-feeds (:data:`METRIC_NAMES`, documented in docs/ncmi_mil.md "Metric names"). :class:`NCMIHooks` is the
+feeds (:data:`METRIC_NAMES`, documented in docs/ncmi_mil.md "Logged metrics"). :class:`NCMIHooks` is the
 LightningModule mixin that calls it from Lightning's hooks.
 
 ``sum_fn`` is a sum over the DDP ranks (identity in a single process) given by the holding module.
@@ -15,12 +15,14 @@ LightningModule mixin that calls it from Lightning's hooks.
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from wsi_ncmi.choices import check_choices
 from wsi_ncmi.errors import UserError
 from wsi_ncmi.losses import LossError, create_loss
 from wsi_ncmi.ncmi import CentroidAccumulator, NCMILoss
@@ -28,15 +30,20 @@ from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
 
 from .optim import WarmupSchedule
 
-__all__ = ["CENTROID_INITS", "CENTROID_OPTIMIZERS", "METRIC_NAMES", "NCMIConfigError", "NCMIHooks", "NCMITraining",
-           "OnlineClassMeans", "centroid_sgd_step", "check_centroid_settings", "global_mean", "metric_name",
+__all__ = ["CENTROID_INITS", "CENTROID_OPTIMIZERS", "METRIC_NAMES", "CentroidInit", "CentroidOptimizer", "NCMIConfigError", "NCMIHooks", "NCMITraining",
+           "OnlineClassMeans", "centroid_sgd_step", "global_mean", "metric_name",
            "rename_legacy_keys"]
 
 logger = logging.getLogger(__name__)
 
-CENTROID_OPTIMIZERS = ("sgd", "group")
-CENTROID_INITS = ("public", "class_means")
-#: nearest-centroid accuracies (top-1), per set of centroids: "xi" = learned q = NSF(ξ), "cc" = online class means
+CentroidOptimizer = Literal["sgd", "group"]
+CentroidInit = Literal["public", "class_means"]
+CENTROID_OPTIMIZERS: tuple[str, ...] = typing.get_args(CentroidOptimizer)
+CENTROID_INITS: tuple[str, ...] = typing.get_args(CentroidInit)
+#: the sets of centroids a nearest-centroid accuracy is measured with: "xi" = learned q = NSF(ξ), "cc" = online
+#: class means
+Centroids = Literal["xi", "cc"]
+#: their top-1 accuracies' logged names
 METRIC_NAMES = {"xi": "xi_accuracy", "cc": "cc_accuracy"}
 
 SumFn = Callable[[Tensor], Tensor]
@@ -46,21 +53,11 @@ class NCMIConfigError(UserError):
     """An invalid NCMI training setting (the holding module re-raises it as its own configuration error)."""
 
 
-def metric_name(centroids: str, k: int = 1) -> str:
+def metric_name(centroids: Centroids, k: int = 1) -> str:
     """The logged name (without ``val/``) of the top-``k`` accuracy of ``centroids`` ("xi" | "cc"):
     ``xi_accuracy`` / ``cc_accuracy`` for k = 1, ``xi_top5`` / ``cc_top5`` for k = 5."""
-    if centroids not in METRIC_NAMES:
-        raise NCMIConfigError(f"metric_name: centroids must be one of {sorted(METRIC_NAMES)}, got {centroids!r}")
+    check_choices(metric_name, {"centroids": centroids}, "metric_name", NCMIConfigError)
     return METRIC_NAMES[centroids] if k == 1 else f"{centroids}_top{k}"
-
-
-def check_centroid_settings(centroid_optimizer: str, centroid_init: str) -> None:
-    """Raise :class:`NCMIConfigError` for an unknown ``centroid_optimizer`` or ``centroid_init``."""
-    if centroid_optimizer not in CENTROID_OPTIMIZERS:
-        raise NCMIConfigError(
-            f"centroid_optimizer must be one of {CENTROID_OPTIMIZERS}, got {centroid_optimizer!r}")
-    if centroid_init not in CENTROID_INITS:
-        raise NCMIConfigError(f"centroid_init must be one of {CENTROID_INITS}, got {centroid_init!r}")
 
 
 def rename_legacy_keys(state_dict: MutableMapping[str, Any], prefix: str, renames: dict[str, str]) -> None:
@@ -160,14 +157,14 @@ class NCMITraining(nn.Module):
         num_classes: int,
         embed_dim: int,
         ncmi_kwargs: dict[str, Any] | None = None,
-        centroid_optimizer: str = "sgd",
+        centroid_optimizer: CentroidOptimizer = "sgd",
         centroid_lr: float = 0.1,
         centroid_momentum: float = 0.9,
-        centroid_init: str = "public",
+        centroid_init: CentroidInit = "public",
         center_init_batches: int = 0,
     ) -> None:
+        check_choices(NCMITraining, locals(), "NCMITraining", NCMIConfigError)
         super().__init__()
-        check_centroid_settings(centroid_optimizer, centroid_init)
         if center_init_batches < 0:
             raise NCMIConfigError(f"center_init_batches must be >= 0, got {center_init_batches}")
         try:  # the registry's NCMI loss (an NCMILoss): unknown options are named with the accepted ones

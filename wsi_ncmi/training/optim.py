@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
@@ -33,6 +33,8 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "OptimConfigError",
+    "OptimizerName",
+    "ScheduleName",
     "WarmupSchedule",
     "build_group_scheduler",
     "build_optimizer",
@@ -57,6 +59,8 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     ),
     "sgd": _sgd,
 }
+#: the registry's names as a type (jsonargparse validates them, ``--help`` lists them); built from its keys
+OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
 
 
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, weight_decay: float) -> Optimizer:
@@ -82,6 +86,8 @@ SCHEDULES: dict[str, Callable[[float], float] | None] = {
     "multistep": lambda progress: 1.0,  # constant between milestones; the drops are WarmupSchedule's
     "none": None,
 }
+#: the schedule names as a type (jsonargparse validates them, ``--help`` lists them); built from the keys
+ScheduleName = Literal[tuple(SCHEDULES)]  # type: ignore[valid-type]
 
 
 class WarmupSchedule:
