@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from families import FAMILIES, TUNING_DRAWS, parse_task  # noqa: E402
 from families.guard import HeldOutError, choose_draws, frozen_recipe  # noqa: E402
 from families.stats import fmt, summary  # noqa: E402
+from families.subset import subset_split  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "mil"
 # "ce_lr": the control — the CE leaf config trained with the NCMI leaf's learning rate and warm-up, so that a gap
@@ -53,6 +54,12 @@ OBJECTIVES = ("ce", "ce_lr", "ncmi")
 PROTOCOLS = [("ce", "head", "CE head"), ("ce", "lp", "CE-LP"), ("ce_lr", "head", "CE head @ NCMI lr"),
              ("ncmi", "lp", "NCMI-LP"), ("ncmi", "cc", "NCMI-CC")]
 LR_KEYS = ("lr", "warmup_epochs")
+# CPU-seconds (time.process_time, one thread) of one ABMIL CE run — fit + evaluate — per family at its CPU defaults
+# (epochs, scale, cpu_bags / cpu_slides), tuning draw 0, measured `nice -n 10` on the shared 2-core machine
+# (bench/results/mil_families.md). NCMI runs cost ~1.1× (NCMI_COST); AEM / ASMIL are taken as ABMIL's.
+CPU_RUN_S: dict[str, float] = {}
+NCMI_COST = 1.1
+DEFAULT_GRID = {"models": ["abmil"], "objectives": ["ce", "ncmi"], "seeds": [0, 1], "draws": [0]}
 
 
 def _quiet() -> None:
@@ -198,23 +205,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--families", "--tasks", dest="tasks", nargs="+", default=list(FAMILIES),
                    help="families, each as FAMILY or FAMILY:PROTOCOL (default: every family, its first protocol)")
     p.add_argument("--draws", nargs="+", type=int, default=None,
-                   help=f"draws of each family (default: the tuning draws {list(TUNING_DRAWS)}; held-out draws "
-                        "(>= 100) need --held-out)")
+                   help=f"draws of each family (default: {DEFAULT_GRID['draws']}; the tuning draws are "
+                        f"{list(TUNING_DRAWS)}; held-out draws (>= 100) need --held-out)")
     p.add_argument("--held-out", action="store_true",
                    help="run the held-out draws (default 100-104) once, on a recipe frozen in a commit")
-    p.add_argument("--models", nargs="+", default=["abmil", "aem", "asmil"])
-    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"aggregators (default {DEFAULT_GRID['models']}; the issue's table: abmil aem asmil)")
+    p.add_argument("--objectives", nargs="+", default=None, choices=list(OBJECTIVES),
+                   help=f"default {DEFAULT_GRID['objectives']}; the issue's table: {' '.join(OBJECTIVES)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help=f"default {DEFAULT_GRID['seeds']}; the issue's table: 0 1 2 3 4")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: each family's own)")
     p.add_argument("--scale", type=float, default=None,
                    help="bag-size scale, 1.0 = full size (default: each family's CPU scale)")
-    p.add_argument("--full", action="store_true", help="paper scale: --scale 1 and each family's full epochs (50)")
+    p.add_argument("--full", action="store_true",
+                   help="paper scale: --scale 1, every bag / slide, each family's full epochs (50), and the "
+                        "issue's grid (abmil aem asmil × every objective × seeds 0-4 × draws 0-4) unless named")
     p.add_argument("--bags", type=int, default=None,
-                   help="bags per witness family, train/val/test = 60/20/20 %% (c17 and bracs are fixed cohorts)")
+                   help="bags per witness family, train/val/test = 60/20/20 %% (default: the family's cpu_bags; "
+                        "c17 and bracs are fixed cohorts: use --slides)")
+    p.add_argument("--slides", type=float, default=None,
+                   help="share of each (split, label) stratum trained on, 0-1 (default: the family's cpu_slides; "
+                        "1 = every slide)")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes (one thread each)")
     p.add_argument("--work", default=str(ROOT / "bench" / "out" / "mil_benchmark"), help="bags and runs (ignored folder)")
     p.add_argument("--out", default=None, help="write the markdown report here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    full = {"models": ["abmil", "aem", "asmil"], "objectives": list(OBJECTIVES), "seeds": [0, 1, 2, 3, 4],
+            "draws": list(TUNING_DRAWS)}
+    for key in DEFAULT_GRID:
+        if getattr(args, key) is None and not (key == "draws" and args.held_out):
+            setattr(args, key, (full if args.full else DEFAULT_GRID)[key])
+    return args
 
 
 def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[int], work: Path) -> list[dict]:
@@ -224,16 +246,40 @@ def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[
         fam = FAMILIES[family]
         scale = args.scale if args.scale is not None else (1.0 if args.full else fam.cpu_scale)
         epochs = args.epochs or (fam.full_epochs if args.full else fam.epochs)
-        n_bags = None if fam.fixed_cohort else args.bags
+        n_bags = None if fam.fixed_cohort else (args.bags or (None if args.full else fam.cpu_bags))
+        slides = args.slides if args.slides is not None else (1.0 if args.full else fam.cpu_slides)
         for draw in draws:
             cohort = fam.make(draw, scale, out=work / "families", n_bags=n_bags)
             task = f"{family}:{protocol}"
+            split = cohort.splits[protocol]
+            if slides < 1.0:  # the same split shape and label shares on fewer slides
+                from wsi_ncmi.data.splits import load_split, write_split
+
+                split = work / "splits" / f"{family}-{protocol}_d{draw}_s{scale:g}_f{slides:g}.csv"
+                split.parent.mkdir(parents=True, exist_ok=True)
+                write_split(subset_split(load_split(cohort.splits[protocol]), slides, seed=draw), split)
             jobs += [{"task": task, "draw": draw, "model": m, "objective": o, "seed": s, "epochs": epochs,
-                      "threads": 1, "bags": str(cohort.bags_dir), "split": str(cohort.splits[protocol]),
-                      "classes": cohort.classes[protocol], "scale": scale,
+                      "threads": 1, "bags": str(cohort.bags_dir), "split": str(split),
+                      "classes": cohort.classes[protocol], "scale": scale, "slides": slides, "family": family,
                       "run_dir": str(work / "runs" / f"{family}-{protocol}_d{draw}_{m}_{o}_s{s}")}
                      for m in args.models for s in args.seeds for o in args.objectives]
     return jobs
+
+
+def expected_duration(jobs: list[dict], parallel: int) -> str:
+    """One line: the run's expected CPU time from ``CPU_RUN_S`` (linear in epochs × scale × slide share away from
+    a family's CPU defaults) and the wall time on ``parallel`` quiet cores."""
+    total, unknown = 0.0, set()
+    for j in jobs:
+        if j["family"] not in CPU_RUN_S:
+            unknown.add(j["family"])
+            continue
+        fam = FAMILIES[j["family"]]
+        size = (j["epochs"] / fam.epochs) * (j["scale"] / fam.cpu_scale) * (j["slides"] / fam.cpu_slides)
+        total += CPU_RUN_S[j["family"]] * (NCMI_COST if j["objective"] == "ncmi" else 1.0) * size
+    line = (f"mil_benchmark: {len(jobs)} runs, expected ~{total / 60:.0f} CPU-min ≈ {total / 60 / max(1, parallel):.0f}"
+            f" min on {parallel} quiet cores (per-family cost table, ABMIL at the CPU defaults)")
+    return line + (f"; no cost measured for {sorted(unknown)}" if unknown else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     jobs = prepare(args, tasks, draws, work)
     prep_s = time.perf_counter() - t0
+    print(expected_duration(jobs, args.jobs), flush=True)
     results = []
     with contextlib.ExitStack() as stack:
         runner = stack.enter_context(ProcessPoolExecutor(max_workers=args.jobs)).map if args.jobs > 1 else map
