@@ -215,7 +215,7 @@ def test_bracs_lesion_is_a_small_share_of_the_slide(tmp_path: Path) -> None:
     lo, hi = cohort.meta["background"]
     lesion = np.array(cohort.meta["lesion_tiles"])
     assert lesion.min() >= 1 and lesion.max() <= round(bracs.LESION[1] * hi) + 1
-    assert sum(bracs.MIXTURE.values()) == pytest.approx(1.0) and max(bracs.MIXTURE) == 2
+    assert sum(bracs.MIXTURE.values()) == pytest.approx(1.0)
 
 
 def test_default_grid_is_small_and_full_is_the_issues_grid() -> None:
