@@ -1,7 +1,7 @@
 """CE vs NCMI on task families of witness-instance MIL (issues #13, #23).
 
     python bench/mil_benchmark.py --families c17 --models abmil --seeds 0 1 --draws 0     # a first look
-    python bench/mil_benchmark.py --jobs 2 --out bench/results/mil_benchmark_table.md   # every family, tuning draws
+    python bench/mil_benchmark.py --out bench/results/mil_benchmark_table.md   # the default: ~17 min on 2 cores
     python bench/mil_benchmark.py --held-out --out bench/results/mil_heldout.md         # ONCE, recipe frozen
     python bench/mil_benchmark.py --full ...                                            # paper-scale (GPU)
 
@@ -9,7 +9,7 @@ Families (``bench/families/``): ``texture2``, ``texture4``, ``digits4`` (the ori
 ``witness_*`` (width 256-1,536, share 0.3-5 %, 2-7 classes, CAMELYON-17 balance), ``c17`` (the CAMELYON-17-shaped
 cohort of ``splits/``: protocols ``official``, ``loco0`` … ``loco4``) and ``bracs`` (``7class``, ``3class``).
 Name a protocol as ``family:protocol`` (default: the family's first). Every family is generated per *draw*
-(seed from family name and draw): recipes are tuned on the tuning draws 0-4 (the default); the held-out draws
+(seed from family name and draw): recipes are tuned on the tuning draws 0-4; the held-out draws
 100-104 run only with ``--held-out``, which refuses to start while ``configs/mil``, the NCMI / training code or
 the families have uncommitted changes and records the commit of the frozen recipe in the results.
 
@@ -22,6 +22,11 @@ embedding (CE-LP), of the linear probe on the NCMI embedding (NCMI-LP; both prob
 ``ce_lr``), trains the CE leaf with the NCMI leaf's learning rate and warm-up. Each cell: mean ± sample std and a
 95 % Student-t interval of the mean over all its runs (seeds × draws pooled). ``--jobs`` runs that many trainings
 in parallel processes, one thread each.
+
+The default run is sized for 2 CPU cores (~17 min, printed at start from ``CPU_RUN_S``): every family at its CPU
+size (``cpu_scale``, ``epochs``, ``cpu_bags`` / ``cpu_slides``: a stratified subset keeping the split shape and
+label shares), ABMIL, CE and NCMI, seeds 0 1, tuning draw 0 (``DEFAULT_GRID``). ``--full`` is paper scale and the
+issue's grid (abmil aem asmil × every objective × seeds 0-4 × draws 0-4) for whatever is not named.
 """
 
 from __future__ import annotations
