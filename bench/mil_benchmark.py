@@ -318,10 +318,11 @@ def main(argv: list[str] | None = None) -> int:
 
     names = [f"{f}:{p}" for f, p in tasks]
     kind = "HELD-OUT draws" if args.held_out else "tuning draws (not for reporting: held-out numbers only)"
-    sizes = sorted({(j["task"], j["epochs"], j["scale"]) for j in jobs})
+    sizes = sorted({(j["task"], j["epochs"], j["scale"], j["slides"]) for j in jobs})
     head = ["# MIL benchmark: CE vs NCMI on task families (`bench/mil_benchmark.py`)", "",
             f"{kind} {draws}; seeds {args.seeds}; "
-            + ", ".join(f"{t}: {e} epochs, scale {s:g}" for t, e, s in sizes)
+            + ", ".join(f"{t}: {e} epochs, scale {s:g}" + (f", {f:g} of the slides" if f < 1 else "")
+                        for t, e, s, f in sizes)
             + f". torch {torch.__version__}, {os.cpu_count()} CPUs, --jobs {args.jobs}; wall {wall / 60:.1f} min "
             f"(data {prep_s:.0f} s, trainings {sum(r['cpu_s'] for r in results) / 60:.1f} CPU-min).",
             "Cells: mean ± sample std [95 % Student-t interval of the mean] over seeds × draws.", ""]
