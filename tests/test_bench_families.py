@@ -233,3 +233,15 @@ def test_default_grid_is_small_and_full_is_the_issues_grid() -> None:
     assert f"≈ {minutes:.0f} min on 2 quiet cores" in line and minutes <= 30
     doubled = mb.expected_duration([{**j, "epochs": 2 * j["epochs"]} for j in jobs], 2)
     assert f"≈ {2 * minutes:.0f} min" in doubled
+
+
+def test_the_default_run_trains_c17_on_a_stratified_half(tmp_path: Path) -> None:
+    import mil_benchmark as mb
+
+    _c17_pool(tmp_path / "families")
+    jobs = mb.prepare(mb.parse_args(["--families", "c17"]), [("c17", "official")], [0], tmp_path)
+    assert len(jobs) == 4 and {j["slides"] for j in jobs} == {camelyon.Camelyon17Family.cpu_slides} == {0.5}
+    half, full = pd.read_csv(jobs[0]["split"]), pd.read_csv(ROOT / "splits" / "camelyon17" / "seed0.csv")
+    assert len(half) == pytest.approx(250, abs=5) and set(half["split"]) == set(full["split"])
+    every = mb.prepare(mb.parse_args(["--families", "c17", "--slides", "1"]), [("c17", "official")], [0], tmp_path)
+    assert len(pd.read_csv(every[0]["split"])) == 500
