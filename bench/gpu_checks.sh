@@ -51,7 +51,8 @@ run training 120 "$PY" bench/training.py --bags 60 --instances 8000 --dim 1024 -
 run fitplain 240 "$PY" bench/training.py --fit --bags 400 --val-bags 100 --instances 10000 --dim 1024 \
     --models abmil --fit-epochs 1 2 --precision bf16-mixed
 # CE vs NCMI on the witness benchmark (#13), short GPU confirmation of the CPU table.
-run milbench 300 "$PY" bench/mil_benchmark.py --jobs 1 --families digits4 --draws 0 --seeds 0 1 2 --models abmil aem
+run milbench 300 "$PY" bench/mil_benchmark.py --jobs 1 --families digits4 --draws 0 --seeds 0 1 2 --models abmil aem \
+    --objectives ce ce_lr ncmi
 # Issue #23 at paper scale (scale 1: bags of thousands of tiles, 50 epochs) on one tuning draw of the two cohorts;
 # far longer than one device call on CPU-sized leases: run it alone (CHECKS=milfull), with a lease of its own.
 run milfull 580 "$PY" bench/mil_benchmark.py --full --jobs 1 --families c17 bracs:3class --draws 0 --seeds 0 \

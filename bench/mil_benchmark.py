@@ -1,7 +1,7 @@
 """CE vs NCMI on task families of witness-instance MIL (issues #13, #23).
 
     python bench/mil_benchmark.py --families c17 --models abmil --seeds 0 1 --draws 0     # a first look
-    python bench/mil_benchmark.py --jobs 2 --out bench/results/mil_benchmark_table.md   # every family, tuning draws
+    python bench/mil_benchmark.py --out bench/results/mil_benchmark_table.md   # the default: ~17 min on 2 cores
     python bench/mil_benchmark.py --held-out --out bench/results/mil_heldout.md         # ONCE, recipe frozen
     python bench/mil_benchmark.py --full ...                                            # paper-scale (GPU)
 
@@ -9,7 +9,7 @@ Families (``bench/families/``): ``texture2``, ``texture4``, ``digits4`` (the ori
 ``witness_*`` (width 256-1,536, share 0.3-5 %, 2-7 classes, CAMELYON-17 balance), ``c17`` (the CAMELYON-17-shaped
 cohort of ``splits/``: protocols ``official``, ``loco0`` … ``loco4``) and ``bracs`` (``7class``, ``3class``).
 Name a protocol as ``family:protocol`` (default: the family's first). Every family is generated per *draw*
-(seed from family name and draw): recipes are tuned on the tuning draws 0-4 (the default); the held-out draws
+(seed from family name and draw): recipes are tuned on the tuning draws 0-4; the held-out draws
 100-104 run only with ``--held-out``, which refuses to start while ``configs/mil``, the NCMI / training code or
 the families have uncommitted changes and records the commit of the frozen recipe in the results.
 
@@ -22,6 +22,11 @@ embedding (CE-LP), of the linear probe on the NCMI embedding (NCMI-LP; both prob
 ``ce_lr``), trains the CE leaf with the NCMI leaf's learning rate and warm-up. Each cell: mean ± sample std and a
 95 % Student-t interval of the mean over all its runs (seeds × draws pooled). ``--jobs`` runs that many trainings
 in parallel processes, one thread each.
+
+The default run is sized for 2 CPU cores (~17 min, printed at start from ``CPU_RUN_S``): every family at its CPU
+size (``cpu_scale``, ``epochs``, ``cpu_bags`` / ``cpu_slides``: a stratified subset keeping the split shape and
+label shares), ABMIL, CE and NCMI, seeds 0 1, tuning draw 0 (``DEFAULT_GRID``). ``--full`` is paper scale and the
+issue's grid (abmil aem asmil × every objective × seeds 0-4 × draws 0-4) for whatever is not named.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from families import FAMILIES, TUNING_DRAWS, parse_task  # noqa: E402
 from families.guard import HeldOutError, choose_draws, frozen_recipe  # noqa: E402
 from families.stats import fmt, summary  # noqa: E402
+from families.subset import subset_split  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "mil"
 # "ce_lr": the control — the CE leaf config trained with the NCMI leaf's learning rate and warm-up, so that a gap
@@ -53,6 +59,15 @@ OBJECTIVES = ("ce", "ce_lr", "ncmi")
 PROTOCOLS = [("ce", "head", "CE head"), ("ce", "lp", "CE-LP"), ("ce_lr", "head", "CE head @ NCMI lr"),
              ("ncmi", "lp", "NCMI-LP"), ("ncmi", "cc", "NCMI-CC")]
 LR_KEYS = ("lr", "warmup_epochs")
+# CPU-seconds (time.process_time, one thread) of one ABMIL CE run — fit + evaluate — per family at its CPU defaults
+# (epochs, scale, cpu_bags / cpu_slides), tuning draw 0, measured `nice -n 10` on the shared 2-core machine
+# (bench/results/mil_families.md; bracs: its default protocol 7class). NCMI runs cost ~1.1× a CE run (NCMI_COST,
+# measured on c17 / bracs / witness_skew in the first pass); AEM / ASMIL are taken as ABMIL's (ASMIL is ~1.5×).
+CPU_RUN_S: dict[str, float] = {"texture2": 23, "texture4": 36, "digits4": 39, "witness_w1536": 57,
+                                "witness_share03": 77, "witness_c2": 23, "witness_c7": 38, "witness_skew": 73,
+                                "c17": 47, "bracs": 77}
+NCMI_COST = 1.1
+DEFAULT_GRID = {"models": ["abmil"], "objectives": ["ce", "ncmi"], "seeds": [0, 1], "draws": [0]}
 
 
 def _quiet() -> None:
@@ -89,7 +104,7 @@ def run_one(job: dict) -> dict:
 
     _quiet()
     torch.set_num_threads(job["threads"])
-    from wsi_ncmi.commands.evaluate_cli import main as evaluate_main
+    from wsi_ncmi.evaluation.run import EvaluateOptions, evaluate_checkpoint
     from wsi_ncmi.training.cli import run_cli
 
     run = Path(job["run_dir"])
@@ -100,10 +115,8 @@ def run_one(job: dict) -> dict:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         run_cli("fit", args)
         fit_s = time.perf_counter() - t0
-        rc = evaluate_main(["--ckpt", str(run / "checkpoints" / "best.ckpt"), "--out", str(run / "eval"),
-                            "--dataset", job["task"].replace(":", "-"), "--no-plots"])
-    if rc != 0:
-        raise RuntimeError(f"evaluate failed for {job}")
+        evaluate_checkpoint(run / "checkpoints" / "best.ckpt", run / "eval",
+                            EvaluateOptions(dataset=job["task"].replace(":", "-"), plots=False))
     report = json.loads((run / "eval" / "report.json").read_text())
     metrics = {proto: {k: report["metrics"][proto]["test"][k] for k in ("macro_f1", "macro_auc")}
                for proto in report["metrics"]}
@@ -198,23 +211,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--families", "--tasks", dest="tasks", nargs="+", default=list(FAMILIES),
                    help="families, each as FAMILY or FAMILY:PROTOCOL (default: every family, its first protocol)")
     p.add_argument("--draws", nargs="+", type=int, default=None,
-                   help=f"draws of each family (default: the tuning draws {list(TUNING_DRAWS)}; held-out draws "
-                        "(>= 100) need --held-out)")
+                   help=f"draws of each family (default: {DEFAULT_GRID['draws']}; the tuning draws are "
+                        f"{list(TUNING_DRAWS)}; held-out draws (>= 100) need --held-out)")
     p.add_argument("--held-out", action="store_true",
                    help="run the held-out draws (default 100-104) once, on a recipe frozen in a commit")
-    p.add_argument("--models", nargs="+", default=["abmil", "aem", "asmil"])
-    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"aggregators (default {DEFAULT_GRID['models']}; the issue's table: abmil aem asmil)")
+    p.add_argument("--objectives", nargs="+", default=None, choices=list(OBJECTIVES),
+                   help=f"default {DEFAULT_GRID['objectives']}; the issue's table: {' '.join(OBJECTIVES)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help=f"default {DEFAULT_GRID['seeds']}; the issue's table: 0 1 2 3 4")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: each family's own)")
     p.add_argument("--scale", type=float, default=None,
                    help="bag-size scale, 1.0 = full size (default: each family's CPU scale)")
-    p.add_argument("--full", action="store_true", help="paper scale: --scale 1 and each family's full epochs (50)")
+    p.add_argument("--full", action="store_true",
+                   help="paper scale: --scale 1, every bag / slide, each family's full epochs (50), and the "
+                        "issue's grid (abmil aem asmil × every objective × seeds 0-4 × draws 0-4) unless named")
     p.add_argument("--bags", type=int, default=None,
-                   help="bags per witness family, train/val/test = 60/20/20 %% (c17 and bracs are fixed cohorts)")
+                   help="bags per witness family, train/val/test = 60/20/20 %% (default: the family's cpu_bags; "
+                        "c17 and bracs are fixed cohorts: use --slides)")
+    p.add_argument("--slides", type=float, default=None,
+                   help="share of each (split, label) stratum trained on, 0-1 (default: the family's cpu_slides; "
+                        "1 = every slide)")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes (one thread each)")
     p.add_argument("--work", default=str(ROOT / "bench" / "out" / "mil_benchmark"), help="bags and runs (ignored folder)")
     p.add_argument("--out", default=None, help="write the markdown report here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    full = {"models": ["abmil", "aem", "asmil"], "objectives": list(OBJECTIVES), "seeds": [0, 1, 2, 3, 4],
+            "draws": list(TUNING_DRAWS)}
+    for key in DEFAULT_GRID:
+        if getattr(args, key) is None and not (key == "draws" and args.held_out):
+            setattr(args, key, (full if args.full else DEFAULT_GRID)[key])
+    return args
 
 
 def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[int], work: Path) -> list[dict]:
@@ -224,16 +252,40 @@ def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[
         fam = FAMILIES[family]
         scale = args.scale if args.scale is not None else (1.0 if args.full else fam.cpu_scale)
         epochs = args.epochs or (fam.full_epochs if args.full else fam.epochs)
-        n_bags = None if fam.fixed_cohort else args.bags
+        n_bags = None if fam.fixed_cohort else (args.bags or (None if args.full else fam.cpu_bags))
+        slides = args.slides if args.slides is not None else (1.0 if args.full else fam.cpu_slides)
         for draw in draws:
             cohort = fam.make(draw, scale, out=work / "families", n_bags=n_bags)
             task = f"{family}:{protocol}"
+            split = cohort.splits[protocol]
+            if slides < 1.0:  # the same split shape and label shares on fewer slides
+                from wsi_ncmi.data.splits import load_split, write_split
+
+                split = work / "splits" / f"{family}-{protocol}_d{draw}_s{scale:g}_f{slides:g}.csv"
+                split.parent.mkdir(parents=True, exist_ok=True)
+                write_split(subset_split(load_split(cohort.splits[protocol]), slides, seed=draw), split)
             jobs += [{"task": task, "draw": draw, "model": m, "objective": o, "seed": s, "epochs": epochs,
-                      "threads": 1, "bags": str(cohort.bags_dir), "split": str(cohort.splits[protocol]),
-                      "classes": cohort.classes[protocol], "scale": scale,
+                      "threads": 1, "bags": str(cohort.bags_dir), "split": str(split),
+                      "classes": cohort.classes[protocol], "scale": scale, "slides": slides, "family": family,
                       "run_dir": str(work / "runs" / f"{family}-{protocol}_d{draw}_{m}_{o}_s{s}")}
                      for m in args.models for s in args.seeds for o in args.objectives]
     return jobs
+
+
+def expected_duration(jobs: list[dict], parallel: int) -> str:
+    """One line: the run's expected CPU time from ``CPU_RUN_S`` (linear in epochs × scale × slide share away from
+    a family's CPU defaults) and the wall time on ``parallel`` quiet cores."""
+    total, unknown = 0.0, set()
+    for j in jobs:
+        if j["family"] not in CPU_RUN_S:
+            unknown.add(j["family"])
+            continue
+        fam = FAMILIES[j["family"]]
+        size = (j["epochs"] / fam.epochs) * (j["scale"] / fam.cpu_scale) * (j["slides"] / fam.cpu_slides)
+        total += CPU_RUN_S[j["family"]] * (NCMI_COST if j["objective"] == "ncmi" else 1.0) * size
+    line = (f"mil_benchmark: {len(jobs)} runs, expected ~{total / 60:.0f} CPU-min ≈ {total / 60 / max(1, parallel):.0f}"
+            f" min on {parallel} quiet cores (per-family cost table, ABMIL at the CPU defaults)")
+    return line + (f"; no cost measured for {sorted(unknown)}" if unknown else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     jobs = prepare(args, tasks, draws, work)
     prep_s = time.perf_counter() - t0
+    print(expected_duration(jobs, args.jobs), flush=True)
     results = []
     with contextlib.ExitStack() as stack:
         runner = stack.enter_context(ProcessPoolExecutor(max_workers=args.jobs)).map if args.jobs > 1 else map
@@ -263,10 +316,11 @@ def main(argv: list[str] | None = None) -> int:
 
     names = [f"{f}:{p}" for f, p in tasks]
     kind = "HELD-OUT draws" if args.held_out else "tuning draws (not for reporting: held-out numbers only)"
-    sizes = sorted({(j["task"], j["epochs"], j["scale"]) for j in jobs})
+    sizes = sorted({(j["task"], j["epochs"], j["scale"], j["slides"]) for j in jobs})
     head = ["# MIL benchmark: CE vs NCMI on task families (`bench/mil_benchmark.py`)", "",
             f"{kind} {draws}; seeds {args.seeds}; "
-            + ", ".join(f"{t}: {e} epochs, scale {s:g}" for t, e, s in sizes)
+            + ", ".join(f"{t}: {e} epochs, scale {s:g}" + (f", {f:g} of the slides" if f < 1 else "")
+                        for t, e, s, f in sizes)
             + f". torch {torch.__version__}, {os.cpu_count()} CPUs, --jobs {args.jobs}; wall {wall / 60:.1f} min "
             f"(data {prep_s:.0f} s, trainings {sum(r['cpu_s'] for r in results) / 60:.1f} CPU-min).",
             "Cells: mean ± sample std [95 % Student-t interval of the mean] over seeds × draws.", ""]

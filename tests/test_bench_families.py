@@ -179,3 +179,69 @@ def test_a_changed_recipe_rebuilds_the_cohort_without_stale_bags(tmp_path: Path)
     stamp = (cohort.bags_dir.parent / "recipe.json").stat().st_mtime_ns
     fam.make(0, out=tmp_path, n_bags=8, scale=0.1)  # unchanged recipe: reused, not rewritten
     assert (cohort.bags_dir.parent / "recipe.json").stat().st_mtime_ns == stamp
+
+
+def test_subset_keeps_the_split_shape_and_label_shares() -> None:
+    from families.subset import subset_split
+
+    table = pd.read_csv(ROOT / "splits" / "camelyon17" / "seed0.csv")
+    half = subset_split(table, 0.5, seed=3)
+    assert set(half["slide_id"]) <= set(table["slide_id"]) and half["slide_id"].is_unique
+    full_counts = table.groupby(["split", "label"]).size()
+    got = half.groupby(["split", "label"]).size()
+    assert ((got - full_counts * 0.5).abs() <= 0.5 + 1e-9).all()  # every stratum halved (rounded), none dropped
+    merged = half.merge(table, on="slide_id", suffixes=("", "_full"))
+    assert (merged["split"] == merged["split_full"]).all() and (merged["label"] == merged["label_full"]).all()
+    assert subset_split(table, 0.5, seed=3).equals(half) and not subset_split(table, 0.5, seed=4).equals(half)
+    assert subset_split(table, 1.0) is table
+    with pytest.raises(ValueError, match="fraction"):
+        subset_split(table, 0.0)
+
+
+def test_witness_confusion_draws_some_witnesses_from_the_other_classes() -> None:
+    pools = [np.full((5, 2), c, np.float32) for c in range(3)]  # witness pool of class c+1 holds the value c
+    rng = np.random.default_rng(0)
+    plain = F.FAMILIES["digits4"]._witnesses(rng, pools, 2, 400)
+    assert (plain == 1).all()
+    skew = F.FAMILIES["witness_skew"]
+    mixed = skew._witnesses(rng, pools, 2, 4000)[:, 0]
+    assert skew.confusion > 0
+    assert abs((mixed != 1).mean() - skew.confusion) < 0.03 and set(np.unique(mixed)) == {0, 1, 2}
+
+
+def test_bracs_lesion_is_a_small_share_of_the_slide(tmp_path: Path) -> None:
+    _bracs_pool(tmp_path)
+    cohort = F.FAMILIES["bracs"].make(0, scale=0.05, out=tmp_path)
+    lo, hi = cohort.meta["background"]
+    lesion = np.array(cohort.meta["lesion_tiles"])
+    assert lesion.min() >= 1 and lesion.max() <= round(bracs.LESION[1] * hi) + 1
+    assert sum(bracs.MIXTURE.values()) == pytest.approx(1.0)
+
+
+def test_default_grid_is_small_and_full_is_the_issues_grid() -> None:
+    import mil_benchmark as mb
+
+    small, full = mb.parse_args([]), mb.parse_args(["--full"])
+    assert (small.models, small.objectives, small.seeds, small.draws) == (["abmil"], ["ce", "ncmi"], [0, 1], [0])
+    assert full.models == ["abmil", "aem", "asmil"] and full.seeds == [0, 1, 2, 3, 4] and full.draws == [0, 1, 2, 3, 4]
+    assert mb.parse_args(["--held-out"]).draws is None  # the guard picks the held-out draws
+    assert set(mb.CPU_RUN_S) == set(F.FAMILIES)  # every family has a measured cost
+    jobs = [{"family": f, "objective": o, "epochs": F.FAMILIES[f].epochs, "scale": F.FAMILIES[f].cpu_scale,
+             "slides": F.FAMILIES[f].cpu_slides} for f in F.FAMILIES for o in small.objectives for _ in small.seeds]
+    line = mb.expected_duration(jobs, 2)
+    minutes = sum(mb.CPU_RUN_S.values()) * 2 * (1 + mb.NCMI_COST) / 60 / 2
+    assert f"≈ {minutes:.0f} min on 2 quiet cores" in line and minutes <= 30
+    doubled = mb.expected_duration([{**j, "epochs": 2 * j["epochs"]} for j in jobs], 2)
+    assert f"≈ {2 * minutes:.0f} min" in doubled
+
+
+def test_the_default_run_trains_c17_on_a_stratified_half(tmp_path: Path) -> None:
+    import mil_benchmark as mb
+
+    _c17_pool(tmp_path / "families")
+    jobs = mb.prepare(mb.parse_args(["--families", "c17"]), [("c17", "official")], [0], tmp_path)
+    assert len(jobs) == 4 and {j["slides"] for j in jobs} == {camelyon.Camelyon17Family.cpu_slides} == {0.5}
+    half, full = pd.read_csv(jobs[0]["split"]), pd.read_csv(ROOT / "splits" / "camelyon17" / "seed0.csv")
+    assert len(half) == pytest.approx(250, abs=5) and set(half["split"]) == set(full["split"])
+    every = mb.prepare(mb.parse_args(["--families", "c17", "--slides", "1"]), [("c17", "official")], [0], tmp_path)
+    assert len(pd.read_csv(every[0]["split"])) == 500

@@ -20,7 +20,7 @@ CASES = {
     "training --fit": ["--fit", "--bags", "4", "--val-bags", "4", "--instances", "8", "--dim", "16",
                        "--fit-epochs", "1", "2", "--models", "abmil", "--threads", "1"],
     "mil_benchmark": ["--families", "digits4", "--draws", "0", "--models", "abmil", "--seeds", "0", "--epochs", "1",
-                      "--bags", "20", "--jobs", "1"],
+                      "--bags", "20", "--jobs", "1", "--objectives", "ce", "ce_lr", "ncmi"],
     "mil_families": ["--families", "digits4", "--draws", "0", "--scale", "0.1"],
     "training": ["--bags", "3", "--instances", "8", "--dim", "16", "--epochs", "1", "--precision", "32-true",
                  "--models", "abmil", "--threads", "1"],

@@ -60,8 +60,9 @@ class Cohort:
 
 class Family(ABC):
     """A task family. Subclasses set ``name``, ``protocols`` (first = default), ``epochs`` (CPU default),
-    ``cpu_scale`` (the bag-size scale of the default CPU run; ``--full`` uses 1.0), ``pool_groups`` (the cached
-    instance pools it draws from) and implement :meth:`generate`."""
+    ``cpu_scale`` (the bag-size scale of the default CPU run; ``--full`` uses 1.0), ``cpu_bags`` / ``cpu_slides``
+    (how many bags the default CPU run trains on; ``--full``: all), ``pool_groups`` (the cached instance pools it
+    draws from) and implement :meth:`generate`."""
 
     name: str
     protocols: tuple[str, ...] = ("default",)
@@ -71,6 +72,8 @@ class Family(ABC):
     pool_groups: tuple[str, ...] = ()
     fixed_cohort: bool = False  # True: slide list comes from splits/ and ``n_bags`` cannot change it
     n_bags: int = 200
+    cpu_bags: int | None = None  # bags of the default CPU run (witness families; None: ``n_bags``)
+    cpu_slides: float = 1.0  # share of each (split, label) stratum the default CPU run trains on (``subset.py``)
 
     def params(self) -> dict[str, Any]:
         """Everything that defines the family's generator (part of the cohort's recipe hash)."""

@@ -61,8 +61,9 @@ def witness_count(label: int, rng: np.random.Generator) -> int:
 class Camelyon17Family(Family):
     name = "c17"
     protocols = tuple(PROTOCOL_FILES)
-    epochs = 10
-    cpu_scale = 0.1
+    epochs = 8
+    cpu_scale = 0.05
+    cpu_slides = 0.5
     pool_groups = ("c17_tiles",)
     fixed_cohort = True
     n_bags = 500
