@@ -57,9 +57,7 @@ def check_plain(value: Any, where: str, _depth: int = 0) -> None:
     """
     if _depth > _MAX_DEPTH:
         raise PlainValueError(f"{where}: nested more than {_MAX_DEPTH} levels deep; options are plain values")
-    if value is None or isinstance(value, bool | int | str):
-        return
-    if isinstance(value, float):
+    if value is None or isinstance(value, bool | int | float | str):
         return
     if isinstance(value, list | tuple):
         if len(value) > _MAX_ITEMS:

@@ -252,14 +252,15 @@ class WeightsOnlyCLI:
     CLI hands to Lightning is read here first with ``weights_only=True`` and Lightning is told ``weights_only=True``
     (an explicit value: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` only changes torch's default)."""
 
-    _checked_ckpts: dict[Path, dict[str, Any]]
+    _checked_ckpts: dict[Path, dict[str, Any]]  # path -> {"hyper_parameters": ...} of each file read
 
     def read_ckpt_once(self, path: str | Path) -> dict[str, Any]:
-        """:func:`read_checkpoint` of ``path`` unless this CLI read it already; the checkpoint dictionary."""
+        """:func:`read_checkpoint` of ``path`` unless this CLI read it already; the checkpoint's
+        ``hyper_parameters`` entry only (the weights are not kept: the trainer reads the file again)."""
         checked = self.__dict__.setdefault("_checked_ckpts", {})
         path = Path(path)
         if path not in checked:
-            checked[path] = read_checkpoint(path)
+            checked[path] = {"hyper_parameters": read_checkpoint(path).get("hyper_parameters")}
         return checked[path]
 
     def checkpoint_dirs(self) -> list[str | Path | None]:
