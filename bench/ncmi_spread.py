@@ -11,7 +11,10 @@ Per checkpoint it reports:
 
 * **per class**: val / test F1 of NCMI-LP (from ``report.json``, best checkpoint only), of NCMI-CC (recomputed:
   class means of p over the training bags, nearest by KL, as `evaluate` does), of the learned centroids ξ (nearest
-  q = NSF(ξ) by KL) and of a nearest-class-mean rule on the centred, L2-normalised embedding (train class means,
+  q = NSF(ξ) by KL: the classifier behind training's val metrics and so the checkpoint monitor
+  ``val/f1_plus_auc``), of the same ξ directions at the bags' radius (``xi_dir``: q = NSF(ξ/‖ξ‖/τ), where an
+  embedding pointing along ξ_v lands; if it beats ``xi``, ξ points the right way at the wrong scale) and of a
+  nearest-class-mean rule on the centred, L2-normalised embedding (train class means,
   cosine: the embedding's quality without any probe); the class each ξ_v is nearest to (cosine between the ξ rows,
   and KL(q_v ‖ q_u) on the simplex); ‖ξ_v‖ (class-means init: exactly 10); ``xi_align`` = cos(ξ_v, m_v − m̄) with m_v
   the *final* class mean of the centred, normalised training embeddings, the direction the class-means init would
@@ -103,11 +106,12 @@ def majority_target(pred: np.ndarray, y: np.ndarray, num_classes: int) -> list[i
             for c in range(num_classes)]
 
 
-def nearest_mean_predict(x: np.ndarray, means: np.ndarray) -> np.ndarray:
-    """Nearest class mean by cosine [N] (absent classes, NaN rows, are never chosen)."""
+def nearest_mean_scores(x: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Cosine of each row of x [N, D] to each class mean [C, D] -> [N, C] (absent classes, NaN rows: −1e9);
+    argmax = the nearest class mean."""
     sim = cosine_matrix(np.vstack([x, np.nan_to_num(means)]))[: len(x), len(x):]  # [N, C]
-    sim[:, np.isnan(means).any(1)] = -np.inf
-    return sim.argmax(1)
+    sim[:, np.isnan(means).any(1)] = -1e9
+    return sim
 
 
 def separation_ratio(x: np.ndarray, y: np.ndarray, num_classes: int) -> float:
@@ -132,14 +136,21 @@ def largest_confusion(cm: np.ndarray) -> dict[str, Any]:
     return {"true": int(t), "pred": int(p), "count": int(c[t, p]), "share_of_true": c[t, p] / row}
 
 
-def f1_and_confusion(y: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """macro-F1, accuracy, per-class F1 and confusion [C, C] of hard predictions."""
-    from sklearn.metrics import confusion_matrix, f1_score
+def f1_and_confusion(y: np.ndarray, scores: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """macro-F1, macro-AUC (one-vs-rest on softmax(scores); None when undefined), accuracy, per-class F1 and
+    confusion [C, C] of class scores [N, C] (prediction: argmax, ties to the lowest class as in evaluate)."""
+    from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
     labels = list(range(num_classes))
+    pred = scores.argmax(1)
     per = f1_score(y, pred, labels=labels, average=None, zero_division=0)
-    return {"macro_f1": float(per.mean()), "accuracy": float((y == pred).mean()), "per_class_f1": per.tolist(),
-            "confusion": confusion_matrix(y, pred, labels=labels).tolist()}
+    e = np.exp(scores - scores.max(1, keepdims=True))
+    try:
+        auc = float(roc_auc_score(y, e / e.sum(1, keepdims=True), multi_class="ovr", labels=labels))
+    except ValueError:  # a class absent from y
+        auc = None
+    return {"macro_f1": float(per.mean()), "macro_auc": auc, "accuracy": float((y == pred).mean()),
+            "per_class_f1": per.tolist(), "confusion": confusion_matrix(y, pred, labels=labels).tolist()}
 
 
 def curve_summary(rows: list[dict[str, str]]) -> dict[str, Any] | None:
@@ -158,6 +169,7 @@ def curve_summary(rows: list[dict[str, str]]) -> dict[str, Any] | None:
     return {"epochs": len(val), "best_epoch": int(float(val[best]["epoch"])), "val_f1_best": f1[best],
             "val_f1_last": f1[-1], "val_f1_max": max(f1), "val_f1_mean_abs_step": float(np.mean(np.abs(np.diff(f1))))
             if len(f1) > 1 else 0.0, "val_f1_curve": [round(v, 3) for v in f1],
+            "val_auc_curve": [round(num(r, "val/macro_auc") or float("nan"), 3) for r in val],
             "val_cc_accuracy_curve": [round(num(r, "val/cc_accuracy") or float("nan"), 3) for r in val],
             "train_loss_curve": [round(v, 4) for v in loss]}
 
@@ -179,6 +191,7 @@ def diagnose_checkpoint(ckpt: Path, report: dict[str, Any] | None = None, share_
 
     from wsi_ncmi.evaluation.embed import embed_splits
     from wsi_ncmi.evaluation.probe import fit_centroid_classifier
+    from wsi_ncmi.ncmi import log_nsf
     from wsi_ncmi.training.checkpoint import checkpoint_datamodule, load_mil_module
 
     module, state = load_mil_module(ckpt, device)
@@ -201,22 +214,31 @@ def diagnose_checkpoint(ckpt: Path, report: dict[str, Any] | None = None, share_
     align = cosine_matrix(np.vstack([xi, np.nan_to_num(dirs)]))[:n_cls, n_cls:]  # [C ξ, C class dirs]
     align[:, ~present] = np.nan
 
-    def xi_pred(s: Any) -> np.ndarray:
-        with torch.no_grad():
-            return nl.centroid_kl(torch.from_numpy(s.log_probs).double()).argmin(1).numpy()
+    # ξ at the bags' radius: q = NSF(ξ_v / ‖ξ_v‖ / τ), the point p of an embedding pointing along ξ_v would get
+    log_q_dir = log_nsf(torch.nn.functional.normalize(torch.from_numpy(xi), dim=1) / nl.tau).numpy()  # [C, E]
+
+    def kl_to(log_p: np.ndarray, lq: np.ndarray) -> np.ndarray:  # KL(p_i ‖ q_v) [N, C]
+        lp = log_p.astype(np.float64)
+        return (np.exp(lp) * lp).sum(1, keepdims=True) - np.exp(lp) @ lq.T
+
+    def xi_pred(s: Any) -> np.ndarray:  # the learned-centroid classifier of training's val metrics
+        return kl_to(s.log_probs, log_q).argmin(1)
 
     cc = fit_centroid_classifier(tr.log_probs, tr.labels, n_cls)  # the CC of `evaluate` (float64)
     out: dict[str, Any] = {"checkpoint": str(ckpt), "class_names": names, "epoch": state.get("epoch"),
-                           "n": {k: len(s) for k, s in splits.items()}}
+                           "n": {k: len(s) for k, s in splits.items()},
+                           "val_class_counts": np.bincount(va.labels, minlength=n_cls).tolist()}
     per_split: dict[str, dict[str, Any]] = {}
     for split in ("val", "test"):
         s = splits[split]
-        per_split[split] = {"cc": f1_and_confusion(s.labels, np.asarray(cc.predict_proba(s.probs())).argmax(1), n_cls),
-                            "xi": f1_and_confusion(s.labels, xi_pred(s), n_cls),
-                            "ncm": f1_and_confusion(s.labels, nearest_mean_predict(s.normalized, means), n_cls)}
+        per_split[split] = {"cc": f1_and_confusion(s.labels, -np.asarray(cc.kl_to_centroids(s.probs())), n_cls),
+                            "xi": f1_and_confusion(s.labels, -kl_to(s.log_probs, log_q), n_cls),
+                            "xi_dir": f1_and_confusion(s.labels, -kl_to(s.log_probs, log_q_dir), n_cls),
+                            "ncm": f1_and_confusion(s.labels, nearest_mean_scores(s.normalized, means), n_cls)}
         if report and "lp" in report.get("metrics", {}):
             m = report["metrics"]["lp"][split]
-            per_split[split]["lp"] = {k: m[k] for k in ("macro_f1", "accuracy", "per_class_f1", "confusion")}
+            per_split[split]["lp"] = {k: m[k] for k in ("macro_f1", "macro_auc", "accuracy", "per_class_f1",
+                                                                      "confusion")}
     out["metrics"] = per_split
     f_tr = tr.embeddings.astype(np.float64)
     center = nl.center.center.detach().double().cpu().numpy()
@@ -240,7 +262,7 @@ def diagnose_checkpoint(ckpt: Path, report: dict[str, Any] | None = None, share_
         "separation_val": separation_ratio(va.normalized.astype(np.float64), va.labels, n_cls),
         "cc_val_largest_confusion": largest_confusion(np.array(val_cc["confusion"])),
     }
-    for name in ("lp", "ncm", "xi"):
+    for name in ("lp", "ncm", "xi", "xi_dir"):
         if name in per_split["val"]:
             out["run"][f"{name}_minus_cc_val_f1"] = per_split["val"][name]["macro_f1"] - val_cc["macro_f1"]
     return out
@@ -278,10 +300,12 @@ def scalars(d: dict[str, Any], ckpt: str = "best") -> dict[str, float]:
     out: dict[str, float] = {}
     for proto, m in c["metrics"]["val"].items():
         out[f"val {proto} macro-F1"] = m["macro_f1"]
+        if m.get("macro_auc") is not None:
+            out[f"val {proto} macro-AUC"] = m["macro_auc"]
         for k, f in enumerate(m["per_class_f1"]):
             out[f"val {proto} F1[{c['class_names'][k]}]"] = f
     for k in ("separation_train", "separation_val", "closest_xi_cos", "center_norm", "center_offset_over_spread",
-              "lp_minus_cc_val_f1", "ncm_minus_cc_val_f1", "xi_minus_cc_val_f1"):
+              "lp_minus_cc_val_f1", "ncm_minus_cc_val_f1", "xi_minus_cc_val_f1", "xi_dir_minus_cc_val_f1"):
         if k in c["run"]:
             out[k] = c["run"][k]
     out["shared ξ pairs"] = len(c["run"]["shared_xi_pairs"])
@@ -301,29 +325,30 @@ def run_markdown(d: dict[str, Any]) -> list[str]:
         cv = d["curve"]
         lines += [f"Validation curve (metrics.csv, {cv['epochs']} epochs): val macro-F1 {cv['val_f1_curve']}; best "
                   f"epoch {cv['best_epoch']} (val F1 {cv['val_f1_best']:.3f}), last {cv['val_f1_last']:.3f}, "
-                  f"mean |step| {cv['val_f1_mean_abs_step']:.3f}; val CC accuracy {cv['val_cc_accuracy_curve']}; "
+                  f"mean |step| {cv['val_f1_mean_abs_step']:.3f}; val macro-AUC {cv['val_auc_curve']}; val CC accuracy {cv['val_cc_accuracy_curve']}; "
                   f"train loss {cv['train_loss_curve']}", ""]
     else:
         lines += ["No per-epoch validation metrics on disk (no metrics.csv with val/macro_f1).", ""]
     for name, c in d["checkpoints"].items():
         r, names = c["run"], c["class_names"]
         val, test = c["metrics"]["val"], c["metrics"]["test"]
-        protos = [p for p in ("lp", "cc", "xi", "ncm") if p in val]
+        protos = [p for p in ("lp", "cc", "xi", "xi_dir", "ncm") if p in val]
         lines += [f"### {name}.ckpt (epoch {c['epoch']}; bags {c['n']})", "",
-                  "| class | " + " | ".join(f"{p.upper()} val F1" for p in protos) + " | "
+                  "| class | n val | " + " | ".join(f"{p.upper()} val F1" for p in protos) + " | "
                   + " | ".join(f"{p.upper()} test F1" for p in protos if p in ("lp", "cc"))
                   + " | ξ nearest (cos / KL) | ‖ξ‖ | ξ align | ξ points to | bags go to |",
-                  "|---" * (len(protos) + len([p for p in protos if p in ("lp", "cc")]) + 6) + "|"]
+                  "|---" * (len(protos) + len([p for p in protos if p in ("lp", "cc")]) + 7) + "|"]
         def nm(i: int | None, names: list[str] = names) -> str:
             return names[i] if i is not None else "—"
 
         for k, cl in enumerate(c["classes"]):
-            lines.append(f"| {names[k]} | " + " | ".join(_f(val[p]["per_class_f1"][k]) for p in protos) + " | "
+            lines.append(f"| {names[k]} | {c['val_class_counts'][k]} | " + " | ".join(_f(val[p]["per_class_f1"][k]) for p in protos) + " | "
                          + " | ".join(_f(test[p]["per_class_f1"][k]) for p in protos if p in ("lp", "cc"))
                          + f" | {nm(cl['xi_nearest_cos'])} / {nm(cl['xi_nearest_kl'])} | {cl['xi_norm']:.2f} "
                          f"| {_f(cl['xi_align'])} | {nm(cl['xi_points_to'])} | {nm(cl['bags_go_to'])} |")
         lc = r["cc_val_largest_confusion"]
-        lines += ["", "val macro-F1: " + ", ".join(f"{p.upper()} {val[p]['macro_f1']:.3f}" for p in protos)
+        lines += ["", "val macro-F1 / AUC: " + ", ".join(f"{p.upper()} {val[p]['macro_f1']:.3f} / "
+                                                         f"{_f(val[p].get('macro_auc'))}" for p in protos)
                   + f"; closest ξ pair {names[r['closest_xi_pair'][0]]}–{names[r['closest_xi_pair'][1]]} "
                   f"(cos {r['closest_xi_cos']:.3f}); shared ξ pairs {[(names[a], names[b]) for a, b in r['shared_xi_pairs']]}; "
                   f"classes whose bags share a centroid {[names[i] for i in r['centroid_shared_by_bags']]}; "

@@ -55,6 +55,8 @@ def test_diagnosis_agrees_with_the_report_and_the_log(ncmi_run: Path) -> None:
     assert "lp" not in last["metrics"]["val"]  # the report is best.ckpt's only
     assert d["curve"]["epochs"] == 2 and len(d["curve"]["val_f1_curve"]) == 2
     assert d["curve"]["val_f1_max"] >= d["curve"]["val_f1_best"]
+    # the ξ classifier is the one behind training's val metrics: its val F1 is the logged one of the best epoch
+    assert best["metrics"]["val"]["xi"]["macro_f1"] == pytest.approx(d["curve"]["val_f1_best"])
     r = best["run"]
     assert r["shared_xi_pairs"] == []  # class-means init: the three directions are far apart
     assert np.allclose(np.diag(r["xi_cos_matrix"]), 1) and np.allclose(np.diag(r["xi_kl_matrix"]), 0, atol=1e-9)
@@ -77,6 +79,7 @@ def test_identical_centroids_are_reported_as_shared(ncmi_run: Path, tmp_path: Pa
     state = read_checkpoint(ncmi_run / "checkpoints" / "best.ckpt")
     xi = state["state_dict"][XI_KEY]
     xi[2] = xi[1]  # classes 1 and 2 now have one centroid
+    xi *= 2.0 / xi.norm(dim=1, keepdim=True)  # at the bags' radius 1/τ (τ 0.5): xi_dir must equal xi
     edited = tmp_path / "checkpoints" / "best.ckpt"
     edited.parent.mkdir()
     torch.save(state, edited)
@@ -86,6 +89,10 @@ def test_identical_centroids_are_reported_as_shared(ncmi_run: Path, tmp_path: Pa
     assert [c["classes"][k]["xi_nearest_cos"] for k in (1, 2)] == [2, 1]
     assert [c["classes"][k]["xi_nearest_kl"] for k in (1, 2)] == [2, 1]
     assert c["run"]["xi_kl_matrix"][1][2] == pytest.approx(0, abs=1e-9)
+    assert [cl["xi_norm"] for cl in c["classes"]] == pytest.approx([2.0] * 3)
+    for split in ("val", "test"):
+        xi_m, dir_m = c["metrics"][split]["xi"], c["metrics"][split]["xi_dir"]
+        assert xi_m["confusion"] == dir_m["confusion"] and xi_m["macro_auc"] == pytest.approx(dir_m["macro_auc"])
 
 
 def test_compare_mode_writes_both_groups(ncmi_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -105,7 +112,7 @@ def test_pure_statistics_on_known_arrays() -> None:
     apart = np.eye(3)[y] * 10 + rng.standard_normal((90, 3)) * 0.5
     mixed = rng.standard_normal((90, 3))
     assert ns.separation_ratio(apart, y, 3) > 10 > 1 > ns.separation_ratio(mixed, y, 3)
-    assert (ns.nearest_mean_predict(apart, ns.class_means(apart, y, 3)) == y).all()
+    assert (ns.nearest_mean_scores(apart, ns.class_means(apart, y, 3)).argmax(1) == y).all()
     cos = ns.cosine_matrix(np.array([[1.0, 0, 0], [0, 1, 0], [0, 0.999, 0.02], [-1, 0, 0]]))
     assert ns.shared_pairs(cos) == [(1, 2)] and ns.nearest_other(1 - cos) == [1, 2, 1, 1]
     assert ns.closest_pair(1 - cos)[:2] == (1, 2)
