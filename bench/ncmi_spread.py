@@ -390,9 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    groups = [[diagnose_run(r, args.ckpt, args.share_cos) for r in args.runs]]
-    if args.compare:
-        groups.append([diagnose_run(r, args.ckpt, args.share_cos) for r in args.compare])
+    from wsi_ncmi.errors import UserError
+
+    try:  # a moved bags folder, a foreign checkpoint...: one line naming the file
+        groups = [[diagnose_run(r, args.ckpt, args.share_cos) for r in runs] for runs in [args.runs, args.compare]
+                  if runs]
+    except UserError as err:
+        print(f"ncmi_spread: {err}", file=sys.stderr)
+        return 2
     lines = ["# NCMI spread diagnosis (`bench/ncmi_spread.py`)", "",
              "Choices use validation numbers only; test F1 is shown for completeness.", ""]
     for d in (d for g in groups for d in g):

@@ -128,3 +128,13 @@ def test_pure_statistics_on_known_arrays() -> None:
     assert (cv["best_epoch"], cv["val_f1_best"], cv["val_f1_last"], cv["val_f1_max"]) == (0, 0.5, 0.7, 0.7)
     assert cv["val_f1_mean_abs_step"] == pytest.approx(0.2) and cv["train_loss_curve"] == [0.9]
     assert ns.curve_summary([{"epoch": "0", "train/loss_epoch": "1"}]) is None
+
+
+def test_bad_runs_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit, match=r"ncmi_spread: .*nowhere: no checkpoints/best\|last.ckpt"):
+        ns.main([str(tmp_path / "nowhere")])
+    (tmp_path / "bad" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "bad" / "checkpoints" / "best.ckpt").write_bytes(b"not a checkpoint")
+    assert ns.main([str(tmp_path / "bad"), "--ckpt", "best"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ncmi_spread: ") and "best.ckpt" in err and len(err.splitlines()) == 1
