@@ -9,7 +9,8 @@ checkpoint is loaded through ``wsi_ncmi.training.checkpoint.load_mil_module`` (w
 datamodule rebuilt, and the train / val / test bags embedded with ``wsi_ncmi.evaluation.embed.embed_splits``.
 Per checkpoint it reports:
 
-* **per class**: val / test F1 of NCMI-LP (from ``report.json``, best checkpoint only), of NCMI-CC (recomputed:
+* **per class**: val / test F1 of NCMI-LP (from ``report.json`` for the checkpoint it evaluated, else the probe
+  refitted as `evaluate` fits it: ``evaluation.protocols.evaluate_run``), of NCMI-CC (recomputed:
   class means of p over the training bags, nearest by KL, as `evaluate` does), of the learned centroids ξ (nearest
   q = NSF(ξ) by KL: the classifier behind training's val metrics and so the checkpoint monitor
   ``val/f1_plus_auc``), of the same ξ directions at the bags' radius (``xi_dir``: q = NSF(ξ/‖ξ‖/τ), where an
@@ -191,6 +192,7 @@ def diagnose_checkpoint(ckpt: Path, report: dict[str, Any] | None = None, share_
 
     from wsi_ncmi.evaluation.embed import embed_splits
     from wsi_ncmi.evaluation.probe import fit_centroid_classifier
+    from wsi_ncmi.evaluation.protocols import evaluate_run
     from wsi_ncmi.ncmi import log_nsf
     from wsi_ncmi.training.checkpoint import checkpoint_datamodule, load_mil_module
 
@@ -228,6 +230,11 @@ def diagnose_checkpoint(ckpt: Path, report: dict[str, Any] | None = None, share_
     out: dict[str, Any] = {"checkpoint": str(ckpt), "class_names": names, "epoch": state.get("epoch"),
                            "n": {k: len(s) for k, s in splits.items()},
                            "val_class_counts": np.bincount(va.labels, minlength=n_cls).tolist()}
+    out["lp_source"] = "report.json" if report and "lp" in report.get("metrics", {}) else "refitted"
+    if out["lp_source"] == "refitted":  # e.g. last.ckpt: the probe as `evaluate` fits it (C swept on val, input auto)
+        report = evaluate_run(splits, n_cls, dataset="spread", split_csv=str(dm.split_csv),
+                              model=str(module.hparams["model"]), objective=module.objective, class_names=names,
+                              protocols=["lp"])[0]
     per_split: dict[str, dict[str, Any]] = {}
     for split in ("val", "test"):
         s = splits[split]
@@ -235,10 +242,8 @@ def diagnose_checkpoint(ckpt: Path, report: dict[str, Any] | None = None, share_
                             "xi": f1_and_confusion(s.labels, -kl_to(s.log_probs, log_q), n_cls),
                             "xi_dir": f1_and_confusion(s.labels, -kl_to(s.log_probs, log_q_dir), n_cls),
                             "ncm": f1_and_confusion(s.labels, nearest_mean_scores(s.normalized, means), n_cls)}
-        if report and "lp" in report.get("metrics", {}):
-            m = report["metrics"]["lp"][split]
-            per_split[split]["lp"] = {k: m[k] for k in ("macro_f1", "macro_auc", "accuracy", "per_class_f1",
-                                                                      "confusion")}
+        m = report["metrics"]["lp"][split]
+        per_split[split]["lp"] = {k: m[k] for k in ("macro_f1", "macro_auc", "accuracy", "per_class_f1", "confusion")}
     out["metrics"] = per_split
     f_tr = tr.embeddings.astype(np.float64)
     center = nl.center.center.detach().double().cpu().numpy()

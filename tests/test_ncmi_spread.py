@@ -52,7 +52,9 @@ def test_diagnosis_agrees_with_the_report_and_the_log(ncmi_run: Path) -> None:
         assert best["metrics"][split]["cc"]["macro_f1"] == pytest.approx(report["metrics"]["cc"][split]["macro_f1"])
         assert best["metrics"][split]["cc"]["confusion"] == report["metrics"]["cc"][split]["confusion"]
         assert best["metrics"][split]["lp"]["per_class_f1"] == report["metrics"]["lp"][split]["per_class_f1"]
-    assert "lp" not in last["metrics"]["val"]  # the report is best.ckpt's only
+    assert (best["lp_source"], last["lp_source"]) == ("report.json", "refitted")  # the report is best.ckpt's
+    refit = ns.diagnose_checkpoint(ncmi_run / "checkpoints" / "best.ckpt")  # no report: the probe is refitted
+    assert refit["lp_source"] == "refitted" and refit["metrics"]["val"]["lp"] == best["metrics"]["val"]["lp"]
     assert d["curve"]["epochs"] == 2 and len(d["curve"]["val_f1_curve"]) == 2
     assert d["curve"]["val_f1_max"] >= d["curve"]["val_f1_best"]
     # the ξ classifier is the one behind training's val metrics: its val F1 is the logged one of the best epoch
