@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from wsi_ncmi.choices import check_choices
 from wsi_ncmi.errors import UserError
 from wsi_ncmi.losses import LossError, create_loss
-from wsi_ncmi.ncmi import CentroidAccumulator, NCMILoss
+from wsi_ncmi.ncmi import CentroidAccumulator, NCMILoss, ncmi_metric
 from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
 
 from .optim import WarmupSchedule
@@ -293,6 +293,19 @@ class NCMITraining(nn.Module):
         """Add the last training forward's p (the loss's own ln p, no second simplex pass) to the class means."""
         if self.loss.last_log_probs is not None:
             self.train_cc.update(self.loss.last_log_probs, target)
+
+    def eval_metrics(self, p: Tensor, labels: Tensor, xi_accuracy: float, sum_fn: SumFn | None = None
+                     ) -> dict[str, float]:
+        """Epoch metrics of the evaluated samples' p [N, D] and labels [N]: the ξ accuracy (``xi_accuracy``, of
+        the caller's scores), the online-CC accuracy (once a training epoch fed the class means) and, with two
+        classes or more, the dataset-level CMI / Γ / NCMI (Γ = 0 with one class, e.g. the sanity check)."""
+        metrics = {metric_name("xi"): xi_accuracy}
+        cc = self.train_cc.accuracy(p, labels, sum_fn)
+        if cc is not None:
+            metrics[metric_name("cc")] = cc
+        if labels.unique().numel() >= 2:
+            metrics.update(ncmi_metric(p.cpu().double(), labels.cpu(), self.num_classes))
+        return metrics
 
     def describe(self) -> dict[str, Any]:
         """The settings a run used (for evaluation JSON)."""
