@@ -172,6 +172,7 @@ def curve_summary(rows: list[dict[str, str]]) -> dict[str, Any] | None:
             if len(f1) > 1 else 0.0, "val_f1_curve": [round(v, 3) for v in f1],
             "val_auc_curve": [round(num(r, "val/macro_auc") or float("nan"), 3) for r in val],
             "val_cc_accuracy_curve": [round(num(r, "val/cc_accuracy") or float("nan"), 3) for r in val],
+            "val_cc_f1_curve": [round(num(r, "val/cc_macro_f1") or float("nan"), 3) for r in val],  # newer runs
             "train_loss_curve": [round(v, 4) for v in loss]}
 
 
@@ -330,7 +331,8 @@ def run_markdown(d: dict[str, Any]) -> list[str]:
         cv = d["curve"]
         lines += [f"Validation curve (metrics.csv, {cv['epochs']} epochs): val macro-F1 {cv['val_f1_curve']}; best "
                   f"epoch {cv['best_epoch']} (val F1 {cv['val_f1_best']:.3f}), last {cv['val_f1_last']:.3f}, "
-                  f"mean |step| {cv['val_f1_mean_abs_step']:.3f}; val macro-AUC {cv['val_auc_curve']}; val CC accuracy {cv['val_cc_accuracy_curve']}; "
+                  f"mean |step| {cv['val_f1_mean_abs_step']:.3f}; val macro-AUC {cv['val_auc_curve']}; val CC accuracy {cv['val_cc_accuracy_curve']}, "
+                  f"macro-F1 {cv['val_cc_f1_curve']}; "
                   f"train loss {cv['train_loss_curve']}", ""]
     else:
         lines += ["No per-epoch validation metrics on disk (no metrics.csv with val/macro_f1).", ""]

@@ -12,7 +12,7 @@ from .readers import FOLDER_READERS, SLIDE_EXTENSIONS, SlideError, load_reader, 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["find_slides"]
+__all__ = ["find_slides", "slide_paths"]
 
 
 def _walk_error(e: OSError) -> None:
@@ -68,3 +68,9 @@ def find_slides(root: str | Path, extensions: Iterable[str] = SLIDE_EXTENSIONS,
             raise SlideError(f"slide id {sid!r} is used by two files: {seen[sid]} and {p}; rename one")
         seen[sid] = p
     return found
+
+
+def slide_paths(slides_dir: str | Path, exclude: str | Path) -> dict[str, Path]:
+    """``{slide_id: path}`` of the slides :func:`find_slides` finds under ``slides_dir`` (every reader's extension,
+    OME-TIFF, CZI, DICOM WSI folders), not searching ``exclude`` (e.g. an output folder inside it)."""
+    return {slide_id_of(p): p for p in find_slides(slides_dir, exclude=[exclude])}

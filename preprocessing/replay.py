@@ -1,7 +1,7 @@
 """Rebuild a ``PreprocessConfig`` from the settings fingerprint stored in bags (``settings_json``).
 
-``wsi-ncmi predict --slides-dir`` uses it to extract features from new slides with exactly the settings the
-training bags were made with: encoder (and its effective kwargs, mean/std, input size), tile size, µm/px,
+``wsi-ncmi predict --slides-dir`` uses it (:func:`replay`: check the weight file, rebuild the config, run) to
+extract features from new slides with exactly the settings the training bags were made with: encoder (and its effective kwargs, mean/std, input size), tile size, µm/px,
 overlap, tissue detection, the read path and the stored dtype. The candidate configuration is checked by recomputing its
 fingerprint: every key must equal the recorded one except ``compute_precision`` (it follows the device:
 CPU always runs fp32) and ``weights_sha256`` (checked against the weight file given, see
@@ -22,7 +22,7 @@ from .config import ConfigError, PreprocessConfig
 from .encoder_weights import RANDOM, sha256_file
 from .plan import IMPLIED_SETTINGS, settings_fingerprint
 
-__all__ = ["ReplayError", "check_weights", "config_from_settings", "fingerprint_diff"]
+__all__ = ["ReplayError", "check_weights", "config_from_settings", "fingerprint_diff", "replay"]
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +95,16 @@ def config_from_settings(settings: Mapping[str, Any], **options: Any) -> Preproc
     detail = f"; closest candidate differs in {best[0]}" if best else ""
     raise ReplayError(f"cannot reproduce the recorded preprocessing settings with this version{detail}: "
                       f"{dict(settings)}")
+
+
+def replay(settings: Mapping[str, Any], *, input: str, output: str, weights: str, check_sha: bool = True,
+           **options: Any) -> Any:
+    """Preprocess the slides of ``input`` into ``output`` with the recorded ``settings`` (resumable: finished slides
+    are skipped) and return the run's ``RunResult`` (``statuses``, ``failed()``). ``weights`` must be the recorded
+    file (by SHA-256) unless ``check_sha`` is False; ``options``: the other run-only fields (``device``,
+    ``workers``, ``batch_size``, ``slides``, ``progress``, …)."""
+    from .extract import run
+
+    if check_sha:
+        check_weights(weights, settings.get("weights_sha256"))
+    return run(config_from_settings(settings, input=input, output=output, weights=weights, **options))

@@ -106,8 +106,8 @@ def test_heatmap_of_a_dicom_folder_and_the_size_check(cmu_dicom, tmp_path, capsy
 
 
 def test_predict_finds_dicom_folders_and_ome_tiffs_and_draws_them(cmu_dicom, tmp_path) -> None:
+    from preprocessing.discovery import slide_paths
     from preprocessing.readers import open_slide
-    from wsi_ncmi.commands.predict_cli import slide_paths
     from wsi_ncmi.evaluation.predict import slide_file, write_heatmaps
     from wsi_ncmi.training.checkpoint import load_mil_module
 

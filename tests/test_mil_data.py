@@ -250,6 +250,23 @@ def test_datamodule_signature_is_cli_friendly() -> None:
     parser.add_class_arguments(MILDataModule, "data")
     cfg = parser.parse_args(["--data.bags_dir=b", "--data.split_csv=s.csv", "--data.label_map={\"a\": 1}"])
     assert cfg.data.batch_size == 1 and cfg.data.label_map == {"a": 1}
+    assert "_split_bags" not in cfg.data  # the pre-flight's resolution is passed in code, never configured
+
+
+def test_datamodule_reuses_a_given_resolution_of_its_own_split_only(data, monkeypatch) -> None:
+    """``_split_bags`` (the pre-flight's resolution) spares a second folder listing; one of another split or fold
+    is ignored; it is not a hyper-parameter (a checkpoint must not carry a table)."""
+    from wsi_ncmi.data import split_check
+
+    bags, csv, _ = data
+    given = split_check.resolve_split_bags(bags, csv)
+    listed = []
+    real = split_check.list_bags
+    monkeypatch.setattr(split_check, "list_bags", lambda d: listed.append(d) or real(d))
+    dm = MILDataModule(str(bags), str(csv), _split_bags=given)
+    assert listed == [] and dm.bag_paths is given.paths and "_split_bags" not in dm.hparams
+    MILDataModule(str(bags), str(csv), fold=0, _split_bags=given)  # another fold: resolved afresh
+    assert listed == [bags]
 
 
 # ------------------------------------------------------------------------------------------- bag cache

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from wsi_ncmi.natural.module import ImageModule, ImageModuleError
+from wsi_ncmi.natural.optimizer import image_param_groups
 from wsi_ncmi.ncmi import ncmi_metric
 from wsi_ncmi.training.compose import compose_config
 from wsi_ncmi.training.optim import WarmupSchedule
@@ -55,7 +56,7 @@ def test_supcon_uses_two_views_projection_and_detached_probe() -> None:
 
 def test_ncmi_centroids_get_their_own_param_group() -> None:
     m = ImageModule(objective="ncmi", centroid_lr=3.0, centroid_momentum=0.95, lr=0.1, weight_decay=5e-4, **TINY)
-    groups = {g["name"]: g for g in m.param_groups()}
+    groups = {g["name"]: g for g in image_param_groups(m)}
     assert set(groups) == {"main", "centroids"}
     assert groups["centroids"]["params"] == [m.ncmi.xi]
     assert groups["centroids"]["lr"] == 3.0 and groups["centroids"]["momentum"] == 0.95
@@ -64,7 +65,7 @@ def test_ncmi_centroids_get_their_own_param_group() -> None:
     n_main = sum(p.numel() for p in groups["main"]["params"])
     assert n_main == sum(p.numel() for p in m.backbone.parameters())
     frozen = ImageModule(objective="ncmi", ncmi_kwargs={"centroid_update": "frozen"}, **TINY)
-    assert [g["name"] for g in frozen.param_groups()] == ["main"]
+    assert [g["name"] for g in image_param_groups(frozen)] == ["main"]
 
 
 def test_ablation_switches_reach_the_loss() -> None:
@@ -82,7 +83,7 @@ def test_validation_logs_topk_and_dataset_ncmi() -> None:
     m.eval()
     with torch.no_grad():
         m.on_validation_epoch_start()
-        assert m._val_centroids is not None and m._val_centroids.shape == (4, m.feature_dim)
+        assert m._val.centroids is not None and m._val.centroids.shape == (4, m.feature_dim)
         x, y = _batch()
         m.validation_step((x, y), 0)
         m.validation_step((x[:3], y[:3]), 1)  # two batches: the dataset metric is over both

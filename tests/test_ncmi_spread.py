@@ -124,11 +124,13 @@ def test_pure_statistics_on_known_arrays() -> None:
     log_q = np.log(np.array([[0.5, 0.5], [0.5, 0.5], [0.9, 0.1]]))
     kl = ns.simplex_kl_matrix(log_q)
     assert kl[0, 1] == pytest.approx(0) and kl[0, 2] == pytest.approx(0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(5))
-    rows = [{"epoch": "0", "val/macro_f1": "0.5", "val/f1_plus_auc": "1.2"}, {"epoch": "0", "train/loss_epoch": "0.9"},
+    rows = [{"epoch": "0", "val/macro_f1": "0.5", "val/f1_plus_auc": "1.2", "val/cc_macro_f1": "0.25"},
+            {"epoch": "0", "train/loss_epoch": "0.9"},
             {"epoch": "1", "val/macro_f1": "0.7", "val/f1_plus_auc": "1.1"}]
     cv = ns.curve_summary(rows)
     assert (cv["best_epoch"], cv["val_f1_best"], cv["val_f1_last"], cv["val_f1_max"]) == (0, 0.5, 0.7, 0.7)
     assert cv["val_f1_mean_abs_step"] == pytest.approx(0.2) and cv["train_loss_curve"] == [0.9]
+    assert cv["val_cc_f1_curve"][0] == 0.25 and np.isnan(cv["val_cc_f1_curve"][1])  # runs before it was logged
     assert ns.curve_summary([{"epoch": "0", "train/loss_epoch": "1"}]) is None
 
 

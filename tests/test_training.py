@@ -107,6 +107,23 @@ def test_online_cc_accuracy_is_nearest_train_class_mean():
     assert cc.accuracy(p, torch.tensor([0, 0, 0]), sum_fn) == pytest.approx(1.0)
 
 
+def test_online_cc_epoch_metrics_score_the_nearest_train_class_mean():
+    """``cc_macro_f1`` / ``cc_macro_auc`` / ``cc_f1_plus_auc``: the online CC as a classifier with scores
+    softmax(−KL to the class means), independent of ξ (a checkpoint monitor candidate, docs/ncmi_mil.md)."""
+    module = MILModule(model="abmil", in_dim=DIM, num_classes=2, objective="ncmi")
+    module.trainer = lightning.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    ncmi, sum_fn = module.ncmi_training, module._sum_over_ranks
+    p = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.1, 0.5, 0.4], [0.1, 0.0, 0.45, 0.45], [0.6, 0.3, 0.05, 0.05]])
+    assert "cc_f1_plus_auc" not in ncmi.eval_metrics(p, torch.tensor([0, 1, 1, 0]), 0.5, sum_fn)  # no class means
+    ncmi.train_cc.update(torch.tensor([[0.75, 0.25, 0.0, 0.0]] * 4).log(), torch.zeros(4, dtype=torch.long))
+    ncmi.train_cc.update(torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 2).log(), torch.ones(2, dtype=torch.long))
+    right = ncmi.eval_metrics(p, torch.tensor([0, 1, 1, 0]), 0.5, sum_fn)
+    assert (right["cc_accuracy"], right["cc_macro_f1"], right["cc_macro_auc"]) == pytest.approx((1.0, 1.0, 1.0))
+    assert right["cc_f1_plus_auc"] == pytest.approx(2.0) and right["xi_accuracy"] == 0.5
+    wrong = ncmi.eval_metrics(p, torch.tensor([1, 0, 0, 1]), 0.5, sum_fn)  # every label swapped
+    assert (wrong["cc_accuracy"], wrong["cc_macro_f1"], wrong["cc_macro_auc"]) == pytest.approx((0.0, 0.0, 0.0))
+
+
 # ---------------------------------------------------------------------------------------------- resume
 class _StepLosses(lightning.Callback):
     def __init__(self) -> None:

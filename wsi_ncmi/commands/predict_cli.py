@@ -8,7 +8,8 @@ trained on before anything runs. ``--slides-dir``: ``wsi-preprocess`` with the c
 settings into ``OUT/features/`` (resumable: finished slides are skipped; the slides its discovery finds: files of
 every format it reads, OME-TIFF, CZI, DICOM WSI folders), then the same; heatmaps open them with its readers. Writes
 ``OUT/predictions.csv``, ``OUT/summary.md``, ``OUT/predict.json`` (and ``OUT/heatmaps/`` with ``--heatmaps``);
-see :mod:`wsi_ncmi.evaluation.predict` and :mod:`wsi_ncmi.evaluation.ood`. The classifier (``--classifier``,
+see :mod:`wsi_ncmi.evaluation.predict_run` (the workflow), :mod:`wsi_ncmi.evaluation.predict` and
+:mod:`wsi_ncmi.evaluation.ood`. The classifier (``--classifier``,
 default the report's primary, temperature-scaled) and the OOD calibration come from the `wsi-ncmi evaluate`
 folder of the checkpoint (recorded in its run folder, or ``--eval DIR``; :mod:`wsi_ncmi.evaluation.classifier_io`).
 
@@ -23,8 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-from typing import Any
 
 from wsi_ncmi.errors import UserError
 
@@ -66,87 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _preprocess(args: argparse.Namespace, recorded: dict[str, Any] | None, out: Path) -> tuple[Path, dict, int]:
-    """Run ``wsi-preprocess`` with the recorded settings; returns (bags folder, run info, exit code)."""
-    from preprocessing.extract import run
-    from preprocessing.replay import check_weights, config_from_settings
-    from wsi_ncmi.data.provenance import ProvenanceError
-
-    settings = (recorded or {}).get("settings")
-    if not settings:
-        raise ProvenanceError(f"--ckpt {args.ckpt}: the checkpoint records no preprocessing settings (its bags were "
-                              "not made by wsi-preprocess, or with mixed settings); preprocess the slides yourself "
-                              "and use --bags")
-    if not args.weights:
-        raise ProvenanceError("--slides-dir needs --weights (the encoder weight file of the training bags)")
-    if not args.allow_mismatch:
-        check_weights(args.weights, settings.get("weights_sha256"))
-    cfg = config_from_settings(settings, input=args.slides_dir, output=str(out / "features"), weights=args.weights,
-                               device=args.device, workers=args.workers, batch_size=args.batch_size,
-                               slides=args.slides, progress=False)
-    result = run(cfg)
-    failed = result.failed()
-    if failed:
-        _echo(f"wsi-ncmi predict: {len(failed)} slide(s) failed preprocessing ({', '.join(failed[:5])}); "
-              f"see {out / 'features' / 'manifest.csv'}", err=True)
-    info = {"slides_dir": str(args.slides_dir), "features": str(out / "features"),
-            "statuses": dict(result.statuses)}
-    return out / "features" / "bags", info, 3 if failed else 0
-
-
-def slide_paths(slides_dir: str | Path, exclude: Path) -> dict[str, Path]:
-    """``{slide_id: path}`` of the slides under ``slides_dir`` as ``wsi-preprocess`` finds them
-    (``preprocessing.discovery.find_slides``: every reader's extension, OME-TIFF, CZI, DICOM WSI folders),
-    not searching ``exclude`` (the output folder)."""
-    from preprocessing.discovery import find_slides
-    from preprocessing.readers import slide_id_of
-
-    return {slide_id_of(p): p for p in find_slides(slides_dir, exclude=[exclude])}
-
-
 def _predict(args: argparse.Namespace) -> int:
-    from wsi_ncmi.data.bags import list_bags
-    from wsi_ncmi.data.outputs import check_output_dir
-    from wsi_ncmi.data.provenance import CHECKPOINT_KEY
-    from wsi_ncmi.evaluation.predict import PredictError, predict_module, read_slide_list, select_bags
-    from wsi_ncmi.training.checkpoint import load_mil_module, read_checkpoint
+    from functools import partial
 
-    ckpt, out = Path(args.ckpt), check_output_dir(args.out, "--out")
-    if ckpt.is_dir():
-        raise PredictError(f"--ckpt {ckpt}: is a folder; give the checkpoint file (e.g. {ckpt / 'best.ckpt'})")
-    if not ckpt.is_file():
-        raise PredictError(f"--ckpt {ckpt}: no such file")
-    if args.weights and not args.slides_dir:
-        raise PredictError("--weights is only used with --slides-dir")
-    state = read_checkpoint(ckpt)  # weights_only; a malicious / truncated / foreign file is one CheckpointError line
-    recorded = state.get(CHECKPOINT_KEY)
-    base = args.slides_dir if args.slides_dir else args.bags
-    slides = read_slide_list(args.slides, base) if args.slides else None
-    rc, pre = 0, None
-    if args.slides_dir:
-        if not Path(args.slides_dir).is_dir():
-            raise PredictError(f"--slides-dir {args.slides_dir}: no such folder")
-        bags_dir, pre, rc = _preprocess(args, recorded, out)
-        done = list_bags(bags_dir) if bags_dir.is_dir() else {}
-        wanted = list(slides["slide_id"]) if slides is not None else [s for s, st in pre["statuses"].items()
-                                                                     if st in ("ok", "skipped")]
-        bags = {s: done[s] for s in wanted if s in done}
-        if not bags:
-            raise PredictError(f"--slides-dir {args.slides_dir}: no slide gave a bag (see {bags_dir.parent}/manifest.csv)")
-    else:
-        bags_dir = Path(args.bags)
-        bags = select_bags(bags_dir, slides)
+    from preprocessing.discovery import slide_paths
     from preprocessing.readers import open_slide
+    from preprocessing.replay import replay
+    from wsi_ncmi.evaluation.predict_run import predict_checkpoint
 
-    found = slide_paths(args.slides_dir, out) if args.slides_dir and args.heatmaps else None
-    module, _ = load_mil_module(ckpt, args.device)
-    predict_module(module, state, ckpt, bags, out, bags_dir=bags_dir, slides=slides, slides_csv=args.slides,
-                   calibration=args.calibration, ood_score=args.ood_score, allow_mismatch=args.allow_mismatch,
-                   heatmaps=args.heatmaps, slide_paths=found, open_slide=open_slide, device=args.device,
-                   preprocessed=pre,
-                   eval_dir=args.eval_dir, classifier=args.classifier,
-                   echo=_echo)
-    return rc
+    run = predict_checkpoint(
+        args.ckpt, args.out, bags=args.bags, slides_dir=args.slides_dir, weights=args.weights, slides_csv=args.slides,
+        build_bags=partial(replay, device=args.device, workers=args.workers, batch_size=args.batch_size,
+                           progress=False),
+        heatmaps=args.heatmaps, find_slides=slide_paths, open_slide=open_slide, calibration=args.calibration,
+        ood_score=args.ood_score, eval_dir=args.eval_dir, classifier=args.classifier,
+        allow_mismatch=args.allow_mismatch, device=args.device, echo=_echo, warn=partial(_echo, err=True))
+    return 3 if run.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from wsi_ncmi.choices import check_choices
 from wsi_ncmi.data.bags import BagError, read_bag, read_features
 from wsi_ncmi.data.cache import BagCache, CacheError, CacheMode, headers_nbytes, resolve_cache_mode
-from wsi_ncmi.data.split_check import locate_bags, missing_bags_message, split_bags_for
+from wsi_ncmi.data.split_check import SplitBags, locate_bags, missing_bags_message, split_bags_for
 from wsi_ncmi.data.splits import SPLITS, Split, load_split, select_fold
 from wsi_ncmi.errors import UserError
 
@@ -275,6 +275,9 @@ class MILDataModule(L.LightningDataModule):
         num_classes: number of classes (default: from the table's labels).
         fold: which fold of a k-fold / leave-one-center-out table.
         seed: seed of instance sampling and of the balanced sampler (with the epoch set by ``set_epoch``).
+        _split_bags: this split already resolved against ``bags_dir`` (``preflight_check(...).resolved``): reused
+            when it is of the same (bags folder, split CSV, fold), so the folder is listed once. Not a setting:
+            not a hyper-parameter, not a CLI option (the leading underscore hides it from LightningCLI).
     """
 
     def __init__(
@@ -293,9 +296,11 @@ class MILDataModule(L.LightningDataModule):
         num_classes: int | None = None,
         fold: int | None = None,
         seed: int = 0,
+        *,
+        _split_bags: SplitBags | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["_split_bags"])
         if batch_size < 1:
             raise MILDataError(f"{split_csv}: batch_size must be >= 1, got {batch_size}")
         self.bags_dir = Path(bags_dir)
@@ -317,7 +322,7 @@ class MILDataModule(L.LightningDataModule):
         self.fold = fold
         self.seed = seed
         try:
-            resolved = split_bags_for(self.bags_dir, self.split_csv, fold)  # one listing, headers read on demand
+            resolved = split_bags_for(self.bags_dir, self.split_csv, fold, _split_bags)  # one listing, headers on demand
         except BagError as exc:
             raise MILDataError(f"{self.split_csv}: {exc}") from exc
         self.table = _apply_label_map(resolved.table, self.label_map, self.split_csv)

@@ -7,7 +7,8 @@ kwargs dict of a YAML config, where it is never needed.
 
 * :data:`PlainKwargs` is the type of every ``*_kwargs`` option (``model_kwargs``, ``loss_kwargs``,
   ``ncmi_kwargs``): jsonargparse validates it and never instantiates anything from it.
-* :func:`check_plain` refuses anything else in a value (one line naming where).
+* :func:`check_plain` refuses anything else in a value (one line naming where); :func:`check_plain_kwargs` checks
+  a module's ``*_kwargs`` options at once, raising the module's own error class.
 * :func:`check_signature_values` checks a mapping of keyword arguments against a callable's signature: every
   key known, every value plain and of the annotated type (``int``, ``float``, ``str``, ``bool``, unions,
   ``Literal``, ``list[...]``, ``dict[str, ...]``, ``Any`` = any plain value).
@@ -28,7 +29,7 @@ from typing import Any, Literal, Union
 from wsi_ncmi.errors import UserError
 
 __all__ = ["CODE_KEYS", "PlainKwargs", "PlainValue", "PlainValueError", "Scalar", "check_plain",
-           "check_signature_values"]
+           "check_plain_kwargs", "check_signature_values"]
 
 Scalar = Union[bool, int, float, str, None]  # noqa: UP007 - jsonargparse reads this annotation at run time
 PlainValue = Union[bool, int, float, str, None, list[Scalar], dict[str, Scalar]]  # noqa: UP007
@@ -80,6 +81,15 @@ def check_plain(value: Any, where: str, _depth: int = 0) -> None:
         return
     raise PlainValueError(f"{where}: a {type(value).__name__} is not a plain value (numbers, strings, lists, dicts)")
 
+
+
+def check_plain_kwargs(options: Mapping[str, Any], prefix: str, error: type[Exception]) -> None:
+    """:func:`check_plain` of each ``{name: value}`` (named ``<prefix><name>``), raised as ``error`` in one line."""
+    for name, value in options.items():
+        try:
+            check_plain(value, f"{prefix}{name}")
+        except PlainValueError as err:
+            raise error(str(err)) from None
 
 def _is_pathlike(tp: Any) -> bool:
     return tp is os.PathLike or typing.get_origin(tp) is os.PathLike

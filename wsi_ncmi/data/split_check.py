@@ -5,9 +5,9 @@
   error class with it).
 * :func:`resolve_split_bags` → :class:`SplitBags`: one fold of a split table with the resolved slide → bag path
   table (one folder listing) and each bag's header (N, D, dtype) read at most once, on first use. The
-  pre-flight check and :class:`~wsi_ncmi.data.mil.MILDataModule` share it: a caller that resolved the split
-  offers it to the datamodule it is about to build with :func:`offer_split_bags`; :func:`split_bags_for` takes
-  an offered resolution of the same (bags folder, split CSV, fold) or resolves afresh.
+  pre-flight check and :class:`~wsi_ncmi.data.mil.MILDataModule` share it: the check returns it
+  (``PreflightReport.resolved``) and the caller passes it to the datamodule (its ``_split_bags`` argument);
+  :func:`split_bags_for` takes a given resolution of the same (bags folder, split CSV, fold) or resolves afresh.
 * :func:`validate_split` checks a table against its protocol (patient leaks, label range, expected counts,
   optionally missing bags) and returns a :class:`SplitReport`.
 * :func:`preflight_check`, run before any training or evaluation, checks the pair and raises
@@ -26,12 +26,10 @@
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,6 @@ __all__ = [
     "check_patient_leak",
     "locate_bags",
     "missing_bags_message",
-    "offer_split_bags",
     "preflight_check",
     "resolve_split_bags",
     "split_bags_for",
@@ -151,28 +148,15 @@ def resolve_split_bags(
     return SplitBags(str(split_csv), Path(bags_dir), fold, table, paths, missing)
 
 
-_OFFERED: contextvars.ContextVar[SplitBags | None] = contextvars.ContextVar(
-    "offered_split_bags", default=None
-)
-
-
-@contextmanager
-def offer_split_bags(resolved: SplitBags | None) -> Iterator[None]:
-    """Within the block, :func:`split_bags_for` hands ``resolved`` to a datamodule built for the same split."""
-    token = _OFFERED.set(resolved)
-    try:
-        yield
-    finally:
-        _OFFERED.reset(token)
-
-
 def split_bags_for(
-    bags_dir: str | os.PathLike, split_csv: str | os.PathLike, fold: int | None = None
+    bags_dir: str | os.PathLike,
+    split_csv: str | os.PathLike,
+    fold: int | None = None,
+    given: SplitBags | None = None,
 ) -> SplitBags:
-    """The :class:`SplitBags` offered by the caller for this (bags folder, split CSV, fold), else a new one."""
-    offered = _OFFERED.get()
-    if offered is not None and offered.matches(bags_dir, split_csv, fold):
-        return offered
+    """``given`` when it resolves this (bags folder, split CSV, fold), else a new :func:`resolve_split_bags`."""
+    if given is not None and given.matches(bags_dir, split_csv, fold):
+        return given
     return resolve_split_bags(bags_dir, split_csv, fold)
 
 
@@ -325,7 +309,7 @@ def preflight_check(
 
     ``check_labels=False`` skips the label-range check (e.g. when a label map remaps the table's labels).
     ``bags_dir`` may be a :class:`SplitBags` already resolved (then ``fold`` is its own); the report carries it as
-    ``resolved`` so the caller can offer it to the datamodule (:func:`offer_split_bags`).
+    ``resolved`` so the caller can pass it to the datamodule (``MILDataModule(..., _split_bags=report.resolved)``).
     """
     resolved = bags_dir if isinstance(bags_dir, SplitBags) else resolve_split_bags(bags_dir, split_csv, fold)
     table, bags, bags_dir = resolved.table, resolved.paths, resolved.bags_dir

@@ -197,7 +197,7 @@ def checkpoint_datamodule(module: Any, checkpoint: Mapping[str, Any], bags_dir: 
     Raises :class:`CheckpointError` when the paths are neither given nor recorded, or the class counts differ.
     """
     from wsi_ncmi.data import MILDataModule
-    from wsi_ncmi.data.split_check import offer_split_bags, preflight_check
+    from wsi_ncmi.data.split_check import preflight_check
 
     num_classes, in_dim = int(module.hparams["num_classes"]), module.model.in_dim
     hp = checkpoint.get("datamodule_hyper_parameters") or {}
@@ -212,18 +212,18 @@ def checkpoint_datamodule(module: Any, checkpoint: Mapping[str, Any], bags_dir: 
     check = preflight_check(bags_dir, split_csv, num_classes=num_classes, in_dim=in_dim, fold=fold,
                             check_labels=not hp.get("label_map"), allow_patient_leak=allow_patient_leak,
                             leak_flag=leak_flag)
-    with offer_split_bags(check.resolved):  # the datamodule reuses the resolved split: one folder listing
-        dm = MILDataModule(
-            bags_dir=str(bags_dir),
-            split_csv=str(split_csv),
-            batch_size=1,
-            num_workers=num_workers,
-            label_map=hp.get("label_map"),
-            num_classes=num_classes,
-            fold=fold,
-            pin_memory=False,
-            cache="none",  # each bag is embedded once, at its stored dtype, as `wsi-ncmi predict` reads it
-        )
+    dm = MILDataModule(
+        bags_dir=str(bags_dir),
+        split_csv=str(split_csv),
+        batch_size=1,
+        num_workers=num_workers,
+        label_map=hp.get("label_map"),
+        num_classes=num_classes,
+        fold=fold,
+        pin_memory=False,
+        cache="none",  # each bag is embedded once, at its stored dtype, as `wsi-ncmi predict` reads it
+        _split_bags=check.resolved,  # the split the check resolved: one folder listing
+    )
     if dm.num_classes != num_classes:
         raise CheckpointError(
             f"--data.split_csv {split_csv}: {dm.num_classes} classes, the checkpoint has {num_classes}"

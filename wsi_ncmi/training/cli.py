@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _InstantiatorFn
 
 from wsi_ncmi.data import MILDataModule
 from wsi_ncmi.data.locks import acquire_folder_lock, release_folder_lock
 from wsi_ncmi.data.outputs import check_output_dir
-from wsi_ncmi.data.split_check import check_patient_leak, offer_split_bags, preflight_check
+from wsi_ncmi.data.split_check import SplitBags, check_patient_leak, preflight_check
 
 from .callbacks import AtomicCheckpointIO, LastCheckpoint, RNGStateCheckpoint
 from .checkpoint import WeightsOnlyCLI
@@ -64,6 +64,8 @@ RUN_LOCK = "fit.lock"
 
 class MILCLI(OneLineParseErrors, WeightsOnlyCLI, LightningCLI):
     """LightningCLI with data → model links, a stable run-folder layout and pre-flight checks."""
+
+    _split_bags: SplitBags | None = None  # the split the pre-flight check resolved, handed to the datamodule
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -112,10 +114,17 @@ class MILCLI(OneLineParseErrors, WeightsOnlyCLI, LightningCLI):
             elif report is not None:
                 data.num_classes = report.num_labels
 
-    def instantiate_classes(self) -> None:
-        # the datamodule takes the split the pre-flight check resolved: one folder listing, one read per header
-        with offer_split_bags(getattr(self, "_split_bags", None)):
-            super().instantiate_classes()
+    def _add_instantiators(self) -> None:
+        super()._add_instantiators()
+        # the datamodule takes the split the pre-flight check resolved (one folder listing, one read per header)
+        # as its explicit `_split_bags` argument; Lightning's instantiator still records the configured hparams
+        lightning_data = _InstantiatorFn(cli=self, key="data")
+
+        def data(class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any) -> Any:
+            return lightning_data(class_type, *args, applied_instantiation_links=applied_instantiation_links,
+                                  _split_bags=self._split_bags, **kwargs)
+
+        self.parser.add_instantiator(data, MILDataModule, subclasses=False)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         cfg = self._cfg()

@@ -3,8 +3,9 @@
 
 * :class:`TermSums`: Σ value·B of every named loss term over the training epoch, kept on the device (no host
   sync per step) and turned into epoch means once, with one sum over the DDP ranks.
-* :func:`gather_eval`: one key of the validation/test step records, gathered from every rank, with the bags
-  repeated by the distributed sampler's padding dropped (by :func:`slide_key`).
+* :func:`eval_record`: one validation/test batch's record; :func:`gather_eval`: one key of the records,
+  gathered from every rank, with the bags repeated by the distributed sampler's padding dropped (by
+  :func:`slide_key`).
 
 ``sum_fn`` is a sum over the DDP ranks (identity in a single process): ``MILModule._sum_over_ranks``.
 """
@@ -12,13 +13,13 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TermSums", "gather_eval", "slide_key"]
+__all__ = ["TermSums", "eval_record", "gather_eval", "slide_key"]
 
 SumFn = Callable[[Tensor], Tensor]
 
@@ -54,6 +55,18 @@ class TermSums:
 def slide_key(slide_id: str) -> int:
     """A stable signed 64-bit key of a slide id (de-duplicates bags gathered from several ranks)."""
     return int.from_bytes(hashlib.blake2b(str(slide_id).encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def eval_record(scores: Tensor, label: Tensor, loss: Tensor, slide_ids: Sequence[str] | None = None,
+                p: Tensor | None = None) -> dict[str, Tensor]:
+    """One evaluated batch, detached: ``scores`` [B, C], ``label`` [B], ``loss`` [B] (the batch's loss repeated),
+    ``sid`` [B] (:func:`slide_key` of each slide, when the ids are known) and ``p`` [B, D] (NCMI runs)."""
+    rec = {"scores": scores.detach(), "label": label.detach(), "loss": loss.detach().float().expand(scores.shape[0])}
+    if slide_ids is not None:
+        rec["sid"] = torch.tensor([slide_key(s) for s in slide_ids], dtype=torch.long, device=scores.device)  # [B]
+    if p is not None:
+        rec["p"] = p.detach()
+    return rec
 
 
 def gather_eval(

@@ -6,32 +6,27 @@ scores softmax(logits). ``objective="ncmi"``: the head is removed and the NCMI o
 centroids. The model's weighted auxiliary losses (AEM entropy, ASMIL alignment) are added in both cases. What is
 logged: docs/ncmi_mil.md "Logged metrics"; how NCMI is trained (ξ step, DDP): its "Training code" section.
 
-``class_weights``: a list [C], or ``"balanced"``: w_c = n / (C · n_c) from the training split's label counts, set
-in ``setup("fit")`` and saved in checkpoints (the loss's ``weight`` buffer). Head objective only.
+``class_weights`` (head objective only): a list [C] or ``"balanced"`` (:mod:`wsi_ncmi.training.head_loss`).
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import os
 import typing
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor
 
 from wsi_ncmi.choices import check_choices
 from wsi_ncmi.data.mil import MILDataModule
-from wsi_ncmi.data.plain import PlainKwargs, PlainValueError, check_plain
+from wsi_ncmi.data.plain import PlainKwargs, check_plain_kwargs
 from wsi_ncmi.errors import UserError
-from wsi_ncmi.losses import create_loss
 from wsi_ncmi.models import create_model
-from wsi_ncmi.ncmi import NCMILoss, ncmi_metric
+from wsi_ncmi.ncmi import NCMILoss
 
-from .epoch_stats import TermSums, gather_eval, slide_key
+from .epoch_stats import TermSums, eval_record, gather_eval
+from .head_loss import ClassWeights, build_head_loss, check_class_weights, set_balanced_weights
 from .ncmi_objective import (
     CENTROID_INITS,
     CENTROID_OPTIMIZERS,
@@ -40,14 +35,13 @@ from .ncmi_objective import (
     NCMIConfigError,
     NCMIHooks,
     NCMITraining,
-    metric_name,
 )
-from .optim import OptimizerName, ScheduleName, build_optimizer, build_scheduler
+from .optim import OptimizerName, ScheduleName, build_optimizer, build_scheduler, per_step
+from .progress import run_length, training_progress
+from .run_record import record_run
 from .val_metrics import epoch_metrics
 
 __all__ = ["OBJECTIVES", "CENTROID_OPTIMIZERS", "CENTROID_INITS", "MILModule", "Objective", "TrainingConfigError"]
-
-logger = logging.getLogger(__name__)
 
 Objective = Literal["head", "ncmi"]
 OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
@@ -91,31 +85,23 @@ class MILModule(NCMIHooks, pl.LightningModule):
         scheduler: ScheduleName = "cosine",
         warmup_epochs: float = 0.0,
         min_lr_ratio: float = 0.0,
-        class_weights: list[float] | Literal["balanced"] | None = None,
+        class_weights: ClassWeights = None,
         center_init_batches: int = 16,
         centroid_init: CentroidInit = "public",
     ) -> None:
         check_choices(MILModule, locals(), "MILModule", TrainingConfigError)
         super().__init__()
-        for name, kwargs in (("model_kwargs", model_kwargs), ("loss_kwargs", loss_kwargs), ("ncmi_kwargs", ncmi_kwargs)):
-            try:
-                check_plain(kwargs, f"MILModule: {name}")
-            except PlainValueError as err:
-                raise TrainingConfigError(str(err)) from None
+        check_plain_kwargs({"model_kwargs": model_kwargs, "loss_kwargs": loss_kwargs, "ncmi_kwargs": ncmi_kwargs},
+                           "MILModule: ", TrainingConfigError)
         self.save_hyperparameters()
         if num_classes < 2:
             raise TrainingConfigError(f"MILModule: num_classes must be >= 2, got {num_classes}")
-        if isinstance(class_weights, list | tuple) and len(class_weights) != num_classes:
-            raise TrainingConfigError(
-                f"MILModule: class_weights has {len(class_weights)} entries for num_classes={num_classes}"
-            )
+        check_class_weights(class_weights, num_classes, objective, TrainingConfigError)
         self.objective = objective
         self.num_classes = int(num_classes)
         self.model = create_model(model, in_dim=in_dim, num_classes=num_classes, **(model_kwargs or {}))
         self.ncmi_training: NCMITraining | None = None
         if objective == "ncmi":
-            if class_weights is not None:
-                raise TrainingConfigError("MILModule: class_weights is only supported with objective='head'")
             self.model.reset_classifier(0)
             try:
                 self.ncmi_training = NCMITraining(num_classes, self.model.embed_dim, ncmi_kwargs, centroid_optimizer,
@@ -125,19 +111,7 @@ class MILModule(NCMIHooks, pl.LightningModule):
             self.criterion: torch.nn.Module | None = None
             self.loss_name = "ncmi"
         else:
-            kw = dict(loss_kwargs or {})
-            if class_weights == "balanced":  # placeholder until setup("fit") counts the training labels
-                kw["weight"] = torch.ones(num_classes, dtype=torch.float32)
-            elif class_weights is not None:
-                kw["weight"] = torch.tensor(class_weights, dtype=torch.float32)
-            try:
-                self.criterion = create_loss(loss, **kw)
-            except TypeError as exc:
-                raise TrainingConfigError(f"MILModule: loss {loss!r} rejected its arguments {sorted(kw)}: {exc}") from exc
-            if getattr(self.criterion, "input_kind", "logits") != "logits":
-                raise TrainingConfigError(
-                    f"MILModule: loss {loss!r} works on embeddings; use objective='ncmi' or a logits loss"
-                )
+            self.criterion = build_head_loss(loss, loss_kwargs, class_weights, num_classes, TrainingConfigError)
             self.loss_name = str(loss).lower()
         self._eval_outputs: list[dict[str, Tensor]] = []
         self._train_sums = TermSums()  # Σ value·B of every loss term this epoch
@@ -149,17 +123,7 @@ class MILModule(NCMIHooks, pl.LightningModule):
 
     # ------------------------------------------------------------------------------- checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the global seed of the run (``seed_everything``), so reports can name the training seed, and the
-        training bags' provenance (:mod:`wsi_ncmi.data.provenance`)."""
-        seed = os.environ.get("PL_GLOBAL_SEED")
-        if seed is not None and seed.lstrip("-").isdigit():
-            checkpoint["training_seed"] = int(seed)
-        # what the training bags were made with (encoder, weights, dim, µm/px, tile size; `wsi-ncmi predict`)
-        from wsi_ncmi.data.provenance import CHECKPOINT_KEY, datamodule_provenance
-
-        provenance = datamodule_provenance(getattr(self._trainer, "datamodule", None) if self._trainer else None)
-        if provenance is not None:
-            checkpoint[CHECKPOINT_KEY] = provenance
+        record_run(checkpoint, self._trainer)  # the run's seed and the training bags' provenance
 
     # --------------------------------------------------------------------- NCMI center / ξ init pass
     def ncmi_embed_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
@@ -220,16 +184,8 @@ class MILModule(NCMIHooks, pl.LightningModule):
         named["loss"] = total
         return named, out.embedding
 
-    def _progress(self, batch_idx: int) -> float:
-        trainer = self.trainer
-        n_batches = trainer.num_training_batches
-        if trainer.max_epochs is not None and trainer.max_epochs > 0 and math.isfinite(n_batches) and n_batches > 0:
-            return min(1.0, (self.current_epoch + batch_idx / n_batches) / trainer.max_epochs)
-        total = max(1, int(trainer.estimated_stepping_batches))
-        return min(1.0, self.global_step / total)
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self.model.set_progress(self._progress(batch_idx))
+        self.model.set_progress(training_progress(self.trainer, self.current_epoch, self.global_step, batch_idx))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         named, _ = self._objective(batch)
@@ -269,14 +225,9 @@ class MILModule(NCMIHooks, pl.LightningModule):
     def _eval_step(self, batch: dict[str, Any]) -> None:
         named, emb = self._objective(batch)
         emb = emb.float()
-        rec = {"scores": self.class_scores(emb).detach(), "label": batch["label"].long().detach(),
-               "loss": named["loss"].detach().float().expand(emb.shape[0])}
-        if "slide_id" in batch:
-            rec["sid"] = torch.tensor([slide_key(s) for s in batch["slide_id"]], dtype=torch.long,
-                                      device=emb.device)  # [B]
-        if self.ncmi_loss is not None:
-            rec["p"] = self.ncmi_loss.log_probs(emb).exp().detach()  # [B, D]
-        self._eval_outputs.append(rec)
+        p = self.ncmi_loss.log_probs(emb).exp() if self.ncmi_loss is not None else None  # [B, D]
+        self._eval_outputs.append(eval_record(self.class_scores(emb), batch["label"].long(), named["loss"],
+                                              batch.get("slide_id"), p))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -306,14 +257,9 @@ class MILModule(NCMIHooks, pl.LightningModule):
         scores, labels = self._gather("scores"), self._gather("label")
         metrics = epoch_metrics(scores.cpu().numpy(), labels.cpu().numpy())
         metrics["loss"] = float(self._gather("loss").mean())
-        if self.ncmi_training is not None:
-            p = self._gather("p")  # [N, D]
-            metrics[metric_name("xi")] = metrics["accuracy"]  # the scores are softmax(−KL to ξ)
-            cc = self.ncmi_training.train_cc.accuracy(p, labels, self._sum_over_ranks)
-            if cc is not None:
-                metrics[metric_name("cc")] = cc
-            if labels.unique().numel() >= 2:  # Γ = 0 with one class (e.g. the sanity check): no NCMI metric
-                metrics.update(ncmi_metric(p.cpu().double(), labels.cpu(), self.num_classes))
+        if self.ncmi_training is not None:  # the scores are softmax(−KL to ξ): their accuracy is ξ's
+            metrics.update(self.ncmi_training.eval_metrics(self._gather("p"), labels, metrics["accuracy"],
+                                                           self._sum_over_ranks))
         self._eval_outputs = []
         for key, value in metrics.items():
             self.log(f"{stage}/{key}", float(value), prog_bar=key in {"f1_plus_auc", "macro_auc"})
@@ -329,13 +275,9 @@ class MILModule(NCMIHooks, pl.LightningModule):
         if extra:
             groups.append({"params": extra})
         optimizer = build_optimizer(hp.optimizer, groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        total, epochs = run_length(self.trainer)
         warmup = int(round(hp.warmup_epochs * total / epochs))
-        scheduler = build_scheduler(hp.scheduler, optimizer, total, warmup, hp.min_lr_ratio)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return per_step(optimizer, build_scheduler(hp.scheduler, optimizer, total, warmup, hp.min_lr_ratio))
 
     # ------------------------------------------------------------------------------ data consistency
     def setup(self, stage: str) -> None:
@@ -352,24 +294,5 @@ class MILModule(NCMIHooks, pl.LightningModule):
                 f"MILModule: data has {n_cls} classes but the model was built for num_classes={self.num_classes}"
             )
         if stage == "fit" and self.hparams.class_weights == "balanced":
-            self._set_balanced_weights(dm)
-
-    def _set_balanced_weights(self, dm: Any) -> None:
-        """w_c = n / (C · n_c) from the training split's labels, into the loss's ``weight`` buffer."""
-        try:
-            labels = np.asarray(dm.dataset("train").labels, dtype=np.int64)
-        except AttributeError as exc:
-            raise TrainingConfigError(
-                "MILModule: class_weights='balanced' needs a datamodule with dataset('train').labels"
-            ) from exc
-        counts = np.bincount(labels, minlength=self.num_classes)[: self.num_classes]
-        if (counts == 0).any():
-            raise TrainingConfigError(
-                f"MILModule: class_weights='balanced' but the training split has no bag of class(es) "
-                f"{np.flatnonzero(counts == 0).tolist()} (counts {counts.tolist()})"
-            )
-        weight = torch.as_tensor(len(labels) / (self.num_classes * counts), dtype=torch.float32)  # [C]
-        assert self.criterion is not None
-        self.criterion.weight.copy_(weight.to(self.criterion.weight.device))
-        logger.info("balanced class weights %s from training counts %s", weight.tolist(), counts.tolist())
-
+            assert self.criterion is not None
+            set_balanced_weights(self.criterion, dm, self.num_classes, TrainingConfigError)

@@ -25,10 +25,11 @@ from torch import Tensor, nn
 from wsi_ncmi.choices import check_choices
 from wsi_ncmi.errors import UserError
 from wsi_ncmi.losses import LossError, create_loss
-from wsi_ncmi.ncmi import CentroidAccumulator, NCMILoss
+from wsi_ncmi.ncmi import CentroidAccumulator, NCMILoss, ncmi_metric
 from wsi_ncmi.ncmi.centroids import kl_rows_to_centroids
 
 from .optim import WarmupSchedule
+from .val_metrics import epoch_metrics
 
 __all__ = ["CENTROID_INITS", "CENTROID_OPTIMIZERS", "METRIC_NAMES", "CentroidInit", "CentroidOptimizer", "NCMIConfigError", "NCMIHooks", "NCMITraining",
            "OnlineClassMeans", "centroid_sgd_step", "global_mean", "metric_name",
@@ -45,6 +46,8 @@ CENTROID_INITS: tuple[str, ...] = typing.get_args(CentroidInit)
 Centroids = Literal["xi", "cc"]
 #: their top-1 accuracies' logged names
 METRIC_NAMES = {"xi": "xi_accuracy", "cc": "cc_accuracy"}
+#: the online CC's epoch metrics besides its accuracy, logged as ``<stage>/cc_<key>`` (MIL)
+CC_EPOCH_KEYS = ("macro_f1", "macro_auc", "f1_plus_auc")
 
 SumFn = Callable[[Tensor], Tensor]
 
@@ -293,6 +296,24 @@ class NCMITraining(nn.Module):
         """Add the last training forward's p (the loss's own ln p, no second simplex pass) to the class means."""
         if self.loss.last_log_probs is not None:
             self.train_cc.update(self.loss.last_log_probs, target)
+
+    def eval_metrics(self, p: Tensor, labels: Tensor, xi_accuracy: float, sum_fn: SumFn | None = None
+                     ) -> dict[str, float]:
+        """Epoch metrics of the evaluated samples' p [N, D] and labels [N]: the ξ accuracy (``xi_accuracy``, of
+        the caller's scores), the online CC's accuracy, macro-F1, macro-AUC and their sum (``cc_f1_plus_auc``, a
+        checkpoint monitor that does not depend on ξ; once a training epoch fed the class means) and, with two
+        classes or more, the dataset-level CMI / Γ / NCMI (Γ = 0 with one class, e.g. the sanity check)."""
+        metrics = {metric_name("xi"): xi_accuracy}
+        centroids = self.train_cc.centroids(sum_fn)
+        if centroids is not None:
+            kl = self.train_cc.kl(p, centroids)  # [N, C]
+            labels_np = labels.cpu().numpy()
+            metrics[metric_name("cc")] = float((kl.argmin(1).cpu().numpy() == labels_np).mean())
+            cc = epoch_metrics(torch.softmax(-kl, dim=1).cpu().numpy(), labels_np)  # CC scores: softmax(−KL)
+            metrics.update({f"cc_{key}": cc[key] for key in CC_EPOCH_KEYS})
+        if labels.unique().numel() >= 2:
+            metrics.update(ncmi_metric(p.cpu().double(), labels.cpu(), self.num_classes))
+        return metrics
 
     def describe(self) -> dict[str, Any]:
         """The settings a run used (for evaluation JSON)."""

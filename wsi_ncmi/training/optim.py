@@ -40,6 +40,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "check_schedule",
+    "per_step",
 ]
 
 
@@ -160,3 +161,11 @@ def build_group_scheduler(optimizer: Optimizer, schedules: list[WarmupSchedule])
         if SCHEDULES.get(sched.shape) is None:
             raise OptimConfigError(f"scheduler: a group schedule needs a shape, got {sched.shape!r}")
     return LambdaLR(optimizer, list(schedules))
+
+
+def per_step(optimizer: Optimizer, scheduler: LambdaLR | None) -> Any:
+    """What ``configure_optimizers`` returns: ``optimizer`` alone without a scheduler, else both, the scheduler
+    stepped after every optimizer step."""
+    if scheduler is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
