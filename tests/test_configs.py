@@ -54,6 +54,9 @@ def test_config_values(leaf):
     if obj.startswith("ncmi"):
         assert m["ncmi_kwargs"]["centroid_update"] == "sgd" and m["ncmi_kwargs"]["tau"] == 0.5
         assert m["ncmi_kwargs"]["variant"] == ("paper" if obj == "ncmi_paper" else "harmonic")
+    # our NCMI recipe keeps the last epoch (issue #23, docs/ncmi_mil.md "Tuning round 2"); CE and the paper's
+    # literal NCMI recipe select by val macro-F1 + macro-AUC
+    assert cfg["checkpoint"]["monitor"] == (None if obj == "ncmi" else "val/f1_plus_auc")
 
 
 @pytest.fixture(scope="module")

@@ -270,6 +270,19 @@ def test_last_ckpt_is_the_last_epoch_when_the_monitor_stops_improving(bags, tmp_
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
+def test_no_monitor_keeps_the_last_epoch_as_best(bags, tmp_path):
+    """``checkpoint.monitor: null`` (the shipped NCMI leaves): best.ckpt is the final epoch, not a selected one."""
+    from wsi_ncmi.commands.train_cli import main_fit
+
+    root = tmp_path / "run"
+    assert main_fit(_cli_args(*bags, root, "--trainer.max_epochs", "3", "--model.objective", "ncmi",
+                              "--checkpoint.monitor", "null")) == 0
+    best = torch.load(root / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
+    last = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert best["epoch"] == last["epoch"] == 2 and best["global_step"] == last["global_step"]
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_preflight_errors_before_training(tmp_path, capsys):
     from wsi_ncmi.commands.train_cli import main_fit
 
