@@ -271,9 +271,10 @@ class OpenSlideReader(StoredLevelsReader):
         return self._read_openslide(location, level, size)
 
     def read_region_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
-                            factor: int) -> np.ndarray | None:
-        """The region at 1/``factor`` scale (JPEG tiles decoded in the DCT domain), or None: read it exactly."""
-        return None if self._fast is None else self._fast.read_reduced(location, level, size, factor)
+                            factor: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """The region at 1/``factor`` scale (JPEG tiles decoded in the DCT domain; written into ``out`` when
+        given), or None: read it exactly."""
+        return None if self._fast is None else self._fast.read_reduced(location, level, size, factor, out)
 
     def _read_openslide(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         import openslide

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from wsi_ncmi.errors import UserError
 
-from .jpeg_tiles import REDUCE_FLAGS, decode_reduced, stream_prefix, tile_stream
+from .jpeg_tiles import REDUCE_FLAGS, tile_decoder
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +56,14 @@ class _Level:
         # JPEG tiles in RGB (2) or YCbCr (6): what the reduced (DCT-domain) decoder handles
         self.jpeg = int(page.compression) == 7 and photometric in (2, 6)
         self.rgb = photometric == 2
-        self._prefix: bytes | None = None  # SOI + colour marker + JPEGTables, built on first reduced read
+        self._decode: Callable[[bytes, int], np.ndarray] | None = None  # built on the first reduced read
         self._empty: np.ndarray | None = None  # [rows, cols] bool, built on first use
 
-    def prefix(self) -> bytes:
-        if self._prefix is None:
-            self._prefix = stream_prefix(self.tables, self.rgb)
-        return self._prefix
+    def decode_reduced(self, data: bytes, factor: int) -> np.ndarray:
+        """One tile's JPEG ``data`` decoded at 1/``factor`` scale [th / f, tw / f, 3] RGB; ValueError if not."""
+        if self._decode is None:
+            self._decode = tile_decoder(self.tables, self.rgb, (self.th, self.tw))
+        return self._decode(data, factor)
 
     def empty_tiles(self) -> np.ndarray:
         """[rows, cols] bool: tiles never written (byte count 0, a sparse TIFF); OpenSlide draws them transparent."""
@@ -151,7 +151,7 @@ class TiffLevels:
         return tile
 
     def _tile_reduced(self, level: int, lv: _Level, index: int, factor: int) -> np.ndarray:
-        """Tile ``index`` decoded at 1/``factor`` scale [th / f, tw / f, 3] BGR (cached like full tiles)."""
+        """Tile ``index`` decoded at 1/``factor`` scale [th / f, tw / f, 3] RGB (cached like full tiles)."""
         key = (level, index, factor)
         hit = self._cache.get(key)
         if hit is not None:
@@ -163,8 +163,7 @@ class TiffLevels:
         try:
             self._fh.seek(offset)
             data = self._fh.read(count)
-            tile = decode_reduced(tile_stream(data, lv.tables, lv.rgb, lv.prefix()), factor, (lv.th, lv.tw),
-                                  bgr=True, frame=data)
+            tile = lv.decode_reduced(data, factor)
         except Exception as e:
             raise TileDecodeError(f"tile {index} of level {level}: {type(e).__name__}: {e}") from e
         self._cache[key] = tile
@@ -173,10 +172,11 @@ class TiffLevels:
         return tile
 
     def read_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
-                     factor: int) -> np.ndarray | None:
-        """[h / f, w / f, 3] uint8: the region of :meth:`read` at 1/``factor`` scale, each JPEG tile decoded
-        at that scale; None (use the exact path) unless the level has JPEG tiles and the region's origin,
-        size and the tile size are multiples of ``factor`` (1, 2, 4 or 8), or when a tile fails to decode."""
+                     factor: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """[h / f, w / f, 3] uint8 RGB: the region of :meth:`read` at 1/``factor`` scale, each JPEG tile
+        decoded at that scale; None (use the exact path) unless the level has JPEG tiles and the region's
+        origin, size and the tile size are multiples of ``factor`` (1, 2, 4 or 8), or when a tile fails to
+        decode. ``out``: an array of that shape to write into (returned; its content is undefined after None)."""
         win = self._window(location, level, size)
         if win is None or factor not in REDUCE_FLAGS:
             return None
@@ -185,8 +185,12 @@ class TiffLevels:
         if not lv.jpeg or any(v % f for v in (x, y, int(size[0]), int(size[1]), lv.tw, lv.th)):
             return None
         shape = (int(size[1]) // f, int(size[0]) // f, 3)
-        inside = (x0, y0, x1, y1) == (x, y, x + int(size[0]), y + int(size[1]))
-        out = np.empty(shape, np.uint8) if inside else np.full(shape, 255, np.uint8)  # white outside the level
+        if out is None:
+            out = np.empty(shape, np.uint8)
+        elif out.shape != shape or out.dtype != np.uint8:
+            raise ValueError(f"out is {out.dtype} {out.shape}, expected uint8 {shape}")
+        if (x0, y0, x1, y1) != (x, y, x + int(size[0]), y + int(size[1])):
+            out[...] = 255  # white outside the level
         if x1 <= x0 or y1 <= y0:
             return out
         for ty in range(y0 // lv.th, (y1 - 1) // lv.th + 1):
@@ -202,7 +206,7 @@ class TiffLevels:
                 oy, ox = (ay - y) // f, (ax - x) // f
                 part = tile[(ay - gy) // f:-(-(by - gy) // f), (ax - gx) // f:-(-(bx - gx) // f)]
                 out[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
-        return cv2.cvtColor(out, cv2.COLOR_BGR2RGB, dst=out)  # tiles are kept BGR: one conversion per region
+        return out
 
     def _window(self, location: tuple[int, int], level: int,
                 size: tuple[int, int]) -> tuple[_Level, int, int, tuple[int, int, int, int]] | None:
