@@ -19,6 +19,7 @@ set-up per call and returns BGR), else ``opencv``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import cv2
@@ -29,13 +30,14 @@ try:
 except ImportError:  # an install without it: OpenCV decodes (same pixels, more CPU)
     _simplejpeg = None
 
-__all__ = ["DECODERS", "REDUCE_FLAGS", "stream_prefix", "tile_stream", "frame_size", "decode_reduced",
-           "default_decoder", "tile_decoder"]
+__all__ = ["DECODERS", "REDUCE_FLAGS", "TileDecoder", "stream_prefix", "tile_stream", "frame_size",
+           "decode_reduced", "default_decoder"]
 
 _ORIENT = getattr(cv2, "IMREAD_IGNORE_ORIENTATION", 128)
 # reduction factor -> OpenCV imdecode flag (libjpeg-turbo scale_denom)
 REDUCE_FLAGS = {1: cv2.IMREAD_COLOR | _ORIENT, 2: cv2.IMREAD_REDUCED_COLOR_2 | _ORIENT,
                 4: cv2.IMREAD_REDUCED_COLOR_4 | _ORIENT, 8: cv2.IMREAD_REDUCED_COLOR_8 | _ORIENT}
+_SOI = b"\xff\xd8"
 _SOF = {0xC0, 0xC1, 0xC2}  # baseline, extended, progressive Huffman (what libjpeg decodes)
 
 
@@ -86,27 +88,34 @@ def _frame_error(h: int, w: int, comps: int, shape: tuple[int, int]) -> str:
     return f"JPEG frame {h}x{w}x{comps}, expected {shape[0]}x{shape[1]}x3"
 
 
-def _decode_simplejpeg(stream: bytes, factor: int, shape: tuple[int, int]) -> np.ndarray:
+def _decode_simplejpeg(stream: bytes | memoryview, factor: int, shape: tuple[int, int],
+                       out: np.ndarray | None) -> np.ndarray:
     h, w, space, _ = _simplejpeg.decode_jpeg_header(stream)  # the frame, read before anything is allocated
     if (h, w) != shape or space not in ("YCbCr", "RGB"):
         raise ValueError(_frame_error(h, w, 1 if space == "Gray" else 4, shape))
     want = (-(-h // factor), -(-w // factor), 3)
     # the smallest libjpeg scale M/8 whose output covers ``want`` is 1/factor; a larger output would not fit
     return _simplejpeg.decode_jpeg(stream, "rgb", min_height=want[0], min_width=want[1],
-                                   buffer=np.empty(want, np.uint8))
+                                   buffer=np.empty(want, np.uint8) if out is None else out)
 
 
-def _decode_opencv(stream: bytes, factor: int, shape: tuple[int, int]) -> np.ndarray | None:
+def _decode_opencv(stream: bytes | memoryview, factor: int, shape: tuple[int, int],
+                   out: np.ndarray | None) -> np.ndarray | None:
     h, w, comps = frame_size(stream)
     if (h, w) != shape or comps != 3:
         raise ValueError(_frame_error(h, w, comps, shape))
-    out = cv2.imdecode(np.frombuffer(stream, np.uint8), REDUCE_FLAGS[factor])
-    return None if out is None else cv2.cvtColor(out, cv2.COLOR_BGR2RGB, dst=out)
+    bgr = cv2.imdecode(np.frombuffer(stream, np.uint8), REDUCE_FLAGS[factor])
+    if bgr is None:
+        return None
+    if out is None or out.shape != bgr.shape:
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=out)
 
 
-# decoder name -> (stream, factor, frame (h, w) it must have) -> RGB uint8 (None: failed); raises ValueError
-# for another frame. "simplejpeg" needs the package.
-DECODERS: dict[str, Callable[[bytes, int, tuple[int, int]], np.ndarray | None]] = {
+# decoder name -> (stream, factor, frame (h, w) it must have, out: a C-contiguous [h / f, w / f, 3] uint8 to
+# decode into, or None) -> RGB uint8 (None: failed); raises ValueError for another frame. "simplejpeg" needs
+# the package.
+DECODERS: dict[str, Callable[[bytes | memoryview, int, tuple[int, int], np.ndarray | None], np.ndarray | None]] = {
     "simplejpeg": _decode_simplejpeg, "opencv": _decode_opencv}
 
 
@@ -134,22 +143,45 @@ def decode_reduced(stream: bytes, factor: int, shape: tuple[int, int], frame: by
         raise ValueError(_frame_error(h, w, comps, shape))
     if factor not in REDUCE_FLAGS:
         raise ValueError(f"no libjpeg scale 1/{factor}")
-    return _checked(DECODERS[decoder or default_decoder()](stream, factor, (h, w)), h, w, factor)
+    return _checked(DECODERS[decoder or default_decoder()](stream, factor, (h, w), None), h, w, factor)
 
 
-def tile_decoder(tables: bytes | None, rgb: bool, shape: tuple[int, int],
-                 decoder: str | None = None) -> Callable[[bytes, int], np.ndarray]:
-    """``decode(data, factor)``: [h / factor, w / factor, 3] uint8 RGB of one tile of a TIFF page whose JPEG
-    tiles are ``shape`` (h, w) with the page's ``JPEGTables`` (what :func:`tile_stream` and
-    :func:`decode_reduced` do, with the prefix built once per page). Raises ValueError like them."""
-    prefix, (h, w) = stream_prefix(tables, rgb), (int(shape[0]), int(shape[1]))
-    fn = DECODERS[decoder or default_decoder()]
+class TileDecoder:
+    """Decodes the JPEG tiles of one TIFF page (``shape`` = (h, w) of a tile, the page's ``JPEGTables``, RGB or
+    YCbCr) at 1/f scale: what :func:`tile_stream` + :func:`decode_reduced` do, with the stream prefix built
+    once and, in :meth:`read`, the tile's bytes read from the file straight behind it (no copy, no
+    allocation per tile). Raises ValueError like them."""
 
-    def decode(data: bytes, factor: int) -> np.ndarray:
-        if data[:2] != b"\xff\xd8":
-            raise ValueError("tile data does not start with a JPEG SOI marker")
+    def __init__(self, tables: bytes | None, rgb: bool, shape: tuple[int, int], decoder: str | None = None):
+        self.prefix, self.shape = stream_prefix(tables, rgb), (int(shape[0]), int(shape[1]))
+        self._fn = DECODERS[decoder or default_decoder()]
+        self._buf = bytearray(self.prefix)  # prefix, then the last tile read (grown as needed)
+
+    def _decode(self, stream: bytes | memoryview, factor: int, out: np.ndarray | None) -> np.ndarray:
         if factor not in REDUCE_FLAGS:
             raise ValueError(f"no libjpeg scale 1/{factor}")
-        return _checked(fn(prefix + memoryview(data)[2:], factor, (h, w)), h, w, factor)
+        return _checked(self._fn(stream, factor, self.shape, out), self.shape[0], self.shape[1], factor)
 
-    return decode
+    def __call__(self, data: bytes, factor: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Tile ``data`` (its own stream, SOI first) at 1/``factor``: [h / f, w / f, 3] RGB, in ``out`` if given."""
+        if data[:2] != _SOI:
+            raise ValueError("tile data does not start with a JPEG SOI marker")
+        return self._decode(self.prefix + memoryview(data)[2:], factor, out)
+
+    def read(self, fd: int, offset: int, count: int, factor: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The tile of ``count`` bytes at ``offset`` of the open file ``fd`` (``os.preadv``), decoded as in
+        :meth:`__call__`; OSError when the file is shorter."""
+        n = len(self.prefix)
+        if len(self._buf) < n - 2 + count:  # a new buffer (views of the old one may still be alive)
+            self._buf = bytearray(self.prefix) + bytes(count)
+        view = memoryview(self._buf)
+        try:  # the tile (SOI first) over the prefix's last 2 bytes (its SOI's place), then those put back
+            got = os.preadv(fd, [view[n - 2:n - 2 + count]], offset)
+            soi = bytes(view[n - 2:n])
+        finally:
+            view[n - 2:n] = self.prefix[n - 2:]
+        if got != count:
+            raise OSError(f"read {got} of {count} bytes at offset {offset}")
+        if soi != _SOI:
+            raise ValueError("tile data does not start with a JPEG SOI marker")
+        return self._decode(view[:n - 2 + count], factor, out)

@@ -19,15 +19,16 @@ every pixel and resizing; not bit-identical to the exact path (see ``bench/resul
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from wsi_ncmi.errors import UserError
 
-from .jpeg_tiles import REDUCE_FLAGS, tile_decoder
+from .jpeg_tiles import REDUCE_FLAGS, TileDecoder
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,20 @@ class _Level:
         # JPEG tiles in RGB (2) or YCbCr (6): what the reduced (DCT-domain) decoder handles
         self.jpeg = int(page.compression) == 7 and photometric in (2, 6)
         self.rgb = photometric == 2
-        self._decode: Callable[[bytes, int], np.ndarray] | None = None  # built on the first reduced read
+        self._decoder: TileDecoder | None = None  # built on the first reduced read
+        self._scratch: dict[int, np.ndarray] = {}  # factor -> [th / f, tw / f, 3]: tiles no other region needs
         self._empty: np.ndarray | None = None  # [rows, cols] bool, built on first use
 
-    def decode_reduced(self, data: bytes, factor: int) -> np.ndarray:
-        """One tile's JPEG ``data`` decoded at 1/``factor`` scale [th / f, tw / f, 3] RGB; ValueError if not."""
-        if self._decode is None:
-            self._decode = tile_decoder(self.tables, self.rgb, (self.th, self.tw))
-        return self._decode(data, factor)
+    def decoder(self) -> TileDecoder:
+        if self._decoder is None:
+            self._decoder = TileDecoder(self.tables, self.rgb, (self.th, self.tw))
+        return self._decoder
+
+    def scratch(self, factor: int) -> np.ndarray:
+        buf = self._scratch.get(factor)
+        if buf is None:
+            buf = self._scratch[factor] = np.empty((-(-self.th // factor), -(-self.tw // factor), 3), np.uint8)
+        return buf
 
     def empty_tiles(self) -> np.ndarray:
         """[rows, cols] bool: tiles never written (byte count 0, a sparse TIFF); OpenSlide draws them transparent."""
@@ -85,9 +92,10 @@ def _usable(page) -> bool:
 class TiffLevels:
     """Region reads from the tiled pages matching OpenSlide's levels; ``read`` returns None to fall back."""
 
-    def __init__(self, tif, levels: dict[int, _Level], downsamples: Sequence[float]):
+    def __init__(self, tif, levels: dict[int, _Level], downsamples: Sequence[float], fd: int | None = None):
         self._tif, self._levels, self._downs = tif, levels, tuple(downsamples)
         self._fh = tif.filehandle
+        self._fd = fd  # our own descriptor of the file (tile offsets are absolute): os.preadv, no seek
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     @classmethod
@@ -116,7 +124,13 @@ class TiffLevels:
         if not levels:
             tif.close()
             return None
-        return cls(tif, levels, downsamples)
+        fd = None
+        if hasattr(os, "preadv"):
+            try:
+                fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                log.debug("%s: reads through tifffile's handle (%s)", path, e)
+        return cls(tif, levels, downsamples, fd)
 
     @classmethod
     def from_pages(cls, tif, pages: Sequence, downsamples: Sequence[float]) -> TiffLevels:
@@ -150,8 +164,10 @@ class TiffLevels:
             self._cache.popitem(last=False)
         return tile
 
-    def _tile_reduced(self, level: int, lv: _Level, index: int, factor: int) -> np.ndarray:
-        """Tile ``index`` decoded at 1/``factor`` scale [th / f, tw / f, 3] RGB (cached like full tiles)."""
+    def _tile_reduced(self, level: int, lv: _Level, index: int, factor: int, whole: bool) -> np.ndarray:
+        """Tile ``index`` decoded at 1/``factor`` scale [th / f, tw / f, 3] RGB. ``whole``: the region being
+        read holds all of the tile, so no other region needs it: decoded into the level's scratch buffer
+        (valid until the next such call), else into its own array, cached like full tiles."""
         key = (level, index, factor)
         hit = self._cache.get(key)
         if hit is not None:
@@ -160,15 +176,19 @@ class TiffLevels:
         offset, count = int(lv.offsets[index]), int(lv.counts[index])
         if count == 0:
             raise TileDecodeError(f"tile {index} of level {level} has no data")
+        out = lv.scratch(factor) if whole else None
         try:
-            self._fh.seek(offset)
-            data = self._fh.read(count)
-            tile = lv.decode_reduced(data, factor)
+            if self._fd is not None:
+                tile = lv.decoder().read(self._fd, offset, count, factor, out)
+            else:
+                self._fh.seek(offset)
+                tile = lv.decoder()(self._fh.read(count), factor, out)
         except Exception as e:
             raise TileDecodeError(f"tile {index} of level {level}: {type(e).__name__}: {e}") from e
-        self._cache[key] = tile
-        if len(self._cache) > _CACHE_TILES:
-            self._cache.popitem(last=False)
+        if not whole:
+            self._cache[key] = tile
+            if len(self._cache) > _CACHE_TILES:
+                self._cache.popitem(last=False)
         return tile
 
     def read_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
@@ -195,14 +215,15 @@ class TiffLevels:
             return out
         for ty in range(y0 // lv.th, (y1 - 1) // lv.th + 1):
             for tx in range(x0 // lv.tw, (x1 - 1) // lv.tw + 1):
-                try:
-                    tile = self._tile_reduced(level, lv, ty * lv.cols + tx, f)
-                except TileDecodeError as e:  # the exact path decides (OpenSlide's own error for a corrupt tile)
-                    log.debug("reduced read failed, reading exactly: %s", e)
-                    return None
                 gx, gy = tx * lv.tw, ty * lv.th
                 ax, ay = max(x0, gx), max(y0, gy)
                 bx, by = min(x1, gx + lv.tw), min(y1, gy + lv.th)  # level px; all multiples of f but x1, y1
+                whole = (ax, ay, bx, by) == (gx, gy, gx + lv.tw, gy + lv.th)
+                try:
+                    tile = self._tile_reduced(level, lv, ty * lv.cols + tx, f, whole)
+                except TileDecodeError as e:  # the exact path decides (OpenSlide's own error for a corrupt tile)
+                    log.debug("reduced read failed, reading exactly: %s", e)
+                    return None
                 oy, ox = (ay - y) // f, (ax - x) // f
                 part = tile[(ay - gy) // f:-(-(by - gy) // f), (ax - gx) // f:-(-(bx - gx) // f)]
                 out[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
@@ -253,4 +274,7 @@ class TiffLevels:
 
     def close(self) -> None:
         self._cache.clear()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._tif.close()

@@ -47,7 +47,7 @@ def _tiles(path: Path) -> tuple[object, list[bytes]]:
 def test_simplejpeg_and_opencv_decode_the_same_pixels(tmp_path, jpeg_rgb):
     page, tiles = _tiles(_slide(tmp_path, jpeg_rgb))
     shape = (int(page.tilelength), int(page.tilewidth))
-    dec = {name: jpeg_tiles.tile_decoder(page.jpegtables, jpeg_rgb, shape, name) for name in DECODERS}
+    dec = {name: jpeg_tiles.TileDecoder(page.jpegtables, jpeg_rgb, shape, name) for name in DECODERS}
     for i, data in enumerate(tiles):
         for f in (1, 2, 4, 8):
             a, b = dec["simplejpeg"](data, f), dec["opencv"](data, f)
@@ -57,7 +57,7 @@ def test_simplejpeg_and_opencv_decode_the_same_pixels(tmp_path, jpeg_rgb):
     if cmu is not None:
         page, tiles = _tiles(Path(cmu))
         shape = (int(page.tilelength), int(page.tilewidth))
-        dec = {name: jpeg_tiles.tile_decoder(page.jpegtables, True, shape, name) for name in DECODERS}
+        dec = {name: jpeg_tiles.TileDecoder(page.jpegtables, True, shape, name) for name in DECODERS}
         for data in tiles[:12]:
             for f in (1, 2):
                 np.testing.assert_array_equal(dec["simplejpeg"](data, f), dec["opencv"](data, f))
@@ -65,7 +65,7 @@ def test_simplejpeg_and_opencv_decode_the_same_pixels(tmp_path, jpeg_rgb):
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_a_tile_that_is_not_the_page_s_frame_is_refused(decoder):
-    dec = jpeg_tiles.tile_decoder(None, False, (64, 48), decoder)
+    dec = jpeg_tiles.TileDecoder(None, False, (64, 48), decoder)
     small = cv2.imencode(".jpg", np.zeros((32, 48, 3), np.uint8))[1].tobytes()
     with pytest.raises(ValueError, match="expected 64x48x3"):  # another size: never decoded
         dec(small, 2)
@@ -77,6 +77,39 @@ def test_a_tile_that_is_not_the_page_s_frame_is_refused(decoder):
     with pytest.raises(ValueError, match="1/3"):
         dec(cv2.imencode(".jpg", np.zeros((64, 48, 3), np.uint8))[1].tobytes(), 3)
     assert dec(cv2.imencode(".jpg", np.full((64, 48, 3), 200, np.uint8))[1].tobytes(), 4).shape == (16, 12, 3)
+
+
+def test_tiles_read_from_the_file_decode_as_from_bytes(tmp_path):
+    path = _slide(tmp_path)
+    page, tiles = _tiles(path)
+    dec = jpeg_tiles.TileDecoder(page.jpegtables, False, (int(page.tilelength), int(page.tilewidth)))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        scratch = np.empty((128, 128, 3), np.uint8)
+        for i in (0, 3, 1, 3):
+            got = dec.read(fd, int(page.dataoffsets[i]), int(page.databytecounts[i]), 2, out=scratch)
+            assert np.shares_memory(got, scratch)
+            np.testing.assert_array_equal(got, dec(tiles[i], 2))
+        with pytest.raises(ValueError, match="SOI"):  # not where a tile starts
+            dec.read(fd, int(page.dataoffsets[1]) + 1, int(page.databytecounts[1]), 2)
+        with pytest.raises(OSError, match="bytes at offset"):  # past the end of the file
+            dec.read(fd, os.path.getsize(path) - 10, 100, 2)
+        np.testing.assert_array_equal(dec.read(fd, int(page.dataoffsets[0]), int(page.databytecounts[0]), 2),
+                                      dec(tiles[0], 2))  # the prefix was put back after each read
+    finally:
+        os.close(fd)
+
+
+def test_reduced_regions_do_not_depend_on_what_was_read_before(tmp_path):
+    """Tiles a region holds whole are decoded into one scratch buffer, tiles it cuts are cached: any order
+    of reads gives the same pixels."""
+    path = _slide(tmp_path)
+    spots = [(0, 0), (256, 128), (512, 0), (128, 256), (256, 0), (0, 0)]
+    with open_slide(path) as r:
+        first = {xy: r.read_region_reduced(xy, 0, (256, 256), 2).copy() for xy in spots}
+    with open_slide(path) as r:
+        for xy in reversed(spots):
+            np.testing.assert_array_equal(r.read_region_reduced(xy, 0, (256, 256), 2), first[xy])
 
 
 def test_without_simplejpeg_opencv_reads_the_same_regions(tmp_path, monkeypatch):
