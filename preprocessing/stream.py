@@ -40,6 +40,7 @@ from .readers import (
     TileReadError,
     UnreadableSlideError,
     open_slide,
+    preload_libraries,
 )
 from .tiling import EffectiveMppError, MppTooCoarseError, TilePlan, grid_coords, plan_tiles
 from .tissue import TissueMask, draw_overview, segment_tissue, tile_fractions
@@ -103,6 +104,8 @@ class SlideStream(IterableDataset):
         self.current = torch.full((max(workers, 1), 2), -1, dtype=torch.int64).share_memory_()  # [W, 2]
         # 1 = pooled batch (worker w owns slots w * POOL_SLOTS ...) sent and not yet released by the consumer
         self.busy = multiprocessing.Array("b", max(workers, 1) * POOL_SLOTS)
+        if workers:
+            preload_libraries()  # once here, not once per forked worker
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -209,8 +209,11 @@ class TiffLevels:
             out = np.empty(shape, np.uint8)
         elif out.shape != shape or out.dtype != np.uint8:
             raise ValueError(f"out is {out.dtype} {out.shape}, expected uint8 {shape}")
-        if (x0, y0, x1, y1) != (x, y, x + int(size[0]), y + int(size[1])):
+        w, h = int(size[0]), int(size[1])
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
             out[...] = 255  # white outside the level
+        elif self._fd is not None and not (x % lv.tw or y % lv.th or w % lv.tw or h % lv.th):
+            return self._read_reduced_aligned(level, lv, x, y, w, h, f, out)
         if x1 <= x0 or y1 <= y0:
             return out
         for ty in range(y0 // lv.th, (y1 - 1) // lv.th + 1):
@@ -227,6 +230,27 @@ class TiffLevels:
                 oy, ox = (ay - y) // f, (ax - x) // f
                 part = tile[(ay - gy) // f:-(-(by - gy) // f), (ax - gx) // f:-(-(bx - gx) // f)]
                 out[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
+        return out
+
+    def _read_reduced_aligned(self, level: int, lv: _Level, x: int, y: int, w: int, h: int, f: int,
+                              out: np.ndarray) -> np.ndarray | None:
+        """:meth:`read_reduced` of a region made of whole tiles inside the level (e.g. 512-px reads of
+        256-px tiles): no tile is cut, so none is cached; each is decoded into the level's scratch buffer and
+        copied into place."""
+        decoder, scratch, fd = lv.decoder(), lv.scratch(f), self._fd
+        th, tw = lv.th // f, lv.tw // f
+        for j in range(h // lv.th):
+            first = (y // lv.th + j) * lv.cols + x // lv.tw
+            for i in range(w // lv.tw):
+                count = int(lv.counts[first + i])
+                try:
+                    if count == 0:
+                        raise ValueError("no data")
+                    tile = decoder.read(fd, int(lv.offsets[first + i]), count, f, scratch)
+                except Exception as e:  # the exact path decides (OpenSlide's own error for a corrupt tile)
+                    log.debug("reduced read failed, reading exactly: tile %d of level %d: %s", first + i, level, e)
+                    return None
+                out[j * th:(j + 1) * th, i * tw:(i + 1) * tw] = tile
         return out
 
     def _window(self, location: tuple[int, int], level: int,

@@ -100,6 +100,18 @@ def test_tiles_read_from_the_file_decode_as_from_bytes(tmp_path):
         os.close(fd)
 
 
+def test_whole_tile_regions_read_by_descriptor_match_the_general_path(tmp_path):
+    path = _slide(tmp_path)
+    spots = [(0, 0), (256, 0), (0, 256), (256, 256)]
+    with open_slide(path) as r:
+        assert r._fast._fd is not None  # regions of whole tiles: os.preadv, scratch buffer, no cache
+        fast = [r.read_region_reduced(xy, 0, (512, 256), 2).copy() for xy in spots]
+        os.close(r._fast._fd)
+        r._fast._fd = None  # the general path: tifffile's handle, per-tile arrays, cache
+        for xy, want in zip(spots, fast):
+            np.testing.assert_array_equal(r.read_region_reduced(xy, 0, (512, 256), 2), want)
+
+
 def test_reduced_regions_do_not_depend_on_what_was_read_before(tmp_path):
     """Tiles a region holds whole are decoded into one scratch buffer, tiles it cuts are cached: any order
     of reads gives the same pixels."""
