@@ -21,7 +21,7 @@ DataLoader passes, recovery from dead workers).
   the shared-memory and host-to-device traffic by ``(read_size / patch_size)²`` (4x for 0.25 → 0.5 µm/px).
   Regions of tiled TIFF levels are decoded straight from the file's tiles (``tiff_tiles``), bit-identical
   to OpenSlide and ~4x cheaper per tile. ``--read-path fast`` (default) decodes JPEG tiles at 1/2, 1/4 or 1/8
-  scale instead when the resize is exactly that factor (``jpeg_tiles``; 1.2-1.3x cheaper, not bit-identical).
+  scale instead when the resize is exactly that factor (``jpeg_tiles``; ~1.5x cheaper, not bit-identical).
 * The main process moves each batch to the device (pinned memory, ``non_blocking``), normalises there and
   runs the encoder, collecting features per slide; on a slide's ``end`` it writes the bag atomically,
   updates the manifest and releases the lock. Workers run ahead by ``prefetch_factor`` batches each and
