@@ -90,6 +90,7 @@ def read_rate(cfg: PreprocessConfig) -> tuple[float, int, float]:
     for msg in loader:  # exhausting the iterator joins (reaps) the workers, so their CPU time is counted
         if msg["kind"] == "tiles":
             n += len(msg["index"])
+            stream.release(msg)  # as the pipeline's main loop does once a batch is encoded
     dt = time.perf_counter() - t0
     del loader
     return n / dt, n, (cpu_seconds() - c0) / dt

@@ -271,9 +271,10 @@ class OpenSlideReader(StoredLevelsReader):
         return self._read_openslide(location, level, size)
 
     def read_region_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
-                            factor: int) -> np.ndarray | None:
-        """The region at 1/``factor`` scale (JPEG tiles decoded in the DCT domain), or None: read it exactly."""
-        return None if self._fast is None else self._fast.read_reduced(location, level, size, factor)
+                            factor: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """The region at 1/``factor`` scale (JPEG tiles decoded in the DCT domain; written into ``out`` when
+        given), or None: read it exactly."""
+        return None if self._fast is None else self._fast.read_reduced(location, level, size, factor, out)
 
     def _read_openslide(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         import openslide
@@ -393,6 +394,18 @@ def reader_class(path: str | Path) -> tuple[str, type[SlideReader]] | None:
     name = path.name.lower()
     ext = max((e for e in (*READERS, *MODULE_READERS) if name.endswith(e)), key=len, default=None)
     return None if ext is None else (ext, READERS.get(ext) or load_reader(MODULE_READERS[ext]))
+
+
+def preload_libraries() -> None:
+    """Import the slide libraries (OpenSlide, tifffile) in this process, so that the DataLoader workers forked
+    from it do not each import them again (~30 ms of CPU per worker). A missing one is left to the readers."""
+    import importlib
+
+    for name in ("openslide", "tifffile"):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # not installed, or libopenslide missing: the readers report it per slide
+            log.debug("not preloading %s: %s", name, e)
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:

@@ -19,16 +19,16 @@ every pixel and resizing; not bit-identical to the exact path (see ``bench/resul
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from wsi_ncmi.errors import UserError
 
-from .jpeg_tiles import REDUCE_FLAGS, decode_reduced, stream_prefix, tile_stream
+from .jpeg_tiles import REDUCE_FLAGS, TileDecoder
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,20 @@ class _Level:
         # JPEG tiles in RGB (2) or YCbCr (6): what the reduced (DCT-domain) decoder handles
         self.jpeg = int(page.compression) == 7 and photometric in (2, 6)
         self.rgb = photometric == 2
-        self._prefix: bytes | None = None  # SOI + colour marker + JPEGTables, built on first reduced read
+        self._decoder: TileDecoder | None = None  # built on the first reduced read
+        self._scratch: dict[int, np.ndarray] = {}  # factor -> [th / f, tw / f, 3]: tiles no other region needs
         self._empty: np.ndarray | None = None  # [rows, cols] bool, built on first use
 
-    def prefix(self) -> bytes:
-        if self._prefix is None:
-            self._prefix = stream_prefix(self.tables, self.rgb)
-        return self._prefix
+    def decoder(self) -> TileDecoder:
+        if self._decoder is None:
+            self._decoder = TileDecoder(self.tables, self.rgb, (self.th, self.tw))
+        return self._decoder
+
+    def scratch(self, factor: int) -> np.ndarray:
+        buf = self._scratch.get(factor)
+        if buf is None:
+            buf = self._scratch[factor] = np.empty((-(-self.th // factor), -(-self.tw // factor), 3), np.uint8)
+        return buf
 
     def empty_tiles(self) -> np.ndarray:
         """[rows, cols] bool: tiles never written (byte count 0, a sparse TIFF); OpenSlide draws them transparent."""
@@ -85,9 +92,10 @@ def _usable(page) -> bool:
 class TiffLevels:
     """Region reads from the tiled pages matching OpenSlide's levels; ``read`` returns None to fall back."""
 
-    def __init__(self, tif, levels: dict[int, _Level], downsamples: Sequence[float]):
+    def __init__(self, tif, levels: dict[int, _Level], downsamples: Sequence[float], fd: int | None = None):
         self._tif, self._levels, self._downs = tif, levels, tuple(downsamples)
         self._fh = tif.filehandle
+        self._fd = fd  # our own descriptor of the file (tile offsets are absolute): os.preadv, no seek
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     @classmethod
@@ -116,7 +124,13 @@ class TiffLevels:
         if not levels:
             tif.close()
             return None
-        return cls(tif, levels, downsamples)
+        fd = None
+        if hasattr(os, "preadv"):
+            try:
+                fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                log.debug("%s: reads through tifffile's handle (%s)", path, e)
+        return cls(tif, levels, downsamples, fd)
 
     @classmethod
     def from_pages(cls, tif, pages: Sequence, downsamples: Sequence[float]) -> TiffLevels:
@@ -150,8 +164,10 @@ class TiffLevels:
             self._cache.popitem(last=False)
         return tile
 
-    def _tile_reduced(self, level: int, lv: _Level, index: int, factor: int) -> np.ndarray:
-        """Tile ``index`` decoded at 1/``factor`` scale [th / f, tw / f, 3] BGR (cached like full tiles)."""
+    def _tile_reduced(self, level: int, lv: _Level, index: int, factor: int, whole: bool) -> np.ndarray:
+        """Tile ``index`` decoded at 1/``factor`` scale [th / f, tw / f, 3] RGB. ``whole``: the region being
+        read holds all of the tile, so no other region needs it: decoded into the level's scratch buffer
+        (valid until the next such call), else into its own array, cached like full tiles."""
         key = (level, index, factor)
         hit = self._cache.get(key)
         if hit is not None:
@@ -160,23 +176,27 @@ class TiffLevels:
         offset, count = int(lv.offsets[index]), int(lv.counts[index])
         if count == 0:
             raise TileDecodeError(f"tile {index} of level {level} has no data")
+        out = lv.scratch(factor) if whole else None
         try:
-            self._fh.seek(offset)
-            data = self._fh.read(count)
-            tile = decode_reduced(tile_stream(data, lv.tables, lv.rgb, lv.prefix()), factor, (lv.th, lv.tw),
-                                  bgr=True, frame=data)
+            if self._fd is not None:
+                tile = lv.decoder().read(self._fd, offset, count, factor, out)
+            else:
+                self._fh.seek(offset)
+                tile = lv.decoder()(self._fh.read(count), factor, out)
         except Exception as e:
             raise TileDecodeError(f"tile {index} of level {level}: {type(e).__name__}: {e}") from e
-        self._cache[key] = tile
-        if len(self._cache) > _CACHE_TILES:
-            self._cache.popitem(last=False)
+        if not whole:
+            self._cache[key] = tile
+            if len(self._cache) > _CACHE_TILES:
+                self._cache.popitem(last=False)
         return tile
 
     def read_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
-                     factor: int) -> np.ndarray | None:
-        """[h / f, w / f, 3] uint8: the region of :meth:`read` at 1/``factor`` scale, each JPEG tile decoded
-        at that scale; None (use the exact path) unless the level has JPEG tiles and the region's origin,
-        size and the tile size are multiples of ``factor`` (1, 2, 4 or 8), or when a tile fails to decode."""
+                     factor: int, out: np.ndarray | None = None) -> np.ndarray | None:
+        """[h / f, w / f, 3] uint8 RGB: the region of :meth:`read` at 1/``factor`` scale, each JPEG tile
+        decoded at that scale; None (use the exact path) unless the level has JPEG tiles and the region's
+        origin, size and the tile size are multiples of ``factor`` (1, 2, 4 or 8), or when a tile fails to
+        decode. ``out``: an array of that shape to write into (returned; its content is undefined after None)."""
         win = self._window(location, level, size)
         if win is None or factor not in REDUCE_FLAGS:
             return None
@@ -185,24 +205,53 @@ class TiffLevels:
         if not lv.jpeg or any(v % f for v in (x, y, int(size[0]), int(size[1]), lv.tw, lv.th)):
             return None
         shape = (int(size[1]) // f, int(size[0]) // f, 3)
-        inside = (x0, y0, x1, y1) == (x, y, x + int(size[0]), y + int(size[1]))
-        out = np.empty(shape, np.uint8) if inside else np.full(shape, 255, np.uint8)  # white outside the level
+        if out is None:
+            out = np.empty(shape, np.uint8)
+        elif out.shape != shape or out.dtype != np.uint8:
+            raise ValueError(f"out is {out.dtype} {out.shape}, expected uint8 {shape}")
+        w, h = int(size[0]), int(size[1])
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            out[...] = 255  # white outside the level
+        elif self._fd is not None and not (x % lv.tw or y % lv.th or w % lv.tw or h % lv.th):
+            return self._read_reduced_aligned(level, lv, x, y, w, h, f, out)
         if x1 <= x0 or y1 <= y0:
             return out
         for ty in range(y0 // lv.th, (y1 - 1) // lv.th + 1):
             for tx in range(x0 // lv.tw, (x1 - 1) // lv.tw + 1):
-                try:
-                    tile = self._tile_reduced(level, lv, ty * lv.cols + tx, f)
-                except TileDecodeError as e:  # the exact path decides (OpenSlide's own error for a corrupt tile)
-                    log.debug("reduced read failed, reading exactly: %s", e)
-                    return None
                 gx, gy = tx * lv.tw, ty * lv.th
                 ax, ay = max(x0, gx), max(y0, gy)
                 bx, by = min(x1, gx + lv.tw), min(y1, gy + lv.th)  # level px; all multiples of f but x1, y1
+                whole = (ax, ay, bx, by) == (gx, gy, gx + lv.tw, gy + lv.th)
+                try:
+                    tile = self._tile_reduced(level, lv, ty * lv.cols + tx, f, whole)
+                except TileDecodeError as e:  # the exact path decides (OpenSlide's own error for a corrupt tile)
+                    log.debug("reduced read failed, reading exactly: %s", e)
+                    return None
                 oy, ox = (ay - y) // f, (ax - x) // f
                 part = tile[(ay - gy) // f:-(-(by - gy) // f), (ax - gx) // f:-(-(bx - gx) // f)]
                 out[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
-        return cv2.cvtColor(out, cv2.COLOR_BGR2RGB, dst=out)  # tiles are kept BGR: one conversion per region
+        return out
+
+    def _read_reduced_aligned(self, level: int, lv: _Level, x: int, y: int, w: int, h: int, f: int,
+                              out: np.ndarray) -> np.ndarray | None:
+        """:meth:`read_reduced` of a region made of whole tiles inside the level (e.g. 512-px reads of
+        256-px tiles): no tile is cut, so none is cached; each is decoded into the level's scratch buffer and
+        copied into place."""
+        decoder, scratch, fd = lv.decoder(), lv.scratch(f), self._fd
+        th, tw = lv.th // f, lv.tw // f
+        for j in range(h // lv.th):
+            first = (y // lv.th + j) * lv.cols + x // lv.tw
+            for i in range(w // lv.tw):
+                count = int(lv.counts[first + i])
+                try:
+                    if count == 0:
+                        raise ValueError("no data")
+                    tile = decoder.read(fd, int(lv.offsets[first + i]), count, f, scratch)
+                except Exception as e:  # the exact path decides (OpenSlide's own error for a corrupt tile)
+                    log.debug("reduced read failed, reading exactly: tile %d of level %d: %s", first + i, level, e)
+                    return None
+                out[j * th:(j + 1) * th, i * tw:(i + 1) * tw] = tile
+        return out
 
     def _window(self, location: tuple[int, int], level: int,
                 size: tuple[int, int]) -> tuple[_Level, int, int, tuple[int, int, int, int]] | None:
@@ -249,4 +298,7 @@ class TiffLevels:
 
     def close(self) -> None:
         self._cache.clear()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._tif.close()
