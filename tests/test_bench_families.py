@@ -222,14 +222,15 @@ def test_default_grid_is_small_and_full_is_the_issues_grid() -> None:
     import mil_benchmark as mb
 
     small, full = mb.parse_args([]), mb.parse_args(["--full"])
-    assert (small.models, small.objectives, small.seeds, small.draws) == (["abmil"], ["ce", "ncmi"], [0, 1], [0])
+    assert (small.models, small.objectives, small.seeds, small.draws) == (["abmil"], ["ce", "ce_lr", "ncmi"],
+                                                                           [0, 1], [0])
     assert full.models == ["abmil", "aem", "asmil"] and full.seeds == [0, 1, 2, 3, 4] and full.draws == [0, 1, 2, 3, 4]
     assert mb.parse_args(["--held-out"]).draws is None  # the guard picks the held-out draws
     assert set(mb.CPU_RUN_S) == set(F.FAMILIES)  # every family has a measured cost
     jobs = [{"family": f, "objective": o, "epochs": F.FAMILIES[f].epochs, "scale": F.FAMILIES[f].cpu_scale,
              "slides": F.FAMILIES[f].cpu_slides} for f in F.FAMILIES for o in small.objectives for _ in small.seeds]
     line = mb.expected_duration(jobs, 2)
-    minutes = sum(mb.CPU_RUN_S.values()) * 2 * (1 + mb.NCMI_COST) / 60 / 2
+    minutes = sum(mb.CPU_RUN_S.values()) * 2 * (2 + mb.NCMI_COST) / 60 / 2  # CE, CE @ NCMI lr, NCMI × 2 seeds
     assert f"≈ {minutes:.0f} min on 2 quiet cores" in line and minutes <= 30
     doubled = mb.expected_duration([{**j, "epochs": 2 * j["epochs"]} for j in jobs], 2)
     assert f"≈ {2 * minutes:.0f} min" in doubled
@@ -240,7 +241,7 @@ def test_the_default_run_trains_c17_on_a_stratified_half(tmp_path: Path) -> None
 
     _c17_pool(tmp_path / "families")
     jobs = mb.prepare(mb.parse_args(["--families", "c17"]), [("c17", "official")], [0], tmp_path)
-    assert len(jobs) == 4 and {j["slides"] for j in jobs} == {camelyon.Camelyon17Family.cpu_slides} == {0.5}
+    assert len(jobs) == 6 and {j["slides"] for j in jobs} == {camelyon.Camelyon17Family.cpu_slides} == {0.5}
     half, full = pd.read_csv(jobs[0]["split"]), pd.read_csv(ROOT / "splits" / "camelyon17" / "seed0.csv")
     assert len(half) == pytest.approx(250, abs=5) and set(half["split"]) == set(full["split"])
     every = mb.prepare(mb.parse_args(["--families", "c17", "--slides", "1"]), [("c17", "official")], [0], tmp_path)
