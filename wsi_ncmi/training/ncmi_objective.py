@@ -140,13 +140,16 @@ class OnlineClassMeans:
         """KL(p ‖ s^v) [N, C] in float64 for p [N, D] (inf for NaN rows of ``centroids``)."""
         return kl_rows_to_centroids(p.double().to(centroids.device), centroids)
 
+    def scores(self, p: Tensor, sum_fn: SumFn | None = None) -> Tensor | None:
+        """Class scores softmax(−KL(p ‖ s^v)) [N, C] float64 for p [N, D] (argmax = nearest class mean; 0 for a
+        class with no sample this epoch); None before any training sample this epoch."""
+        centroids = self.centroids(sum_fn)
+        return None if centroids is None else torch.softmax(-self.kl(p, centroids), dim=1)
+
     def accuracy(self, p: Tensor, labels: Tensor, sum_fn: SumFn | None = None) -> float | None:
         """Accuracy of the nearest (KL) class mean for p [N, D]; None before any training sample this epoch."""
-        centroids = self.centroids(sum_fn)
-        if centroids is None:
-            return None
-        kl = self.kl(p, centroids)  # [N, C]
-        return float((kl.argmin(1) == labels.to(kl.device)).double().mean())
+        scores = self.scores(p, sum_fn)  # [N, C]
+        return None if scores is None else float((scores.argmax(1) == labels.to(scores.device)).double().mean())
 
 
 class NCMITraining(nn.Module):
@@ -304,12 +307,10 @@ class NCMITraining(nn.Module):
         checkpoint monitor that does not depend on ξ; once a training epoch fed the class means) and, with two
         classes or more, the dataset-level CMI / Γ / NCMI (Γ = 0 with one class, e.g. the sanity check)."""
         metrics = {metric_name("xi"): xi_accuracy}
-        centroids = self.train_cc.centroids(sum_fn)
-        if centroids is not None:
-            kl = self.train_cc.kl(p, centroids)  # [N, C]
-            labels_np = labels.cpu().numpy()
-            metrics[metric_name("cc")] = float((kl.argmin(1).cpu().numpy() == labels_np).mean())
-            cc = epoch_metrics(torch.softmax(-kl, dim=1).cpu().numpy(), labels_np)  # CC scores: softmax(−KL)
+        scores = self.train_cc.scores(p, sum_fn)  # [N, C]
+        if scores is not None:
+            cc = epoch_metrics(scores.cpu().numpy(), labels.cpu().numpy())
+            metrics[metric_name("cc")] = cc["accuracy"]
             metrics.update({f"cc_{key}": cc[key] for key in CC_EPOCH_KEYS})
         if labels.unique().numel() >= 2:
             metrics.update(ncmi_metric(p.cpu().double(), labels.cpu(), self.num_classes))
