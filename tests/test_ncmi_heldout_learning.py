@@ -12,7 +12,6 @@ was generated.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -33,8 +32,7 @@ AUC_MIN = 0.75
 @pytest.mark.parametrize("seed", [0, 1])
 def test_ncmi_lp_learns_an_untuned_imbalanced_draw(seed: int, tmp_path_factory: pytest.TempPathFactory) -> None:
     work = tmp_path_factory.getbasetemp() / "heldout_style"
-    args = argparse.Namespace(scale=None, epochs=None, bags=None, slides=None, full=False, models=["abmil"],
-                              seeds=[seed], objectives=["ncmi"])
+    args = mil_benchmark.parse_args(["--models", "abmil", "--objectives", "ncmi", "--seeds", str(seed)])
     (job,) = mil_benchmark.prepare(args, [parse_task("witness_skew")], [DRAW], work)
     threads = torch.get_num_threads()
     try:
