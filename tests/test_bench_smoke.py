@@ -80,3 +80,23 @@ def test_mil_benchmark_control_takes_the_ncmi_leafs_learning_rate() -> None:
     assert control[: len(ce)] == ce and control[1].endswith("aem_ce.yaml")  # the CE leaf ...
     assert control[len(ce):] == ["--model.lr", "0.0003", "--model.warmup_epochs", "1.0"]  # ... at AEM's NCMI lr
 
+
+
+def test_mil_benchmark_does_not_train_a_control_identical_to_the_ce_run() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import mil_benchmark
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert mil_benchmark.ce_lr_is_ce("asmil") and not mil_benchmark.ce_lr_is_ce("abmil")  # shipped lr 1e-4 vs 3e-4
+    jobs = [{"task": "t", "draw": 0, "model": m, "objective": o, "seed": s}
+            for m in ("abmil", "asmil") for o in ("ce", "ce_lr", "ncmi") for s in (0, 1)]
+    jobs.append({"task": "t", "draw": 0, "model": "asmil", "objective": "ce_lr", "seed": 2})  # no CE run to reuse
+    run, dupes = mil_benchmark.split_duplicate_controls(jobs)
+    assert [(j["model"], j["seed"]) for j in dupes] == [("asmil", 0), ("asmil", 1)]
+    assert len(run) == len(jobs) - 2 and {"model": "asmil", "objective": "ce_lr", "seed": 2} == {
+        k: run[-1][k] for k in ("model", "objective", "seed")}
+    results = [{**j, "metrics": {"head": {"macro_f1": 0.5 + j["seed"]}}} for j in run if j["objective"] == "ce"]
+    copies = mil_benchmark.copy_controls(results, dupes)
+    assert [(c["objective"], c["same_as"], c["metrics"]["head"]["macro_f1"]) for c in copies] == [
+        ("ce_lr", "ce", 0.5), ("ce_lr", "ce", 1.5)]
