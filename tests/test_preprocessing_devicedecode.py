@@ -37,7 +37,8 @@ def _slide(tmp_path: Path, jpeg_rgb: bool = False, name: str = "s.svs", side: in
                                jpeg_quality=quality, jpeg_rgb=jpeg_rgb)
 
 
-def _device_tiles(reader, coords: np.ndarray, plan, device: str = "cpu") -> dict[int, np.ndarray]:
+def _device_tiles(reader, coords: np.ndarray, plan, device: str = "cpu",
+                  assembler: str | None = None) -> dict[int, np.ndarray]:
     """Tile index -> [P, P, 3] uint8 of the tiles the device path takes (worker side + main side)."""
     batch = JpegBatch(plan)
     for i, xy in enumerate(coords):
@@ -46,7 +47,7 @@ def _device_tiles(reader, coords: np.ndarray, plan, device: str = "cpu") -> dict
         return {}
     msg = batch.message(0, torch.empty(len(batch.data), dtype=torch.uint8), -1)
     task = SlideTask(0, "s", Path(reader.path), None)
-    out = DeviceDecoder(device, [task], read_tile, fast=False).tiles(msg)
+    out = DeviceDecoder(device, [task], read_tile, fast=False, assembler=assembler).tiles(msg)
     return {int(i): t.cpu().numpy() for i, t in zip(out["index"], out["tiles"])}
 
 
@@ -64,6 +65,7 @@ def test_area_reduce_is_opencv_inter_area(factor):
                                                              (1.0, 64, (1,), 4), (1.0, 128, (1, 4), 1),
                                                              (0.25, 128, (1, 4), 1)])
 def test_device_tiles_are_bit_identical_to_the_exact_path(tmp_path, jpeg_rgb, target_mpp, patch, levels, factor):
+    """Both assemblers: OpenCV (what CPU runs) and torch (what CUDA runs, here on CPU tensors)."""
     path = _slide(tmp_path, jpeg_rgb, downsamples=levels)
     with open_slide(path) as r:
         plan = plan_tiles(r.mpp, r.level_downsamples, target_mpp, patch)
@@ -71,8 +73,10 @@ def test_device_tiles_are_bit_identical_to_the_exact_path(tmp_path, jpeg_rgb, ta
         coords = grid_coords(*r.dimensions, plan)[::3]
         got = _device_tiles(r, coords, plan)
         assert len(got) == len(coords)  # a grid of whole 128-px tiles: every region goes undecoded
+        by_torch = _device_tiles(r, coords, plan, assembler="torch")
         for i, tile in got.items():
             np.testing.assert_array_equal(tile, read_tile(r, coords[i], plan, fast=False))
+            np.testing.assert_array_equal(by_torch[i], tile)
 
 
 def test_the_real_aperio_rgb_slide(tmp_path):
