@@ -154,6 +154,9 @@ class DeviceDecoder:
                  assembler: str | None = None):
         self.device = torch.device(device)
         self.assemble = ASSEMBLERS[assembler or ("opencv" if self.device.type == "cpu" else "torch")]
+        from torchvision.io import ImageReadMode, decode_jpeg  # here, not on the first batch (~1 s to import)
+
+        self._decode_jpeg, self._rgb = decode_jpeg, ImageReadMode.RGB
         self.tasks, self.read_tile, self.fast = tasks, read_tile, fast
         self._readers: dict[int, SlideReader] = {}  # slides with a re-read region, until their end
         self._bad: dict[int, list[int]] = {}  # slide -> tiles dropped here
@@ -186,18 +189,17 @@ class DeviceDecoder:
 
     def _decode(self, data: torch.Tensor, ends: np.ndarray) -> list[torch.Tensor | None]:
         """[3, h, w] uint8 RGB per stream (None: failed). One batched call; when it raises, stream by stream."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
+        decode_jpeg, rgb = self._decode_jpeg, self._rgb
         starts = np.concatenate([[0], ends[:-1]])
         streams = [data[int(a):int(b)] for a, b in zip(starts, ends)]  # [len] uint8 views, CPU
         try:
-            return list(decode_jpeg(streams, mode=ImageReadMode.RGB, device=self.device))
+            return list(decode_jpeg(streams, mode=rgb, device=self.device))
         except RuntimeError as e:
             log.debug("batched JPEG decode failed (%s); decoding stream by stream", e)
         out: list[torch.Tensor | None] = []
         for s in streams:
             try:
-                out.append(decode_jpeg(s, mode=ImageReadMode.RGB, device=self.device))
+                out.append(decode_jpeg(s, mode=rgb, device=self.device))
             except RuntimeError as e:
                 log.debug("JPEG stream failed to decode: %s", e)
                 out.append(None)
