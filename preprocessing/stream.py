@@ -1,5 +1,6 @@
 """The reading side of the pipeline: ``SlideStream``, the DataLoader dataset whose workers take slides from a
-shared queue, segment tissue, plan and read the tiles, and send uint8 batches plus one ``end`` message per
+shared queue, segment tissue, plan and read the tiles, and send uint8 batches (with ``--jpeg-decode device``
+also ``jpeg`` batches of undecoded regions, :mod:`preprocessing.device_decode`) plus one ``end`` message per
 slide to the main process (see :mod:`preprocessing.extract` for the whole design)."""
 
 from __future__ import annotations

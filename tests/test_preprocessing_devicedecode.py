@@ -159,6 +159,11 @@ def test_jpeg_decode_is_a_recorded_setting(tmp_path):
     _slide(tmp_path)
     cfg = preprocess_config(tmp_path / "in", tmp_path / "out", target_mpp=0.5, patch_size=64, min_tissue=0.3)
     assert run(cfg).written == ["s"]
+    with h5py.File(tmp_path / "out" / "bags" / "s.h5", "r+") as f:  # a bag made before the setting existed ...
+        settings = json.loads(f.attrs["settings_json"])
+        assert settings.pop("jpeg_decode") == "cpu"
+        f.attrs["settings_json"] = json.dumps(settings, sort_keys=True)
+    assert run(cfg).written == []  # ... was decoded by the readers: up to date
     assert run(replace(cfg, jpeg_decode="device")).written == ["s"]  # another decode: the bag is redone
     assert run(replace(cfg, jpeg_decode="device")).written == []
     with h5py.File(tmp_path / "out" / "bags" / "s.h5") as f:
