@@ -16,6 +16,7 @@ import torch
 from _images import preprocess_config
 
 from preprocessing import synthetic
+from preprocessing.cli import config_from_args
 from preprocessing.config import ConfigError
 from preprocessing.device_decode import DeviceDecoder, JpegBatch, area_reduce
 from preprocessing.extract import run
@@ -174,6 +175,8 @@ def test_jpeg_decode_is_a_recorded_setting(tmp_path):
     assert config_from_settings(old, input=cfg.input, output=cfg.output, weights="random").jpeg_decode == "cpu"
     with pytest.raises(ConfigError, match="--jpeg-decode"):
         replace(cfg, jpeg_decode="gpu").validate()
+    assert config_from_args(["--input", "in", "--output", "out", "--jpeg-decode", "device"])[0].jpeg_decode == "device"
+    assert config_from_args(["--input", "in", "--output", "out"])[0].jpeg_decode == "cpu"
 
 
 def _corrupt_scan(path: Path, src: Path, tile: int) -> Path:
