@@ -194,7 +194,7 @@ class DeviceDecoder:
         streams = [data[int(a):int(b)] for a, b in zip(starts, ends)]  # [len] uint8 views, CPU
         try:
             return list(decode_jpeg(streams, mode=rgb, device=self.device))
-        except RuntimeError as e:
+        except (RuntimeError, TypeError) as e:  # a corrupt stream; TypeError: torchvision < 0.19 takes no list
             log.debug("batched JPEG decode failed (%s); decoding stream by stream", e)
         out: list[torch.Tensor | None] = []
         for s in streams:
