@@ -10,9 +10,11 @@ and once: read — the SlideStream alone (tissue + tile decode + resize in DataL
 with the busy cores it used (CPU seconds of main + workers / wall seconds) and the load average.
 Prints a Markdown table. ``--encoders`` with no names measures read+tissue only.
 
-Read+tissue is measured ``--repeats`` times per ``--read-path`` (fast, exact or both) and reported as
-min / median / max of tiles/s (wall) and of tiles per CPU second of main + workers ("per busy core", the
-number that means something on a shared machine). ``--compare`` adds, on the same slides and tile grid,
+Read+tissue is measured ``--repeats`` times per ``--read-path`` (fast, exact or both) and ``--jpeg-decode``
+(cpu, device or both) and reported as min / median / max of tiles/s (wall) and of tiles per CPU second of
+main + workers ("per busy core", the number that means something on a shared machine), plus the median tiles
+per CPU second of the workers alone (with ``--jpeg-decode device`` the main process decodes on ``--device``: on
+a GPU that leaves the workers reading bytes; on CPU the decode moves to the main process's core). ``--compare`` adds, on the same slides and tile grid,
 CLAM's per-tile OpenSlide loop and hs2p (``bench/read_compare.py``), each on one core.
 
     nice -n 10 python bench/extract.py --encoders --tiles 1600 --tiles-per-slide 400 --workers 2 \
@@ -38,10 +40,11 @@ from torch.utils.data import DataLoader
 
 from preprocessing import readers, synthetic
 from preprocessing.config import PreprocessConfig
+from preprocessing.device_decode import DeviceDecoder
 from preprocessing.encoders import build_encoder
 from preprocessing.extract import _identity, _loader_kwargs, run
 from preprocessing.plan import plan_slides, settings_fingerprint
-from preprocessing.stream import SlideStream
+from preprocessing.stream import SlideStream, read_tile
 
 
 def make_slides(folder: Path, n_tiles: int, patch: int, target_mpp: float, slide_mpp: float, per_slide: int,
@@ -73,27 +76,38 @@ def ceiling(enc, batch: int, patch: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def cpu_seconds() -> float:
-    """CPU time (user + system) of this process and its reaped children (the DataLoader workers)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+def cpu_seconds(who: int | None = None) -> float:
+    """CPU time (user + system) of this process and its reaped children (the DataLoader workers); ``who``:
+    ``resource.RUSAGE_SELF`` or ``RUSAGE_CHILDREN`` alone."""
+    use = [resource.getrusage(w) for w in ((who,) if who is not None else (resource.RUSAGE_SELF,
+                                                                            resource.RUSAGE_CHILDREN))]
+    return sum(u.ru_utime + u.ru_stime for u in use)
 
 
-def read_rate(cfg: PreprocessConfig) -> tuple[float, int, float]:
-    """(tiles/s wall, tiles, busy cores = CPU seconds / wall seconds) of the SlideStream alone."""
+def read_rate(cfg: PreprocessConfig) -> tuple[float, int, float, float]:
+    """(tiles/s wall, tiles, busy cores = CPU seconds / wall seconds of main + workers, of the workers) of the
+    SlideStream alone; ``jpeg`` messages (``--jpeg-decode device``) decoded here on ``cfg.device``."""
     tasks = plan_slides(cfg)
     stream = SlideStream(tasks, cfg, settings_fingerprint(cfg, "random"), os.getpid(), Path(cfg.output) / "readonly",
                          workers=cfg.workers)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, collate_fn=_identity,
                         prefetch_factor=4 if cfg.workers else None, **_loader_kwargs())
-    n, t0, c0 = 0, time.perf_counter(), cpu_seconds()
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    decoder = DeviceDecoder(device, tasks, read_tile, cfg.read_path == "fast")
+    n, t0, c0, w0 = 0, time.perf_counter(), cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
     for msg in loader:  # exhausting the iterator joins (reaps) the workers, so their CPU time is counted
+        if msg["kind"] == "jpeg":
+            msg = decoder.tiles(msg)
         if msg["kind"] == "tiles":
             n += len(msg["index"])
             stream.release(msg)  # as the pipeline's main loop does once a batch is encoded
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    decoder.close()
     del loader
-    return n / dt, n, (cpu_seconds() - c0) / dt
+    return n / dt, n, (cpu_seconds() - c0) / dt, (cpu_seconds(resource.RUSAGE_CHILDREN) - w0) / dt
 
 
 def spread(values: list[float]) -> str:
@@ -101,19 +115,24 @@ def spread(values: list[float]) -> str:
     return " / ".join(f"{v:,.0f}" for v in (min(values), statistics.median(values), max(values)))
 
 
-def read_rows(cfg: PreprocessConfig, paths: list[str], repeats: int) -> list[str]:
-    """One table row per read path: tiles, tiles/s wall and per busy core (min / median / max of repeats)."""
+def read_rows(cfg: PreprocessConfig, paths: list[str], repeats: int, decodes: tuple[str, ...] = ("cpu",)) -> list[str]:
+    """One table row per read path and JPEG decode: tiles, tiles/s wall and per busy core (min / median / max
+    of repeats), and per busy core of the workers alone (median)."""
     rows = []
     for path in paths:
-        wall, per_core, busy, n = [], [], [], 0
-        for r in range(repeats):  # a fresh output folder each time (the stream leaves its locks behind)
-            shutil.rmtree(f"{cfg.output}_{path}_{r}", ignore_errors=True)
-            rate, n, b = read_rate(replace(cfg, read_path=path, output=f"{cfg.output}_{path}_{r}"))
-            wall.append(rate)
-            busy.append(b)
-            per_core.append(rate / max(b, 1e-9))
-        rows.append(f"| ours, --read-path {path} ({cfg.workers} workers) | {n} | {spread(wall)} | "
-                    f"{statistics.median(busy):.2f} | **{spread(per_core)}** |")
+        for dec in decodes:
+            wall, per_core, busy, per_worker, n = [], [], [], [], 0
+            for r in range(repeats):  # a fresh output folder each time (the stream leaves its locks behind)
+                shutil.rmtree(f"{cfg.output}_{path}_{dec}_{r}", ignore_errors=True)
+                rate, n, b, bw = read_rate(replace(cfg, read_path=path, jpeg_decode=dec,
+                                                   output=f"{cfg.output}_{path}_{dec}_{r}"))
+                wall.append(rate)
+                busy.append(b)
+                per_core.append(rate / max(b, 1e-9))
+                per_worker.append(rate / max(bw, 1e-9) if cfg.workers else float("nan"))
+            rows.append(f"| ours, --read-path {path} --jpeg-decode {dec} ({cfg.workers} workers) | {n} | "
+                        f"{spread(wall)} | {statistics.median(busy):.2f} | **{spread(per_core)}** | "
+                        f"{statistics.median(per_worker):,.0f} |")
     return rows
 
 
@@ -134,9 +153,9 @@ def compare_rows(slides: list[Path], target_mpp: float, patch: int, repeats: int
             busy.append(cpu / dt)
             per_core.append(n / max(cpu, 1e-9))
         rows.append(f"| {name} (1 process) | {n} | {spread(wall)} | {statistics.median(busy):.2f} | "
-                    f"**{spread(per_core)}** |")
+                    f"**{spread(per_core)}** | - |")
     if why:
-        rows.append(f"| hs2p: not measured ({why}) | - | - | - | - |")
+        rows.append(f"| hs2p: not measured ({why}) | - | - | - | - | - |")
     return rows
 
 
@@ -158,6 +177,8 @@ def main() -> None:
     ap.add_argument("--openslide-only", action="store_true",
                     help="baseline: read every region through OpenSlide (no direct TIFF tile decoding)")
     ap.add_argument("--read-path", choices=("fast", "exact", "both"), default="both")
+    ap.add_argument("--jpeg-decode", choices=("cpu", "device", "both"), default="cpu",
+                    help="where whole-tile JPEG regions are decoded (device: the main process, on --device)")
     ap.add_argument("--repeats", type=int, default=1, help="read+tissue (and --compare) repeats: min/median/max")
     ap.add_argument("--compare", action="store_true", help="also CLAM's per-tile loop and hs2p, same slides")
     ap.add_argument("--jpeg-quality", type=int, default=90)
@@ -182,32 +203,38 @@ def main() -> None:
                 min_tissue=0.1, progress=False)
     load0 = os.getloadavg()
     paths = ["fast", "exact"] if a.read_path == "both" else [a.read_path]
-    rows = read_rows(PreprocessConfig(output=str(out / "read"), **base).validate(), paths, a.repeats)
+    decodes = ("cpu", "device") if a.jpeg_decode == "both" else (a.jpeg_decode,)
+    rows = read_rows(PreprocessConfig(output=str(out / "read"), **base).validate(), paths, a.repeats, decodes)
     if a.compare:
         rows += compare_rows(sorted(slides.glob("*.svs")), a.target_mpp, a.patch_size, a.repeats)
     notes = [f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
-             "per busy core = tiles / CPU seconds (main process + DataLoader workers)"]
+             "per busy core = tiles / CPU seconds (main process + DataLoader workers); of the workers: their CPU "
+             "seconds alone"]
     enc_rows = []
     for name in a.encoders:
-        cfg = PreprocessConfig(output=str(out / name), encoder=name, read_path=paths[0], **base).validate()
-        enc = build_encoder(name, "random", cfg.device, cfg.precision, cfg.compile, tile_size=a.patch_size)
+        enc = build_encoder(name, "random", base["device"], a.precision, a.compile, tile_size=a.patch_size)
         ceil = ceiling(enc, a.batch_size, enc.preprocess.size or a.patch_size, a.ceiling_seconds)
         del enc
-        t, c = time.perf_counter(), cpu_seconds()
-        res = run(cfg)
-        dt = time.perf_counter() - t
-        notes.append(f"{name} pipeline: {(cpu_seconds() - c) / dt:.2f} busy cores, load average {os.getloadavg()[0]:.2f}")
-        from wsi_ncmi.data.bags import read_header
+        for dec in decodes:
+            cfg = PreprocessConfig(output=str(out / f"{name}_{dec}"), encoder=name, read_path=paths[0],
+                                   jpeg_decode=dec, **base).validate()
+            t, c = time.perf_counter(), cpu_seconds()
+            res = run(cfg)
+            dt = time.perf_counter() - t
+            notes.append(f"{name} --jpeg-decode {dec} pipeline: {(cpu_seconds() - c) / dt:.2f} busy cores, load "
+                         f"average {os.getloadavg()[0]:.2f}")
+            from wsi_ncmi.data.bags import read_header
 
-        n = sum(read_header(out / name / "bags" / f"{s}.h5")[0] for s in res.written)
-        enc_rows.append(f"| {name} | {ceil:,.3g} | {n} | {n / dt:,.3g} | {n / dt / ceil:.2f} |")
+            n = sum(read_header(Path(cfg.output) / "bags" / f"{s}.h5")[0] for s in res.written)
+            enc_rows.append(f"| {name}, --jpeg-decode {dec} | {ceil:,.3g} | {n} | {n / dt:,.3g} | {n / dt / ceil:.2f} |")
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else "CPU"
     print(f"\ndevice: {dev}; torch {torch.__version__}; precision {a.precision}; batch {a.batch_size}; "
           f"patch {a.patch_size} @ {a.target_mpp} µm/px from {a.slide_mpp} µm/px slides; compile={a.compile}; "
           f"workers {a.workers}; JPEG Q={a.jpeg_quality} {'RGB' if a.jpeg_rgb else 'YCbCr 4:2:0'}; "
           f"reads: {'OpenSlide only' if a.openslide_only else 'direct TIFF tiles'}\n")
-    print("| read+tissue | tiles | tiles/s wall (min / median / max) | busy cores | tiles/s per busy core |")
-    print("|---|---|---|---|---|")
+    print("| read+tissue | tiles | tiles/s wall (min / median / max) | busy cores | tiles/s per busy core | "
+          "per busy core of the workers |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
     if enc_rows:
         print("\n| encoder | ceiling tiles/s | tiles | pipeline tiles/s | pipeline / ceiling |")

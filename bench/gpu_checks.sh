@@ -7,6 +7,7 @@
 #   CHECKS="fitplain milbench" bench/gpu_checks.sh                 # <= 9 min
 #   CHECKS="readcpu multigpu" bench/gpu_checks.sh                  # <= 6 min
 #   CHECKS="milfull" bench/gpu_checks.sh                           # <= 10 min (issue #23, --full)
+#   CHECKS="gpudecode" bench/gpu_checks.sh                         # <= 7 min (--jpeg-decode device, nvJPEG)
 #
 # from the repository root. Results land in ${OUT:-bench/out/gpu}/ as text files, to be copied into
 # bench/results/*.md with the date and the card.
@@ -70,4 +71,12 @@ run readcpu 150 "$PY" bench/extract.py --device cpu --encoders --tiles 12000 --t
 # tiles/s per GPU, GPU busy share (nvidia-smi utilization.gpu sampled every 0.5 s), same bags as one GPU.
 run multigpu 200 "$PY" bench/multi_gpu.py --runs 0 all --workers 15 --encoder vit_base_patch16_224 \
     --tiles 20000 --tiles-per-slide 1250 --batch-size 256 --precision bf16
+# --jpeg-decode device (#26): JPEG tiles decoded by nvJPEG in the encoder process. The GPU tests (nvJPEG vs
+# libjpeg-turbo pixels on YCbCr and RGB slides: the Adobe RGB marker; CUDA bags vs the CPU decode, printed with -s),
+# then read+tissue and the ViT-B pipeline with --jpeg-decode cpu vs device (tiles/s, tiles per busy core of main +
+# workers and of the workers alone), then nvJPEG's pixel / feature change against the exact path (real CMU SVS too).
+run gpudecode 420 bash -c "$PY -m pytest -q -s -m gpu tests/test_preprocessing_devicedecode.py -p no:cacheprovider; \
+    $PY bench/extract.py --device cuda --precision bf16 --encoders vit_base_patch16_224 --tiles 12000 \
+    --tiles-per-slide 1500 --workers 15 --batch-size 256 --read-path fast --jpeg-decode both --repeats 3; \
+    $PY bench/read_path_diff.py --device cuda --tiles 64"
 echo "results in $OUT_DIR"

@@ -39,6 +39,10 @@ _HELP = {
     "read_path": "fast (default): tiles that are an exact 2/4/8x reduction of a JPEG level are decoded at that "
                  "scale in the DCT domain (1.2-1.3x cheaper per tile, mean pixel difference < 1 level); exact: decode full "
                  "size + INTER_AREA resize (bit-identical to OpenSlide + resize)",
+    "jpeg_decode": "cpu (default): the readers decode every tile; device: tiles whose read is a region of whole "
+                   "JPEG tiles (e.g. 512-px reads of 256-px tiles, 0.25 -> 0.5 µm/px) are sent undecoded and decoded "
+                   "in the encoder process on --device (nvJPEG on CUDA, libjpeg-turbo on CPU), full size + area "
+                   "average (on CPU bit-identical to --read-path exact); the readers then only read bytes",
     "precision": "autocast precision on CUDA: bf16, fp16 or fp32 (default: the preset's published one, else "
                  "bf16; CPU always runs fp32)",
     "features_dtype": "dtype of the stored features: float16 (default) or float32",

@@ -10,10 +10,11 @@ from typing import Any
 
 from wsi_ncmi.errors import UserError
 
-__all__ = ["ConfigError", "PreprocessConfig", "load_yaml", "STAGES", "READ_PATHS"]
+__all__ = ["ConfigError", "PreprocessConfig", "load_yaml", "STAGES", "READ_PATHS", "JPEG_DECODES"]
 
 STAGES = ("seg", "tile", "extract")
 READ_PATHS = ("fast", "exact")
+JPEG_DECODES = ("cpu", "device")  # where the JPEG tiles of whole-tile regions are decoded
 
 
 class ConfigError(UserError):
@@ -44,6 +45,7 @@ class PreprocessConfig:
     features_dtype: str = "float16"
     compile: bool = False
     read_path: str = "fast"  # fast: JPEG tiles decoded at 1/2, 1/4, 1/8 scale when the resize is that factor
+    jpeg_decode: str = "cpu"  # device: whole-tile JPEG regions decoded in the encoder process (nvJPEG on CUDA)
     devices: str | None = None  # "0,1,2,3" / "all" / "cpu,cpu": one encoder process per device
     min_tissue: float = 0.1
     tissue_method: str = "otsu"
@@ -111,6 +113,8 @@ class PreprocessConfig:
             raise ConfigError(f"--features-dtype must be float16 or float32, got {self.features_dtype!r}")
         if self.read_path not in READ_PATHS:
             raise ConfigError(f"--read-path must be one of {', '.join(READ_PATHS)}, got {self.read_path!r}")
+        if self.jpeg_decode not in JPEG_DECODES:
+            raise ConfigError(f"--jpeg-decode must be one of {', '.join(JPEG_DECODES)}, got {self.jpeg_decode!r}")
         self.encoder_kwargs_dict  # noqa: B018 - raises ConfigError when malformed
         for name in ("mean", "std"):
             v = getattr(self, name)

@@ -22,6 +22,8 @@ DataLoader passes, recovery from dead workers).
   Regions of tiled TIFF levels are decoded straight from the file's tiles (``tiff_tiles``), bit-identical
   to OpenSlide and ~4x cheaper per tile. ``--read-path fast`` (default) decodes JPEG tiles at 1/2, 1/4 or 1/8
   scale instead when the resize is exactly that factor (``jpeg_tiles``; ~1.5x cheaper, not bit-identical).
+  ``--jpeg-decode device`` sends regions made of whole JPEG tiles undecoded (``jpeg`` messages) and the main
+  process decodes them on the encoder's device (:mod:`preprocessing.device_decode`).
 * The main process moves each batch to the device (pinned memory, ``non_blocking``), normalises there and
   runs the encoder, collecting features per slide; on a slide's ``end`` it writes the bag atomically,
   updates the manifest and releases the lock. Workers run ahead by ``prefetch_factor`` batches each and
@@ -65,6 +67,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from .config import PreprocessConfig
+from .device_decode import DeviceDecoder
 from .encoder_specs import EncoderError, check_recipe, resolve_spec
 from .encoder_weights import RANDOM, sha256_file
 from .encoders import Encoder, build_encoder
@@ -73,7 +76,7 @@ from .manifest import MISSING_SOURCE, Manifest
 from .outdir import OUTPUT_SUBDIRS, check_writable, claim_folder, folder_settings
 from .plan import BAGS_DIR, LOCKS_DIR, SlideTask, bag_mismatch, plan_slides, settings_fingerprint
 from .readers import SlideError
-from .stream import SlideStream
+from .stream import SlideStream, read_tile
 from .writer import FAILED_STATUSES, RunResult, SlideWriter, retire_all_bags
 
 log = logging.getLogger(__name__)
@@ -223,6 +226,8 @@ def run(cfg: PreprocessConfig) -> RunResult:
                             tile_size=cfg.patch_size) if extract else None
     folder = _claim(out, fp, extract, cfg.overwrite, pending)  # after the weights were checked: no bad file recorded
     writer = SlideWriter(cfg, pending, fp, encoder, out, result, folder)
+    jpeg = DeviceDecoder(encoder.device, pending, read_tile, cfg.read_path == "fast") \
+        if encoder is not None and cfg.jpeg_decode == "device" else None
     from tqdm.auto import tqdm
 
     slides_bar = tqdm(total=len(pending), desc="slides", unit="slide", disable=not cfg.progress)
@@ -230,25 +235,33 @@ def run(cfg: PreprocessConfig) -> RunResult:
     todo, ended = list(pending), set()
     try:
         while todo:
-            todo = _run_loader(cfg, todo, fp, encoder, writer, out, ended, slides_bar, tiles_bar)
+            todo = _run_loader(cfg, todo, fp, encoder, writer, out, ended, slides_bar, tiles_bar, jpeg)
             if result.stopped:
                 break
     finally:
         slides_bar.close()
         tiles_bar.close()
+        if jpeg is not None:
+            jpeg.close()
         for t in pending:  # locks this process still holds (interrupted run)
             release_lock(out / LOCKS_DIR / f"{t.slide_id}.lock", os.getpid())
     return result
 
 
 def _consume(cfg: PreprocessConfig, it: Iterator[dict[str, Any]], writer: SlideWriter, ended: set[int],
-             slides_bar: Any, tiles_bar: Any, stream: SlideStream) -> list[SlideTask]:
+             slides_bar: Any, tiles_bar: Any, stream: SlideStream, jpeg: DeviceDecoder | None) -> list[SlideTask]:
     for msg in it:
+        if msg["kind"] == "jpeg":  # --jpeg-decode device: decoded here, on the encoder's device
+            assert jpeg is not None
+            msg = jpeg.tiles(msg)
         if msg["kind"] == "tiles":
-            tiles_bar.update(writer.tiles(msg))
+            if len(msg["index"]):
+                tiles_bar.update(writer.tiles(msg))
             stream.release(msg)  # encoded (or copied to pinned memory): the worker may refill that batch
             tiles_bar.set_postfix_str(writer.tasks[msg["slide"]].slide_id, refresh=False)
             continue
+        if jpeg is not None:
+            jpeg.end(msg)  # tiles it dropped join the slide's bad ones
         status = writer.end(msg)
         ended.add(msg["slide"])
         slides_bar.update(1)
@@ -262,7 +275,8 @@ def _consume(cfg: PreprocessConfig, it: Iterator[dict[str, Any]], writer: SlideW
 
 
 def _run_loader(cfg: PreprocessConfig, todo: list[SlideTask], fp: dict[str, Any], encoder: Encoder | None,
-                writer: SlideWriter, out: Path, ended: set[int], slides_bar: Any, tiles_bar: Any) -> list[SlideTask]:
+                writer: SlideWriter, out: Path, ended: set[int], slides_bar: Any, tiles_bar: Any,
+                jpeg: DeviceDecoder | None = None) -> list[SlideTask]:
     """One DataLoader over ``todo``. Returns the slides still to do: [] normally; after a worker died, the
     unfinished slides except the dead worker's (which are recorded as ``error``)."""
     workers = min(cfg.workers, len(todo))
@@ -273,7 +287,7 @@ def _run_loader(cfg: PreprocessConfig, todo: list[SlideTask], fp: dict[str, Any]
     it = iter(loader)  # starts the workers (and installs torch's SIGCHLD handler once per process)
     with _quiet_sigchld():  # ... which is muted while we consume the loader
         try:
-            return _consume(cfg, it, writer, ended, slides_bar, tiles_bar, stream)
+            return _consume(cfg, it, writer, ended, slides_bar, tiles_bar, stream, jpeg)
         except RuntimeError as e:
             pids = _dead_worker_pids(e)
             if pids is None or workers == 0:
@@ -297,9 +311,13 @@ def _run_loader(cfg: PreprocessConfig, todo: list[SlideTask], fp: dict[str, Any]
                                "the file may crash the slide library (e.g. OpenSlide) - check or convert it"})
         ended.add(i)
         slides_bar.update(1)
+        if jpeg is not None:
+            jpeg.forget(i)
     rest = [t for t in todo if t.index not in ended]
     for t in rest:  # their worker may have locked them and sent partial features: start them afresh
         writer.parts.pop(t.index, None)
+        if jpeg is not None:
+            jpeg.forget(t.index)
         release_lock(out / LOCKS_DIR / f"{t.slide_id}.lock", os.getpid())
     log.warning("restarting the readers for %d unfinished slide(s)", len(rest))
     return rest

@@ -40,7 +40,7 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 TILING_KEYS = ("target_mpp", "patch_size")  # recorded by every run (a seg,tile run has no encoder)
 # choose tiles, or change pixels by well under a grey level (read path: fast vs exact decode, feature cosine
 # >= 0.998): a bag made otherwise is redone, the folder is not refused
-PER_SLIDE_KEYS = ("overlap", "min_tissue", "mpp_tolerance", "tissue", "read_path")
+PER_SLIDE_KEYS = ("overlap", "min_tissue", "mpp_tolerance", "tissue", "read_path", "jpeg_decode")
 
 
 class FolderSettingsError(SlideError):

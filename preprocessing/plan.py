@@ -95,6 +95,7 @@ def settings_fingerprint(cfg: PreprocessConfig, weights_sha256: str) -> dict[str
         "compute_precision": _compute_precision(cfg),
         "features_dtype": cfg.features_dtype,
         "read_path": cfg.read_path,
+        "jpeg_decode": cfg.jpeg_decode,
     }
 
 
@@ -123,7 +124,7 @@ def source_mismatch(attrs: Any, task: SlideTask) -> str | None:
 
 
 # settings added to the fingerprint later -> the value that outputs made before them were made with
-IMPLIED_SETTINGS: dict[str, Any] = {"read_path": "exact"}
+IMPLIED_SETTINGS: dict[str, Any] = {"read_path": "exact", "jpeg_decode": "cpu"}
 
 
 def json_diff(stored_json: Any, wanted: dict[str, Any], what: str, implied: dict[str, Any] | None = None) -> str | None:

@@ -276,6 +276,11 @@ class OpenSlideReader(StoredLevelsReader):
         given), or None: read it exactly."""
         return None if self._fast is None else self._fast.read_reduced(location, level, size, factor, out)
 
+    def read_region_jpeg(self, location: tuple[int, int], level: int, size: tuple[int, int], out: bytearray,
+                         ends: list[int]) -> tuple[int, int, int, int] | None:
+        """The region's JPEG tiles, undecoded (``--jpeg-decode device``; :meth:`TiffLevels.jpeg_region`), or None."""
+        return None if self._fast is None else self._fast.jpeg_region(location, level, size, out, ends)
+
     def _read_openslide(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         import openslide
 

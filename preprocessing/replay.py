@@ -55,7 +55,8 @@ def config_from_settings(settings: Mapping[str, Any], **options: Any) -> Preproc
     run-only fields (``input``, ``output``, ``weights``, ``device``, ``workers``, ``slides``, …)."""
     clash = sorted(set(options) & {"encoder", "target_mpp", "patch_size", "overlap", "min_tissue", "mpp_tolerance",
                                    "tissue_method", "tissue_threshold", "seg_mpp", "features_dtype",
-                                   "encoder_kwargs", "mean", "std", "input_size", "read_path"})
+                                   "encoder_kwargs", "mean", "std", "input_size", "read_path",
+                                   "jpeg_decode"})
     if clash:
         raise ReplayError(f"config_from_settings: {clash} come from the recorded settings, not from options")
     try:
@@ -67,6 +68,7 @@ def config_from_settings(settings: Mapping[str, Any], **options: Any) -> Preproc
             tissue_method=str(tissue.get("method", "otsu")), tissue_threshold=int(tissue.get("threshold", 8)),
             seg_mpp=float(tissue.get("seg_mpp", 8.0)), features_dtype=str(settings.get("features_dtype", "float16")),
             read_path=str(settings.get("read_path", IMPLIED_SETTINGS["read_path"])),
+            jpeg_decode=str(settings.get("jpeg_decode", IMPLIED_SETTINGS["jpeg_decode"])),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ReplayError(f"recorded preprocessing settings are incomplete ({exc!r}): {dict(settings)}") from exc

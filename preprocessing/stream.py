@@ -1,5 +1,6 @@
 """The reading side of the pipeline: ``SlideStream``, the DataLoader dataset whose workers take slides from a
-shared queue, segment tissue, plan and read the tiles, and send uint8 batches plus one ``end`` message per
+shared queue, segment tissue, plan and read the tiles, and send uint8 batches (with ``--jpeg-decode device``
+also ``jpeg`` batches of undecoded regions, :mod:`preprocessing.device_decode`) plus one ``end`` message per
 slide to the main process (see :mod:`preprocessing.extract` for the whole design)."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import PreprocessConfig
+from .device_decode import JpegBatch, usable
 from .locks import try_lock
 from .manifest import atomic_write_bytes
 from .outdir import disk_full_message, is_disk_full
@@ -205,9 +207,15 @@ class SlideStream(IterableDataset):
             index: list[int] = []
             shared = get_worker_info() is not None
             fast = cfg.read_path == "fast"
+            # --jpeg-decode device: whole-tile JPEG regions go to the encoder process undecoded
+            jpeg = JpegBatch(plan) if cfg.jpeg_decode == "device" and usable(plan) else None
             view, slot = None, -1  # the batch being filled [B, P, P, 3] (a numpy view) and its pool slot
             try:
                 for i, xy in enumerate(coords):
+                    if jpeg is not None and jpeg.add(reader, i, xy):
+                        if len(jpeg) == cfg.batch_size:
+                            yield self._jpeg(task, jpeg, plan.patch_size, shared)
+                        continue
                     if view is None:
                         batch, slot = self._batch(min(cfg.batch_size, len(coords) - i), plan.patch_size, shared)
                         view = batch.numpy()  # writes go into the batch
@@ -223,6 +231,8 @@ class SlideStream(IterableDataset):
                 if index:
                     msg, view, slot = self._tiles(task, batch[:len(index)], index, slot), None, -1
                     yield msg
+                if jpeg is not None and len(jpeg):
+                    yield self._jpeg(task, jpeg, plan.patch_size, shared)
             finally:  # a slot claimed for a batch that was never sent (its tiles all failed, an error)
                 self._free_slot(slot)
             yield self._end(task, "ok", "", bad=np.asarray(bad, np.int64), **common)
@@ -285,6 +295,11 @@ class SlideStream(IterableDataset):
                 # [B] int64; numpy travels inside the pickle (a tensor would cost a second shm file + fd)
                 "index": np.asarray(index, np.int64),
                 "slot": slot}  # >= 0: a pooled batch; pass the message to release() once done with it
+
+    def _jpeg(self, task: SlideTask, jpeg: JpegBatch, patch: int, shared: bool) -> dict[str, Any]:
+        """The ``jpeg`` message of the collected regions, their bytes in a pooled batch (as many rows as they fill)."""
+        batch, slot = self._batch(-(-len(jpeg.data) // (patch * patch * 3)), patch, shared)
+        return jpeg.message(task.index, batch.view(-1), slot)  # pass it to release() once decoded
 
     # ------------------------------------------------------------------ pooled shared-memory batches
     def _batch(self, n: int, patch: int, shared: bool) -> tuple[torch.Tensor, int]:

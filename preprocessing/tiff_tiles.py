@@ -28,7 +28,7 @@ import numpy as np
 
 from wsi_ncmi.errors import UserError
 
-from .jpeg_tiles import REDUCE_FLAGS, TileDecoder
+from .jpeg_tiles import REDUCE_FLAGS, TileDecoder, frame_size
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,39 @@ class TiffLevels:
                     return None
                 out[j * th:(j + 1) * th, i * tw:(i + 1) * tw] = tile
         return out
+
+    def jpeg_region(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                    out: bytearray, ends: list[int]) -> tuple[int, int, int, int] | None:
+        """The region's JPEG tiles as standalone streams (:func:`~preprocessing.jpeg_tiles.tile_stream`),
+        row-major, appended to ``out`` (the end of each in ``out`` appended to ``ends``); returns (rows, cols,
+        tile h, tile w), or None (``out``, ``ends`` unchanged) unless
+        the region is made of whole JPEG tiles inside the level, each starting with SOI and a ``tile h x tile
+        w x 3`` frame (anything else: the pixel path decides, with its errors). Nothing is decoded here."""
+        win = self._window(location, level, size)
+        if win is None or self._fd is None:
+            return None
+        lv, x, y, (x0, y0, x1, y1) = win
+        w, h = int(size[0]), int(size[1])
+        if (not lv.jpeg or (x0, y0, x1, y1) != (x, y, x + w, y + h)
+                or x % lv.tw or y % lv.th or w % lv.tw or h % lv.th):
+            return None
+        prefix, start, n_ends = lv.decoder().prefix, len(out), len(ends)
+        for j in range(h // lv.th):
+            first = (y // lv.th + j) * lv.cols + x // lv.tw
+            for i in range(w // lv.tw):
+                count, offset = int(lv.counts[first + i]), int(lv.offsets[first + i])
+                try:
+                    data = os.pread(self._fd, count, offset) if count > 4 else b""
+                    ok = len(data) == count and data[:2] == b"\xff\xd8" and frame_size(data) == (lv.th, lv.tw, 3)
+                except (OSError, ValueError):
+                    ok = False
+                if not ok:  # a sparse, short or malformed tile: the pixel path reads it (or drops it)
+                    del out[start:], ends[n_ends:]
+                    return None
+                out += prefix
+                out += memoryview(data)[2:]
+                ends.append(len(out))
+        return h // lv.th, w // lv.tw, lv.th, lv.tw
 
     def _window(self, location: tuple[int, int], level: int,
                 size: tuple[int, int]) -> tuple[_Level, int, int, tuple[int, int, int, int]] | None:
