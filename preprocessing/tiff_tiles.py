@@ -72,6 +72,14 @@ class _Level:
             buf = self._scratch[factor] = np.empty((-(-self.th // factor), -(-self.tw // factor), 3), np.uint8)
         return buf
 
+    def whole_tiles(self, x: int, y: int, w: int, h: int) -> list[int] | None:
+        """Row-major indices of the tiles making up the level region (x, y, w, h) when its edges lie on tile
+        borders (rows = h / th, cols = w / tw), else None."""
+        if x % self.tw or y % self.th or w % self.tw or h % self.th:
+            return None
+        first = (y // self.th) * self.cols + x // self.tw
+        return [first + j * self.cols + i for j in range(h // self.th) for i in range(w // self.tw)]
+
     def empty_tiles(self) -> np.ndarray:
         """[rows, cols] bool: tiles never written (byte count 0, a sparse TIFF); OpenSlide draws them transparent."""
         if self._empty is None:
@@ -212,8 +220,8 @@ class TiffLevels:
         w, h = int(size[0]), int(size[1])
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
             out[...] = 255  # white outside the level
-        elif self._fd is not None and not (x % lv.tw or y % lv.th or w % lv.tw or h % lv.th):
-            return self._read_reduced_aligned(level, lv, x, y, w, h, f, out)
+        elif self._fd is not None and (tiles := lv.whole_tiles(x, y, w, h)) is not None:
+            return self._read_reduced_aligned(level, lv, tiles, w // lv.tw, f, out)
         if x1 <= x0 or y1 <= y0:
             return out
         for ty in range(y0 // lv.th, (y1 - 1) // lv.th + 1):
@@ -232,25 +240,24 @@ class TiffLevels:
                 out[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
         return out
 
-    def _read_reduced_aligned(self, level: int, lv: _Level, x: int, y: int, w: int, h: int, f: int,
+    def _read_reduced_aligned(self, level: int, lv: _Level, tiles: list[int], cols: int, f: int,
                               out: np.ndarray) -> np.ndarray | None:
         """:meth:`read_reduced` of a region made of whole tiles inside the level (e.g. 512-px reads of
-        256-px tiles): no tile is cut, so none is cached; each is decoded into the level's scratch buffer and
-        copied into place."""
+        256-px tiles; ``tiles``: :meth:`_Level.whole_tiles`, ``cols`` per row): no tile is cut, so none is
+        cached; each is decoded into the level's scratch buffer and copied into place."""
         decoder, scratch, fd = lv.decoder(), lv.scratch(f), self._fd
         th, tw = lv.th // f, lv.tw // f
-        for j in range(h // lv.th):
-            first = (y // lv.th + j) * lv.cols + x // lv.tw
-            for i in range(w // lv.tw):
-                count = int(lv.counts[first + i])
-                try:
-                    if count == 0:
-                        raise ValueError("no data")
-                    tile = decoder.read(fd, int(lv.offsets[first + i]), count, f, scratch)
-                except Exception as e:  # the exact path decides (OpenSlide's own error for a corrupt tile)
-                    log.debug("reduced read failed, reading exactly: tile %d of level %d: %s", first + i, level, e)
-                    return None
-                out[j * th:(j + 1) * th, i * tw:(i + 1) * tw] = tile
+        for k, t in enumerate(tiles):
+            j, i = divmod(k, cols)
+            count = int(lv.counts[t])
+            try:
+                if count == 0:
+                    raise ValueError("no data")
+                tile = decoder.read(fd, int(lv.offsets[t]), count, f, scratch)
+            except Exception as e:  # the exact path decides (OpenSlide's own error for a corrupt tile)
+                log.debug("reduced read failed, reading exactly: tile %d of level %d: %s", t, level, e)
+                return None
+            out[j * th:(j + 1) * th, i * tw:(i + 1) * tw] = tile
         return out
 
     def jpeg_region(self, location: tuple[int, int], level: int, size: tuple[int, int],
@@ -265,25 +272,23 @@ class TiffLevels:
             return None
         lv, x, y, (x0, y0, x1, y1) = win
         w, h = int(size[0]), int(size[1])
-        if (not lv.jpeg or (x0, y0, x1, y1) != (x, y, x + w, y + h)
-                or x % lv.tw or y % lv.th or w % lv.tw or h % lv.th):
+        tiles = lv.whole_tiles(x, y, w, h) if lv.jpeg and (x0, y0, x1, y1) == (x, y, x + w, y + h) else None
+        if tiles is None:
             return None
         prefix, start, n_ends = lv.decoder().prefix, len(out), len(ends)
-        for j in range(h // lv.th):
-            first = (y // lv.th + j) * lv.cols + x // lv.tw
-            for i in range(w // lv.tw):
-                count, offset = int(lv.counts[first + i]), int(lv.offsets[first + i])
-                try:
-                    data = os.pread(self._fd, count, offset) if count > 4 else b""
-                    ok = len(data) == count and data[:2] == b"\xff\xd8" and frame_size(data) == (lv.th, lv.tw, 3)
-                except (OSError, ValueError):
-                    ok = False
-                if not ok:  # a sparse, short or malformed tile: the pixel path reads it (or drops it)
-                    del out[start:], ends[n_ends:]
-                    return None
-                out += prefix
-                out += memoryview(data)[2:]
-                ends.append(len(out))
+        for t in tiles:
+            count, offset = int(lv.counts[t]), int(lv.offsets[t])
+            try:
+                data = os.pread(self._fd, count, offset) if count > 4 else b""
+                ok = len(data) == count and data[:2] == b"\xff\xd8" and frame_size(data) == (lv.th, lv.tw, 3)
+            except (OSError, ValueError):
+                ok = False
+            if not ok:  # a sparse, short or malformed tile: the pixel path reads it (or drops it)
+                del out[start:], ends[n_ends:]
+                return None
+            out += prefix
+            out += memoryview(data)[2:]
+            ends.append(len(out))
         return h // lv.th, w // lv.tw, lv.th, lv.tw
 
     def _window(self, location: tuple[int, int], level: int,
