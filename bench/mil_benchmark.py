@@ -96,20 +96,26 @@ def ce_lr_is_ce(model: str) -> bool:
     return all(ce.get(key) == ncmi.get(key) for key in LR_KEYS)
 
 
+def _run_key(job: dict) -> tuple:
+    """A run's identity apart from its objective (jobs and results carry the same keys)."""
+    return job["task"], job["draw"], job["model"], job["seed"]
+
+
 def split_duplicate_controls(jobs: list[dict]) -> tuple[list[dict], list[dict]]:
     """(jobs to run, ``ce_lr`` jobs whose run would repeat a ``ce`` job of the list: :func:`ce_lr_is_ce`)."""
-    ce_runs = {(j["task"], j["draw"], j["model"], j["seed"]) for j in jobs if j["objective"] == "ce"}
+    ce_runs = {_run_key(j) for j in jobs if j["objective"] == "ce"}
     same = {m: ce_lr_is_ce(m) for m in {j["model"] for j in jobs if j["objective"] == "ce_lr"}}
-    dupes = [j for j in jobs if j["objective"] == "ce_lr" and same[j["model"]]
-             and (j["task"], j["draw"], j["model"], j["seed"]) in ce_runs]
-    return [j for j in jobs if j not in dupes], dupes
+    run, dupes = [], []
+    for j in jobs:
+        dupe = j["objective"] == "ce_lr" and same[j["model"]] and _run_key(j) in ce_runs
+        (dupes if dupe else run).append(j)
+    return run, dupes
 
 
 def copy_controls(results: list[dict], dupes: list[dict]) -> list[dict]:
     """The ``ce`` result of each duplicate ``ce_lr`` job, relabelled ``ce_lr`` (marked ``"same_as": "ce"``)."""
-    by_key = {(r["task"], r["draw"], r["model"], r["seed"]): r for r in results if r["objective"] == "ce"}
-    return [{**by_key[(j["task"], j["draw"], j["model"], j["seed"])], "objective": "ce_lr", "same_as": "ce"}
-            for j in dupes]
+    by_key = {_run_key(r): r for r in results if r["objective"] == "ce"}
+    return [{**by_key[_run_key(j)], "objective": "ce_lr", "same_as": "ce"} for j in dupes]
 
 
 def shipped_fit_args(model: str, objective: str, bags: str, split: str, classes: int, epochs: int,
@@ -349,10 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs = prepare(args, tasks, draws, work)
     prep_s = time.perf_counter() - t0
     jobs, dupes = split_duplicate_controls(jobs)
+    same = sorted({j["model"] for j in dupes})  # aggregators whose "CE head @ NCMI lr" is the CE head
     print(expected_duration(jobs, args.jobs), flush=True)
     if dupes:
-        print(f"mil_benchmark: CE head @ NCMI lr of {sorted({j['model'] for j in dupes})} = the CE head (same lr and "
-              f"warm-up): {len(dupes)} run(s) reported from the CE runs, not trained twice", flush=True)
+        print(f"mil_benchmark: CE head @ NCMI lr of {same} = the CE head (same lr and warm-up): {len(dupes)} "
+              "run(s) reported from the CE runs, not trained twice", flush=True)
     results = []
     with contextlib.ExitStack() as stack:
         runner = stack.enter_context(ProcessPoolExecutor(max_workers=args.jobs)).map if args.jobs > 1 else map
@@ -378,10 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     if frozen:
         head[2:2] = [f"Frozen recipe: commit {frozen['recipe_commit']} (last change under configs/mil, the NCMI / "
                      f"training code and the families); HEAD {frozen['head']}.", ""]
-    same = sorted({j["model"] for j in dupes})
-    note = [f"CE head @ NCMI lr of {', '.join(same)}: the CE head's runs (its shipped CE and NCMI leaves share lr and "
-            "warm-up, so the control was not trained twice)."] if same else []
-    lines = head + table(results, names, args.models) + [""] * bool(note) + note + ["", "Acceptance (issue #23: mean NCMI-LP ≥ max(CE head, CE head @ "
+    note = ["", f"CE head @ NCMI lr of {', '.join(same)}: the CE head's runs (its shipped CE and NCMI leaves share lr "
+                "and warm-up, so the control was not trained twice)."] if same else []
+    lines = head + table(results, names, args.models) + note + ["", "Acceptance (issue #23: mean NCMI-LP ≥ max(CE head, CE head @ "
                                                            "NCMI lr) − 0.01 in macro-F1 and macro-AUC; NCMI-LP seed std "
                                                            "≤ 2 × that CE's + 0.01):", ""]
     lines += verdict(results, names, args.models)
