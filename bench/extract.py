@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from preprocessing import readers, synthetic
 from preprocessing.config import PreprocessConfig
 from preprocessing.device_decode import DeviceDecoder
-from preprocessing.encoders import build_encoder
+from preprocessing.encoders import build_encoder, resolve_device
 from preprocessing.extract import _identity, _loader_kwargs, run
 from preprocessing.plan import plan_slides, settings_fingerprint
 from preprocessing.stream import SlideStream, read_tile
@@ -92,12 +92,11 @@ def read_rate(cfg: PreprocessConfig) -> tuple[float, int, float, float]:
                          workers=cfg.workers)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers, collate_fn=_identity,
                         prefetch_factor=4 if cfg.workers else None, **_loader_kwargs())
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    decoder = DeviceDecoder(device, tasks, read_tile, cfg.read_path == "fast")
+    device = resolve_device(cfg.device)
+    decoder = DeviceDecoder(device, tasks, read_tile, cfg.read_path == "fast") if cfg.jpeg_decode == "device" else None
     n, t0, c0, w0 = 0, time.perf_counter(), cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
     for msg in loader:  # exhausting the iterator joins (reaps) the workers, so their CPU time is counted
-        if msg["kind"] == "jpeg":
+        if msg["kind"] == "jpeg":  # only sent with --jpeg-decode device
             msg = decoder.tiles(msg)
         if msg["kind"] == "tiles":
             n += len(msg["index"])
@@ -105,7 +104,8 @@ def read_rate(cfg: PreprocessConfig) -> tuple[float, int, float, float]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    decoder.close()
+    if decoder is not None:
+        decoder.close()
     del loader
     return n / dt, n, (cpu_seconds() - c0) / dt, (cpu_seconds(resource.RUSAGE_CHILDREN) - w0) / dt
 
