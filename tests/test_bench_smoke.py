@@ -37,6 +37,8 @@ CASES = {
                               "64", "--batch-size", "16", "--workers", "1", "--device", "cpu", "--read-path", "fast",
                               "--jpeg-decode", "both", "--ceiling-seconds", "0.2"],
     "read_path_diff": ["--tiles", "4", "--patch-size", "64", "--synthetic-side", "1024"],
+    "read_budget": ["--tiles", "32", "--tiles-per-slide", "16", "--workers", "1", "--batch-size", "8",
+                    "--repeats", "1"],
     "multi_gpu": ["--runs", "cpu", "cpu,cpu", "--device", "cpu", "--encoder", "test_resnet", "--tiles", "48",
                   "--tiles-per-slide", "16", "--workers", "0", "--batch-size", "16"],
     # two quick cases of the fault suite (the whole suite takes about a minute)
