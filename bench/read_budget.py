@@ -9,9 +9,11 @@ seconds (``time.process_time``, ``getrusage`` for the stream), min / median of `
 * **decode** — the JPEG tiles of every region, already in memory (``read_region_jpeg``), decoded at the
   reduced scale by the pipeline's decoder call (:data:`preprocessing.jpeg_tiles.DECODERS`) into one buffer:
   libjpeg-turbo's part, the floor of this path;
+* **decode + write into the batch** — the same, each decoded JPEG tile copied into its place in the tile's
+  slot of a ``--batch-size`` batch (``[B, P, P, 3]``, cycled through as the workers do): + writing 3·P² bytes
+  per tile to memory that is not in the cache;
 * **read, hot slot** — ``read_tile`` into one batch slot: + file reads, Python, assembling the tile;
-* **read, batch** — ``read_tile`` cycling through a ``--batch-size`` batch, as the workers fill theirs: + writing
-  each tile to memory that is not in the cache;
+* **read, batch** — ``read_tile`` cycling through the batch, as the workers fill theirs;
 * **per slide** — open, thumbnail, segmentation, tile grid, overview PNG (``SlideStream._segment_and_tile``,
   warm process), per tile of the slide;
 * **stream** — the whole ``SlideStream`` with ``--workers`` DataLoader workers (``bench/extract.py``'s
@@ -85,13 +87,23 @@ def one_slide(stream: SlideStream, task: SlideTask, reader: Any, cfg: Preprocess
         grid = reader.read_region_jpeg((int(xy[0]), int(xy[1])), plan.level, size, data, ends)
         if grid is None:
             raise SystemExit(f"{task.path}: region {tuple(xy)} is not made of whole JPEG tiles")
-    th, tw = (grid[2], grid[3]) if grid is not None else (p, p)
+    rows, cols, th, tw = grid if grid is not None else (1, 1, p, p)
     scratch = np.empty((th // factor, tw // factor, 3), np.uint8)  # [th / f, tw / f, 3]
     view, decode = memoryview(data), DECODERS[default_decoder()]
 
     def dec() -> int:
         for k in range(len(ends) - 1):
             decode(view[ends[k]:ends[k + 1]], factor, (th, tw), scratch)
+        return len(coords)
+
+    def dec_write() -> int:
+        for i in range(len(coords)):
+            tile = batch[i % len(batch)]  # [P, P, 3]
+            for q in range(rows * cols):
+                k = i * rows * cols + q
+                decode(view[ends[k]:ends[k + 1]], factor, (th, tw), scratch)
+                y, x = (q // cols) * scratch.shape[0], (q % cols) * scratch.shape[1]
+                tile[y:y + scratch.shape[0], x:x + scratch.shape[1]] = scratch
         return len(coords)
 
     def read(slots: int) -> Callable[[], int]:
@@ -108,8 +120,13 @@ def one_slide(stream: SlideStream, task: SlideTask, reader: Any, cfg: Preprocess
         finally:
             r.close()
 
-    return {name: per_tile(fn, repeats) for name, fn in (("decode", dec), ("read, hot slot", read(1)),
-                                                          ("read, batch", read(len(batch))), ("per slide", slide))}
+    fns = {"decode": dec, "decode + write into the batch": dec_write, "read, hot slot": read(1),
+           "read, batch": read(len(batch)), "per slide": slide}
+    parts: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):  # the parts interleaved, so that a change of load hits them alike
+        for name, fn in fns.items():
+            parts[name] += per_tile(fn, 1)
+    return parts
 
 
 def spread(values: list[float]) -> str:
