@@ -246,3 +246,27 @@ def test_the_default_run_trains_c17_on_a_stratified_half(tmp_path: Path) -> None
     assert len(half) == pytest.approx(250, abs=5) and set(half["split"]) == set(full["split"])
     every = mb.prepare(mb.parse_args(["--families", "c17", "--slides", "1"]), [("c17", "official")], [0], tmp_path)
     assert len(pd.read_csv(every[0]["split"])) == 500
+
+
+def test_slower_aggregators_get_more_epochs_in_the_cpu_run_only(tmp_path: Path) -> None:
+    import mil_benchmark as mb
+
+    _c17_pool(tmp_path / "families")
+    fam = F.FAMILIES["c17"]
+    args = mb.parse_args(["--families", "c17", "--models", "abmil", "aem", "asmil", "--objectives", "ce", "ncmi"])
+    jobs = mb.prepare(args, [("c17", "official")], [0], tmp_path)
+    epochs = {(j["model"], j["objective"]): j["epochs"] for j in jobs}
+    for m in ("abmil", "aem", "asmil"):  # the factor applies to every objective alike
+        assert epochs[(m, "ce")] == epochs[(m, "ncmi")] == fam.epochs * mb.EPOCH_FACTOR[m]
+    assert mb.EPOCH_FACTOR["abmil"] == 1 and mb.EPOCH_FACTOR["aem"] > 1 and mb.EPOCH_FACTOR["asmil"] > 1
+    e = {m: fam.epochs * mb.EPOCH_FACTOR[m] for m in ("aem", "asmil")}
+    assert mb.sizes_line(jobs).startswith(f"c17:official: {fam.epochs} epochs (aem {e['aem']}, asmil {e['asmil']}),")
+    named = mb.prepare(mb.parse_args(["--families", "c17", "--models", "aem", "--epochs", "4"]), [("c17", "official")],
+                       [0], tmp_path)
+    assert {j["epochs"] for j in named} == {4}  # --epochs is taken as given
+    full = mb.prepare(mb.parse_args(["--families", "c17", "--models", "asmil", "--full", "--seeds", "0", "--slides",
+                                     "0.5"]), [("c17", "official")], [0], tmp_path)
+    assert {j["epochs"] for j in full} == {fam.full_epochs}
+    aem = [j for j in jobs if (j["model"], j["objective"]) == ("aem", "ce")][:1] * 60  # 60 AEM CE runs
+    minutes = 60 * mb.CPU_RUN_S["c17"] * mb.MODEL_COST["aem"] * mb.EPOCH_FACTOR["aem"] / 60
+    assert f"expected ~{minutes:.0f} CPU-min" in mb.expected_duration(aem, 1)  # × epochs and × cost per epoch
