@@ -4,6 +4,8 @@
     python bench/mil_benchmark.py --out bench/results/mil_benchmark_table.md   # the default: ~25 min on 2 cores
     python bench/mil_benchmark.py --held-out --out bench/results/mil_heldout.md         # ONCE, recipe frozen
     python bench/mil_benchmark.py --full ...                                            # paper-scale (GPU)
+    python bench/mil_benchmark.py --families texture4 --draws 1 --objectives ncmi --ncmi-set model.centroid_lr=1.0
+                                                                  # a tuning candidate (refused with --held-out)
 
 Families (``bench/families/``): ``texture2``, ``texture4``, ``digits4`` (the original tasks), the witness grid
 ``witness_*`` (width 256-1,536, share 0.3-5 %, 2-7 classes, CAMELYON-17 balance), ``c17`` (the CAMELYON-17-shaped
@@ -160,7 +162,8 @@ def run_one(job: dict) -> dict:
     run = Path(job["run_dir"])
     args = shipped_fit_args(job["model"], job["objective"], job["bags"], job["split"], job["classes"],
                             job["epochs"], run)
-    args += ["--data.cache", "ram", "--seed_everything", str(job["seed"]), "--trainer.enable_progress_bar", "false"]
+    args += job.get("fit_extra", []) + ["--data.cache", "ram", "--seed_everything", str(job["seed"]),
+                                         "--trainer.enable_progress_bar", "false"]
     t0, c0 = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         run_cli("fit", args)
@@ -302,16 +305,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slides", type=float, default=None,
                    help="share of each (split, label) stratum trained on, 0-1 (default: the family's cpu_slides; "
                         "1 = every slide)")
+    p.add_argument("--ncmi-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a tuning candidate: append --KEY VALUE to every NCMI run's `wsi-ncmi fit` (the shipped leaf "
+                        "otherwise), e.g. model.centroid_lr=1.0; repeatable; refused with --held-out, named in the "
+                        "report")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes (one thread each)")
     p.add_argument("--work", default=str(ROOT / "bench" / "out" / "mil_benchmark"), help="bags and runs (ignored folder)")
     p.add_argument("--out", default=None, help="write the markdown report here")
     args = p.parse_args(argv)
+    try:
+        args.ncmi_args = ncmi_overrides(args.ncmi_set)
+    except ValueError as err:
+        p.error(str(err))
     full = {"models": ["abmil", "aem", "asmil"], "objectives": list(OBJECTIVES), "seeds": [0, 1, 2, 3, 4],
             "draws": list(TUNING_DRAWS)}
     for key in DEFAULT_GRID:
         if getattr(args, key) is None and not (key == "draws" and args.held_out):
             setattr(args, key, (full if args.full else DEFAULT_GRID)[key])
     return args
+
+
+def ncmi_overrides(pairs: list[str]) -> list[str]:
+    """``["model.centroid_lr=1.0", ...]`` → ``["--model.centroid_lr", "1.0", ...]`` for the NCMI runs' fit."""
+    out = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or key.startswith("-") or not value:
+            raise ValueError(f"--ncmi-set wants KEY=VALUE (e.g. model.centroid_lr=1.0), got {pair!r}")
+        out += [f"--{key.strip()}", value]
+    return out
 
 
 def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[int], work: Path) -> list[dict]:
@@ -336,6 +358,7 @@ def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[
             jobs += [{"task": task, "draw": draw, "model": m, "objective": o, "seed": s, "epochs": epochs[m],
                       "threads": 1, "bags": str(cohort.bags_dir), "split": str(split),
                       "classes": cohort.classes[protocol], "scale": scale, "slides": slides, "family": family,
+                      "fit_extra": args.ncmi_args if o == "ncmi" else [],
                       "run_dir": str(work / "runs" / f"{family}-{protocol}_d{draw}_{m}_{o}_s{s}")}
                      for m in args.models for s in args.seeds for o in args.objectives]
     return jobs
@@ -378,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tasks = [parse_task(t) for t in args.tasks]
         draws = choose_draws(args.draws, args.held_out)
+        if args.held_out and args.ncmi_args:
+            raise HeldOutError("--ncmi-set is for tuning draws: a held-out run uses the frozen recipe as committed")
         frozen = frozen_recipe(ROOT) if args.held_out else None
     except (ValueError, HeldOutError) as exc:
         print(f"mil_benchmark: {exc}", file=sys.stderr)
@@ -411,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             + f". torch {torch.__version__}, {os.cpu_count()} CPUs, --jobs {args.jobs}; wall {wall / 60:.1f} min "
             f"(data {prep_s:.0f} s, trainings {sum(r['cpu_s'] for r in results) / 60:.1f} CPU-min).",
             "Cells: mean ± sample std [95 % Student-t interval of the mean] over seeds × draws.", ""]
+    if args.ncmi_args:
+        head[2:2] = [f"NCMI runs with `{' '.join(args.ncmi_args)}` appended to the shipped leaf (a tuning candidate, "
+                     "not the shipped recipe).", ""]
     if frozen:
         head[2:2] = [f"Frozen recipe: commit {frozen['recipe_commit']} (last change under configs/mil, the NCMI / "
                      f"training code and the families); HEAD {frozen['head']}.", ""]

@@ -270,3 +270,20 @@ def test_slower_aggregators_get_more_epochs_in_the_cpu_run_only(tmp_path: Path) 
     aem = [j for j in jobs if (j["model"], j["objective"]) == ("aem", "ce")][:1] * 60  # 60 AEM CE runs
     minutes = 60 * mb.CPU_RUN_S["c17"] * mb.MODEL_COST["aem"] * mb.EPOCH_FACTOR["aem"] / 60
     assert f"expected ~{minutes:.0f} CPU-min" in mb.expected_duration(aem, 1)  # × epochs and × cost per epoch
+
+
+def test_a_tuning_candidate_overrides_the_ncmi_leaf_and_never_runs_held_out(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    import mil_benchmark as mb
+
+    _c17_pool(tmp_path / "families")
+    args = mb.parse_args(["--families", "c17", "--models", "aem", "--objectives", "ce", "ncmi",
+                          "--ncmi-set", "model.centroid_optimizer=group", "--ncmi-set", "model.centroid_lr=3e-3"])
+    jobs = mb.prepare(args, [("c17", "official")], [0], tmp_path)
+    extra = {j["objective"]: j["fit_extra"] for j in jobs}
+    assert extra == {"ce": [], "ncmi": ["--model.centroid_optimizer", "group", "--model.centroid_lr", "3e-3"]}
+    for bad in ("model.centroid_lr", "=1", "model.lr="):
+        with pytest.raises(SystemExit):
+            mb.parse_args(["--ncmi-set", bad])
+        assert "--ncmi-set wants KEY=VALUE" in capsys.readouterr().err
+    assert mb.main(["--held-out", "--draws", "103", "--ncmi-set", "model.centroid_lr=1.0"]) == 2

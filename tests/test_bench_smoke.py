@@ -20,7 +20,8 @@ CASES = {
     "training --fit": ["--fit", "--bags", "4", "--val-bags", "4", "--instances", "8", "--dim", "16",
                        "--fit-epochs", "1", "2", "--models", "abmil", "--threads", "1"],
     "mil_benchmark": ["--families", "digits4", "--draws", "0", "--models", "abmil", "--seeds", "0", "--epochs", "1",
-                      "--bags", "20", "--jobs", "1", "--objectives", "ce", "ce_lr", "ncmi"],
+                      "--bags", "20", "--jobs", "1", "--objectives", "ce", "ce_lr", "ncmi",
+                      "--ncmi-set", "model.centroid_lr=0.5"],
     "mil_families": ["--families", "digits4", "--draws", "0", "--scale", "0.1"],
     "training": ["--bags", "3", "--instances", "8", "--dim", "16", "--epochs", "1", "--precision", "32-true",
                  "--models", "abmil", "--threads", "1"],
@@ -72,6 +73,11 @@ def test_bench_script_runs_on_cpu(script: str, tmp_path: Path) -> None:
     if script == "mil_benchmark":  # the CE control at the NCMI learning rate is trained and reported
         text = (tmp_path / "mil_benchmark.md").read_text()
         assert "CE head @ NCMI lr" in text and "CE-LP" in text and "tuning draws" in text
+        # a tuning candidate reaches the NCMI run's fit only, and the report says the table is not the shipped recipe
+        assert "`--model.centroid_lr 0.5` appended to the shipped leaf" in text
+        runs = tmp_path / "work" / "runs"
+        assert "centroid_lr: 0.5" in (runs / "digits4-default_d0_abmil_ncmi_s0" / "config.yaml").read_text()
+        assert "centroid_lr: 0.1\n" in (runs / "digits4-default_d0_abmil_ce_s0" / "config.yaml").read_text()
 
 
 def test_mil_benchmark_control_takes_the_ncmi_leafs_learning_rate() -> None:

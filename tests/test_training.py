@@ -361,6 +361,29 @@ def test_cosine_schedule_with_warmup():
     assert build_scheduler("none", opt, 10) is None
 
 
+def test_ncmi_centroids_in_the_optimizer_follow_its_warmup_and_cosine():
+    """``centroid_optimizer="group"`` in MIL (tried for AEM / ASMIL in tuning round 3, docs/ncmi_mil.md): ξ is a group
+    of the main AdamW with its own lr and no weight decay, scaled by the network's warm-up + cosine."""
+    import types
+
+    module = MILModule(model="abmil", in_dim=DIM, num_classes=3, objective="ncmi", lr=3e-4, warmup_epochs=1.0,
+                       centroid_optimizer="group", centroid_lr=3e-3)
+    module._trainer = types.SimpleNamespace(estimated_stepping_batches=20, max_epochs=4)  # 5 steps per epoch
+    assert "xi_momentum" not in dict(module.named_buffers())  # no manual SGD step
+    cfg = module.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    (xi_group,) = [g for g in opt.param_groups if any(p is module.ncmi_training.loss.xi for p in g["params"])]
+    assert xi_group["weight_decay"] == 0.0
+    lrs = []
+    for _ in range(20):
+        lrs.append((opt.param_groups[0]["lr"], xi_group["lr"]))
+        opt.step()
+        sched.step()
+    assert lrs[0][1] < lrs[3][1] < lrs[4][1] == pytest.approx(3e-3)  # linear warm-up over the first epoch
+    assert all(xi == pytest.approx(10 * net) for net, xi in lrs)  # the network's schedule, ×10
+    assert lrs[-1][1] < 0.05 * 3e-3  # cosine to ~0: the last epoch's ξ hardly moves
+
+
 def test_validation_metrics_with_absent_class():
     scores = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
     labels = np.array([0, 1, 0, 1])  # class 2 absent
