@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -336,6 +337,14 @@ def ncmi_overrides(pairs: list[str]) -> list[str]:
     return out
 
 
+def run_name(objective: str, args: argparse.Namespace) -> str:
+    """The objective's part of a run folder; a tuning candidate's NCMI runs get a digest of the overrides, so they
+    never overwrite the shipped recipe's runs in the same ``--work``."""
+    if objective != "ncmi" or not args.ncmi_args:
+        return objective
+    return "ncmi-" + hashlib.sha1(" ".join(args.ncmi_args).encode()).hexdigest()[:8]
+
+
 def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[int], work: Path) -> list[dict]:
     """Write (or reuse) every family × draw cohort; return one job per task × draw × model × seed × objective."""
     jobs = []
@@ -359,7 +368,7 @@ def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[
                       "threads": 1, "bags": str(cohort.bags_dir), "split": str(split),
                       "classes": cohort.classes[protocol], "scale": scale, "slides": slides, "family": family,
                       "fit_extra": args.ncmi_args if o == "ncmi" else [],
-                      "run_dir": str(work / "runs" / f"{family}-{protocol}_d{draw}_{m}_{o}_s{s}")}
+                      "run_dir": str(work / "runs" / f"{family}-{protocol}_d{draw}_{m}_{run_name(o, args)}_s{s}")}
                      for m in args.models for s in args.seeds for o in args.objectives]
     return jobs
 
@@ -453,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "results.json").write_text(json.dumps({"frozen": frozen, "draws": draws, "results": results}, indent=1))
+    (work / "results.json").write_text(json.dumps({"frozen": frozen, "draws": draws, "ncmi_set": args.ncmi_args,
+                                                   "results": results}, indent=1))
     if args.out:
         Path(args.out).write_text(text)
     return 0

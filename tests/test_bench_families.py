@@ -282,6 +282,11 @@ def test_a_tuning_candidate_overrides_the_ncmi_leaf_and_never_runs_held_out(tmp_
     jobs = mb.prepare(args, [("c17", "official")], [0], tmp_path)
     extra = {j["objective"]: j["fit_extra"] for j in jobs}
     assert extra == {"ce": [], "ncmi": ["--model.centroid_optimizer", "group", "--model.centroid_lr", "3e-3"]}
+    shipped = mb.prepare(mb.parse_args(["--families", "c17", "--models", "aem", "--objectives", "ncmi"]),
+                         [("c17", "official")], [0], tmp_path)
+    ncmi_dirs = {j["run_dir"] for j in jobs if j["objective"] == "ncmi"}
+    assert ncmi_dirs.isdisjoint(j["run_dir"] for j in shipped)  # a candidate never overwrites the shipped runs
+    assert all("_aem_ncmi-" in d for d in ncmi_dirs)
     for bad in ("model.centroid_lr", "=1", "model.lr="):
         with pytest.raises(SystemExit):
             mb.parse_args(["--ncmi-set", bad])
