@@ -318,6 +318,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.ncmi_args = ncmi_overrides(args.ncmi_set)
     except ValueError as err:
         p.error(str(err))
+    if args.held_out and args.ncmi_args:
+        p.error("--ncmi-set is for tuning draws: a held-out run uses the frozen recipe as committed")
     full = {"models": ["abmil", "aem", "asmil"], "objectives": list(OBJECTIVES), "seeds": [0, 1, 2, 3, 4],
             "draws": list(TUNING_DRAWS)}
     for key in DEFAULT_GRID:
@@ -410,8 +412,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tasks = [parse_task(t) for t in args.tasks]
         draws = choose_draws(args.draws, args.held_out)
-        if args.held_out and args.ncmi_args:
-            raise HeldOutError("--ncmi-set is for tuning draws: a held-out run uses the frozen recipe as committed")
         frozen = frozen_recipe(ROOT) if args.held_out else None
     except (ValueError, HeldOutError) as exc:
         print(f"mil_benchmark: {exc}", file=sys.stderr)
