@@ -163,8 +163,8 @@ def run_one(job: dict) -> dict:
     run = Path(job["run_dir"])
     args = shipped_fit_args(job["model"], job["objective"], job["bags"], job["split"], job["classes"],
                             job["epochs"], run)
-    args += job.get("fit_extra", []) + ["--data.cache", "ram", "--seed_everything", str(job["seed"]),
-                                         "--trainer.enable_progress_bar", "false"]
+    args += job["fit_extra"] + ["--data.cache", "ram", "--seed_everything", str(job["seed"]),
+                                "--trainer.enable_progress_bar", "false"]
     t0, c0 = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         run_cli("fit", args)
@@ -339,17 +339,17 @@ def ncmi_overrides(pairs: list[str]) -> list[str]:
     return out
 
 
-def run_name(objective: str, args: argparse.Namespace) -> str:
-    """The objective's part of a run folder; a tuning candidate's NCMI runs get a digest of the overrides, so they
-    never overwrite the shipped recipe's runs in the same ``--work``."""
-    if objective != "ncmi" or not args.ncmi_args:
-        return objective
-    return "ncmi-" + hashlib.sha1(" ".join(args.ncmi_args).encode()).hexdigest()[:8]
+def run_name(objective: str, extra: list[str]) -> str:
+    """The objective's part of a run folder; runs with ``extra`` fit arguments (a tuning candidate) get a digest of
+    them, so they never overwrite the shipped recipe's runs in the same ``--work``."""
+    return f"{objective}-{hashlib.sha1(' '.join(extra).encode()).hexdigest()[:8]}" if extra else objective
 
 
 def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[int], work: Path) -> list[dict]:
     """Write (or reuse) every family × draw cohort; return one job per task × draw × model × seed × objective."""
     jobs = []
+    extra = {o: args.ncmi_args if o == "ncmi" else [] for o in args.objectives}  # a candidate changes NCMI only
+    names = {o: run_name(o, extra[o]) for o in args.objectives}
     for family, protocol in tasks:
         fam = FAMILIES[family]
         scale = args.scale if args.scale is not None else (1.0 if args.full else fam.cpu_scale)
@@ -369,8 +369,8 @@ def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[
             jobs += [{"task": task, "draw": draw, "model": m, "objective": o, "seed": s, "epochs": epochs[m],
                       "threads": 1, "bags": str(cohort.bags_dir), "split": str(split),
                       "classes": cohort.classes[protocol], "scale": scale, "slides": slides, "family": family,
-                      "fit_extra": args.ncmi_args if o == "ncmi" else [],
-                      "run_dir": str(work / "runs" / f"{family}-{protocol}_d{draw}_{m}_{run_name(o, args)}_s{s}")}
+                      "fit_extra": extra[o],
+                      "run_dir": str(work / "runs" / f"{family}-{protocol}_d{draw}_{m}_{names[o]}_s{s}")}
                      for m in args.models for s in args.seeds for o in args.objectives]
     return jobs
 
