@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -79,6 +80,9 @@ NCMI_COST = 1.1
 # at the majority class on one seed of texture2 and of witness_c2 at 3×), so 3, the most the CPU run affords
 # (docs/ncmi_mil.md, "Epochs per aggregator").
 EPOCH_FACTOR: dict[str, int] = {"abmil": 1, "transmil": 1, "aem": 2, "asmil": 3}
+# NCMI runs train ceil(NCMI_EPOCH_RATIO × the CE runs' epochs) (the shipped recipe: 1, the same epochs);
+# --ncmi-epoch-ratio tries another ratio on tuning draws (docs/ncmi_mil.md, "Tuning round 5")
+NCMI_EPOCH_RATIO = 1.0
 # CPU cost of a run relative to ABMIL's at the same epochs: texture2, CE, 10 epochs, one thread, user CPU-s of fit +
 # evaluate 24.6 (ABMIL) / 33.1 (AEM) / 45.7 (ASMIL; its EMA anchor and two attention stages), measured 2026-12-07
 MODEL_COST: dict[str, float] = {"abmil": 1.0, "transmil": 1.0, "aem": 1.3, "asmil": 1.8}
@@ -88,6 +92,11 @@ DEFAULT_GRID = {"models": ["abmil"], "objectives": ["ce", "ce_lr", "ncmi"], "see
 def cpu_epochs(family: Family, model: str) -> int:
     """Epochs of ``model`` on ``family`` in the default CPU run: the family's epochs × the aggregator's factor."""
     return family.epochs * EPOCH_FACTOR.get(model, 1)
+
+
+def ncmi_epochs(epochs: int, ratio: float) -> int:
+    """An NCMI run's epochs when the CE runs of its aggregator and family train ``epochs``: ceil(ratio × epochs)."""
+    return max(1, math.ceil(round(ratio * epochs, 6)))
 
 
 def _quiet() -> None:
@@ -310,6 +319,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a tuning candidate: append --KEY VALUE to every NCMI run's `wsi-ncmi fit` (the shipped leaf "
                         "otherwise), e.g. model.centroid_lr=1.0; repeatable; refused with --held-out, named in the "
                         "report")
+    p.add_argument("--ncmi-epoch-ratio", type=float, default=None, metavar="R",
+                   help=f"a tuning candidate: NCMI runs train ceil(R × the CE runs' epochs) (shipped: "
+                        f"{NCMI_EPOCH_RATIO:g}); refused with --held-out, named in the report")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes (one thread each)")
     p.add_argument("--work", default=str(ROOT / "bench" / "out" / "mil_benchmark"), help="bags and runs (ignored folder)")
     p.add_argument("--out", default=None, help="write the markdown report here")
@@ -320,6 +332,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(err))
     if args.held_out and args.ncmi_args:
         p.error("--ncmi-set is for tuning draws: a held-out run uses the frozen recipe as committed")
+    if args.ncmi_epoch_ratio is not None and not 0 < args.ncmi_epoch_ratio <= 4:
+        p.error(f"--ncmi-epoch-ratio wants a ratio in (0, 4], got {args.ncmi_epoch_ratio:g}")
+    if args.held_out and args.ncmi_epoch_ratio is not None:
+        p.error("--ncmi-epoch-ratio is for tuning draws: a held-out run uses the frozen recipe as committed")
     full = {"models": ["abmil", "aem", "asmil"], "objectives": list(OBJECTIVES), "seeds": [0, 1, 2, 3, 4],
             "draws": list(TUNING_DRAWS)}
     for key in DEFAULT_GRID:
@@ -349,7 +365,10 @@ def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[
     """Write (or reuse) every family × draw cohort; return one job per task × draw × model × seed × objective."""
     jobs = []
     extra = {o: args.ncmi_args if o == "ncmi" else [] for o in args.objectives}  # a candidate changes NCMI only
-    names = {o: run_name(o, extra[o]) for o in args.objectives}
+    ratio = NCMI_EPOCH_RATIO if args.ncmi_epoch_ratio is None else args.ncmi_epoch_ratio
+    tag = {o: extra[o] + ([f"epochs×{ratio:g}"] if o == "ncmi" and ratio != NCMI_EPOCH_RATIO else [])
+           for o in args.objectives}
+    names = {o: run_name(o, tag[o]) for o in args.objectives}
     for family, protocol in tasks:
         fam = FAMILIES[family]
         scale = args.scale if args.scale is not None else (1.0 if args.full else fam.cpu_scale)
@@ -366,7 +385,8 @@ def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[
                 split = work / "splits" / f"{family}-{protocol}_d{draw}_s{scale:g}_f{slides:g}.csv"
                 split.parent.mkdir(parents=True, exist_ok=True)
                 write_split(subset_split(load_split(cohort.splits[protocol]), slides, seed=draw), split)
-            jobs += [{"task": task, "draw": draw, "model": m, "objective": o, "seed": s, "epochs": epochs[m],
+            jobs += [{"task": task, "draw": draw, "model": m, "objective": o, "seed": s,
+                      "epochs": ncmi_epochs(epochs[m], ratio) if o == "ncmi" else epochs[m],
                       "threads": 1, "bags": str(cohort.bags_dir), "split": str(split),
                       "classes": cohort.classes[protocol], "scale": scale, "slides": slides, "family": family,
                       "fit_extra": extra[o],
@@ -380,11 +400,16 @@ def sizes_line(jobs: list[dict]) -> str:
     ``texture2:default: 10 epochs (aem 30, asmil 30), scale 1``."""
     parts = []
     for task, scale, slides in sorted({(j["task"], j["scale"], j["slides"]) for j in jobs}):
-        per_model = {j["model"]: j["epochs"] for j in jobs if (j["task"], j["scale"], j["slides"]) == (task, scale, slides)}
+        mine = [j for j in jobs if (j["task"], j["scale"], j["slides"]) == (task, scale, slides)]
+        rest = [j for j in mine if j["objective"] != "ncmi"] or mine  # the CE runs' epochs where there are any
+        per_model = {j["model"]: j["epochs"] for j in rest}
+        ncmi = {j["model"]: j["epochs"] for j in mine if j["objective"] == "ncmi"}
         values = list(per_model.values())
         common = max(values, key=values.count)  # ties: the first aggregator's
         other = ", ".join(f"{m} {e}" for m, e in per_model.items() if e != common)
-        parts.append(f"{task}: {common} epochs" + (f" ({other})" if other else "") + f", scale {scale:g}"
+        apart = ", ".join(f"{m} {e}" for m, e in ncmi.items() if e != per_model[m])
+        parts.append(f"{task}: {common} epochs" + (f" ({other})" if other else "")
+                     + (f" (NCMI: {apart})" if apart else "") + f", scale {scale:g}"
                      + (f", {slides:g} of the slides" if slides < 1 else ""))
     return ", ".join(parts)
 
@@ -448,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ncmi_args:
         head[2:2] = [f"NCMI runs with `{' '.join(args.ncmi_args)}` appended to the shipped leaf (a tuning candidate, "
                      "not the shipped recipe).", ""]
+    if args.ncmi_epoch_ratio is not None and args.ncmi_epoch_ratio != NCMI_EPOCH_RATIO:
+        head[2:2] = [f"NCMI runs train ceil({args.ncmi_epoch_ratio:g} × the CE runs' epochs) (a tuning candidate; "
+                     f"shipped: {NCMI_EPOCH_RATIO:g}).", ""]
     if frozen:
         head[2:2] = [f"Frozen recipe: commit {frozen['recipe_commit']} (last change under configs/mil, the NCMI / "
                      f"training code and the families); HEAD {frozen['head']}.", ""]
@@ -463,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     work.mkdir(parents=True, exist_ok=True)
     (work / "results.json").write_text(json.dumps({"frozen": frozen, "draws": draws, "ncmi_set": args.ncmi_args,
+                                                   "ncmi_epoch_ratio": args.ncmi_epoch_ratio,
                                                    "results": results}, indent=1))
     if args.out:
         Path(args.out).write_text(text)

@@ -294,3 +294,33 @@ def test_a_tuning_candidate_overrides_the_ncmi_leaf_and_never_runs_held_out(tmp_
     with pytest.raises(SystemExit):  # parse time: main() would quieten this process's loggers
         mb.parse_args(["--held-out", "--draws", "103", "--ncmi-set", "model.centroid_lr=1.0"])
     assert "a held-out run uses the frozen recipe as committed" in capsys.readouterr().err
+
+
+def test_an_ncmi_epoch_ratio_candidate_shortens_ncmi_runs_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import mil_benchmark as mb
+
+    _c17_pool(tmp_path / "families")
+    fam = mb.FAMILIES["c17"]
+    args = mb.parse_args(["--families", "c17", "--models", "abmil", "asmil", "--objectives", "ce", "ncmi",
+                          "--ncmi-epoch-ratio", "0.5"])
+    jobs = mb.prepare(args, [("c17", "official")], [0], tmp_path)
+    epochs = {(j["model"], j["objective"]): j["epochs"] for j in jobs}
+    for m in ("abmil", "asmil"):
+        ce = fam.epochs * mb.EPOCH_FACTOR[m]
+        assert epochs[(m, "ce")] == ce and epochs[(m, "ncmi")] == -(-ce // 2)
+    assert f"(NCMI: abmil {-(-fam.epochs // 2)}, asmil " in mb.sizes_line(jobs)
+    shipped = mb.prepare(mb.parse_args(["--families", "c17", "--models", "abmil", "--objectives", "ce", "ncmi"]),
+                         [("c17", "official")], [0], tmp_path)
+    assert {j["epochs"] for j in shipped} == {fam.epochs}  # the shipped ratio: NCMI trains as long as CE
+    ncmi_dirs = {j["run_dir"] for j in jobs if j["objective"] == "ncmi"}
+    assert ncmi_dirs.isdisjoint(j["run_dir"] for j in shipped)  # the candidate never overwrites shipped runs
+    assert {j["run_dir"] for j in jobs if j["objective"] == "ce"} >= {j["run_dir"] for j in shipped
+                                                                       if j["objective"] == "ce"}
+    assert mb.ncmi_epochs(3, 0.5) == 2 and mb.ncmi_epochs(1, 0.1) == 1 and mb.ncmi_epochs(10, 0.3) == 3
+    for bad in ("0", "-1", "5"):
+        with pytest.raises(SystemExit):
+            mb.parse_args(["--ncmi-epoch-ratio", bad])
+        assert "--ncmi-epoch-ratio wants a ratio in (0, 4]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mb.parse_args(["--held-out", "--draws", "103", "--ncmi-epoch-ratio", "0.5"])
+    assert "a held-out run uses the frozen recipe as committed" in capsys.readouterr().err
