@@ -263,10 +263,13 @@ def test_slower_aggregators_get_more_epochs_in_the_cpu_run_only(tmp_path: Path) 
     assert mb.sizes_line(jobs).startswith(f"c17:official: {fam.epochs} epochs (aem {e['aem']}, asmil {e['asmil']}),")
     named = mb.prepare(mb.parse_args(["--families", "c17", "--models", "aem", "--epochs", "4"]), [("c17", "official")],
                        [0], tmp_path)
-    assert {j["epochs"] for j in named} == {4}  # --epochs is taken as given
+    assert {j["epochs"] for j in named if j["objective"] != "ncmi"} == {4}  # --epochs is taken as given
+    assert {j["epochs"] for j in named if j["objective"] == "ncmi"} == {mb.ncmi_epochs(4, mb.NCMI_EPOCH_RATIO)}
     full = mb.prepare(mb.parse_args(["--families", "c17", "--models", "asmil", "--full", "--seeds", "0", "--slides",
                                      "0.5"]), [("c17", "official")], [0], tmp_path)
-    assert {j["epochs"] for j in full} == {fam.full_epochs}
+    assert {j["epochs"] for j in full if j["objective"] != "ncmi"} == {fam.full_epochs}
+    assert {j["epochs"] for j in full if j["objective"] == "ncmi"} == {mb.ncmi_epochs(fam.full_epochs,
+                                                                                      mb.NCMI_EPOCH_RATIO)}
     aem = [j for j in jobs if (j["model"], j["objective"]) == ("aem", "ce")][:1] * 60  # 60 AEM CE runs
     minutes = 60 * mb.CPU_RUN_S["c17"] * mb.MODEL_COST["aem"] * mb.EPOCH_FACTOR["aem"] / 60
     assert f"expected ~{minutes:.0f} CPU-min" in mb.expected_duration(aem, 1)  # × epochs and × cost per epoch
@@ -302,16 +305,17 @@ def test_an_ncmi_epoch_ratio_candidate_shortens_ncmi_runs_only(tmp_path: Path, c
     _c17_pool(tmp_path / "families")
     fam = mb.FAMILIES["c17"]
     args = mb.parse_args(["--families", "c17", "--models", "abmil", "asmil", "--objectives", "ce", "ncmi",
-                          "--ncmi-epoch-ratio", "0.5"])
+                          "--ncmi-epoch-ratio", "0.25"])
     jobs = mb.prepare(args, [("c17", "official")], [0], tmp_path)
     epochs = {(j["model"], j["objective"]): j["epochs"] for j in jobs}
     for m in ("abmil", "asmil"):
         ce = fam.epochs * mb.EPOCH_FACTOR[m]
-        assert epochs[(m, "ce")] == ce and epochs[(m, "ncmi")] == -(-ce // 2)
-    assert f"(NCMI: abmil {-(-fam.epochs // 2)}, asmil " in mb.sizes_line(jobs)
+        assert epochs[(m, "ce")] == ce and epochs[(m, "ncmi")] == -(-ce // 4)
+    assert f"(NCMI: abmil {-(-fam.epochs // 4)}, asmil " in mb.sizes_line(jobs)
     shipped = mb.prepare(mb.parse_args(["--families", "c17", "--models", "abmil", "--objectives", "ce", "ncmi"]),
                          [("c17", "official")], [0], tmp_path)
-    assert {j["epochs"] for j in shipped} == {fam.epochs}  # the shipped ratio: NCMI trains as long as CE
+    assert {(j["objective"], j["epochs"]) for j in shipped} == {  # the shipped ratio
+        ("ce", fam.epochs), ("ncmi", mb.ncmi_epochs(fam.epochs, mb.NCMI_EPOCH_RATIO))}
     ncmi_dirs = {j["run_dir"] for j in jobs if j["objective"] == "ncmi"}
     assert ncmi_dirs.isdisjoint(j["run_dir"] for j in shipped)  # the candidate never overwrites shipped runs
     assert {j["run_dir"] for j in jobs if j["objective"] == "ce"} >= {j["run_dir"] for j in shipped
