@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from wsi_ncmi.models import (
+    INPUT_NORMS,
     BagFeatures,
+    InputNorm,
     MILAggregator,
+    MILConfigError,
     MILInputError,
     MILOutput,
     create_model,
@@ -91,6 +94,30 @@ def test_padded_batch_equals_each_bag(name: str) -> None:
             assert torch.allclose(batch.logits[b], single.logits[0], atol=ATOL)
             assert torch.allclose(batch.embedding[b], single.embedding[0], atol=ATOL)
             assert torch.allclose(batch.attention[b, mask[b]], single.attention[0], atol=ATOL)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bag_center_ignores_a_shift_shared_by_the_bag_and_keeps_padding_invariance(name: str) -> None:
+    import typing
+
+    assert set(typing.get_args(InputNorm)) == set(INPUT_NORMS)
+    model = make(name).eval()
+    model.set_input_norm("bag_center")
+    lengths = [7, 1, 12, 9]
+    x, mask = padded_batch(lengths)
+    shift = 3.0 * torch.randn(len(lengths), 1, D)  # one offset per bag, e.g. a centre's stain through the encoder
+    with torch.no_grad():
+        batch, moved = model(x, mask), model(torch.where(mask.unsqueeze(-1), x + shift, x), mask)
+        assert torch.allclose(batch.logits, moved.logits, atol=ATOL)
+        assert torch.allclose(batch.attention, moved.attention, atol=ATOL)
+        for b in range(len(lengths)):  # padding still changes nothing
+            single = model(x[b : b + 1, mask[b]])
+            assert torch.allclose(batch.embedding[b], single.embedding[0], atol=ATOL)
+        model.set_input_norm("none")  # without it the same shift moves the output
+        assert not torch.allclose(model(x, mask).logits, model(torch.where(mask.unsqueeze(-1), x + shift, x),
+                                                                 mask).logits, atol=1e-3)
+    with pytest.raises(MILConfigError, match="input_norm must be one of .*'bag_center'.* got 'zscore'"):
+        model.set_input_norm("zscore")
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -359,3 +359,26 @@ def test_natural_checkpoint_with_old_keys_loads_and_resumes(tmp_path: Path) -> N
     (resumed,) = (tmp_path / "b").rglob("*.ckpt")
     state = torch.load(resumed, weights_only=True)
     assert state["epoch"] == 1 and "ncmi_training.loss.xi" in state["state_dict"]
+
+
+def test_input_norm_is_kept_in_the_checkpoint_and_a_resume_cannot_change_it(tmp_path: Path) -> None:
+    from _synthetic import make_witness_bags
+
+    from wsi_ncmi.commands.train_cli import main_fit
+    from wsi_ncmi.training.checkpoint import load_mil_module
+
+    split = make_witness_bags(tmp_path / "bags", n_slides=12, num_classes=3, dim=8, n_instances=(4, 8))
+    args = ["--data.bags_dir", str(tmp_path / "bags"), "--data.split_csv", str(split), "--data.num_workers", "0",
+            "--data.pin_memory", "false", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--model.lr", "3e-3", "--seed_everything", "0",
+            "--model.model_kwargs", '{"inner_dim": 8, "attn_hidden": 8}', "--model.objective", "ncmi"]
+    assert main_fit([*args, "--model.input_norm", "bag_center", "--trainer.default_root_dir", str(tmp_path / "a"),
+                     "--trainer.max_epochs", "1"]) == 0
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    module, _ = load_mil_module(ckpt)  # evaluate / predict / heatmap load through this
+    assert module.hparams["input_norm"] == "bag_center" and module.model.input_norm == "bag_center"
+    x = torch.randn(1, 6, 8)
+    assert torch.allclose(module.embed(x), module.embed(x + 2.0), atol=1e-5)  # a slide-wide shift is ignored
+    assert main_fit([*args, "--trainer.default_root_dir", str(tmp_path / "b"), "--trainer.max_epochs", "2",
+                     "--ckpt_path", str(ckpt)]) != 0  # the config says input_norm none: a resume is refused
+    assert main_fit([*args, "--model.input_norm", "zscore", "--trainer.default_root_dir", str(tmp_path / "c")]) != 0

@@ -5,11 +5,13 @@ Importing this package registers every aggregator; build one with
 """
 
 from . import abmil, aem, asmil, transmil  # noqa: F401  (importing registers each model)
-from .base import BagFeatures, MILAggregator, MILConfigError, MILInputError, MILOutput
+from .base import INPUT_NORMS, BagFeatures, InputNorm, MILAggregator, MILConfigError, MILInputError, MILOutput
 from .registry import create_model, list_models, register_model
 
 __all__ = [
+    "INPUT_NORMS",
     "BagFeatures",
+    "InputNorm",
     "MILAggregator",
     "MILConfigError",
     "MILInputError",

@@ -12,6 +12,9 @@ Conventions shared by all models:
 - ``aux`` holds extra loss terms that are **already weighted**: training adds them to the loss as they are.
   They are computed **only in training mode** (``model.train()``); in eval mode ``aux`` is empty, so
   inference never pays for regularisers (ASMIL's anchor is not run at inference).
+- ``input_norm`` (:data:`INPUT_NORMS`, default ``"none"``) transforms each bag's features before the network:
+  ``"bag_center"`` subtracts the bag's mean instance feature (real instances only; padding stays 0), so a shift
+  shared by every tile of a slide — a centre's stain or scanner seen through the encoder — does not reach it.
 - Input checks (:meth:`MILAggregator.check_input`) always run the shape checks. The value checks (NaN/inf
   anywhere in ``x``, padding included — pad with zeros; a bag whose mask is all False) cost one pass over
   ``x`` and one device sync; they run unless ``check_values`` is False and are skipped while
@@ -21,7 +24,9 @@ Conventions shared by all models:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +35,7 @@ from wsi_ncmi.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BagFeatures", "MILAggregator", "MILConfigError", "MILInputError", "MILOutput"]
+__all__ = ["INPUT_NORMS", "BagFeatures", "InputNorm", "MILAggregator", "MILConfigError", "MILInputError", "MILOutput"]
 
 
 class MILInputError(UserError):
@@ -62,6 +67,18 @@ class MILOutput:
     attention_heads: Tensor | None = None  # [B, H, N]
 
 
+def bag_center(x: Tensor, mask: Tensor) -> Tensor:
+    """``x [B, N, D]`` minus each bag's mean over its real instances (``mask [B, N]``); padding stays 0."""
+    m = mask.unsqueeze(-1).to(x.dtype)  # [B, N, 1]
+    mean = (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)  # [B, 1, D]
+    return (x - mean) * m
+
+
+InputNorm = Literal["none", "bag_center"]  # the keys of INPUT_NORMS (tests check they agree)
+#: name -> transform of a batch of bags ``(x [B, N, D], mask [B, N]) -> x'`` applied before the network
+INPUT_NORMS: dict[str, Callable[[Tensor, Tensor], Tensor] | None] = {"none": None, "bag_center": bag_center}
+
+
 def _is_compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
@@ -76,6 +93,7 @@ class MILAggregator(nn.Module):
     """
 
     check_values: bool = True
+    input_norm: str = "none"  # a key of INPUT_NORMS; set with set_input_norm
 
     def __init__(self, in_dim: int, num_classes: int, embed_dim: int) -> None:
         super().__init__()
@@ -103,6 +121,12 @@ class MILAggregator(nn.Module):
     def forward_head(self, emb: Tensor, pre_logits: bool = False) -> Tensor:
         """``emb [B, E]`` -> logits ``[B, C]`` (or ``emb`` itself when ``pre_logits``)."""
         return emb if pre_logits else self.head(emb)
+
+    def set_input_norm(self, name: str) -> None:
+        """Choose the transform :meth:`forward_features` applies to each bag first (a key of :data:`INPUT_NORMS`)."""
+        if name not in INPUT_NORMS:
+            raise MILConfigError(f"{type(self).__name__}: input_norm must be one of {sorted(INPUT_NORMS)}, got {name!r}")
+        self.input_norm = name
 
     # -------------------------------------------------------------------------------------- checks
     def check_input(self, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -154,7 +178,8 @@ class MILAggregator(nn.Module):
         ref = next(self.parameters(), None)
         if ref is not None and x.dtype != ref.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(ref.dtype)
-        feats = self._forward_features(x, mask)
+        norm = INPUT_NORMS[self.input_norm]
+        feats = self._forward_features(x if norm is None else norm(x, mask), mask)
         self._check_output(x, feats.embedding, "slide embedding")
         return feats
 

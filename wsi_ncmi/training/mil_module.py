@@ -7,6 +7,9 @@ centroids. The model's weighted auxiliary losses (AEM entropy, ASMIL alignment) 
 logged: docs/ncmi_mil.md "Logged metrics"; how NCMI is trained (ξ step, DDP): its "Training code" section.
 
 ``class_weights`` (head objective only): a list [C] or ``"balanced"`` (:mod:`wsi_ncmi.training.head_loss`).
+``input_norm``: the aggregator's transform of each bag before the network (``"bag_center"``: subtract the bag's
+mean instance feature; :data:`wsi_ncmi.models.INPUT_NORMS`); kept in the checkpoint, so evaluation, prediction
+and heatmaps apply it too.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from wsi_ncmi.choices import check_choices
 from wsi_ncmi.data.mil import MILDataModule
 from wsi_ncmi.data.plain import PlainKwargs, check_plain_kwargs
 from wsi_ncmi.errors import UserError
-from wsi_ncmi.models import create_model
+from wsi_ncmi.models import InputNorm, create_model
 from wsi_ncmi.ncmi import NCMILoss
 
 from .epoch_stats import TermSums, eval_record, gather_eval
@@ -62,7 +65,7 @@ class MILModule(NCMIHooks, pl.LightningModule):
     #: what kind of checkpoint this module writes (``training.checkpoint.CHECKPOINT_KINDS``)
     CHECKPOINT_KIND = "mil"
     #: settings that define the network: a ``--ckpt_path`` whose values differ from the config's is refused
-    STRUCTURE_HPARAMS = ("model", "model_kwargs", "objective", "in_dim", "num_classes")
+    STRUCTURE_HPARAMS = ("model", "model_kwargs", "objective", "in_dim", "num_classes", "input_norm")
     #: state-dict keys of checkpoints written before NCMITraining held the loss -> their names now
     NCMI_LEGACY_KEYS = {"ncmi_loss.": "ncmi_training.loss.", "xi_momentum": "ncmi_training.xi_momentum"}
 
@@ -88,6 +91,7 @@ class MILModule(NCMIHooks, pl.LightningModule):
         class_weights: ClassWeights = None,
         center_init_batches: int = 16,
         centroid_init: CentroidInit = "public",
+        input_norm: InputNorm = "none",
     ) -> None:
         check_choices(MILModule, locals(), "MILModule", TrainingConfigError)
         super().__init__()
@@ -100,6 +104,7 @@ class MILModule(NCMIHooks, pl.LightningModule):
         self.objective = objective
         self.num_classes = int(num_classes)
         self.model = create_model(model, in_dim=in_dim, num_classes=num_classes, **(model_kwargs or {}))
+        self.model.set_input_norm(input_norm)  # before the aggregator, in training and at inference alike
         self.ncmi_training: NCMITraining | None = None
         if objective == "ncmi":
             self.model.reset_classifier(0)
