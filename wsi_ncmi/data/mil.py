@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from wsi_ncmi.choices import check_choices
 from wsi_ncmi.data.bags import BagError, read_bag, read_features
 from wsi_ncmi.data.cache import BagCache, CacheError, CacheMode, headers_nbytes, resolve_cache_mode
+from wsi_ncmi.data.center_shift import CenterShift, fit_center_shift
 from wsi_ncmi.data.split_check import SplitBags, locate_bags, missing_bags_message, split_bags_for
 from wsi_ncmi.data.splits import SPLITS, Split, load_split, select_fold
 from wsi_ncmi.errors import UserError
@@ -118,6 +119,8 @@ class BagDataset(Dataset):
         self.train = (split == "train") if train is None else train
         self.epoch = 0
         self.features_cache: BagCache | None = None
+        #: training-time centre-shift augmentation (:mod:`wsi_ncmi.data.center_shift`), set by the datamodule
+        self.center_shift: CenterShift | None = None
         if cache:
             self.use_cache(BagCache(self.paths, desc=f"caching {split} bags"))
 
@@ -164,6 +167,8 @@ class BagDataset(Dataset):
         keep = self._subset(index, feats.shape[0])
         if keep is not None:
             feats = feats[torch.as_tensor(keep, device=feats.device)]
+        if self.train and self.center_shift is not None:  # its own stream: the subset draws stay as they were
+            feats = self.center_shift.apply(feats, np.random.default_rng([int(self.seed), self.epoch, int(index), 1]))
         item: dict[str, Any] = {
             "features": feats,  # [N', D] stored dtype
             "label": self.labels[index],
@@ -263,6 +268,9 @@ class MILDataModule(L.LightningDataModule):
         balanced_sampler: draw training bags with probability 1 / (count of their class).
         max_instances: training-time random subset size for large bags (None: all instances).
         instance_dropout: training-time probability of dropping each instance.
+        center_shift: scale of the training-time centre-shift augmentation (0 = off): each training bag gets a
+            random mix of the training centres' mean feature shifts (:mod:`wsi_ncmi.data.center_shift`; needs a
+            ``center`` column with two or more training centres, else it is off with a warning).
         cache: ``auto`` (default), ``none``, ``ram`` or ``device``. ``ram`` reads every bag of the splits in use
             once (float16, progress bar, total size logged, values checked once) and serves them from host
             memory; ``device`` keeps them on the trainer's accelerator; ``auto`` picks ``device`` / ``ram``
@@ -289,6 +297,7 @@ class MILDataModule(L.LightningDataModule):
         balanced_sampler: bool = False,
         max_instances: int | None = None,
         instance_dropout: float = 0.0,
+        center_shift: float = 0.0,
         cache: CacheMode | bool = "auto",
         cache_budget: float = 0.5,
         pin_memory: bool = True,
@@ -310,6 +319,9 @@ class MILDataModule(L.LightningDataModule):
         self.balanced_sampler = balanced_sampler
         self.max_instances = max_instances
         self.instance_dropout = instance_dropout
+        if not 0.0 <= center_shift < float("inf"):
+            raise MILDataError(f"{split_csv}: center_shift must be a finite number >= 0, got {center_shift}")
+        self.center_shift = float(center_shift)
         check_choices(MILDataModule, {"cache": cache}, str(split_csv), MILDataError)
         self.cache: CacheMode = ("ram" if cache else "none") if isinstance(cache, bool) else cache
         self.cache_budget = float(cache_budget)
@@ -390,6 +402,11 @@ class MILDataModule(L.LightningDataModule):
                                           desc=f"caching {split} bags ({self._cache_mode})"))
                 except BagError as exc:
                     raise MILDataError(f"{self.split_csv}: {exc}") from exc
+            if self.center_shift > 0 and ds.train:
+                col = ds.table["center"] if "center" in ds.table.columns else None
+                centres = col.astype(int).tolist() if col is not None and bool(col.notna().all()) else None
+                ds.center_shift = fit_center_shift(ds._features, centres, ds.labels, self.center_shift,
+                                                   self.split_csv)
             self._datasets[split] = ds
         return self._datasets[split]
 
