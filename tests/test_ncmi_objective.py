@@ -303,17 +303,23 @@ def _with_old_keys(path: Path, out: Path, renames: dict[str, str]) -> dict[str, 
     return today
 
 
-def test_mil_checkpoint_with_old_keys_loads_and_resumes(tmp_path: Path) -> None:
+def _tiny_ncmi_fit_args(tmp_path: Path) -> list[str]:
+    """`wsi-ncmi fit` arguments of a tiny ABMIL NCMI run on 12 synthetic bags written under ``tmp_path``."""
     from _synthetic import make_witness_bags
+
+    split = make_witness_bags(tmp_path / "bags", n_slides=12, num_classes=3, dim=8, n_instances=(4, 8))
+    return ["--data.bags_dir", str(tmp_path / "bags"), "--data.split_csv", str(split), "--data.num_workers", "0",
+            "--data.pin_memory", "false", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--model.lr", "3e-3", "--seed_everything", "0",
+            "--model.model_kwargs", '{"inner_dim": 8, "attn_hidden": 8}', "--model.objective", "ncmi"]
+
+
+def test_mil_checkpoint_with_old_keys_loads_and_resumes(tmp_path: Path) -> None:
 
     from wsi_ncmi.commands.train_cli import main_fit
     from wsi_ncmi.training.checkpoint import load_mil_module
 
-    split = make_witness_bags(tmp_path / "bags", n_slides=12, num_classes=3, dim=8, n_instances=(4, 8))
-    args = ["--data.bags_dir", str(tmp_path / "bags"), "--data.split_csv", str(split), "--data.num_workers", "0",
-            "--data.pin_memory", "false", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--model.lr", "3e-3", "--seed_everything", "0",
-            "--model.model_kwargs", '{"inner_dim": 8, "attn_hidden": 8}', "--model.objective", "ncmi"]
+    args = _tiny_ncmi_fit_args(tmp_path)
     assert main_fit([*args, "--trainer.default_root_dir", str(tmp_path / "a"), "--trainer.max_epochs", "1"]) == 0
     old_path = tmp_path / "old.ckpt"
     today = _with_old_keys(tmp_path / "a" / "checkpoints" / "last.ckpt", old_path,
@@ -362,16 +368,11 @@ def test_natural_checkpoint_with_old_keys_loads_and_resumes(tmp_path: Path) -> N
 
 
 def test_input_norm_is_kept_in_the_checkpoint_and_a_resume_cannot_change_it(tmp_path: Path) -> None:
-    from _synthetic import make_witness_bags
 
     from wsi_ncmi.commands.train_cli import main_fit
     from wsi_ncmi.training.checkpoint import load_mil_module
 
-    split = make_witness_bags(tmp_path / "bags", n_slides=12, num_classes=3, dim=8, n_instances=(4, 8))
-    args = ["--data.bags_dir", str(tmp_path / "bags"), "--data.split_csv", str(split), "--data.num_workers", "0",
-            "--data.pin_memory", "false", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--model.lr", "3e-3", "--seed_everything", "0",
-            "--model.model_kwargs", '{"inner_dim": 8, "attn_hidden": 8}', "--model.objective", "ncmi"]
+    args = _tiny_ncmi_fit_args(tmp_path)
     assert main_fit([*args, "--model.input_norm", "bag_center", "--trainer.default_root_dir", str(tmp_path / "a"),
                      "--trainer.max_epochs", "1"]) == 0
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
