@@ -336,6 +336,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--ncmi-epoch-ratio wants a ratio in (0, 4], got {args.ncmi_epoch_ratio:g}")
     if args.held_out and args.ncmi_epoch_ratio is not None:
         p.error("--ncmi-epoch-ratio is for tuning draws: a held-out run uses the frozen recipe as committed")
+    args.ncmi_ratio = NCMI_EPOCH_RATIO if args.ncmi_epoch_ratio is None else args.ncmi_epoch_ratio  # as run
     full = {"models": ["abmil", "aem", "asmil"], "objectives": list(OBJECTIVES), "seeds": [0, 1, 2, 3, 4],
             "draws": list(TUNING_DRAWS)}
     for key in DEFAULT_GRID:
@@ -365,7 +366,7 @@ def prepare(args: argparse.Namespace, tasks: list[tuple[str, str]], draws: list[
     """Write (or reuse) every family × draw cohort; return one job per task × draw × model × seed × objective."""
     jobs = []
     extra = {o: args.ncmi_args if o == "ncmi" else [] for o in args.objectives}  # a candidate changes NCMI only
-    ratio = NCMI_EPOCH_RATIO if args.ncmi_epoch_ratio is None else args.ncmi_epoch_ratio
+    ratio = args.ncmi_ratio
     tag = {o: extra[o] + ([f"epochs×{ratio:g}"] if o == "ncmi" and ratio != NCMI_EPOCH_RATIO else [])
            for o in args.objectives}
     names = {o: run_name(o, tag[o]) for o in args.objectives}
@@ -473,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ncmi_args:
         head[2:2] = [f"NCMI runs with `{' '.join(args.ncmi_args)}` appended to the shipped leaf (a tuning candidate, "
                      "not the shipped recipe).", ""]
-    if args.ncmi_epoch_ratio is not None and args.ncmi_epoch_ratio != NCMI_EPOCH_RATIO:
-        head[2:2] = [f"NCMI runs train ceil({args.ncmi_epoch_ratio:g} × the CE runs' epochs) (a tuning candidate; "
+    if args.ncmi_ratio != NCMI_EPOCH_RATIO:
+        head[2:2] = [f"NCMI runs train ceil({args.ncmi_ratio:g} × the CE runs' epochs) (a tuning candidate; "
                      f"shipped: {NCMI_EPOCH_RATIO:g}).", ""]
     if frozen:
         head[2:2] = [f"Frozen recipe: commit {frozen['recipe_commit']} (last change under configs/mil, the NCMI / "

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
@@ -63,11 +64,14 @@ class CenterShift:
         return feats + self.draw(rng).to(device=feats.device, dtype=feats.dtype)
 
 
-def fit_center_shift(features: Callable[[int], Tensor], centres: Sequence[int] | None, labels: Sequence[int],
-                     scale: float, where: str) -> CenterShift | None:
-    """The augmentation of a training split: ``features(i)`` is bag ``i``'s ``[N, D]``, ``centres`` its
-    centre column (None: the table has none). Returns None, after one log line saying why, when it cannot
-    apply."""
+def fit_center_shift(features: Callable[[int], Tensor], table: pd.DataFrame, scale: float,
+                     where: str) -> CenterShift | None:
+    """The augmentation of a training split: row ``i`` of ``table`` (``label`` and, when present, ``center``)
+    is bag ``i``, whose ``[N, D]`` features ``features(i)`` returns. Returns None, after one log line saying why,
+    when it cannot apply."""
+    col = table["center"] if "center" in table.columns else None
+    centres = col.astype(int).tolist() if col is not None and bool(col.notna().all()) else None
+    labels = table["label"].astype(int).tolist()
     if centres is None:
         log.warning("%s: center_shift=%g needs a 'center' value for every training slide of the split table; "
                     "it has none (or some are empty), so the augmentation is off", where, scale)

@@ -403,10 +403,7 @@ class MILDataModule(L.LightningDataModule):
                 except BagError as exc:
                     raise MILDataError(f"{self.split_csv}: {exc}") from exc
             if self.center_shift > 0 and ds.train:
-                col = ds.table["center"] if "center" in ds.table.columns else None
-                centres = col.astype(int).tolist() if col is not None and bool(col.notna().all()) else None
-                ds.center_shift = fit_center_shift(ds._features, centres, ds.labels, self.center_shift,
-                                                   self.split_csv)
+                ds.center_shift = fit_center_shift(ds._features, ds.table, self.center_shift, self.split_csv)
             self._datasets[split] = ds
         return self._datasets[split]
 
