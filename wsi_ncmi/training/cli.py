@@ -106,6 +106,10 @@ class MILCLI(OneLineParseErrors, WeightsOnlyCLI, LightningCLI):
         self._split_bags = report.resolved if report is not None else None
         # before the trainer exists: a bad --ckpt_path (`last` = checkpoints/last*.ckpt) ends the run here
         self.check_ckpt_args(cfg.get("ckpt_path"), cfg.get("weights_only"), [cfg.checkpoint.dirpath])
+        if self.subcommand == "fit" and cfg.model.weight_average and cfg.checkpoint.monitor is not None:
+            logger.warning("--model.weight_average %s with --checkpoint.monitor %s: best.ckpt may be an epoch from "
+                           "before the averaging; last.ckpt holds the averaged model (or set --checkpoint.monitor "
+                           "null)", cfg.model.weight_average, cfg.checkpoint.monitor)
         if data.num_classes is None:
             # make the inferred class count explicit: the datamodule would save num_classes=None in its hparams,
             # and Lightning refuses to log model and data hparams that disagree

@@ -10,6 +10,8 @@ logged: docs/ncmi_mil.md "Logged metrics"; how NCMI is trained (ξ step, DDP): i
 ``input_norm``: the aggregator's transform of each bag before the network (``"bag_center"``: subtract the bag's
 mean instance feature; :data:`wsi_ncmi.models.INPUT_NORMS`); kept in the checkpoint, so evaluation, prediction
 and heatmaps apply it too.
+``weight_average``: the fraction of the last epochs whose end-of-epoch weights are averaged into the final model
+(0 = off; :mod:`wsi_ncmi.training.weight_average`), written into the weights before the last validation.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .optim import OptimizerName, ScheduleName, build_optimizer, build_scheduler
 from .progress import run_length, training_progress
 from .run_record import record_run
 from .val_metrics import epoch_metrics
+from .weight_average import CHECKPOINT_KEY, EpochWeightAverage, WeightAverageError
 
 __all__ = ["OBJECTIVES", "CENTROID_OPTIMIZERS", "CENTROID_INITS", "MILModule", "Objective", "TrainingConfigError"]
 
@@ -92,6 +95,7 @@ class MILModule(NCMIHooks, pl.LightningModule):
         center_init_batches: int = 16,
         centroid_init: CentroidInit = "public",
         input_norm: InputNorm = "none",
+        weight_average: float = 0.0,
     ) -> None:
         check_choices(MILModule, locals(), "MILModule", TrainingConfigError)
         super().__init__()
@@ -118,6 +122,10 @@ class MILModule(NCMIHooks, pl.LightningModule):
         else:
             self.criterion = build_head_loss(loss, loss_kwargs, class_weights, num_classes, TrainingConfigError)
             self.loss_name = str(loss).lower()
+        try:
+            self.weight_average = EpochWeightAverage(weight_average)
+        except WeightAverageError as err:
+            raise TrainingConfigError(f"MILModule: {err}") from None
         self._eval_outputs: list[dict[str, Tensor]] = []
         self._train_sums = TermSums()  # Σ value·B of every loss term this epoch
 
@@ -129,6 +137,15 @@ class MILModule(NCMIHooks, pl.LightningModule):
     # ------------------------------------------------------------------------------- checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record_run(checkpoint, self._trainer)  # the run's seed and the training bags' provenance
+        if self.weight_average.enabled:
+            checkpoint[CHECKPOINT_KEY] = self.weight_average.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.weight_average.enabled and CHECKPOINT_KEY in checkpoint:
+            try:
+                self.weight_average.load_state_dict(checkpoint[CHECKPOINT_KEY])
+            except WeightAverageError as err:
+                raise TrainingConfigError(f"MILModule: {err}") from None
 
     # --------------------------------------------------------------------- NCMI center / ξ init pass
     def ncmi_embed_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
@@ -205,6 +222,20 @@ class MILModule(NCMIHooks, pl.LightningModule):
             self.log("train/loss", named["loss"].detach().float(), on_step=True, on_epoch=False, batch_size=bs,
                      prog_bar=True, logger=False)
         return named["loss"]
+
+    def on_train_start(self) -> None:
+        if self.weight_average.enabled:
+            try:
+                self.weight_average.first_epoch(self.trainer.max_epochs)
+            except WeightAverageError as err:
+                raise TrainingConfigError(f"MILModule: {err}") from None
+        super().on_train_start()  # (NCMIHooks: the center / ξ init pass)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.weight_average.enabled and batch_idx + 1 == self.trainer.num_training_batches:
+            # after the epoch's last optimizer step, before its validation: the last epoch validates and
+            # checkpoints the averaged weights
+            self.weight_average.epoch_end(self, self.current_epoch, self.trainer.max_epochs)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)  # (NCMIHooks: EMA centroids averaged over DDP ranks)
