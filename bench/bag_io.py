@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from wsi_ncmi.data.bags import list_bags, read_features, write_bag
-from wsi_ncmi.data.mil import BagDataset, collate_bags
+from wsi_ncmi.data.batching import collate_bags
+from wsi_ncmi.data.mil import BagDataset
 
 OUT = Path(__file__).resolve().parent / "out" / "bag_io"
 

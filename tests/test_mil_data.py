@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from wsi_ncmi.data.bags import write_bag
-from wsi_ncmi.data.mil import BagDataset, MILDataError, MILDataModule, collate_bags
+from wsi_ncmi.data.batching import collate_bags
+from wsi_ncmi.data.mil import BagDataset, MILDataError, MILDataModule
 
 D = 6
 

@@ -48,7 +48,8 @@ _EXPORTS: dict[str, str] = {
     "write_official": "official",
     # mil
     "BagDataset": "mil",
-    "collate_bags": "mil",
+    "collate_bags": "batching",
+    "EpochWeightedSampler": "batching",
     "MILDataModule": "mil",
     "MILDataError": "mil",
 }

@@ -1,8 +1,9 @@
-"""MIL data: a dataset of bags named by a split table, a padding collate with a mask, a Lightning datamodule.
+"""MIL data: a dataset of bags named by a split table and the Lightning datamodule that serves it.
 
-One concept, the path from one split table's bags to padded batches (dataset, its epoch-seeded sampler, its
-collate and the datamodule that wires them); slightly over the ~450-line guideline on purpose. Resolving the
-split against the bags folder is :mod:`wsi_ncmi.data.split_check`; the in-memory cache is :mod:`wsi_ncmi.data.cache`.
+The path from one split table's bags to batches: :class:`BagDataset` and :class:`MILDataModule`, which wires it to
+the padding collate and the epoch-seeded sampler of :mod:`wsi_ncmi.data.batching` (re-exported here). Resolving
+the split against the bags folder is :mod:`wsi_ncmi.data.split_check`; the in-memory cache is
+:mod:`wsi_ncmi.data.cache`; the centre-shift augmentation is :mod:`wsi_ncmi.data.center_shift`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,10 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from wsi_ncmi.choices import check_choices
 from wsi_ncmi.data.bags import BagError, read_bag, read_features
+from wsi_ncmi.data.batching import EpochWeightedSampler, collate_bags
 from wsi_ncmi.data.cache import BagCache, CacheError, CacheMode, headers_nbytes, resolve_cache_mode
 from wsi_ncmi.data.center_shift import CenterShift, fit_center_shift
 from wsi_ncmi.data.split_check import SplitBags, locate_bags, missing_bags_message, split_bags_for
@@ -178,78 +180,6 @@ class BagDataset(Dataset):
             coords = read_bag(self.paths[index], lazy=True).coords  # [N, 2]
             item["coords"] = torch.from_numpy(coords if keep is None else coords[keep])
         return item
-
-
-class EpochWeightedSampler(Sampler[int]):
-    """Draw ``num_samples`` indices with replacement, with probability proportional to ``weights``.
-
-    The order is a pure function of ``(seed, epoch)``: ``set_epoch`` (called by Lightning and by
-    ``MILModule`` at every training epoch start) reseeds it, so a run resumed from a checkpoint draws the
-    same bags as an uninterrupted one.
-    """
-
-    def __init__(self, weights: Sequence[float] | torch.Tensor, num_samples: int, seed: int = 0,
-                 epoch: int = 0) -> None:
-        self.weights = torch.as_tensor(weights, dtype=torch.double)  # [N]
-        if self.weights.ndim != 1 or len(self.weights) == 0 or bool((self.weights < 0).any()):
-            raise MILDataError(f"EpochWeightedSampler: weights must be a non-empty 1-d tensor >= 0, "
-                             f"got shape {tuple(self.weights.shape)}")
-        if num_samples < 1:
-            raise MILDataError(f"EpochWeightedSampler: num_samples must be >= 1, got {num_samples}")
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.epoch = int(epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        # one seed from (seed, epoch): hash both through numpy's SeedSequence, avoiding seed + epoch collisions
-        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0] >> 1)
-        gen = torch.Generator().manual_seed(seed)
-        yield from torch.multinomial(self.weights, self.num_samples, replacement=True, generator=gen).tolist()
-
-
-def collate_bags(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack bags of different sizes: zero-pad to the longest, ``mask`` True on real instances.
-
-    Returns ``features`` [B, N, D] (the items' dtype; float32 if they differ), ``mask`` [B, N] bool, ``label`` [B] long, ``slide_id`` list
-    and, when the items have them, ``coords`` [B, N, 2] int64 (padding = -1).
-    """
-    if not items:
-        raise ValueError("collate_bags: empty batch")
-    dims = {int(it["features"].shape[-1]) for it in items}
-    if len(dims) > 1:
-        ids = [it.get("slide_id") for it in items]
-        raise ValueError(f"collate_bags: bags {ids} have different feature dims {sorted(dims)}")
-    sizes = [int(it["features"].shape[0]) for it in items]
-    b, n, d = len(items), max(sizes), dims.pop()
-    out: dict[str, Any] = {
-        "label": torch.as_tensor([int(it["label"]) for it in items], dtype=torch.long),  # [B]
-        "slide_id": [str(it["slide_id"]) for it in items],
-    }
-    if b == 1:
-        out["features"] = items[0]["features"].unsqueeze(0)  # [1, N, D]
-        out["mask"] = torch.ones(1, n, dtype=torch.bool, device=out["features"].device)  # [1, N]
-    else:
-        dtypes = {it["features"].dtype for it in items}
-        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        device = items[0]["features"].device  # cached bags may already live on the accelerator
-        feats = torch.zeros(b, n, d, dtype=dtype, device=device)  # [B, N, D]
-        mask = torch.zeros(b, n, dtype=torch.bool, device=device)  # [B, N]
-        for i, it in enumerate(items):
-            feats[i, : sizes[i]] = it["features"]
-            mask[i, : sizes[i]] = True
-        out["features"], out["mask"] = feats, mask
-    if all("coords" in it for it in items):
-        coords = torch.full((b, n, 2), -1, dtype=torch.long)  # [B, N, 2]
-        for i, it in enumerate(items):
-            coords[i, : sizes[i]] = torch.as_tensor(it["coords"], dtype=torch.long)
-        out["coords"] = coords
-    return out
 
 
 class MILDataModule(L.LightningDataModule):
