@@ -141,11 +141,8 @@ class MILModule(NCMIHooks, pl.LightningModule):
             checkpoint[CHECKPOINT_KEY] = self.weight_average.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.weight_average.enabled and CHECKPOINT_KEY in checkpoint:
-            try:
-                self.weight_average.load_state_dict(checkpoint[CHECKPOINT_KEY])
-            except WeightAverageError as err:
-                raise TrainingConfigError(f"MILModule: {err}") from None
+        if self.weight_average.enabled and CHECKPOINT_KEY in checkpoint:  # a resumed fit continues the average
+            self.weight_average.load_state_dict(checkpoint[CHECKPOINT_KEY])  # (WeightAverageError: a user error)
 
     # --------------------------------------------------------------------- NCMI center / ξ init pass
     def ncmi_embed_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
@@ -225,10 +222,7 @@ class MILModule(NCMIHooks, pl.LightningModule):
 
     def on_train_start(self) -> None:
         if self.weight_average.enabled:
-            try:
-                self.weight_average.first_epoch(self.trainer.max_epochs)
-            except WeightAverageError as err:
-                raise TrainingConfigError(f"MILModule: {err}") from None
+            self.weight_average.first_epoch(self.trainer.max_epochs)  # refuses a run without max_epochs
         super().on_train_start()  # (NCMIHooks: the center / ξ init pass)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
