@@ -1,0 +1,199 @@
+"""Score a tuning round of issue #23: a candidate NCMI recipe against the frozen one, cell by cell, under a rule
+fixed before the round's runs (docs/ncmi_mil.md, rounds 4-10).
+
+    python bench/tuning_round.py --work W --cells texture4@2 c17:official@3 --models aem asmil \
+        --candidate-set model.centroid_optimizer=group --candidate-set model.centroid_lr=3e-3
+
+reads the run folders that ``bench/mil_benchmark.py --work W --objectives ncmi [--ncmi-set ...]`` leaves
+(``W/runs/<family>-<protocol>_d<draw>_<model>_<ncmi or ncmi-digest>_s<seed>/eval/report.json``); the candidate's
+folders are found by the same digest the benchmark gives them, so the ``--candidate-set`` pairs must be the
+benchmark's ``--ncmi-set`` pairs, in the same order. ``--frozen-work`` reads the frozen recipe's runs from another
+folder (default: ``--work``). Only tuning draws (0-4) are accepted: a held-out draw is never a tuning cell.
+
+A cell is family:protocol @ draw × aggregator; its score is the mean over seeds of NCMI-LP test macro-F1 +
+macro-AUC (the benchmark's tuning draws keep their test split out of every held-out table). The rule (defaults:
+rounds 4-10's) keeps the candidate only if (1) the mean cell score rises by at least ``--min-gain``, (2) no cell
+drops by more than ``--max-drop`` and (3) NCMI-LP's F1 seed std grows by more than ``--max-std-growth`` in at
+most ``--std-growth-cells`` cells. A cell with a missing run makes the verdict ``INCOMPLETE``: a round is decided
+on all of its cells or not at all. The paired column (candidate − frozen per seed, mean ± standard error over
+seeds) shows how much of a change is one seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from families import TUNING_DRAWS, parse_task  # noqa: E402
+from families.stats import summary  # noqa: E402
+from mil_benchmark import ncmi_overrides, run_name  # noqa: E402
+
+__all__ = ["Cell", "Rule", "parse_cell", "read_cell", "decide", "report"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The keep rule of a tuning round (defaults: rounds 4-10)."""
+
+    min_gain: float = 0.02
+    max_drop: float = 0.03
+    max_std_growth: float = 0.02
+    std_growth_cells: int = 1
+
+
+@dataclass
+class Cell:
+    """One family:protocol @ draw × aggregator: per-seed NCMI-LP test (F1, AUC) of both recipes (None: missing)."""
+
+    task: str
+    draw: int
+    model: str
+    frozen: dict[int, tuple[float, float] | None]
+    candidate: dict[int, tuple[float, float] | None]
+
+    @property
+    def name(self) -> str:
+        return f"{self.task} d{self.draw} {self.model}"
+
+    @property
+    def complete(self) -> bool:
+        return all(v is not None for v in (*self.frozen.values(), *self.candidate.values()))
+
+    @staticmethod
+    def _score(runs: dict[int, tuple[float, float] | None]) -> dict[str, float]:
+        f1 = [v[0] for v in runs.values() if v is not None]
+        auc = [v[1] for v in runs.values() if v is not None]
+        return {"f1": summary(f1)["mean"], "auc": summary(auc)["mean"], "f1_sd": summary(f1)["sd"],
+                "score": summary([a + b for a, b in zip(f1, auc, strict=True)])["mean"]}
+
+    def frozen_stats(self) -> dict[str, float]:
+        return self._score(self.frozen)
+
+    def candidate_stats(self) -> dict[str, float]:
+        return self._score(self.candidate)
+
+    def change(self) -> float:
+        return self.candidate_stats()["score"] - self.frozen_stats()["score"]
+
+    def paired(self) -> tuple[float, float]:
+        """Mean and standard error over seeds of candidate − frozen F1 + AUC (NaN SE with one seed)."""
+        diffs = [sum(self.candidate[s]) - sum(self.frozen[s]) for s in self.frozen  # type: ignore[arg-type]
+                 if self.frozen[s] is not None and self.candidate.get(s) is not None]
+        s = summary(diffs)
+        return s["mean"], (s["sd"] / math.sqrt(s["n"]) if s["n"] > 1 else math.nan)
+
+
+def parse_cell(token: str) -> tuple[str, int]:
+    """``family[:protocol]@draw`` → (``family:protocol``, draw); the draw must be a tuning draw."""
+    name, sep, draw = token.rpartition("@")
+    if not sep or not name:
+        raise ValueError(f"a cell is FAMILY[:PROTOCOL]@DRAW (e.g. texture4@2), got {token!r}")
+    try:
+        d = int(draw)
+    except ValueError:
+        raise ValueError(f"{token!r}: the draw must be an integer, got {draw!r}") from None
+    if d not in TUNING_DRAWS:
+        raise ValueError(f"{token!r}: draw {d} is not a tuning draw {list(TUNING_DRAWS)}; held-out draws are "
+                         "never tuning cells")
+    family, protocol = parse_task(name)
+    return f"{family}:{protocol}", d
+
+
+def _read_run(folder: Path) -> tuple[float, float] | None:
+    report = folder / "eval" / "report.json"
+    if not report.is_file():
+        return None
+    try:
+        lp = json.loads(report.read_text())["metrics"]["lp"]["test"]
+        return float(lp["macro_f1"]), float(lp["macro_auc"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{report}: not a `wsi-ncmi evaluate` report with NCMI-LP test metrics ({exc})") from exc
+
+
+def read_cell(task: str, draw: int, model: str, seeds: list[int], frozen_work: Path, work: Path,
+              candidate: str) -> Cell:
+    """Read one cell's runs; ``candidate`` is the candidate's run-name part (``mil_benchmark.run_name``)."""
+    stem = f"{task.replace(':', '-')}_d{draw}_{model}"
+    return Cell(task, draw, model,
+                {s: _read_run(frozen_work / "runs" / f"{stem}_ncmi_s{s}") for s in seeds},
+                {s: _read_run(work / "runs" / f"{stem}_{candidate}_s{s}") for s in seeds})
+
+
+def decide(cells: list[Cell], rule: Rule) -> tuple[str, list[str]]:
+    """(``KEEP`` / ``REJECT`` / ``INCOMPLETE``, one line per rule)."""
+    missing = [c.name for c in cells if not c.complete]
+    if missing or not cells:
+        return "INCOMPLETE", [f"cells with missing runs: {', '.join(missing) or 'no cells'}"]
+    gain = sum(c.change() for c in cells) / len(cells)
+    worst = min(cells, key=lambda c: c.change())
+    grown = [c.name for c in cells if c.candidate_stats()["f1_sd"] - c.frozen_stats()["f1_sd"] > rule.max_std_growth]
+    ok = [gain >= rule.min_gain, worst.change() >= -rule.max_drop, len(grown) <= rule.std_growth_cells]
+    lines = [f"(1) mean change {gain:+.3f} (needs ≥ {rule.min_gain:+.3f}): {'ok' if ok[0] else 'FAILS'}",
+             f"(2) worst cell {worst.name} {worst.change():+.3f} (no drop beyond {rule.max_drop:.3f}): "
+             f"{'ok' if ok[1] else 'FAILS'}",
+             f"(3) F1 seed std grows by > {rule.max_std_growth:.3f} in {len(grown)} cell(s) "
+             f"{'(' + ', '.join(grown) + ') ' if grown else ''}(at most {rule.std_growth_cells}): "
+             f"{'ok' if ok[2] else 'FAILS'}"]
+    return ("KEEP" if all(ok) else "REJECT"), lines
+
+
+def report(cells: list[Cell], rule: Rule, label: str) -> str:
+    """The round's Markdown table and verdict."""
+    rows = ["| cell | frozen F1 / AUC (F1 std) | " + label + " F1 / AUC (F1 std) | change | paired ± SE |",
+            "|---|---|---|---|---|"]
+
+    def show(s: dict[str, float]) -> str:
+        return f"{s['f1']:.3f} / {s['auc']:.3f} ({s['f1_sd']:.3f})" if not math.isnan(s["f1"]) else "missing"
+
+    for c in cells:
+        p, se = c.paired()
+        rows.append(f"| {c.name} | {show(c.frozen_stats())} | {show(c.candidate_stats())} | {c.change():+.3f} | "
+                    f"{p:+.3f} ± {se:.3f} |")
+    verdict, lines = decide(cells, rule)
+    return "\n".join(rows + ["", f"**{verdict}**", ""] + [f"- {line}" for line in lines]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="the benchmark --work folder of the candidate's runs")
+    p.add_argument("--frozen-work", default=None, help="the frozen recipe's runs (default: --work)")
+    p.add_argument("--cells", nargs="+", required=True, metavar="FAMILY[:PROTOCOL]@DRAW")
+    p.add_argument("--models", nargs="+", default=["abmil", "aem", "asmil"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--candidate-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="the candidate's --ncmi-set pairs, in the benchmark's order")
+    p.add_argument("--min-gain", type=float, default=Rule.min_gain)
+    p.add_argument("--max-drop", type=float, default=Rule.max_drop)
+    p.add_argument("--max-std-growth", type=float, default=Rule.max_std_growth)
+    p.add_argument("--std-growth-cells", type=int, default=Rule.std_growth_cells)
+    p.add_argument("--out", default=None, help="also write the report here")
+    args = p.parse_args(argv)
+    try:
+        cand = ncmi_overrides(args.candidate_set)
+        if not cand:
+            raise ValueError("--candidate-set: name at least one KEY=VALUE (the candidate's --ncmi-set)")
+        specs = [parse_cell(t) for t in args.cells]
+        work = Path(args.work)
+        cells = [read_cell(task, draw, m, args.seeds, Path(args.frozen_work or work), work, run_name("ncmi", cand))
+                 for task, draw in specs for m in args.models]
+    except ValueError as exc:
+        print(f"tuning_round: {exc}", file=sys.stderr)
+        return 2
+    rule = Rule(args.min_gain, args.max_drop, args.max_std_growth, args.std_growth_cells)
+    text = report(cells, rule, "candidate")
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
