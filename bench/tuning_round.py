@@ -9,6 +9,10 @@ reads the run folders that ``bench/mil_benchmark.py --work W --objectives ncmi [
 folders are found by the same digest the benchmark gives them, so the ``--candidate-set`` pairs must be the
 benchmark's ``--ncmi-set`` pairs, in the same order. ``--frozen-work`` reads the frozen recipe's runs from another
 folder (default: ``--work``). Only tuning draws (0-4) are accepted: a held-out draw is never a tuning cell.
+``--save FILE`` writes every complete cell's per-seed numbers (with the machine and the time) to a JSON file, and
+``--load FILE`` reads such cells back, so a round can be finished in a later session (a cell's two recipes must
+come from one machine: AEM and ASMIL runs do not repeat bit for bit across machines); a cell read from the run
+folders replaces a loaded one of the same name.
 
 A cell is family:protocol @ draw × aggregator; its score is the mean over seeds of NCMI-LP test macro-F1 +
 macro-AUC (the benchmark's tuning draws keep their test split out of every held-out table). The rule (defaults:
@@ -36,7 +40,7 @@ from families import TUNING_DRAWS, parse_task  # noqa: E402
 from families.stats import summary  # noqa: E402
 from mil_benchmark import ncmi_overrides, run_name  # noqa: E402
 
-__all__ = ["Cell", "Rule", "parse_cell", "read_cell", "decide", "report"]
+__all__ = ["Cell", "Rule", "parse_cell", "read_cell", "decide", "report", "save_cells", "load_cells"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,32 @@ def read_cell(task: str, draw: int, model: str, seeds: list[int], frozen_work: P
                 {s: _read_run(work / "runs" / f"{stem}_{candidate}_s{s}") for s in seeds})
 
 
+def save_cells(cells: list[Cell], path: Path) -> None:
+    """Write the complete cells' per-seed (F1, AUC) to ``path`` (JSON), with this machine's name and the time."""
+    import platform
+    import time
+
+    rows = [{"task": c.task, "draw": c.draw, "model": c.model, "machine": platform.node(),
+             "saved": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             "frozen": {str(k): v for k, v in c.frozen.items()}, "candidate": {str(k): v for k, v in c.candidate.items()}}
+            for c in cells if c.complete]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"cells": rows}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def load_cells(path: Path) -> list[Cell]:
+    """The cells :func:`save_cells` wrote."""
+    try:
+        rows = json.loads(path.read_text())["cells"]
+        return [Cell(r["task"], int(r["draw"]), r["model"],
+                     {int(k): (None if v is None else (float(v[0]), float(v[1]))) for k, v in r["frozen"].items()},
+                     {int(k): (None if v is None else (float(v[0]), float(v[1]))) for k, v in r["candidate"].items()})
+                for r in rows]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"{path}: not a cell file written by tuning_round.py --save ({exc})") from exc
+
+
 def decide(cells: list[Cell], rule: Rule) -> tuple[str, list[str]]:
     """(``KEEP`` / ``REJECT`` / ``INCOMPLETE``, one line per rule)."""
     missing = [c.name for c in cells if not c.complete]
@@ -165,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="the benchmark --work folder of the candidate's runs")
     p.add_argument("--frozen-work", default=None, help="the frozen recipe's runs (default: --work)")
-    p.add_argument("--cells", nargs="+", required=True, metavar="FAMILY[:PROTOCOL]@DRAW")
+    p.add_argument("--cells", nargs="+", default=[], metavar="FAMILY[:PROTOCOL]@DRAW",
+                   help="cells to read from the run folders (and/or --load)")
     p.add_argument("--models", nargs="+", default=["abmil", "aem", "asmil"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--candidate-set", action="append", default=[], metavar="KEY=VALUE",
@@ -174,19 +205,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-drop", type=float, default=Rule.max_drop)
     p.add_argument("--max-std-growth", type=float, default=Rule.max_std_growth)
     p.add_argument("--std-growth-cells", type=int, default=Rule.std_growth_cells)
+    p.add_argument("--save", default=None, help="write the complete cells' per-seed numbers here (JSON)")
+    p.add_argument("--load", action="append", default=[], help="cells saved by an earlier --save (repeatable)")
     p.add_argument("--out", default=None, help="also write the report here")
     args = p.parse_args(argv)
     try:
         cand = ncmi_overrides(args.candidate_set)
         if not cand:
             raise ValueError("--candidate-set: name at least one KEY=VALUE (the candidate's --ncmi-set)")
+        if not args.cells and not args.load:
+            raise ValueError("name --cells or --load (or both)")
         specs = [parse_cell(t) for t in args.cells]
         work = Path(args.work)
-        cells = [read_cell(task, draw, m, args.seeds, Path(args.frozen_work or work), work, run_name("ncmi", cand))
-                 for task, draw in specs for m in args.models]
+        read = [read_cell(task, draw, m, args.seeds, Path(args.frozen_work or work), work, run_name("ncmi", cand))
+                for task, draw in specs for m in args.models]
+        loaded = [c for f in args.load for c in load_cells(Path(f))]
     except ValueError as exc:
         print(f"tuning_round: {exc}", file=sys.stderr)
         return 2
+    # the named cells in order (an incomplete one from the loaded files if they hold it), then loaded cells not named
+    cells = [c if c.complete else next((x for x in loaded if x.name == c.name), c) for c in read]
+    cells += [c for c in loaded if c.name not in {x.name for x in cells}]
+    if args.save:
+        save_cells(cells, Path(args.save))
     rule = Rule(args.min_gain, args.max_drop, args.max_std_growth, args.std_growth_cells)
     text = report(cells, rule, "candidate")
     print(text)

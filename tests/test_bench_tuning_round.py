@@ -85,3 +85,35 @@ def test_a_broken_report_names_its_file(tmp_path: Path, capsys: pytest.CaptureFi
     argv = ["--work", str(tmp_path), "--cells", "texture4@2", "--models", "aem", "--seeds", "0", "--candidate-set", *CAND]
     assert tuning_round.main(argv) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+def test_saved_cells_finish_a_round_in_a_later_session(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    first, later = tmp_path / "first", tmp_path / "later"
+    _round(first, {"aem": [0.90, 0.90, 0.90]}, {"aem": [0.95, 0.95, 0.95]})
+    saved = tmp_path / "cells.json"
+    argv = ["--models", "aem", "--candidate-set", *CAND]
+    assert tuning_round.main(["--work", str(first), "--cells", "texture4@2", "--save", str(saved), *argv]) == 0
+    row = json.loads(saved.read_text())["cells"][0]
+    assert row["machine"] and row["frozen"]["0"] == [0.9, 0.9] and row["candidate"]["2"] == [0.95, 0.9]
+    capsys.readouterr()
+    # the later session has no texture4 runs: the saved cell stands in for it, and witness_c2 is read fresh
+    name = run_name("ncmi", ncmi_overrides(CAND))
+    for s in range(3):
+        _write(later, "witness_c2-default_d2_aem", "ncmi", s, 0.80, 0.9)
+        _write(later, "witness_c2-default_d2_aem", name, s, 0.81, 0.9)
+    assert tuning_round.main(["--work", str(later), "--cells", "texture4@2", "witness_c2@2", "--load", str(saved),
+                              *argv]) == 0
+    out = capsys.readouterr().out
+    assert "| texture4:default d2 aem | 0.900 / 0.900 (0.000) | 0.950 / 0.900 (0.000) | +0.050 |" in out
+    assert "(1) mean change +0.030" in out and "**KEEP**" in out
+    assert tuning_round.main(["--work", str(later), "--load", str(saved), *argv]) == 0
+    assert "texture4:default d2 aem" in capsys.readouterr().out
+
+
+def test_a_bad_cell_file_names_itself(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "cells.json"
+    bad.write_text('{"cells": [{"task": "t"}]}')
+    assert tuning_round.main(["--work", str(tmp_path), "--load", str(bad), "--candidate-set", *CAND]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert tuning_round.main(["--work", str(tmp_path), "--candidate-set", *CAND]) == 2
+    assert "--cells or --load" in capsys.readouterr().err
