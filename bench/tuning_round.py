@@ -1,5 +1,5 @@
 """Score a tuning round of issue #23: a candidate NCMI recipe against the frozen one, cell by cell, under a rule
-fixed before the round's runs (docs/ncmi_mil.md, rounds 4-10).
+fixed before the round's runs (docs/ncmi_mil.md, rounds 4-12).
 
     python bench/tuning_round.py --work W --cells texture4@2 c17:official@3 --models aem asmil \
         --candidate-set model.centroid_optimizer=group --candidate-set model.centroid_lr=3e-3
@@ -16,7 +16,7 @@ folders replaces a loaded one of the same name.
 
 A cell is family:protocol @ draw × aggregator; its score is the mean over seeds of NCMI-LP test macro-F1 +
 macro-AUC (the benchmark's tuning draws keep their test split out of every held-out table). The rule (defaults:
-rounds 4-10's) keeps the candidate only if (1) the mean cell score rises by at least ``--min-gain``, (2) no cell
+rounds 4-12's) keeps the candidate only if (1) the mean cell score rises by at least ``--min-gain``, (2) no cell
 drops by more than ``--max-drop`` and (3) NCMI-LP's F1 seed std grows by more than ``--max-std-growth`` in at
 most ``--std-growth-cells`` cells. A cell with a missing run makes the verdict ``INCOMPLETE``: a round is decided
 on all of its cells or not at all. The paired column (candidate − frozen per seed, mean ± standard error over
@@ -45,7 +45,7 @@ __all__ = ["Cell", "Rule", "parse_cell", "read_cell", "decide", "report", "save_
 
 @dataclass(frozen=True)
 class Rule:
-    """The keep rule of a tuning round (defaults: rounds 4-10)."""
+    """The keep rule of a tuning round (defaults: the rule of rounds 4-12)."""
 
     min_gain: float = 0.02
     max_drop: float = 0.03
