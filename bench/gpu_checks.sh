@@ -8,7 +8,6 @@
 #   CHECKS="readcpu multigpu" bench/gpu_checks.sh                  # <= 6 min
 #   CHECKS="milfull" bench/gpu_checks.sh                           # <= 10 min (issue #23, --full)
 #   CHECKS="gpudecode" bench/gpu_checks.sh                         # <= 7 min (--jpeg-decode device, nvJPEG)
-#   CHECKS="milround" ROUND_FAMILIES=witness_skew bench/gpu_checks.sh   # <= 10 min (#23 tuning round 12)
 #
 # from the repository root. Results land in ${OUT:-bench/out/gpu}/ as text files, to be copied into
 # bench/results/*.md with the date and the card.
@@ -80,14 +79,4 @@ run gpudecode 420 bash -c "$PY -m pytest -q -s -m gpu tests/test_preprocessing_d
     $PY bench/extract.py --device cuda --precision bf16 --encoders vit_base_patch16_224 --tiles 12000 \
     --tiles-per-slide 1500 --workers 15 --batch-size 256 --read-path fast --jpeg-decode both --repeats 3; \
     $PY bench/read_path_diff.py --device cuda --tiles 64"
-# Issue #23, tuning round 12 (docs/ncmi_mil.md; its rule is committed): the frozen recipe and candidate D0 (AEM / ASMIL
-# NCMI without dropout) on tuning draw 4, seeds 0-4, both on this machine, 14 runs at a time on its 16 cores; then
-# the round is scored with the cells earlier sessions saved. ROUND_FAMILIES: the cells still missing from
-# bench/results/tuning_round12.json, one family per call (c17 alone may not fit a call: timing on this machine unmeasured).
-run milround 580 bash -c "W=$OUT_DIR/round12; for f in ${ROUND_FAMILIES:-witness_skew}; do \
-    for d in '' '--ncmi-set model.model_kwargs.dropout=0.0'; do $PY bench/mil_benchmark.py --families \$f --slides 1 \
-    --draws 4 --seeds 0 1 2 3 4 --jobs 14 --models aem asmil --objectives ncmi --work \$W \$d; done; done; \
-    $PY bench/tuning_round.py --work \$W --cells \$(for f in ${ROUND_FAMILIES:-witness_skew}; do echo \$f@4; done) \
-    --models aem asmil --seeds 0 1 2 3 4 --candidate-set model.model_kwargs.dropout=0.0 \
-    --load bench/results/tuning_round12.json --save $OUT_DIR/tuning_round12.json"
 echo "results in $OUT_DIR"

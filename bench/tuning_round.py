@@ -11,7 +11,7 @@ benchmark's ``--ncmi-set`` pairs, in the same order. ``--frozen-work`` reads the
 folder (default: ``--work``). Only tuning draws (0-4) are accepted: a held-out draw is never a tuning cell.
 ``--save FILE`` writes every complete cell's per-seed numbers (with the machine and the time) to a JSON file, and
 ``--load FILE`` reads such cells back, so a round can be finished in a later session (a cell's two recipes must
-come from one machine: AEM and ASMIL runs do not repeat bit for bit across machines); a cell read from the run
+come from one machine: AEM and ASMIL numbers did not repeat across machines); a cell read from the run
 folders replaces a loaded one of the same name.
 
 A cell is family:protocol @ draw × aggregator; its score is the mean over seeds of NCMI-LP test macro-F1 +
