@@ -62,6 +62,8 @@ class Cell:
     model: str
     frozen: dict[int, tuple[float, float] | None]
     candidate: dict[int, tuple[float, float] | None]
+    machine: str | None = None  # where the runs were made (None: this machine, read from the run folders)
+    saved: str | None = None  # when a loaded cell was first saved
 
     @property
     def name(self) -> str:
@@ -132,12 +134,14 @@ def read_cell(task: str, draw: int, model: str, seeds: list[int], frozen_work: P
 
 
 def save_cells(cells: list[Cell], path: Path) -> None:
-    """Write the complete cells' per-seed (F1, AUC) to ``path`` (JSON), with this machine's name and the time."""
+    """Write the complete cells' per-seed (F1, AUC) to ``path`` (JSON), each with the machine it was run on and
+    when it was first saved (a cell read from the run folders: this machine, now; a loaded cell keeps its own)."""
     import platform
     import time
 
-    rows = [{"task": c.task, "draw": c.draw, "model": c.model, "machine": platform.node(),
-             "saved": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rows = [{"task": c.task, "draw": c.draw, "model": c.model, "machine": c.machine or platform.node(),
+             "saved": c.saved or now,
              "frozen": {str(k): v for k, v in c.frozen.items()}, "candidate": {str(k): v for k, v in c.candidate.items()}}
             for c in cells if c.complete]
     tmp = path.with_name(path.name + ".tmp")
@@ -151,7 +155,8 @@ def load_cells(path: Path) -> list[Cell]:
         rows = json.loads(path.read_text())["cells"]
         return [Cell(r["task"], int(r["draw"]), r["model"],
                      {int(k): (None if v is None else (float(v[0]), float(v[1]))) for k, v in r["frozen"].items()},
-                     {int(k): (None if v is None else (float(v[0]), float(v[1]))) for k, v in r["candidate"].items()})
+                     {int(k): (None if v is None else (float(v[0]), float(v[1]))) for k, v in r["candidate"].items()},
+                     machine=str(r["machine"]), saved=str(r["saved"]))
                 for r in rows]
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"{path}: not a cell file written by tuning_round.py --save ({exc})") from exc

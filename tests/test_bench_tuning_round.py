@@ -108,6 +108,16 @@ def test_saved_cells_finish_a_round_in_a_later_session(tmp_path: Path, capsys: p
     assert "(1) mean change +0.030" in out and "**KEEP**" in out
     assert tuning_round.main(["--work", str(later), "--load", str(saved), *argv]) == 0
     assert "texture4:default d2 aem" in capsys.readouterr().out
+    # saving again keeps a loaded cell's machine and time, and stamps the fresh one
+    row["machine"], row["saved"] = "first-machine", "2026-01-01 00:00 UTC"
+    saved.write_text(json.dumps({"cells": [row]}))
+    again = tmp_path / "again.json"
+    assert tuning_round.main(["--work", str(later), "--cells", "texture4@2", "witness_c2@2", "--load", str(saved),
+                              "--save", str(again), *argv]) == 0
+    rows = {r["task"]: r for r in json.loads(again.read_text())["cells"]}
+    assert (rows["texture4:default"]["machine"], rows["texture4:default"]["saved"]) == ("first-machine",
+                                                                                        "2026-01-01 00:00 UTC")
+    assert rows["witness_c2:default"]["machine"] not in ("", "first-machine")
 
 
 def test_a_bad_cell_file_names_itself(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
