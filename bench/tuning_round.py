@@ -18,8 +18,8 @@ A cell is family:protocol @ draw × aggregator; its score is the mean over seeds
 macro-AUC (the benchmark's tuning draws keep their test split out of every held-out table). The rule (defaults:
 rounds 4-12's) keeps the candidate only if (1) the mean cell score rises by at least ``--min-gain``, (2) no cell
 drops by more than ``--max-drop`` and (3) NCMI-LP's F1 seed std grows by more than ``--max-std-growth`` in at
-most ``--std-growth-cells`` cells. A cell with a missing run makes the verdict ``INCOMPLETE``: a round is decided
-on all of its cells or not at all. The paired column (candidate − frozen per seed, mean ± standard error over
+most ``--std-growth-cells`` cells. A cell with a missing run, or fewer cells than ``--expect-cells``, makes the
+verdict ``INCOMPLETE``: a round is decided on all of its cells or not at all. The paired column (candidate − frozen per seed, mean ± standard error over
 seeds) shows how much of a change is one seed.
 """
 
@@ -162,11 +162,13 @@ def load_cells(path: Path) -> list[Cell]:
         raise ValueError(f"{path}: not a cell file written by tuning_round.py --save ({exc})") from exc
 
 
-def decide(cells: list[Cell], rule: Rule) -> tuple[str, list[str]]:
-    """(``KEEP`` / ``REJECT`` / ``INCOMPLETE``, one line per rule)."""
+def decide(cells: list[Cell], rule: Rule, expect: int = 0) -> tuple[str, list[str]]:
+    """(``KEEP`` / ``REJECT`` / ``INCOMPLETE``, one line per rule); fewer than ``expect`` cells is incomplete."""
     missing = [c.name for c in cells if not c.complete]
     if missing or not cells:
         return "INCOMPLETE", [f"cells with missing runs: {', '.join(missing) or 'no cells'}"]
+    if len(cells) < expect:
+        return "INCOMPLETE", [f"{len(cells)} of the round's {expect} cells are in"]
     gain = sum(c.change() for c in cells) / len(cells)
     worst = min(cells, key=lambda c: c.change())
     grown = [c.name for c in cells if c.candidate_stats()["f1_sd"] - c.frozen_stats()["f1_sd"] > rule.max_std_growth]
@@ -180,7 +182,7 @@ def decide(cells: list[Cell], rule: Rule) -> tuple[str, list[str]]:
     return ("KEEP" if all(ok) else "REJECT"), lines
 
 
-def report(cells: list[Cell], rule: Rule, label: str) -> str:
+def report(cells: list[Cell], rule: Rule, label: str, expect: int = 0) -> str:
     """The round's Markdown table and verdict."""
     rows = ["| cell | frozen F1 / AUC (F1 std) | " + label + " F1 / AUC (F1 std) | change | paired ± SE |",
             "|---|---|---|---|---|"]
@@ -192,7 +194,7 @@ def report(cells: list[Cell], rule: Rule, label: str) -> str:
         p, se = c.paired()
         rows.append(f"| {c.name} | {show(c.frozen_stats())} | {show(c.candidate_stats())} | {c.change():+.3f} | "
                     f"{p:+.3f} ± {se:.3f} |")
-    verdict, lines = decide(cells, rule)
+    verdict, lines = decide(cells, rule, expect)
     return "\n".join(rows + ["", f"**{verdict}**", ""] + [f"- {line}" for line in lines]) + "\n"
 
 
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-drop", type=float, default=Rule.max_drop)
     p.add_argument("--max-std-growth", type=float, default=Rule.max_std_growth)
     p.add_argument("--std-growth-cells", type=int, default=Rule.std_growth_cells)
+    p.add_argument("--expect-cells", type=int, default=0,
+                   help="the round's number of cells: fewer is INCOMPLETE (default: decide on the cells given)")
     p.add_argument("--save", default=None, help="write the complete cells' per-seed numbers here (JSON)")
     p.add_argument("--load", action="append", default=[], help="cells saved by an earlier --save (repeatable)")
     p.add_argument("--out", default=None, help="also write the report here")
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         save_cells(cells, Path(args.save))
     rule = Rule(args.min_gain, args.max_drop, args.max_std_growth, args.std_growth_cells)
-    text = report(cells, rule, "candidate")
+    text = report(cells, rule, "candidate", args.expect_cells)
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -70,6 +70,14 @@ def test_a_missing_run_leaves_the_round_undecided(tmp_path: Path, capsys: pytest
     assert "**INCOMPLETE**" in out and "texture4:default d2 asmil" in out
 
 
+def test_fewer_cells_than_the_round_names_is_incomplete(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _round(tmp_path, {"aem": [0.90, 0.92, 0.91], "asmil": [0.80, 0.82, 0.81]},
+           {"aem": [0.93, 0.95, 0.94], "asmil": [0.83, 0.85, 0.84]})
+    out = _main(tmp_path, capsys, "--expect-cells", "4")
+    assert "**INCOMPLETE**" in out and "2 of the round's 4 cells are in" in out
+    assert "**KEEP**" in _main(tmp_path, capsys, "--expect-cells", "2")
+
+
 def test_refuses_held_out_draws_and_bad_cells(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for cell in ("texture4@104", "texture4", "nope@2", "c17:nope@1"):
         assert tuning_round.main(["--work", str(tmp_path), "--cells", cell, "--candidate-set", *CAND]) == 2
