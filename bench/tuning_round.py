@@ -1,5 +1,5 @@
 """Score a tuning round of issue #23: a candidate NCMI recipe against the frozen one, cell by cell, under a rule
-fixed before the round's runs (docs/ncmi_mil.md, rounds 4-12).
+fixed before the round's runs (docs/ncmi_mil.md, rounds 4-13).
 
     python bench/tuning_round.py --work W --cells texture4@2 c17:official@3 --models aem asmil \
         --candidate-set model.centroid_optimizer=group --candidate-set model.centroid_lr=3e-3
@@ -16,11 +16,11 @@ folders replaces a loaded one of the same name.
 
 A cell is family:protocol @ draw × aggregator; its score is the mean over seeds of NCMI-LP test macro-F1 +
 macro-AUC (the benchmark's tuning draws keep their test split out of every held-out table). The rule (defaults:
-rounds 4-12's) keeps the candidate only if (1) the mean cell score rises by at least ``--min-gain``, (2) no cell
+rounds 4-13's) keeps the candidate only if (1) the mean cell score rises by at least ``--min-gain``, (2) no cell
 drops by more than ``--max-drop`` and (3) NCMI-LP's F1 seed std grows by more than ``--max-std-growth`` in at
 most ``--std-growth-cells`` cells. A cell with a missing run, or fewer cells than ``--expect-cells``, makes the
-verdict ``INCOMPLETE``: a round is decided on all of its cells or not at all. The paired column (candidate − frozen per seed, mean ± standard error over
-seeds) shows how much of a change is one seed.
+verdict ``INCOMPLETE``: a round is decided on all of its cells or not at all. The paired column (candidate −
+frozen per seed, mean ± standard error over seeds) shows how much of a change is one seed.
 """
 
 from __future__ import annotations
@@ -40,12 +40,14 @@ from families import TUNING_DRAWS, parse_task  # noqa: E402
 from families.stats import summary  # noqa: E402
 from mil_benchmark import ncmi_overrides, run_name  # noqa: E402
 
+from wsi_ncmi.data.atomic import atomic_write_text  # noqa: E402
+
 __all__ = ["Cell", "Rule", "parse_cell", "read_cell", "decide", "report", "save_cells", "load_cells"]
 
 
 @dataclass(frozen=True)
 class Rule:
-    """The keep rule of a tuning round (defaults: the rule of rounds 4-12)."""
+    """The keep rule of a tuning round (defaults: the rule of rounds 4-13)."""
 
     min_gain: float = 0.02
     max_drop: float = 0.03
@@ -141,21 +143,21 @@ def save_cells(cells: list[Cell], path: Path) -> None:
 
     now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = [{"task": c.task, "draw": c.draw, "model": c.model, "machine": c.machine or platform.node(),
-             "saved": c.saved or now,
-             "frozen": {str(k): v for k, v in c.frozen.items()}, "candidate": {str(k): v for k, v in c.candidate.items()}}
+             "saved": c.saved or now, "frozen": {str(k): v for k, v in c.frozen.items()},
+             "candidate": {str(k): v for k, v in c.candidate.items()}}
             for c in cells if c.complete]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"cells": rows}, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps({"cells": rows}, indent=1) + "\n")
 
 
 def load_cells(path: Path) -> list[Cell]:
     """The cells :func:`save_cells` wrote."""
+
+    def runs(saved: dict) -> dict[int, tuple[float, float] | None]:  # {"seed": [f1, auc] or null}
+        return {int(k): (None if v is None else (float(v[0]), float(v[1]))) for k, v in saved.items()}
+
     try:
         rows = json.loads(path.read_text())["cells"]
-        return [Cell(r["task"], int(r["draw"]), r["model"],
-                     {int(k): (None if v is None else (float(v[0]), float(v[1]))) for k, v in r["frozen"].items()},
-                     {int(k): (None if v is None else (float(v[0]), float(v[1]))) for k, v in r["candidate"].items()},
+        return [Cell(r["task"], int(r["draw"]), r["model"], runs(r["frozen"]), runs(r["candidate"]),
                      machine=str(r["machine"]), saved=str(r["saved"]))
                 for r in rows]
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
